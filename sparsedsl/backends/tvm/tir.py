@@ -1,0 +1,114 @@
+"""Loop IR -> TVM tirx PrimFunc, built with TVM's IR builder (no text templates)."""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.tirx.script.builder import ir as T
+
+from sparsedsl.ir import loop_ir as L
+
+_LOOPS = {
+    L.LoopKind.SERIAL: T.serial,
+    L.LoopKind.PARALLEL: T.parallel,
+    L.LoopKind.VECTORIZED: T.vectorized,
+    L.LoopKind.UNROLLED: T.unroll,
+}
+
+_BINARY = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b,
+    "//": tirx.floordiv,
+    "%": tirx.floormod,
+    "min": tirx.min,
+    "max": tirx.max,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    "==": tirx.EQ,
+    "and": tirx.And,
+}
+
+_CALLS = {"erf": tirx.erf, "exp": tirx.exp, "tanh": tirx.tanh, "sqrt": tirx.sqrt, "sigmoid": tirx.sigmoid, "abs": tirx.abs}
+
+
+class _Emitter:
+    def __init__(self) -> None:
+        self.vars: dict[str, tirx.Var] = {}
+        self.bufs: dict[str, tirx.Buffer] = {}
+
+    def size(self, e: L.Expr):
+        return self.expr(e)
+
+    def expr(self, e: L.Expr):
+        match e:
+            case L.Var(name) | L.SizeVar(name):
+                if name not in self.vars:
+                    self.vars[name] = tirx.Var(name, e.dtype)
+                return self.vars[name]
+            case L.Const(value, dtype):
+                return tirx.const(value, dtype)
+            case L.Bin(op, a, b):
+                return _BINARY[op](self.expr(a), self.expr(b))
+            case L.Load(buf, idx):
+                return self.bufs[buf.name][tuple(self.expr(i) for i in idx)]
+            case L.Call(func, args, _):
+                return _CALLS[func](*(self.expr(a) for a in args))
+            case L.Cast(dtype, value):
+                return tirx.Cast(dtype, self.expr(value))
+            case L.Select(c, t, o):
+                return tirx.Select(self.expr(c), self.expr(t), self.expr(o))
+        raise TypeError(e)
+
+    def stmt(self, s: L.Stmt) -> None:
+        match s:
+            case L.Seq(stmts):
+                for st in stmts:
+                    self.stmt(st)
+            case L.For(var, start, extent, body, kind):
+                lo = self.expr(start)
+                hi = self.expr(L.add(start, extent))
+                saved = self.vars.get(var.name)
+                with _LOOPS[kind](lo, hi) as v:
+                    IRBuilder.name(var.name, v)
+                    self.vars[var.name] = v
+                    self.stmt(body)
+                if saved is not None:
+                    self.vars[var.name] = saved
+            case L.Store(buf, idx, value):
+                T.buffer_store(self.bufs[buf.name], self.expr(value), [self.expr(i) for i in idx])
+            case L.Let(var, value):
+                v = T.Bind(self.expr(value))
+                IRBuilder.name(var.name, v)
+                self.vars[var.name] = v
+            case L.Alloc(buf):
+                shape = [self.expr(d) for d in buf.shape]
+                b = T.alloc_buffer(shape, buf.dtype, scope=buf.scope)
+                IRBuilder.name(buf.name, b)
+                self.bufs[buf.name] = b
+            case L.If(cond, then):
+                with T.If(self.expr(cond)):
+                    with T.Then():
+                        self.stmt(then)
+            case _:
+                raise TypeError(s)
+
+
+def to_tir(func: L.LoopFunc) -> tirx.PrimFunc:
+    """The tirx PrimFunc of a loop-IR function; argument order is ``func.params``."""
+    em = _Emitter()
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(func.name)
+            T.func_attr({"tirx.noalias": True, "global_symbol": func.name})
+            for p in func.params:
+                if isinstance(p, L.Buffer):
+                    shape = [em.expr(d) for d in p.shape]
+                    buf = T.arg(p.name, T.buffer(shape, p.dtype))
+                    em.bufs[p.name] = buf
+                else:
+                    var = T.arg(p.name, tirx.Var(p.name, p.dtype))
+                    em.vars[p.name] = var
+            em.stmt(func.body)
+    return ib.get()

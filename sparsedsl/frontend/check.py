@@ -1,0 +1,374 @@
+"""Semantic checks: AST -> checked program (formats, kernel IR, schedules, model rules).
+
+Every problem is an SdslSemanticError at the span of the offending text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+import sympy
+
+from sparsedsl.errors import SdslError, SdslSemanticError, Source
+from sparsedsl.frontend import ast
+from sparsedsl.frontend.parser import parse
+from sparsedsl.ir import kernel_ir as K
+from sparsedsl.ir.formats import Format, FormatDef, LevelTemplate
+
+LEVEL_ARITY = {"dense": (0,), "compressed": (0, 1), "singleton": (0,), "nm": (2,), "fixed": (1,)}
+TARGETS = ("cpu", "cuda")
+
+
+@dataclass
+class Program:
+    """A checked .sdsl file: its formats (prelude included), kernels, schedules and model rules."""
+
+    source: Source
+    formats: dict[str, FormatDef] = field(default_factory=dict)
+    kernels: dict[str, K.Kernel] = field(default_factory=dict)
+    schedules: dict[tuple[str, str], ast.ScheduleDecl] = field(default_factory=dict)
+    models: dict[str, ast.ModelDecl] = field(default_factory=dict)
+
+    def format(self, ref: ast.FormatRef) -> Format:
+        """Instantiate a format reference such as ``BSR(4, 1)``."""
+        fdef = self.formats.get(ref.name.text)
+        if fdef is None:
+            known = ", ".join(sorted(self.formats))
+            raise SdslSemanticError(f"unknown format '{ref.name.text}' (known: {known})", ref.name.span)
+        return fdef.instantiate(tuple(int(a.value) for a in ref.args), ref.span)
+
+    def parse_format(self, text: str) -> Format:
+        """A format written as text, as users pass it to ``pack``: ``"BSR(4, 1)"``."""
+        try:
+            module = parse(Source(f"model m {{ linear \"*\" use k with {text} }}", "<format>"))
+            return self.format(module.decls[0].rules[0].format)
+        except SdslError as err:
+            raise SdslSemanticError(f"invalid format '{text}': {err.message}") from None
+
+
+@cache
+def _prelude() -> ast.Module:
+    text = resources.files("sparsedsl").joinpath("prelude.sdsl").read_text()
+    return parse(Source(text, "<prelude>"))
+
+
+def check(source: Source) -> Program:
+    """Parse and check a .sdsl source; raises an SdslError carrying span and source."""
+    try:
+        module = parse(source)
+        program = Program(source)
+        for decl in _prelude().decls:
+            program.formats[decl.name.text] = _check_format(decl)
+        user_formats: set[str] = set()
+        for decl in module.decls:
+            match decl:
+                case ast.FormatDecl():
+                    if decl.name.text in user_formats:
+                        raise SdslSemanticError(f"format '{decl.name.text}' is defined twice", decl.name.span)
+                    user_formats.add(decl.name.text)
+                    program.formats[decl.name.text] = _check_format(decl)
+                case ast.KernelDecl():
+                    if decl.name.text in program.kernels:
+                        raise SdslSemanticError(f"kernel '{decl.name.text}' is defined twice", decl.name.span)
+                    program.kernels[decl.name.text] = _check_kernel(decl, program)
+                case ast.ScheduleDecl():
+                    _check_schedule(decl, program)
+                case ast.ModelDecl():
+                    _check_model(decl, program)
+        return program
+    except SdslError as err:
+        raise err.with_source(source) from None
+
+
+# ---- formats -------------------------------------------------------------------------------
+
+
+def _check_format(decl: ast.FormatDecl) -> FormatDef:
+    params = [p.text for p in decl.params]
+    dims = [d.text for d in decl.dims]
+    for names, what in ((decl.params, "parameter"), (decl.dims, "dimension")):
+        seen: set[str] = set()
+        for n in names:
+            if n.text in seen:
+                raise SdslSemanticError(f"{what} '{n.text}' is named twice", n.span)
+            seen.add(n.text)
+
+    def param_value(p: ast.Param, what: str) -> int | str:
+        if isinstance(p.value, int):
+            if p.value < 1:
+                raise SdslSemanticError(f"{what} must be at least 1, got {p.value}", p.span)
+            return p.value
+        if p.value not in params:
+            raise SdslSemanticError(f"unknown format parameter '{p.value}'", p.span)
+        return p.value
+
+    levels: list[LevelTemplate] = []
+    parts: dict[str, list[tuple[str | None, int | str, ast.LevelDecl]]] = {d: [] for d in dims}
+    for lvl in decl.levels:
+        dim = lvl.dim.dim.text
+        if dim not in dims:
+            raise SdslSemanticError(f"'{dim}' is not a dimension of format '{decl.name.text}'", lvl.dim.dim.span)
+        kind = lvl.level_type.text
+        if kind not in LEVEL_ARITY:
+            known = ", ".join(LEVEL_ARITY)
+            raise SdslSemanticError(f"unknown level type '{kind}' (known: {known})", lvl.level_type.span)
+        if len(lvl.args) not in LEVEL_ARITY[kind]:
+            want = " or ".join(map(str, LEVEL_ARITY[kind]))
+            raise SdslSemanticError(f"level type '{kind}' takes {want} arguments, got {len(lvl.args)}", lvl.span)
+        if kind == "compressed" and lvl.args and lvl.args[0].value != "nonunique":
+            raise SdslSemanticError("compressed takes only the option 'nonunique'", lvl.args[0].span)
+        args = tuple(lvl.args[0].value if kind == "compressed" else param_value(a, f"{kind} argument") for a in lvl.args)
+        factor = param_value(lvl.dim.operand, "block size") if lvl.dim.operand else 1
+        parts[dim].append((lvl.dim.op, factor, lvl))
+        levels.append(LevelTemplate(dims.index(dim), lvl.dim.op, factor, kind, args, lvl.span, tuple(a.span for a in lvl.args)))
+    for dim_name, dim in zip(dims, decl.dims):
+        ops = sorted((op or "") for op, _, _ in parts[dim_name])
+        if not parts[dim_name]:
+            raise SdslSemanticError(f"dimension '{dim_name}' is stored by no level", dim.span)
+        if ops == ["%", "/"]:
+            (f1, f2) = (f for _, f, _ in parts[dim_name])
+            if f1 != f2:
+                lvl = parts[dim_name][1][2]
+                raise SdslSemanticError(f"'{dim_name}' is split by {f1} and by {f2}: use one factor", lvl.dim.span)
+        elif ops != [""]:
+            lvl = parts[dim_name][-1][2]
+            raise SdslSemanticError(
+                f"dimension '{dim_name}' must be stored exactly once: either '{dim_name}' or both "
+                f"'{dim_name} / b' and '{dim_name} % b'",
+                lvl.dim.span,
+            )
+    _check_level_order(decl, levels)
+    return FormatDef(decl.name.text, tuple(params), tuple(dims), tuple(levels), decl.span)
+
+
+def _check_level_order(decl: ast.FormatDecl, levels: list[LevelTemplate]) -> None:
+    nonunique = False
+    for t in levels:
+        if t.level_type == "singleton" and not nonunique:
+            raise SdslSemanticError("a singleton level must follow a compressed(nonunique) level", t.span)
+        if nonunique and t.level_type != "singleton":
+            raise SdslSemanticError("only singleton levels may follow a compressed(nonunique) level", t.span)
+        nonunique = nonunique or (t.level_type == "compressed" and bool(t.args))
+    for t in levels:
+        if t.level_type == "compressed" and t.args and t is levels[-1]:
+            raise SdslSemanticError("compressed(nonunique) must be followed by singleton levels", t.span)
+
+
+# ---- kernels -------------------------------------------------------------------------------
+
+
+def _check_tensor(decl: ast.TensorDecl, program: Program, inputs: dict[str, K.TensorParam], output: bool) -> K.TensorParam:
+    dtype = K.DTYPES[decl.dtype.text]
+    shape = tuple(s.text for s in decl.shape) if decl.shape is not None else None
+    if decl.storage is None:
+        return K.TensorParam(decl.name.text, dtype, shape, span=decl.span)
+    if shape is None:
+        raise SdslSemanticError(f"scalar '{decl.name.text}' cannot have a sparse format", decl.storage.span)
+    ref = decl.storage
+    if output and ref.name.text in inputs and not ref.args:
+        src = inputs[ref.name.text]
+        if not src.sparse:
+            raise SdslSemanticError(f"output pattern '{ref.name.text}' is not a sparse input", ref.name.span)
+        if len(src.shape) != len(shape):
+            raise SdslSemanticError(f"'{decl.name.text}' has rank {len(shape)} but its pattern '{src.name}' has rank {len(src.shape)}", decl.span)
+        return K.TensorParam(decl.name.text, dtype, shape, src.format, True, src.name, decl.span)
+    if output:
+        raise SdslSemanticError(
+            f"a sparse output takes the pattern of a sparse input: write '@ S' with S an input, not '@ {ref.name.text}'",
+            ref.span,
+        )
+    fmt = program.format(ref)
+    if fmt.rank != len(shape):
+        raise SdslSemanticError(f"format {fmt.label} stores {fmt.rank}-d tensors, but '{decl.name.text}' has rank {len(shape)}", ref.span)
+    return K.TensorParam(decl.name.text, dtype, shape, fmt, True, None, decl.span)
+
+
+def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
+    params: dict[str, K.TensorParam] = {}
+    for t in decl.inputs:
+        if t.name.text in params:
+            raise SdslSemanticError(f"parameter '{t.name.text}' is declared twice", t.name.span)
+        params[t.name.text] = _check_tensor(t, program, params, output=False)
+    sparse = [p for p in params.values() if p.sparse]
+    if len(sparse) > 1:
+        raise SdslSemanticError(
+            f"kernels with more than one sparse input are not supported yet ('{sparse[0].name}' and '{sparse[1].name}')",
+            sparse[1].span,
+        )
+    if len(decl.outputs) != 1:
+        raise SdslSemanticError("a kernel has exactly one output", decl.outputs[1].span)
+    out_decl = decl.outputs[0]
+    if out_decl.name.text in params:
+        raise SdslSemanticError(f"output '{out_decl.name.text}' has the name of an input", out_decl.name.span)
+    if out_decl.shape is None:
+        raise SdslSemanticError("the output must be a tensor with a shape", out_decl.span)
+    output = _check_tensor(out_decl, program, params, output=True)
+    if len(decl.body) != 1:
+        raise SdslSemanticError("a kernel has exactly one statement (assign its output once)", decl.body[-1].span)
+    stmt = decl.body[0]
+    if stmt.target.tensor.text != output.name:
+        what = "an input" if stmt.target.tensor.text in params else "not the output"
+        raise SdslSemanticError(f"'{stmt.target.tensor.text}' is {what}: assign to the output '{output.name}'", stmt.target.tensor.span)
+    scope = {**params, output.name: output}
+    extents: dict[str, tuple[sympy.Expr, str, ast.Name]] = {}
+    out_indices = _check_access(stmt.target, scope, extents)
+    value, dtype = _check_expr(stmt.value, scope, extents, frozenset(out_indices), set(), program)
+    if dtype is not None and dtype != output.dtype:
+        raise SdslSemanticError(f"the value has dtype {dtype} but the output '{output.name}' is {output.dtype}", stmt.value.span)
+    kernel = K.Kernel(decl.name.text, tuple(params.values()), output, out_indices, value, decl.span)
+    _check_structure(kernel, stmt)
+    return kernel
+
+
+def _check_access(node: ast.Access, scope, extents) -> tuple[str, ...]:
+    name = node.tensor.text
+    if name not in scope:
+        raise SdslSemanticError(f"unknown tensor '{name}'", node.tensor.span)
+    param = scope[name]
+    if param.shape is None:
+        raise SdslSemanticError(f"'{name}' is a scalar and takes no indices", node.span)
+    if len(node.indices) != len(param.shape):
+        raise SdslSemanticError(f"'{name}' has rank {len(param.shape)} but is indexed with {len(node.indices)} indices", node.span)
+    seen: set[str] = set()
+    for idx, dim in zip(node.indices, param.shape):
+        if idx.text in seen:
+            raise SdslSemanticError(f"index '{idx.text}' is repeated in one access (diagonals are not supported)", idx.span)
+        seen.add(idx.text)
+        size = sympy.Symbol(dim, positive=True, integer=True)
+        if idx.text in extents:
+            other, where, _ = extents[idx.text]
+            if sympy.simplify(size - other) != 0:
+                raise SdslSemanticError(f"index '{idx.text}' has extent {dim} in '{name}' but {other} in '{where}'", idx.span)
+        else:
+            extents[idx.text] = (size, name, idx)
+    return tuple(i.text for i in node.indices)
+
+
+def _check_expr(node, scope, extents, bound: frozenset[str], used: set[str], program) -> tuple[K.KExpr, str | None]:
+    """Kernel-IR expression and its dtype (None for untyped literals)."""
+    match node:
+        case ast.Access():
+            indices = _check_access(node, scope, extents)
+            for idx, name in zip(indices, node.indices):
+                if idx not in bound:
+                    raise SdslSemanticError(f"index '{idx}' is neither an index of the output nor summed over", name.span)
+            used.update(indices)
+            if scope[node.tensor.text].pattern_of:
+                raise SdslSemanticError(f"the output '{node.tensor.text}' cannot be read", node.span)
+            return K.KAccess(node.tensor.text, indices), scope[node.tensor.text].dtype
+        case ast.Number():
+            return K.KConst(node.value), None
+        case ast.ScalarRef():
+            name = node.name.text
+            if name not in scope:
+                raise SdslSemanticError(f"unknown name '{name}'", node.span)
+            if scope[name].shape is not None:
+                raise SdslSemanticError(f"'{name}' is a tensor: index it, as in {name}[...]", node.span)
+            return K.KScalar(name), scope[name].dtype
+        case ast.Neg():
+            inner, dtype = _check_expr(node.operand, scope, extents, bound, used, program)
+            return K.KBin("-", K.KConst(0.0), inner), dtype
+        case ast.BinOp():
+            a, da = _check_expr(node.lhs, scope, extents, bound, used, program)
+            b, db = _check_expr(node.rhs, scope, extents, bound, used, program)
+            if da and db and da != db:
+                raise SdslSemanticError(f"dtype mismatch: {da} {node.op} {db}", node.span)
+            return K.KBin(node.op, a, b), da or db
+        case ast.Call():
+            func = node.func.text
+            if func not in K.FUNCTIONS:
+                known = ", ".join(sorted(K.FUNCTIONS))
+                raise SdslSemanticError(f"unknown function '{func}' (known: {known})", node.func.span)
+            if len(node.args) != K.FUNCTIONS[func]:
+                raise SdslSemanticError(f"'{func}' takes {K.FUNCTIONS[func]} argument(s), got {len(node.args)}", node.span)
+            checked = [_check_expr(a, scope, extents, bound, used, program) for a in node.args]
+            dtypes = {d for _, d in checked if d}
+            if len(dtypes) > 1:
+                raise SdslSemanticError(f"dtype mismatch in arguments of '{func}': {', '.join(sorted(dtypes))}", node.span)
+            return K.KCall(func, tuple(e for e, _ in checked)), next(iter(dtypes), None)
+        case ast.Reduction():
+            for idx in node.indices:
+                if idx.text in bound:
+                    raise SdslSemanticError(f"index '{idx.text}' is already bound; a sum needs a new index", idx.span)
+            inner_used: set[str] = set()
+            body, dtype = _check_expr(node.body, scope, extents, bound | {i.text for i in node.indices}, inner_used, program)
+            for idx in node.indices:
+                if idx.text not in inner_used:
+                    raise SdslSemanticError(f"summed index '{idx.text}' is not used in the sum", idx.span)
+            used.update(inner_used)
+            return K.KSum(tuple(i.text for i in node.indices), body), dtype
+    raise AssertionError(node)
+
+
+def _check_structure(kernel: K.Kernel, stmt: ast.Assign) -> None:
+    """Constraints of the lowering: one reduction, not nested; sparse tensor summed directly."""
+    reduction, epilogue = K.split_reduction(kernel.value)
+    if reduction is not None and any(isinstance(x, K.KSum) for x in _subexprs(reduction.body)):
+        raise SdslSemanticError("nested sums are not supported: write sum(i, j) instead", stmt.value.span)
+    if any(isinstance(x, K.KSum) for x in _subexprs(epilogue)):
+        raise SdslSemanticError("a statement may contain only one sum", stmt.value.span)
+    sparse = kernel.sparse_input
+    if sparse is not None:
+        in_epilogue = [a for a in K.accesses(epilogue) if a.tensor == sparse.name]
+        if in_epilogue and reduction is not None:
+            raise SdslSemanticError(f"the sparse tensor '{sparse.name}' must be used inside the sum", stmt.value.span)
+    out_idx = set(kernel.indices)
+    for access in K.accesses(epilogue):
+        for idx in access.indices:
+            if idx not in out_idx:
+                raise SdslSemanticError(f"index '{idx}' outside the sum must be an output index", stmt.value.span)
+    if kernel.output.pattern_of:
+        pattern = kernel.param(kernel.output.pattern_of)
+        for a in K.accesses(kernel.value):
+            if a.tensor == pattern.name and a.indices != kernel.indices:
+                raise SdslSemanticError(f"'{pattern.name}' must be indexed like the output", stmt.value.span)
+
+
+def _subexprs(e: K.KExpr) -> list[K.KExpr]:
+    match e:
+        case K.KBin(_, a, b):
+            return [a, b, *_subexprs(a), *_subexprs(b)]
+        case K.KCall(_, args):
+            return [x for a in args for x in (a, *_subexprs(a))]
+        case K.KSum(_, body):
+            return [body, *_subexprs(body)]
+    return []
+
+
+# ---- schedules and models ------------------------------------------------------------------
+
+
+def _check_schedule(decl: ast.ScheduleDecl, program: Program) -> None:
+    if decl.kernel.text not in program.kernels:
+        raise SdslSemanticError(f"schedule for unknown kernel '{decl.kernel.text}'", decl.kernel.span)
+    if decl.target.text not in TARGETS:
+        raise SdslSemanticError(f"unknown target '{decl.target.text}' (known: {', '.join(TARGETS)})", decl.target.span)
+    key = (decl.kernel.text, decl.target.text)
+    if key in program.schedules:
+        raise SdslSemanticError(f"kernel '{key[0]}' already has a schedule on {key[1]}", decl.span)
+    for d in decl.directives:
+        if d.factor is not None and d.factor < 1:
+            raise SdslSemanticError(f"the factor of '{d.verb}' must be at least 1, got {d.factor}", d.span)
+        if d.verb == "bind" and decl.target.text != "cuda":
+            raise SdslSemanticError("'bind' applies to GPU schedules only ('on cuda')", d.span)
+    program.schedules[key] = decl
+
+
+def _check_model(decl: ast.ModelDecl, program: Program) -> None:
+    if decl.name.text in program.models:
+        raise SdslSemanticError(f"model '{decl.name.text}' is defined twice", decl.name.span)
+    for rule in decl.rules:
+        kernel = program.kernels.get(rule.kernel.text)
+        if kernel is None:
+            raise SdslSemanticError(f"rule uses unknown kernel '{rule.kernel.text}'", rule.kernel.span)
+        if kernel.sparse_input is None:
+            raise SdslSemanticError(f"kernel '{rule.kernel.text}' has no sparse input to store a weight in", rule.kernel.span)
+        if rule.format is not None:
+            program.format(rule.format)
+        elif kernel.sparse_input.format is None:
+            raise SdslSemanticError(f"rule for \"{rule.pattern}\" names no format and '{rule.kernel.text}' has none", rule.span)
+        if rule.sparsity is not None and not 0 <= rule.sparsity < 1:
+            raise SdslSemanticError(f"sparsity must be in [0, 1), got {rule.sparsity}", rule.span)
+    program.models[decl.name.text] = decl

@@ -1,0 +1,214 @@
+"""Formats: a tensor's dimensions mapped onto an ordered list of storage levels.
+
+``FormatDef`` is a declaration with parameters (``BSR(bm, bn)``); ``Format`` is an instance with
+integers bound (``BSR(4, 1)``). Packing, unpacking and iteration are composed from the levels in
+``sparsedsl.ir.levels``; nothing here knows any particular format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsedsl.errors import PackError, SdslSemanticError, Span
+from sparsedsl.ir import levels as lv
+from sparsedsl.ir import loop_ir as L
+
+
+@dataclass(frozen=True)
+class LevelMap:
+    """Which part of which dimension a level stores: ``dim``, ``dim / factor`` or ``dim % factor``."""
+
+    dim: int
+    op: str | None  # None, "/" or "%"
+    factor: int  # 1 for a whole dimension
+
+    def coordinate(self, index):
+        """The level coordinate of a dimension index (ints, tensors or loop-IR expressions)."""
+        if self.op == "/":
+            return L.floordiv(index, L.const(self.factor)) if _is_ir(index) else index // self.factor
+        if self.op == "%":
+            return L.mod(index, L.const(self.factor)) if _is_ir(index) else index % self.factor
+        return index
+
+    def contribution(self, coord):
+        """This level's share of the dimension index, given its coordinate."""
+        if self.op == "/":
+            return L.mul(coord, L.const(self.factor)) if _is_ir(coord) else coord * self.factor
+        return coord
+
+    def extent(self, size):
+        """The coordinate extent, given the dimension size (int or loop-IR expression)."""
+        if self.op == "%":
+            return L.const(self.factor) if _is_ir(size) else self.factor
+        if self.op == "/":
+            return L.floordiv(size, L.const(self.factor)) if _is_ir(size) else size // self.factor
+        return size
+
+    def text(self, dims: tuple[str, ...]) -> str:
+        name = dims[self.dim]
+        return name if self.op is None else f"{name} {self.op} {self.factor}"
+
+
+def _is_ir(x) -> bool:
+    return isinstance(x, L.Var | L.SizeVar | L.Const | L.Bin | L.Load | L.Cast)
+
+
+@dataclass(frozen=True)
+class Format:
+    """A format with all parameters bound: ``BSR(4, 1)``."""
+
+    name: str
+    args: tuple[int, ...]
+    dims: tuple[str, ...]
+    maps: tuple[LevelMap, ...]
+    levels: tuple[lv.Level, ...]
+
+    @property
+    def label(self) -> str:
+        """``BSR(4, 1)``: how users write this format."""
+        return f"{self.name}({', '.join(map(str, self.args))})" if self.args else self.name
+
+    @property
+    def rank(self) -> int:
+        return len(self.dims)
+
+    def __str__(self) -> str:
+        inner = ", ".join(f"{m.text(self.dims)}: {lvl.describe()}" for m, lvl in zip(self.maps, self.levels))
+        return f"{self.label} = ({', '.join(self.dims)}) -> ({inner})"
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Format) and str(self) == str(other)
+
+    def buffer_names(self, tensor: str) -> list[str]:
+        """Names of the index buffers of a tensor stored in this format, then its values."""
+        names = [f"{tensor}_{i}_{suffix}" for i, lvl in enumerate(self.levels) for suffix in lvl.buffers()]
+        return [*names, f"{tensor}_vals"]
+
+    def extents(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Concrete coordinate extent of each level; a shape that does not fit is a PackError."""
+        if len(shape) != self.rank:
+            raise PackError(f"{self.label} stores {self.rank}-d tensors, got shape {tuple(shape)}")
+        for m in self.maps:
+            if m.op is not None and shape[m.dim] % m.factor:
+                raise PackError(
+                    f"dimension {m.dim} ({self.dims[m.dim]}) of size {shape[m.dim]} is not divisible "
+                    f"by {m.factor}, as {self.label} requires"
+                )
+        return tuple(m.extent(shape[m.dim]) for m in self.maps)
+
+    def to_index(self, coords: list) -> list:
+        """Dimension indices from the coordinates of every level (ints, tensors or IR)."""
+        index = [None] * self.rank
+        for m, c in zip(self.maps, coords):
+            part = m.contribution(c)
+            prev = index[m.dim]
+            index[m.dim] = part if prev is None else (L.add(prev, part) if _is_ir(part) else prev + part)
+        return index
+
+    def _where(self, prefix: torch.Tensor) -> str:
+        """Name a parent position by the dimension ranges its coordinates pin down."""
+        parts = []
+        for d, dim in enumerate(self.dims):
+            known = [(m, int(prefix[i])) for i, m in enumerate(self.maps[: len(prefix)]) if m.dim == d]
+            if not known:
+                continue
+            lo = sum(m.contribution(c) for m, c in known)
+            whole = any(m.op != "/" for m, _ in known)
+            width = 1 if whole else next(m.factor for m, _ in known if m.op == "/")
+            parts.append(f"{dim} = {lo}" if width == 1 else f"{dim} in {lo}..{lo + width - 1}")
+        return "at " + ", ".join(parts) if parts else "at the top level"
+
+    def pack(self, dense: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Level buffers (keys ``{level}_{suffix}``) and ``vals`` of a dense tensor."""
+        extents = self.extents(tuple(dense.shape))
+        nz_index = torch.nonzero(dense).T  # [rank, Z]
+        coords = torch.stack([m.coordinate(nz_index[m.dim]) for m in self.maps], dim=1)
+        nonzeros = torch.unique(coords, dim=0) if coords.numel() else coords.reshape(0, len(self.maps))
+        table = torch.zeros(1, 0, dtype=torch.int64)
+        bufs: dict[str, torch.Tensor] = {}
+        for i, level in enumerate(self.levels):
+            state = lv.PackState(i, table, nonzeros, extents, self._where)
+            table, level_bufs = level.pack(state)
+            bufs.update({f"{i}_{k}": v for k, v in level_bufs.items()})
+        index = self.to_index([table[:, i] for i in range(len(self.levels))])
+        bufs["vals"] = dense[tuple(index)].contiguous()
+        return bufs
+
+    def unpack(self, bufs: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """The dense tensor stored in ``bufs`` (the inverse of ``pack``)."""
+        extents = self.extents(shape)
+        table = torch.zeros(1, 0, dtype=torch.int64)
+        for i, level in enumerate(self.levels):
+            mine = {k.split("_", 1)[1]: v for k, v in bufs.items() if k.startswith(f"{i}_")}
+            table = level.unpack(table, extents[i], mine)
+        index = self.to_index([table[:, i] for i in range(len(self.levels))])
+        vals = bufs["vals"]
+        dense = torch.zeros(shape, dtype=vals.dtype, device=vals.device)
+        return dense.index_put_(tuple(i.to(vals.device) for i in index), vals, accumulate=True)
+
+
+@dataclass(frozen=True)
+class LevelTemplate:
+    """A level of a format declaration, parameters still by name."""
+
+    dim: int
+    op: str | None
+    factor: int | str
+    level_type: str
+    args: tuple[int | str, ...]
+    span: Span
+    arg_spans: tuple[Span, ...]
+
+
+@dataclass(frozen=True)
+class FormatDef:
+    """A checked format declaration: ``format BSR(bm, bn) = (i, j) -> (...)``."""
+
+    name: str
+    params: tuple[str, ...]
+    dims: tuple[str, ...]
+    levels: tuple[LevelTemplate, ...]
+    span: Span | None = None
+
+    def instantiate(self, args: tuple[int, ...], span: Span | None = None) -> Format:
+        """Bind the parameters; a wrong arity or an invalid value is an SdslSemanticError."""
+        if len(args) != len(self.params):
+            want = f"{len(self.params)} parameter{'s' if len(self.params) != 1 else ''}"
+            raise SdslSemanticError(
+                f"format '{self.name}' takes {want} ({', '.join(self.params) or 'none'}), got {len(args)}", span
+            )
+        env = dict(zip(self.params, args))
+
+        def value(v: int | str) -> int:
+            return env[v] if isinstance(v, str) else v
+
+        maps, levels = [], []
+        for t in self.levels:
+            factor = value(t.factor)
+            if factor < 1:
+                raise SdslSemanticError(f"block size must be at least 1, got {factor}", span or t.span)
+            maps.append(LevelMap(t.dim, t.op if factor != 1 or t.op == "%" else None, factor))
+            levels.append(make_level(t.level_type, tuple(value(a) if a != "nonunique" else a for a in t.args), span or t.span))
+        return Format(self.name, tuple(args), self.dims, tuple(maps), tuple(levels))
+
+
+def make_level(kind: str, args: tuple, span: Span | None) -> lv.Level:
+    """A level object from its type name and integer arguments, validated."""
+    if kind == "nm":
+        n, m = args
+        if not 1 <= n <= m:
+            raise SdslSemanticError(f"nm(n, m) needs 1 <= n <= m, got nm({n}, {m})", span)
+        return lv.NM(n, m)
+    if kind == "fixed":
+        (w,) = args
+        if w < 1:
+            raise SdslSemanticError(f"fixed(w) needs w >= 1, got fixed({w})", span)
+        return lv.Fixed(w)
+    if kind == "compressed":
+        return lv.Compressed(unique=not args)
+    return lv.LEVEL_TYPES[kind]()

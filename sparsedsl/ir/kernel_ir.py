@@ -1,0 +1,129 @@
+"""The kernel IR: a checked kernel in index notation, names resolved, one statement per output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from sparsedsl.errors import Span
+from sparsedsl.ir.formats import Format
+
+DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64"}
+
+
+@dataclass(frozen=True)
+class TensorParam:
+    """A kernel parameter. ``shape`` None means a scalar; ``format`` marks a sparse tensor (its
+    default format: a kernel is instantiated for the format of the tensor it is called with);
+    ``pattern_of`` marks a sparse output that shares the structure of that sparse input."""
+
+    name: str
+    dtype: str
+    shape: tuple[str, ...] | None
+    format: Format | None = None
+    sparse: bool = False
+    pattern_of: str | None = None
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class KAccess:
+    tensor: str
+    indices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KConst:
+    value: float
+
+
+@dataclass(frozen=True)
+class KScalar:
+    name: str
+
+
+@dataclass(frozen=True)
+class KBin:
+    op: str
+    a: KExpr
+    b: KExpr
+
+
+@dataclass(frozen=True)
+class KCall:
+    func: str
+    args: tuple[KExpr, ...]
+
+
+@dataclass(frozen=True)
+class KSum:
+    indices: tuple[str, ...]
+    body: KExpr
+
+
+@dataclass(frozen=True)
+class KAcc:
+    """Stands for the value of the statement's reduction inside its epilogue."""
+
+
+KExpr = KAccess | KConst | KScalar | KBin | KCall | KSum | KAcc
+
+FUNCTIONS = {"relu": 1, "gelu": 1, "silu": 1, "sigmoid": 1, "tanh": 1, "exp": 1, "sqrt": 1, "abs": 1, "max": 2, "min": 2}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """``output[indices] = value``; inputs and outputs in call order."""
+
+    name: str
+    inputs: tuple[TensorParam, ...]
+    output: TensorParam
+    indices: tuple[str, ...]
+    value: KExpr
+    span: Span | None = None
+
+    def param(self, name: str) -> TensorParam:
+        return next(p for p in (*self.inputs, self.output) if p.name == name)
+
+    @property
+    def sparse_input(self) -> TensorParam | None:
+        return next((p for p in self.inputs if p.sparse), None)
+
+    def with_format(self, fmt: Format) -> Kernel:
+        """This kernel specialised to its sparse input (and pattern output) stored as ``fmt``."""
+        sparse = self.sparse_input
+        inputs = tuple(replace(p, format=fmt) if p is sparse else p for p in self.inputs)
+        out = replace(self.output, format=fmt) if self.output.pattern_of else self.output
+        return replace(self, inputs=inputs, output=out)
+
+
+def split_reduction(value: KExpr) -> tuple[KSum | None, KExpr]:
+    """The statement's one reduction and its epilogue (the value with the sum replaced by KAcc)."""
+    found: list[KSum] = []
+
+    def walk(e: KExpr) -> KExpr:
+        match e:
+            case KSum():
+                found.append(e)
+                return KAcc()
+            case KBin(op, a, b):
+                return KBin(op, walk(a), walk(b))
+            case KCall(f, args):
+                return KCall(f, tuple(walk(a) for a in args))
+        return e
+
+    epilogue = walk(value)
+    return (found[0] if found else None), epilogue
+
+
+def accesses(e: KExpr) -> list[KAccess]:
+    """Every tensor access in an expression, in order."""
+    match e:
+        case KAccess():
+            return [e]
+        case KBin(_, a, b):
+            return accesses(a) + accesses(b)
+        case KCall(_, args):
+            return [x for a in args for x in accesses(a)]
+        case KSum(_, body):
+            return accesses(body)
+    return []

@@ -1,0 +1,270 @@
+"""Storage level types (TACO's level interface, in Python).
+
+A format is an ordered list of levels. Each level stores the coordinates of one part of a tensor
+dimension under the positions of its parent level, and knows three things, nothing about formats:
+
+* its buffers and its properties (``full``: every coordinate stored; ``unique``; ``padded``: stores a
+  fixed number of slots, some possibly holding explicit zeros);
+* ``pack``: given the coordinate table of its parent positions and the nonzero entries, the
+  coordinate table of its own positions and its buffers (vectorised torch, no per-nonzero loop);
+* ``unpack``: given its parent's coordinate table and its buffers, its own coordinate table;
+* ``iterate``: the loop-IR of one step of iteration (see ``sparsedsl.ir.lowering``).
+
+A *coordinate table* is an int64 tensor [positions, levels so far], sorted lexicographically,
+holding for each stored position the coordinates of every level above and at it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sparsedsl.errors import PackError
+from sparsedsl.ir import loop_ir as L
+
+INDEX_DTYPE = torch.int32
+
+
+@dataclass(frozen=True)
+class PackState:
+    """What a level sees while packing: parent coordinate table and the nonzeros' coordinates."""
+
+    level: int  # index of the level being packed
+    table: torch.Tensor  # [P, >= level] coordinates of the parent positions
+    nonzeros: torch.Tensor  # [Z, L] level coordinates of every nonzero entry, sorted
+    extents: tuple[int, ...]  # coordinate extent of every level
+    where: Callable[[torch.Tensor], str]  # names a parent position for error messages
+
+    @property
+    def extent(self) -> int:
+        return self.extents[self.level]
+
+    @property
+    def parents(self) -> torch.Tensor:
+        return self.table[:, : self.level]
+
+
+@dataclass(frozen=True)
+class LevelIter:
+    """One level's step of iteration in loop IR: wrap a body, giving position and coordinate."""
+
+    loop: L.For | None  # the loop it opens (None for a singleton: no loop)
+    position: L.Expr  # the position of the current child
+    coordinate: L.Expr  # the coordinate stored at that position
+
+
+def _index(buf: L.Buffer, i: L.Expr) -> L.Expr:
+    """A coordinate read from an index buffer, widened to the int64 of loop arithmetic."""
+    return L.Cast("int64", L.load(buf, i))
+
+
+def _key(table: torch.Tensor, extents: tuple[int, ...]) -> torch.Tensor:
+    """Mixed-radix key of each row: equal keys iff equal rows, order = lexicographic order."""
+    key = torch.zeros(table.shape[0], dtype=torch.int64)
+    for col, extent in enumerate(extents[: table.shape[1]]):
+        key = key * extent + table[:, col]
+    return key
+
+
+def _parent_index(state: PackState, rows: torch.Tensor) -> torch.Tensor:
+    """Index of the parent position of each row of ``rows`` (rows of nonzero coordinates)."""
+    parent_keys = _key(state.parents, state.extents)
+    return torch.searchsorted(parent_keys, _key(rows[:, : state.level], state.extents))
+
+
+def _expand(table: torch.Tensor, count: int, coords: torch.Tensor) -> torch.Tensor:
+    """Each parent row repeated ``count`` times with a new column ``coords`` ([P * count])."""
+    return torch.cat([table.repeat_interleave(count, dim=0), coords.view(-1, 1)], dim=1)
+
+
+class Level:
+    """Base class of the level types; subclasses implement the interface described above."""
+
+    name = "level"
+    unique = True
+    padded = False
+
+    def buffers(self) -> tuple[str, ...]:
+        """Suffixes of the buffers this level stores (``pos``, ``crd``...)."""
+        return ()
+
+    def pack(self, state: PackState) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The coordinate table of this level's positions and its buffers."""
+        raise NotImplementedError
+
+    def unpack(self, table: torch.Tensor, extent: int, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The coordinate table of this level's positions, read back from its buffers."""
+        raise NotImplementedError
+
+    def iterate(self, parent: L.Expr, extent: L.Expr, bufs: dict[str, L.Buffer], var: str) -> LevelIter:
+        """One step of iteration below parent position ``parent``."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+class Dense(Level):
+    """Every coordinate in [0, extent) is stored; position = parent * extent + coordinate."""
+
+    name = "dense"
+
+    def pack(self, state):
+        coords = torch.arange(state.extent, dtype=torch.int64).repeat(state.table.shape[0])
+        return _expand(state.parents, state.extent, coords), {}
+
+    def unpack(self, table, extent, bufs):
+        return _expand(table, extent, torch.arange(extent, dtype=torch.int64).repeat(table.shape[0]))
+
+    def iterate(self, parent, extent, bufs, var):
+        c = L.Var(var)
+        return LevelIter(L.For(c, L.const(0), extent), L.add(L.mul(parent, extent), c), c)
+
+
+class Compressed(Level):
+    """The stored coordinates of each parent, sorted, in ``crd[pos[p]:pos[p+1]]``."""
+
+    name = "compressed"
+
+    def __init__(self, unique: bool = True):
+        self.unique = unique
+
+    def buffers(self):
+        return ("pos", "crd")
+
+    def describe(self):
+        return "compressed" if self.unique else "compressed(nonunique)"
+
+    def pack(self, state):
+        # A non-unique level keeps one position per distinct entry of the whole remaining key
+        # (the singleton levels below it read their coordinates from the carried columns).
+        width = state.level + 1 if self.unique else state.nonzeros.shape[1]
+        children = torch.unique(state.nonzeros[:, :width], dim=0)
+        parent = _parent_index(state, children)
+        counts = torch.bincount(parent, minlength=state.table.shape[0])
+        pos = torch.zeros(state.table.shape[0] + 1, dtype=torch.int64)
+        pos[1:] = torch.cumsum(counts, 0)
+        crd = children[:, state.level]
+        return children, {"pos": pos.to(INDEX_DTYPE), "crd": crd.to(INDEX_DTYPE)}
+
+    def unpack(self, table, extent, bufs):
+        pos = bufs["pos"].long()
+        parent = torch.repeat_interleave(torch.arange(table.shape[0]), pos[1:] - pos[:-1])
+        return torch.cat([table[parent], bufs["crd"].long().view(-1, 1)], dim=1)
+
+    def iterate(self, parent, extent, bufs, var):
+        q = L.Var(var)
+        pos = bufs["pos"]
+        start = _index(pos, parent)
+        stop = _index(pos, L.add(parent, L.const(1)))
+        return LevelIter(L.For(q, start, L.sub(stop, start)), q, _index(bufs["crd"], q))
+
+
+class Singleton(Level):
+    """Exactly one coordinate per parent position, ``crd[p]`` (the inner levels of COO)."""
+
+    name = "singleton"
+
+    def buffers(self):
+        return ("crd",)
+
+    def pack(self, state):
+        return state.table, {"crd": state.table[:, state.level].to(INDEX_DTYPE)}
+
+    def unpack(self, table, extent, bufs):
+        return torch.cat([table, bufs["crd"].long().view(-1, 1)], dim=1)
+
+    def iterate(self, parent, extent, bufs, var):
+        return LevelIter(None, parent, _index(bufs["crd"], parent))
+
+
+class Slotted(Level):
+    """A fixed number of slots per parent, each holding a coordinate: ``crd[p * slots + s]``.
+
+    Parents with fewer entries than slots are padded with explicit zeros at unused coordinates, so
+    stored coordinates stay unique and every parent has the same shape (branch-free kernels).
+    """
+
+    padded = True
+
+    def __init__(self, slots: int):
+        self.slots = slots
+
+    def buffers(self):
+        return ("crd",)
+
+    def too_many(self, count: int) -> str:
+        raise NotImplementedError
+
+    def pack(self, state):
+        group = state.extent
+        if self.slots > group:
+            raise PackError(f"{self.describe()} needs at least {self.slots} coordinates, but the extent is {group}")
+        parents = state.table.shape[0]
+        present = torch.zeros(parents, group, dtype=torch.bool)
+        parent = _parent_index(state, state.nonzeros)
+        present[parent, state.nonzeros[:, state.level]] = True
+        counts = present.sum(dim=1)
+        worst = int(torch.argmax(counts)) if parents else 0
+        if parents and int(counts[worst]) > self.slots:
+            raise PackError(f"{state.where(state.parents[worst])}: {self.too_many(int(counts[worst]))}")
+        # Present coordinates first, then the smallest absent ones as padding; each in order.
+        rank = (~present).to(torch.int64) * group + torch.arange(group)
+        chosen = torch.sort(torch.topk(rank, self.slots, dim=1, largest=False).indices, dim=1).values
+        coords = chosen.reshape(-1)
+        return _expand(state.parents, self.slots, coords), {"crd": coords.to(INDEX_DTYPE)}
+
+    def unpack(self, table, extent, bufs):
+        return _expand(table, self.slots, bufs["crd"].long())
+
+    def iterate(self, parent, extent, bufs, var):
+        s = L.Var(var)
+        q = L.add(L.mul(parent, L.const(self.slots)), s)
+        return LevelIter(L.For(s, L.const(0), L.const(self.slots)), q, _index(bufs["crd"], q))
+
+
+class NM(Slotted):
+    """N:M semi-structured: ``n`` of every ``m`` consecutive coordinates, offsets as small ints."""
+
+    name = "nm"
+
+    def __init__(self, n: int, m: int):
+        super().__init__(n)
+        self.n, self.m = n, m
+
+    def describe(self):
+        return f"nm({self.n}, {self.m})"
+
+    def pack(self, state):
+        if state.extent != self.m:
+            raise PackError(
+                f"nm({self.n}, {self.m}) must store a coordinate of extent {self.m} "
+                f"(write 'j % {self.m}: nm({self.n}, {self.m})'), but its extent is {state.extent}"
+            )
+        return super().pack(state)
+
+    def too_many(self, count):
+        return f"{count} nonzeros in a group of {self.m}, but nm({self.n}, {self.m}) keeps at most {self.n}"
+
+
+class Fixed(Slotted):
+    """Constant fan-in (ELL): exactly ``w`` coordinates per parent."""
+
+    name = "fixed"
+
+    def describe(self):
+        return f"fixed({self.slots})"
+
+    def too_many(self, count):
+        return f"{count} nonzeros, but fixed({self.slots}) stores at most {self.slots}"
+
+
+LEVEL_TYPES = {
+    "dense": Dense,
+    "compressed": Compressed,
+    "singleton": Singleton,
+    "nm": NM,
+    "fixed": Fixed,
+}

@@ -1,0 +1,279 @@
+"""The loop IR: what lowering produces, schedules rewrite and backends consume.
+
+Small frozen dataclasses; expressions are built through the helpers at the bottom, which fold
+constants so that index arithmetic of block formats stays readable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+
+class LoopKind(Enum):
+    SERIAL = "serial"
+    PARALLEL = "parallel"
+    VECTORIZED = "vectorized"
+    UNROLLED = "unrolled"
+
+
+# ---- expressions ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Var:
+    """A loop variable or bound scalar (int64 index unless said otherwise)."""
+
+    name: str
+    dtype: str = "int64"
+
+
+@dataclass(frozen=True)
+class SizeVar:
+    """A symbolic size bound at call time from the shape of an argument (``M``, ``W_crd_len``)."""
+
+    name: str
+    dtype: str = "int64"
+
+
+@dataclass(frozen=True)
+class Const:
+    value: int | float
+    dtype: str = "int64"
+
+
+@dataclass(frozen=True)
+class Bin:
+    """Binary operation: + - * / // % min max < <= == and."""
+
+    op: str
+    a: Expr
+    b: Expr
+
+
+@dataclass(frozen=True)
+class Load:
+    buffer: Buffer
+    indices: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class Call:
+    """An elementwise math function: exp, tanh, erf, sqrt, sigmoid."""
+
+    func: str
+    args: tuple[Expr, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Cast:
+    dtype: str
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Select:
+    cond: Expr
+    then: Expr
+    other: Expr
+
+
+Expr = Var | SizeVar | Const | Bin | Load | Call | Cast | Select
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A kernel argument (scope ``global``) or a kernel-local array (scope ``local``)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Expr, ...]
+    scope: str = "global"
+
+
+# ---- statements ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class For:
+    var: Var
+    start: Expr
+    extent: Expr
+    body: Stmt | None = None
+    kind: LoopKind = LoopKind.SERIAL
+
+
+@dataclass(frozen=True)
+class Seq:
+    stmts: tuple[Stmt, ...]
+
+
+@dataclass(frozen=True)
+class Store:
+    buffer: Buffer
+    indices: tuple[Expr, ...]
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Let:
+    """Bind ``var`` to ``value`` for the statements that follow in the same ``Seq``."""
+
+    var: Var
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Alloc:
+    """A local buffer, live for the statements that follow in the same ``Seq``."""
+
+    buffer: Buffer
+
+
+@dataclass(frozen=True)
+class If:
+    cond: Expr
+    then: Stmt
+
+
+Stmt = For | Seq | Store | Let | Alloc | If
+
+
+@dataclass(frozen=True)
+class LoopFunc:
+    """A kernel in loop IR: its argument buffers and scalars in call order, and its body."""
+
+    name: str
+    params: tuple[Buffer | Var, ...]
+    body: Stmt
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+# ---- builders with constant folding ---------------------------------------------------------
+
+
+def const(value: int | float, dtype: str = "int64") -> Const:
+    return Const(value, dtype)
+
+
+def _is(e: Expr, value: int) -> bool:
+    return isinstance(e, Const) and e.value == value
+
+
+def add(a: Expr, b: Expr) -> Expr:
+    if _is(a, 0):
+        return b
+    if _is(b, 0):
+        return a
+    if isinstance(a, Const) and isinstance(b, Const):
+        return Const(a.value + b.value, a.dtype)
+    return Bin("+", a, b)
+
+
+def sub(a: Expr, b: Expr) -> Expr:
+    if _is(b, 0):
+        return a
+    if isinstance(a, Const) and isinstance(b, Const):
+        return Const(a.value - b.value, a.dtype)
+    return Bin("-", a, b)
+
+
+def mul(a: Expr, b: Expr) -> Expr:
+    if _is(a, 1):
+        return b
+    if _is(b, 1):
+        return a
+    if _is(a, 0) or _is(b, 0):
+        return Const(0, a.dtype if isinstance(a, Const) else b.dtype)
+    if isinstance(a, Const) and isinstance(b, Const):
+        return Const(a.value * b.value, a.dtype)
+    return Bin("*", a, b)
+
+
+def floordiv(a: Expr, b: Expr) -> Expr:
+    if _is(b, 1):
+        return a
+    return Bin("//", a, b)
+
+
+def mod(a: Expr, b: Expr) -> Expr:
+    if _is(b, 1):
+        return Const(0)
+    return Bin("%", a, b)
+
+
+def minimum(a: Expr, b: Expr) -> Expr:
+    return Bin("min", a, b)
+
+
+def load(buffer: Buffer, *indices: Expr) -> Load:
+    return Load(buffer, tuple(indices))
+
+
+def seq(*stmts: Stmt | None) -> Stmt:
+    flat: list[Stmt] = []
+    for s in stmts:
+        if s is None:
+            continue
+        flat.extend(s.stmts if isinstance(s, Seq) else (s,))
+    return flat[0] if len(flat) == 1 else Seq(tuple(flat))
+
+
+def with_body(loop: For, body: Stmt) -> For:
+    return replace(loop, body=body)
+
+
+# ---- printing (sparsedsl emit --stage ir) --------------------------------------------------
+
+
+def expr_str(e: Expr) -> str:
+    match e:
+        case Var(name) | SizeVar(name):
+            return name
+        case Const(value, dtype):
+            return repr(value) if dtype.startswith(("int", "uint")) else f"{value!r}f"
+        case Bin(op, a, b) if op in ("min", "max"):
+            return f"{op}({expr_str(a)}, {expr_str(b)})"
+        case Bin(op, a, b):
+            return f"({expr_str(a)} {op} {expr_str(b)})"
+        case Load(buf, idx):
+            return f"{buf.name}[{', '.join(expr_str(i) for i in idx)}]"
+        case Call(func, args, _):
+            return f"{func}({', '.join(expr_str(a) for a in args)})"
+        case Cast(dtype, value):
+            return f"{dtype}({expr_str(value)})"
+        case Select(c, t, o):
+            return f"select({expr_str(c)}, {expr_str(t)}, {expr_str(o)})"
+    raise TypeError(e)
+
+
+def stmt_lines(s: Stmt, indent: int = 0) -> list[str]:
+    pad = "    " * indent
+    match s:
+        case For(var, start, extent, body, kind):
+            tag = "" if kind is LoopKind.SERIAL else f" {kind.value}"
+            end = expr_str(add(start, extent))
+            head = f"{pad}for {var.name} in [{expr_str(start)}, {end}){tag}:"
+            return [head, *stmt_lines(body, indent + 1)]
+        case Seq(stmts):
+            return [line for st in stmts for line in stmt_lines(st, indent)]
+        case Store(buf, idx, value):
+            return [f"{pad}{buf.name}[{', '.join(expr_str(i) for i in idx)}] = {expr_str(value)}"]
+        case Let(var, value):
+            return [f"{pad}let {var.name} = {expr_str(value)}"]
+        case Alloc(buf):
+            return [f"{pad}local {buf.name}: {buf.dtype}[{', '.join(expr_str(d) for d in buf.shape)}]"]
+        case If(cond, then):
+            return [f"{pad}if {expr_str(cond)}:", *stmt_lines(then, indent + 1)]
+    raise TypeError(s)
+
+
+def func_str(f: LoopFunc) -> str:
+    params = []
+    for p in f.params:
+        if isinstance(p, Buffer):
+            params.append(f"{p.name}: {p.dtype}[{', '.join(expr_str(d) for d in p.shape)}]")
+        else:
+            params.append(f"{p.name}: {p.dtype}")
+    return "\n".join([f"def {f.name}({', '.join(params)}):", *stmt_lines(f.body, 1)])

@@ -1,0 +1,391 @@
+"""Kernel IR -> loop IR by level iteration (TACO / MLIR sparse_tensor style).
+
+The sparse input drives iteration: one loop (or none, for a singleton) per storage level, in level
+order, each level asked only for its iteration capability. Dense indices that are not in the
+sparse tensor become plain loops: the first free one (the *token* index, ``m`` of a linear layer)
+is tiled into ``<m>_o`` / ``<m>_i`` with the inner tile vectorised, and every dense input that
+pairs the token with a sparse-driven index is staged per tile as ``[other dims..., tile]`` so that
+each stored value multiplies a contiguous vector of tokens (``layout X as [k, m]``).
+
+Two accumulation strategies, chosen from the levels, never from format names:
+
+* **gather** -- the levels above the first reduced level are unique and free, and the free levels
+  below it are dense with constant extent (CSR, BSR, N:M, ELL, COO for a linear layer): a small
+  accumulator ``acc[free-below..., tile]`` per output row block, epilogue applied at write-out;
+* **scatter** -- otherwise (CSC for a linear layer, every format for the transposed product): the
+  accumulator is the whole output tile ``acc[output dims..., tile]``, private to the token tile,
+  so parallel token tiles never race; the epilogue is applied when the tile is written out.
+
+A sparse output (``Y @ S``) shares S's structure: it is written at S's leaf positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sparsedsl.errors import SdslSemanticError
+from sparsedsl.ir import kernel_ir as K
+from sparsedsl.ir import levels as lv
+from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir.formats import Format
+
+ACC_DTYPE = "float32"
+
+
+@dataclass(frozen=True)
+class LowerOptions:
+    """Choices the lowering makes before loop passes run (set by ``tile`` and ``layout``)."""
+
+    tile: int = 32
+    stage: frozenset[str] | None = None  # tensors to stage per tile; None = every eligible one
+    no_stage: frozenset[str] = frozenset()
+
+
+@dataclass
+class _Ctx:
+    kernel: K.Kernel
+    opts: LowerOptions
+    extents: dict[str, L.Expr]  # index -> extent
+    buffers: dict[str, L.Buffer]  # tensor name (or sparse buffer name) -> buffer
+    scalars: dict[str, L.Var]
+    token: str | None
+    staged: dict[str, L.Buffer]
+
+
+def _sym(name: str) -> L.SizeVar:
+    return L.SizeVar(name)
+
+
+def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
+    """The loop-IR function of a kernel whose sparse input has a concrete format."""
+    reduction, epilogue = K.split_reduction(kernel.value)
+    body = reduction.body if reduction else kernel.value
+    if reduction is None:
+        epilogue = K.KAcc()
+    red_idx = reduction.indices if reduction else ()
+    sparse = kernel.sparse_input
+    if sparse is not None and sparse.format is None:
+        raise SdslSemanticError(f"kernel '{kernel.name}' needs a format for '{sparse.name}'", kernel.span)
+    s_access = next((a for a in K.accesses(body) if sparse and a.tensor == sparse.name), None)
+    if sparse is not None and s_access is None and not kernel.output.pattern_of:
+        raise SdslSemanticError(f"sparse input '{sparse.name}' is not used", kernel.span)
+    if sparse is not None and not kernel.output.pattern_of and not _is_factor(body, sparse.name):
+        raise SdslSemanticError(
+            f"'{sparse.name}' must be a factor of the summed product, so that its zeros contribute nothing",
+            kernel.span,
+        )
+    s_idx: tuple[str, ...] = ()
+    if sparse is not None:
+        s_idx = s_access.indices if s_access else kernel.indices
+    out = kernel.output
+    pattern = out.pattern_of is not None
+
+    extents: dict[str, L.Expr] = {}
+    for a in [K.KAccess(out.name, kernel.indices), *K.accesses(kernel.value)]:
+        for idx, dim in zip(a.indices, kernel.param(a.tensor).shape):
+            extents.setdefault(idx, _sym(dim))
+    dense_free = [i for i in kernel.indices if i not in s_idx]
+    dense_red = [i for i in red_idx if i not in s_idx]
+    token = dense_free[0] if dense_free else None
+    ctx = _Ctx(kernel, opts, extents, {}, {}, token, {})
+    params = _params(ctx)
+
+    fmt: Format | None = sparse.format if sparse else None
+    levels = fmt.levels if fmt else ()
+    maps = fmt.maps if fmt else ()
+    level_idx = [s_idx[m.dim] for m in maps]
+    reduced = [i in red_idx for i in level_idx]
+    first_red = reduced.index(True) if True in reduced else len(levels)
+    below = range(first_red, len(levels))
+    gather = pattern or (
+        all(lvl.unique for lvl in levels[:first_red])
+        and all(reduced[l] or (isinstance(levels[l], lv.Dense) and maps[l].op == "%") for l in below)
+    )
+    free_below = [l for l in below if not reduced[l]] if gather else []
+    tile = opts.tile if token else 1
+    lane = [L.Var(f"{token}_i")] if token else []
+
+    # Accumulator: gather -> [free levels below the reduction..., tile]; scatter -> output tile.
+    if gather:
+        acc_dims = [L.const(maps[l].factor) for l in free_below]
+        acc_names = [f"{_part_name(level_idx[l], maps[l])}" for l in free_below]
+    else:
+        acc_dims = [extents[i] for i in kernel.indices if i != token]
+        acc_names = [i for i in kernel.indices if i != token]
+    acc = L.Buffer("acc", ACC_DTYPE, (*acc_dims, L.const(tile)) if token else tuple(acc_dims) or (L.const(1),),
+                   "local" if all(isinstance(d, L.Const) for d in acc_dims) else "global")
+
+    # Level loops: build the nest from the outside in, remembering coordinates and positions.
+    coord_env: dict[int, L.Expr] = {}
+    nest: list[L.Stmt] = []  # loops and lets, outermost first
+    position: L.Expr = L.const(0)
+    alloc_depth = None
+    for l, (lvl, m) in enumerate(zip(levels, maps)):
+        if l == first_red and gather:
+            alloc_depth = len(nest)
+        name = _part_name(level_idx[l], m)
+        extent = m.extent(extents[level_idx[l]])
+        bufs = {suffix: ctx.buffers[f"{sparse.name}_{l}_{suffix}"] for suffix in lvl.buffers()}
+        it = lvl.iterate(position, extent, bufs, name)
+        if it.loop is not None:
+            nest.append(it.loop)
+        coord = it.coordinate
+        if not isinstance(coord, L.Var):
+            cvar = L.Var(f"{name}_c")
+            nest.append(L.Let(cvar, coord))
+            coord = cvar
+        coord_env[l] = coord
+        position = it.position
+    if alloc_depth is None:
+        alloc_depth = len(nest) if gather else 0
+    index_env: dict[str, L.Expr] = {}
+    if fmt is not None:
+        for d, value in enumerate(fmt.to_index([coord_env[l] for l in range(len(levels))])):
+            index_env[s_idx[d]] = value
+    index_env.update({i: L.Var(i) for i in dense_red})
+    for i in dense_free:
+        index_env[i] = L.Var(i) if i != token else L.add(L.mul(L.Var(f"{token}_o"), L.const(tile)), lane[0])
+
+    # Innermost accumulation.
+    if gather:
+        acc_index = [coord_env[l] for l in free_below]
+    else:
+        acc_index = [index_env[i] for i in kernel.indices if i != token]
+    acc_index = [*acc_index, *lane] if token else acc_index or [L.const(0)]
+    stage = _stage(ctx, body, lane[0]) if token else []
+    value = _expr(body, ctx, index_env, position, lane, clamp=True)
+    update: L.Stmt = L.Store(acc, tuple(acc_index), L.add(L.load(acc, *acc_index), _cast(value, ACC_DTYPE)))
+    if token:
+        update = L.For(lane[0], L.const(0), L.const(tile), update, L.LoopKind.VECTORIZED)
+    for i in reversed(dense_red):
+        update = L.For(L.Var(i), L.const(0), extents[i], update)
+    reduce_part = _wrap(nest[alloc_depth:], update)
+
+    # Zero-init and write-out of the accumulator.
+    zero = _fill(acc, L.const(0.0, ACC_DTYPE))
+    writeout = _writeout(ctx, acc, gather, free_below, maps, level_idx, coord_env, index_env, epilogue,
+                         position, acc_names, lane, fmt, s_idx)
+    inner = L.seq(L.Alloc(acc), zero, reduce_part, writeout)
+    if gather:
+        inner = _wrap(nest[:alloc_depth], inner)
+    for i in reversed([i for i in dense_free if i != token]):
+        inner = L.For(L.Var(i), L.const(0), extents[i], inner)
+    if token:
+        inner = L.For(L.Var(f"{token}_o"), L.const(0), _ceildiv(extents[token], tile), L.seq(*stage, inner))
+    func = L.LoopFunc(kernel.name, params, inner)
+    func.meta.update(mode="gather" if gather else "scatter", token=token, tile=tile)
+    return func
+
+
+def _part_name(index: str, m) -> str:
+    return {None: index, "/": f"{index}_o", "%": f"{index}_i"}[m.op]
+
+
+def _ceildiv(a: L.Expr, b: int) -> L.Expr:
+    return L.floordiv(L.add(a, L.const(b - 1)), L.const(b))
+
+
+def _cast(e: L.Expr, dtype: str) -> L.Expr:
+    return e if _dtype(e) == dtype else L.Cast(dtype, e)
+
+
+def _dtype(e: L.Expr) -> str:
+    match e:
+        case L.Load(buf, _):
+            return buf.dtype
+        case L.Const(_, dtype) | L.Cast(dtype, _) | L.Var(_, dtype) | L.Call(_, _, dtype):
+            return dtype
+        case L.Bin(_, a, _):
+            return _dtype(a)
+        case L.Select(_, t, _):
+            return _dtype(t)
+    return "int64"
+
+
+def _wrap(nest: list[L.Stmt], body: L.Stmt) -> L.Stmt:
+    """Put ``body`` inside a list of loops and lets, outermost first."""
+    for item in reversed(nest):
+        if isinstance(item, L.Let):
+            body = L.seq(item, body)
+        else:
+            body = L.with_body(item, body)
+    return body
+
+
+def _fill(buf: L.Buffer, value: L.Expr) -> L.Stmt:
+    vars_ = [L.Var(f"z{d}") for d in range(len(buf.shape))]
+    stmt: L.Stmt = L.Store(buf, tuple(vars_), value)
+    for v, extent in reversed(list(zip(vars_, buf.shape))):
+        kind = L.LoopKind.VECTORIZED if v is vars_[-1] and isinstance(extent, L.Const) else L.LoopKind.SERIAL
+        stmt = L.For(v, L.const(0), extent, stmt, kind)
+    return stmt
+
+
+def _params(ctx: _Ctx) -> tuple[L.Buffer | L.Var, ...]:
+    kernel = ctx.kernel
+    params: list[L.Buffer | L.Var] = []
+    bound: set[str] = set()
+    for p in (*kernel.inputs, kernel.output):
+        if p.shape is not None and not p.sparse:
+            bound.update(p.shape)
+    for p in (*kernel.inputs, kernel.output):
+        if p.shape is None:
+            var = L.Var(p.name, p.dtype)
+            ctx.scalars[p.name] = var
+            params.append(var)
+        elif not p.sparse:
+            buf = L.Buffer(p.name, p.dtype, tuple(_sym(d) for d in p.shape))
+            ctx.buffers[p.name] = buf
+            params.append(buf)
+        elif p.pattern_of:
+            src = ctx.buffers[f"{p.pattern_of}_vals"]
+            buf = L.Buffer(f"{p.name}_vals", p.dtype, src.shape)
+            ctx.buffers[buf.name] = buf
+            params.append(buf)
+        else:
+            for name in p.format.buffer_names(p.name):
+                dtype = p.dtype if name.endswith("_vals") else "int32"
+                buf = L.Buffer(name, dtype, (_sym(f"{name}_len"),))
+                ctx.buffers[name] = buf
+                params.append(buf)
+            for dim in p.shape:
+                if dim not in bound:
+                    params.append(L.Var(dim, "int64"))
+                    bound.add(dim)
+    return tuple(params)
+
+
+def _is_factor(body: K.KExpr, tensor: str) -> bool:
+    """Whether ``tensor`` is a factor of the product ``body`` (so its zeros annihilate it)."""
+    match body:
+        case K.KAccess(t, _):
+            return t == tensor
+        case K.KBin("*", a, b):
+            return _is_factor(a, tensor) or _is_factor(b, tensor)
+        case K.KBin("/", a, _):
+            return _is_factor(a, tensor)
+    return False
+
+
+def _stageable(ctx: _Ctx, access: K.KAccess) -> bool:
+    p = ctx.kernel.param(access.tensor)
+    if p.sparse or ctx.token is None or ctx.token not in access.indices or len(access.indices) < 2:
+        return False
+    if access.tensor in ctx.opts.no_stage:
+        return False
+    return ctx.opts.stage is None or access.tensor in ctx.opts.stage
+
+
+def _stage(ctx: _Ctx, body: K.KExpr, lane: L.Var) -> list[L.Stmt]:
+    """Copy each stageable input's token tile into ``<X>_t[other dims..., tile]`` (token last)."""
+    stmts: list[L.Stmt] = []
+    tile = ctx.opts.tile
+    for access in K.accesses(body):
+        if access.tensor in ctx.staged or not _stageable(ctx, access):
+            continue
+        src = ctx.buffers[access.tensor]
+        others = [i for i in access.indices if i != ctx.token]
+        staged = L.Buffer(f"{access.tensor}_t", src.dtype, (*[ctx.extents[i] for i in others], L.const(tile)))
+        ctx.staged[access.tensor] = staged
+        env = {i: L.Var(f"s_{i}") for i in others}
+        env[ctx.token] = _clamped_token(ctx, lane)
+        copy: L.Stmt = L.Store(staged, (*[env[i] for i in others], lane), L.load(src, *[env[i] for i in access.indices]))
+        for i in reversed(others):
+            copy = L.For(env[i], L.const(0), ctx.extents[i], copy)
+        stmts += [L.Alloc(staged), L.For(lane, L.const(0), L.const(tile), copy)]
+    return stmts
+
+
+def _clamped_token(ctx: _Ctx, lane: L.Var) -> L.Expr:
+    """The token index of a lane, clamped into range: lanes past the end compute junk, never stored."""
+    tile = ctx.opts.tile
+    m = L.add(L.mul(L.Var(f"{ctx.token}_o"), L.const(tile)), lane)
+    return L.minimum(m, L.sub(ctx.extents[ctx.token], L.const(1)))
+
+
+def _expr(e: K.KExpr, ctx: _Ctx, env: dict[str, L.Expr], leaf: L.Expr, lane: list[L.Var], clamp: bool,
+          acc: L.Expr | None = None) -> L.Expr:
+    """Kernel-IR expression -> loop-IR expression, accesses resolved to buffers."""
+    kernel = ctx.kernel
+    sparse = kernel.sparse_input
+    match e:
+        case K.KAcc():
+            return acc
+        case K.KConst(value):
+            return L.const(float(value), ACC_DTYPE)
+        case K.KScalar(name):
+            return _cast(ctx.scalars[name], ACC_DTYPE)
+        case K.KAccess(t, indices):
+            if sparse is not None and t == sparse.name:
+                return _cast(L.load(ctx.buffers[f"{t}_vals"], leaf), ACC_DTYPE)
+            if t in ctx.staged:
+                idx = [env[i] for i in indices if i != ctx.token]
+                return _cast(L.load(ctx.staged[t], *idx, lane[0]), ACC_DTYPE)
+            idx = [(_clamped_token(ctx, lane[0]) if clamp and i == ctx.token else env[i]) for i in indices]
+            return _cast(L.load(ctx.buffers[t], *idx), ACC_DTYPE)
+        case K.KBin(op, a, b):
+            x = _expr(a, ctx, env, leaf, lane, clamp, acc)
+            y = _expr(b, ctx, env, leaf, lane, clamp, acc)
+            return L.Bin(op, x, y)
+        case K.KCall(func, args):
+            xs = [_expr(a, ctx, env, leaf, lane, clamp, acc) for a in args]
+            return _call(func, xs)
+    raise AssertionError(e)
+
+
+def _call(func: str, xs: list[L.Expr]) -> L.Expr:
+    x = xs[0]
+    zero, one, half = (L.const(v, ACC_DTYPE) for v in (0.0, 1.0, 0.5))
+    if func == "relu":
+        return L.Bin("max", x, zero)
+    if func in ("max", "min"):
+        return L.Bin(func, x, xs[1])
+    if func == "gelu":
+        erf = L.Call("erf", (L.Bin("*", x, L.const(1 / math.sqrt(2.0), ACC_DTYPE)),), ACC_DTYPE)
+        return L.Bin("*", L.Bin("*", half, x), L.Bin("+", one, erf))
+    if func == "silu":
+        return L.Bin("*", x, L.Call("sigmoid", (x,), ACC_DTYPE))
+    return L.Call(func, (x,), ACC_DTYPE)
+
+
+def _writeout(ctx, acc, gather, free_below, maps, level_idx, coord_env, index_env, epilogue, position,
+              acc_names, lane, fmt, s_idx) -> L.Stmt:
+    """Apply the epilogue to the accumulator and store it to the output (guarding the tile tail)."""
+    kernel = ctx.kernel
+    out = kernel.output
+    token = ctx.token
+    env = dict(index_env)
+    loops: list[tuple[L.Var, L.Expr]] = []
+    if gather:
+        coords = dict(coord_env)
+        wvars = []
+        for l in free_below:
+            v = L.Var(f"w_{_part_name(level_idx[l], maps[l])}")
+            coords[l] = v
+            wvars.append(v)
+            loops.append((v, L.const(maps[l].factor)))
+        if fmt is not None:
+            for d, value in enumerate(fmt.to_index([coords[l] for l in range(len(maps))])):
+                env[s_idx[d]] = value
+        acc_index = list(wvars)
+    else:
+        wvars = [L.Var(f"w_{name}") for name in acc_names]
+        for name, v in zip(acc_names, wvars):
+            env[name] = v
+            loops.append((v, ctx.extents[name]))
+        acc_index = list(wvars)
+    if token:
+        acc_index.append(lane[0])
+    acc_value = L.load(acc, *(acc_index or [L.const(0)]))
+    value = _cast(_expr(epilogue, ctx, env, position, lane, clamp=False, acc=acc_value), out.dtype)
+    if out.pattern_of:
+        store: L.Stmt = L.Store(ctx.buffers[f"{out.name}_vals"], (position,), value)
+    else:
+        store = L.Store(ctx.buffers[out.name], tuple(env[i] for i in kernel.indices), value)
+    if token:
+        store = L.If(L.Bin("<", env[token], ctx.extents[token]), store)
+        store = L.For(lane[0], L.const(0), L.const(ctx.opts.tile), store)
+    for v, extent in reversed(loops):
+        store = L.For(v, L.const(0), extent, store)
+    return store

@@ -1,0 +1,254 @@
+"""Schedule primitives: checked rewrites of loop IR, each a pure function ``LoopFunc -> LoopFunc``.
+
+Loops are named by their variable (``m_o``, ``n``, ``k``...; ``sparsedsl emit --stage ir`` shows
+them). Every primitive validates first and raises ScheduleError at the directive's span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from sparsedsl.errors import ScheduleError, Span
+from sparsedsl.ir import loop_ir as L
+
+
+def loops(s: L.Stmt) -> list[L.For]:
+    """Every loop in a statement, outermost first."""
+    match s:
+        case L.For(body=body):
+            return [s, *loops(body)]
+        case L.Seq(stmts):
+            return [x for st in stmts for x in loops(st)]
+        case L.If(_, then):
+            return loops(then)
+    return []
+
+
+def _find(func: L.LoopFunc, name: str, span: Span | None) -> list[L.For]:
+    found = [f for f in loops(func.body) if f.var.name == name]
+    if not found:
+        names = sorted({f.var.name for f in loops(func.body)})
+        raise ScheduleError(f"kernel '{func.name}' has no loop '{name}' (its loops: {', '.join(names)})", span)
+    return found
+
+
+def _rewrite(s: L.Stmt, fn: Callable[[L.For], L.Stmt | None]) -> L.Stmt:
+    """Apply ``fn`` to every loop, innermost first; ``None`` keeps the loop."""
+    match s:
+        case L.For(body=body):
+            new = replace(s, body=_rewrite(body, fn))
+            out = fn(new)
+            return new if out is None else out
+        case L.Seq(stmts):
+            return L.Seq(tuple(_rewrite(st, fn) for st in stmts))
+        case L.If(cond, then):
+            return L.If(cond, _rewrite(then, fn))
+    return s
+
+
+def _uses(e, name: str) -> bool:
+    match e:
+        case L.Var(n):
+            return n == name
+        case L.Bin(_, a, b):
+            return _uses(a, name) or _uses(b, name)
+        case L.Load(_, idx):
+            return any(_uses(i, name) for i in idx)
+        case L.Call(_, args, _):
+            return any(_uses(a, name) for a in args)
+        case L.Cast(_, v):
+            return _uses(v, name)
+        case L.Select(c, t, o):
+            return _uses(c, name) or _uses(t, name) or _uses(o, name)
+    return False
+
+
+def _stores(s: L.Stmt, lets: dict[str, L.Expr]) -> list[tuple[L.Store, dict[str, L.Expr]]]:
+    match s:
+        case L.Store():
+            return [(s, dict(lets))]
+        case L.Let(var, value):
+            lets[var.name] = value
+            return []
+        case L.For(body=body) | L.If(then=body):
+            return _stores(body, dict(lets))
+        case L.Seq(stmts):
+            inner = dict(lets)
+            return [x for st in stmts for x in _stores(st, inner)]
+    return []
+
+
+def _allocs(s: L.Stmt) -> set[str]:
+    match s:
+        case L.Alloc(buf):
+            return {buf.name}
+        case L.For(body=body) | L.If(then=body):
+            return _allocs(body)
+        case L.Seq(stmts):
+            return set().union(*(_allocs(st) for st in stmts))
+    return set()
+
+
+def _depends(e: L.Expr, name: str, lets: dict[str, L.Expr]) -> bool:
+    if _uses(e, name):
+        return True
+    return any(_uses(e, v) and _depends(val, name, lets) for v, val in lets.items())
+
+
+def _check_independent(loop: L.For, what: str, span: Span | None) -> None:
+    """Every store to a buffer not private to one iteration must be indexed by the loop variable."""
+    private = _allocs(loop.body)
+    for store, lets in _stores(loop.body, {}):
+        if store.buffer.name in private:
+            continue
+        if not any(_depends(i, loop.var.name, lets) for i in store.indices):
+            raise ScheduleError(
+                f"cannot {what} loop '{loop.var.name}': iterations all write '{store.buffer.name}' at the same "
+                f"place (a reduction carried by the loop would race)",
+                span,
+            )
+
+
+def set_kind(func: L.LoopFunc, name: str, kind: L.LoopKind, span: Span | None = None) -> L.LoopFunc:
+    """Mark loop ``name`` parallel, vectorized or unrolled, after checking that it may be."""
+    targets = _find(func, name, span)
+    for loop in targets:
+        if kind in (L.LoopKind.VECTORIZED, L.LoopKind.UNROLLED) and not isinstance(loop.extent, L.Const):
+            raise ScheduleError(f"cannot {kind.value[:-2] if kind is L.LoopKind.UNROLLED else 'vectorize'} loop '{name}': its extent is not a constant (split it first)", span)
+        if kind is L.LoopKind.VECTORIZED and any(True for _ in loops(loop.body)):
+            raise ScheduleError(f"cannot vectorize loop '{name}': it is not innermost", span)
+        if kind in (L.LoopKind.VECTORIZED, L.LoopKind.PARALLEL):
+            _check_independent(loop, "vectorize" if kind is L.LoopKind.VECTORIZED else "parallelize", span)
+        if kind is L.LoopKind.PARALLEL:
+            outer = [f for f in loops(func.body) if f.kind is L.LoopKind.PARALLEL and f is not loop]
+            if outer:
+                raise ScheduleError(f"cannot parallelize loop '{name}': loop '{outer[0].var.name}' is already parallel", span)
+    ids = {id(t) for t in targets}
+    return replace(func, body=_map_loops(func.body, ids, lambda f: replace(f, kind=kind)))
+
+
+def _map_loops(s: L.Stmt, ids: set[int], fn) -> L.Stmt:
+    match s:
+        case L.For(body=body):
+            new = replace(s, body=_map_loops(body, ids, fn))
+            return fn(new) if id(s) in ids else new
+        case L.Seq(stmts):
+            return L.Seq(tuple(_map_loops(st, ids, fn) for st in stmts))
+        case L.If(cond, then):
+            return L.If(cond, _map_loops(then, ids, fn))
+    return s
+
+
+def _subst(s, name: str, value: L.Expr):
+    """Replace variable ``name`` by ``value`` in a statement or expression."""
+    match s:
+        case L.Var(n) if n == name:
+            return value
+        case L.Bin(op, a, b):
+            return L.Bin(op, _subst(a, name, value), _subst(b, name, value))
+        case L.Load(buf, idx):
+            return L.Load(buf, tuple(_subst(i, name, value) for i in idx))
+        case L.Call(f, args, dt):
+            return L.Call(f, tuple(_subst(a, name, value) for a in args), dt)
+        case L.Cast(dt, v):
+            return L.Cast(dt, _subst(v, name, value))
+        case L.Select(c, t, o):
+            return L.Select(_subst(c, name, value), _subst(t, name, value), _subst(o, name, value))
+        case L.For(var, start, extent, body, kind):
+            return L.For(var, _subst(start, name, value), _subst(extent, name, value), _subst(body, name, value), kind)
+        case L.Seq(stmts):
+            return L.Seq(tuple(_subst(st, name, value) for st in stmts))
+        case L.Store(buf, idx, v):
+            return L.Store(buf, tuple(_subst(i, name, value) for i in idx), _subst(v, name, value))
+        case L.Let(var, v):
+            return L.Let(var, _subst(v, name, value))
+        case L.If(c, t):
+            return L.If(_subst(c, name, value), _subst(t, name, value))
+    return s
+
+
+def split(func: L.LoopFunc, name: str, factor: int, outer: str, inner: str, span: Span | None = None) -> L.LoopFunc:
+    """``for x in [a, a+E)`` -> ``for outer in [0, ceil(E/f)): for inner in [0, f)``, guarded if needed."""
+    _find(func, name, span)
+    taken = {f.var.name for f in loops(func.body)}
+    for new in (outer, inner):
+        if new in taken:
+            raise ScheduleError(f"cannot split into '{new}': a loop of that name exists", span)
+
+    def rewrite(loop: L.For) -> L.Stmt | None:
+        if loop.var.name != name:
+            return None
+        o, i = L.Var(outer), L.Var(inner)
+        index = L.add(loop.start, L.add(L.mul(o, L.const(factor)), i))
+        body = _subst(loop.body, name, index)
+        exact = isinstance(loop.extent, L.Const) and loop.extent.value % factor == 0
+        if not exact:
+            body = L.If(L.Bin("<", L.add(L.mul(o, L.const(factor)), i), loop.extent), body)
+        count = L.const(loop.extent.value // factor) if exact else L.floordiv(L.add(loop.extent, L.const(factor - 1)), L.const(factor))
+        return L.For(o, L.const(0), count, L.For(i, L.const(0), L.const(factor), body, loop.kind), loop.kind)
+
+    return replace(func, body=_rewrite(func.body, rewrite))
+
+
+def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.LoopFunc:
+    """Permute a perfectly nested chain of loops into the order given (outermost first)."""
+    for n in names:
+        _find(func, n, span)
+    top = min(names, key=lambda n: [f.var.name for f in loops(func.body)].index(n))
+
+    def rewrite(loop: L.For) -> L.Stmt | None:
+        if loop.var.name != top:
+            return None
+        chain = [loop]
+        while len(chain) < len(names):
+            body = chain[-1].body
+            if not isinstance(body, L.For):
+                raise ScheduleError(f"cannot reorder: loops {', '.join(names)} are not perfectly nested", span)
+            chain.append(body)
+        if sorted(f.var.name for f in chain) != sorted(names):
+            raise ScheduleError(f"cannot reorder: loops {', '.join(names)} are not one nest", span)
+        by_name = {f.var.name: f for f in chain}
+        for pos, n in enumerate(names):
+            f = by_name[n]
+            for inner_name in names[pos + 1:]:
+                if _uses(f.start, inner_name) or _uses(f.extent, inner_name):
+                    raise ScheduleError(f"cannot move loop '{inner_name}' inside '{n}': the bounds of '{n}' depend on it", span)
+        body = chain[-1].body
+        for n in reversed(names):
+            body = replace(by_name[n], body=body)
+        return body
+
+    return replace(func, body=_rewrite(func.body, rewrite))
+
+
+def apply(func: L.LoopFunc, directives) -> L.LoopFunc:
+    """Apply the loop directives of a ``schedule`` block in order (``tile``/``layout`` act earlier,
+    in lowering; ``bind`` belongs to GPU targets)."""
+    kinds = {"parallel": L.LoopKind.PARALLEL, "vectorize": L.LoopKind.VECTORIZED, "unroll": L.LoopKind.UNROLLED}
+    for d in directives:
+        names = [n.text for n in d.loops]
+        if d.verb in kinds:
+            func = set_kind(func, names[0], kinds[d.verb], d.span)
+        elif d.verb == "split":
+            func = split(func, names[0], d.factor, names[1], names[2], d.span)
+        elif d.verb == "reorder":
+            func = reorder(func, names, d.span)
+    return func
+
+
+def default(func: L.LoopFunc) -> L.LoopFunc:
+    """The schedule used when none is written: parallel over output row blocks (gather) or token
+    tiles (scatter), constant-extent level loops unrolled. Vectorisation comes from lowering."""
+    all_loops = loops(func.body)
+    for loop in all_loops:
+        if loop.kind is L.LoopKind.SERIAL and isinstance(loop.extent, L.Const) and 1 < loop.extent.value <= 8:
+            func = set_kind(func, loop.var.name, L.LoopKind.UNROLLED)
+    for loop in loops(func.body):
+        if isinstance(loop.extent, L.Const):
+            continue
+        try:
+            return set_kind(func, loop.var.name, L.LoopKind.PARALLEL)
+        except ScheduleError:
+            continue
+    return func

@@ -1,0 +1,241 @@
+"""Compiled programs: ``sd.compile(...)`` returns a Program whose kernels are torch callables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sparsedsl.errors import ArgumentError, BackendError, ScheduleError, SdslError, Source
+from sparsedsl.frontend.check import Program as CheckedProgram
+from sparsedsl.frontend.check import check
+from sparsedsl.ir import kernel_ir as K
+from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir import schedule as sched
+from sparsedsl.ir.formats import Format
+from sparsedsl.ir.lowering import LowerOptions, lower
+from sparsedsl.runtime.sparse_tensor import SparseTensor
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+TARGETS = ("cpu",)
+
+
+@dataclass
+class Instance:
+    """A kernel lowered and built for one format of its sparse input."""
+
+    loop_func: L.LoopFunc
+    built: object
+
+
+def _lower_options(directives, kernel: K.Kernel) -> LowerOptions:
+    tile, stage, no_stage = LowerOptions.tile, set(), set()
+    explicit = False
+    for d in directives:
+        if d.verb == "tile":
+            tile = d.factor
+        elif d.verb == "layout":
+            tensor, *order = [n.text for n in d.loops]
+            accesses = [a for a in K.accesses(kernel.value) if a.tensor == tensor]
+            if not accesses:
+                raise ScheduleError(f"'{tensor}' is not a tensor read by kernel '{kernel.name}'", d.loops[0].span)
+            natural = list(accesses[0].indices)
+            if sorted(order) != sorted(natural):
+                raise ScheduleError(f"layout of '{tensor}' must order its indices {', '.join(natural)}", d.span)
+            if order == natural:
+                no_stage.add(tensor)
+            elif len(order) >= 2 and order[:-1] == [i for i in natural if i != order[-1]]:
+                stage.add(tensor)
+                explicit = True
+            else:
+                raise ScheduleError(f"layout of '{tensor}' can keep its order or move the token index last", d.span)
+    return LowerOptions(tile, frozenset(stage) if explicit else None, frozenset(no_stage))
+
+
+@dataclass
+class CompiledKernel:
+    """A kernel of a program, callable on torch tensors; instantiated per sparse format."""
+
+    program: Program
+    kernel: K.Kernel
+    instances: dict[Format | None, Instance] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.name
+
+    def signature(self) -> str:
+        def one(p: K.TensorParam) -> str:
+            shape = f"[{', '.join(p.shape)}]" if p.shape is not None else ""
+            fmt = f" @ {p.pattern_of or (p.format.label if p.format else 'sparse')}" if p.sparse else ""
+            return f"{p.name}: {p.dtype}{shape}{fmt}"
+
+        return f"{self.name}({', '.join(one(p) for p in self.kernel.inputs)}) -> ({one(self.kernel.output)})"
+
+    def lowered(self, fmt: Format | None) -> L.LoopFunc:
+        """The scheduled loop IR of this kernel for a format (the kernel's own when None)."""
+        kernel = self.kernel.with_format(fmt) if fmt is not None else self.kernel
+        directives = self.program.schedule_directives(self.name)
+        try:
+            func = lower(kernel, _lower_options(directives, kernel))
+            loop_directives = [d for d in directives if d.verb not in ("tile", "layout")]
+            return sched.apply(func, loop_directives) if loop_directives else sched.default(func)
+        except SdslError as err:
+            raise err.with_source(self.program.checked.source) from None
+
+    def instance(self, fmt: Format | None = None) -> Instance:
+        fmt = fmt or (self.kernel.sparse_input.format if self.kernel.sparse_input else None)
+        if fmt not in self.instances:
+            func = self.lowered(fmt)
+            self.instances[fmt] = Instance(func, self.program.backend_build(func))
+        return self.instances[fmt]
+
+    def source(self, stage: str = "tir", format: str | Format | None = None) -> str:
+        """Generated code: ``ir`` (loop IR), ``tir``, ``llvm`` (LLVM IR) or ``asm``."""
+        fmt = self.program.format(format) if isinstance(format, str) else format
+        if stage == "ir":
+            return L.func_str(self.lowered(fmt or self._default_format()))
+        return self.instance(fmt).built.source(stage)
+
+    def _default_format(self) -> Format | None:
+        return self.kernel.sparse_input.format if self.kernel.sparse_input else None
+
+    def __call__(self, *args):
+        kernel = self.kernel
+        call_args, sizes, sparse = _bind(kernel, args)
+        fmt = sparse.format if sparse is not None else None
+        inst = self.instance(fmt)
+        out = kernel.output
+        if out.pattern_of:
+            result = torch.empty_like(sparse.values, dtype=TORCH_DTYPES[out.dtype])
+        else:
+            result = torch.empty(tuple(sizes[d] for d in out.shape), dtype=TORCH_DTYPES[out.dtype])
+        flat = []
+        for p in inst.loop_func.params:
+            if isinstance(p, L.Var) and p.name in call_args:
+                flat.append(call_args[p.name])
+            elif isinstance(p, L.Var):
+                flat.append(sizes[p.name])
+            elif p.name == out.name or p.name == f"{out.name}_vals":
+                flat.append(result)
+            elif p.name in call_args:
+                flat.append(call_args[p.name])
+            else:
+                flat.append(sparse.buffers[p.name.split("_", 1)[1]])
+        inst.built.function(*flat)
+        return sparse.with_values(result) if out.pattern_of else result
+
+
+def _bind(kernel: K.Kernel, args) -> tuple[dict, dict[str, int], SparseTensor | None]:
+    """Check every argument against the signature (before anything runs) and bind shape names."""
+    names = ", ".join(p.name for p in kernel.inputs)
+    if len(args) != len(kernel.inputs):
+        raise ArgumentError(f"kernel '{kernel.name}' takes {len(kernel.inputs)} arguments ({names}), got {len(args)}")
+    sizes: dict[str, int] = {}
+    origin: dict[str, str] = {}
+    bound: dict[str, object] = {}
+    sparse: SparseTensor | None = None
+
+    def bind_shape(p: K.TensorParam, shape: tuple[int, ...]) -> None:
+        if len(shape) != len(p.shape):
+            raise ArgumentError(f"'{p.name}' must have {len(p.shape)} dimensions [{', '.join(p.shape)}], got shape {tuple(shape)}")
+        for dim, size in zip(p.shape, shape):
+            if dim in sizes and sizes[dim] != size:
+                raise ArgumentError(
+                    f"'{p.name}' has {dim} = {size}, but '{origin[dim]}' has {dim} = {sizes[dim]} "
+                    f"(shape {tuple(shape)} does not fit [{', '.join(p.shape)}])"
+                )
+            sizes.setdefault(dim, size)
+            origin.setdefault(dim, p.name)
+
+    for p, a in zip(kernel.inputs, args):
+        want = TORCH_DTYPES[p.dtype]
+        if p.shape is None:
+            if isinstance(a, torch.Tensor) and a.numel() == 1:
+                a = a.item()
+            if not isinstance(a, int | float):
+                raise ArgumentError(f"'{p.name}' is a scalar; got {type(a).__name__}")
+            bound[p.name] = float(a)
+            continue
+        if p.sparse:
+            if not isinstance(a, SparseTensor):
+                raise ArgumentError(f"'{p.name}' must be a sparse tensor (prog.pack(format, dense)); got {type(a).__name__}")
+            if a.dtype != want:
+                raise ArgumentError(f"'{p.name}' must hold {p.dtype} values, got {a.dtype}")
+            bind_shape(p, a.shape)
+            sparse = a
+            continue
+        if not isinstance(a, torch.Tensor):
+            raise ArgumentError(f"'{p.name}' must be a torch.Tensor, got {type(a).__name__}")
+        if a.dtype != want:
+            raise ArgumentError(f"'{p.name}' must be {p.dtype}, got {a.dtype}")
+        if a.device.type != "cpu":
+            raise ArgumentError(f"'{p.name}' is on {a.device}, but this kernel was compiled for the cpu")
+        if not a.is_contiguous():
+            raise ArgumentError(f"'{p.name}' must be contiguous (call .contiguous() first)")
+        bind_shape(p, tuple(a.shape))
+        bound[p.name] = a.detach()
+    for d in kernel.output.shape:
+        if d not in sizes:
+            raise ArgumentError(f"output size {d} is not given by any argument")
+    return bound, sizes, sparse
+
+
+class Program:
+    """A compiled .sdsl file: ``prog.pack(...)``, ``prog.<kernel>(...)``, ``prog.kernels``."""
+
+    def __init__(self, checked: CheckedProgram, target: str = "cpu", backend: str = "tvm"):
+        if target not in TARGETS:
+            raise BackendError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
+        if backend != "tvm":
+            raise BackendError(f"unknown backend '{backend}' (known: tvm)")
+        self.checked = checked
+        self.target = target
+        self.backend = backend
+        self.kernels = {name: CompiledKernel(self, k) for name, k in checked.kernels.items()}
+
+    def schedule_directives(self, kernel: str):
+        decl = self.checked.schedules.get((kernel, self.target))
+        return decl.directives if decl else ()
+
+    def backend_build(self, func: L.LoopFunc):
+        from sparsedsl.backends.tvm.cpu import build
+
+        return build(func)
+
+    def format(self, text: str) -> Format:
+        """A format from its text: ``"BSR(4, 1)"``."""
+        return self.checked.parse_format(text)
+
+    def pack(self, format: str | Format, dense: torch.Tensor) -> SparseTensor:
+        """Store a dense tensor in a format of this program (prelude or user-defined)."""
+        fmt = self.format(format) if isinstance(format, str) else format
+        return SparseTensor.pack(fmt, dense)
+
+    def __getattr__(self, name: str) -> CompiledKernel:
+        kernels = self.__dict__.get("kernels", {})
+        if name in kernels:
+            return kernels[name]
+        raise AttributeError(f"program has no kernel '{name}' (kernels: {', '.join(kernels) or 'none'})")
+
+    def __dir__(self):
+        return [*super().__dir__(), *self.kernels]
+
+
+def read_source(path_or_source: str | os.PathLike) -> Source:
+    """A Source from a path to a .sdsl file, or from the text itself."""
+    text = str(path_or_source)
+    if isinstance(path_or_source, os.PathLike) or ("\n" not in text and text.endswith(".sdsl")):
+        path = Path(path_or_source)
+        if not path.exists():
+            raise SdslError(f"no such file: {path}")
+        return Source(path.read_text(), str(path))
+    return Source(text, "<string>")
+
+
+def compile(path_or_source: str | os.PathLike, target: str = "cpu", backend: str = "tvm") -> Program:
+    """Check a .sdsl file (a path or the source text) and return its Program; kernels are built
+    for the formats they are called with, the first time."""
+    return Program(check(read_source(path_or_source)), target, backend)

@@ -1,0 +1,63 @@
+"""SparseTensor: a tensor stored in a format's level buffers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsedsl.errors import PackError
+from sparsedsl.ir.formats import Format
+
+
+@dataclass
+class SparseTensor:
+    """The buffers of a tensor in ``format`` (keys ``{level}_{suffix}`` and ``vals``)."""
+
+    format: Format
+    shape: tuple[int, ...]
+    buffers: dict[str, torch.Tensor]
+
+    @classmethod
+    def pack(cls, fmt: Format, dense: torch.Tensor) -> SparseTensor:
+        """Store a dense tensor in ``fmt``; a tensor that does not fit is a PackError."""
+        if not isinstance(dense, torch.Tensor):
+            raise PackError(f"pack expects a torch.Tensor, got {type(dense).__name__}")
+        try:
+            buffers = fmt.pack(dense.detach())
+        except PackError as err:
+            raise PackError(f"cannot store the {tuple(dense.shape)} tensor as {fmt.label}: {err.message}") from None
+        return cls(fmt, tuple(dense.shape), buffers)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.buffers["vals"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries (explicit zeros of padded levels included)."""
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        return self.nnz / max(numel, 1)
+
+    def with_values(self, values: torch.Tensor) -> SparseTensor:
+        """The same structure holding other values (the output of a pattern kernel)."""
+        return SparseTensor(self.format, self.shape, {**self.buffers, "vals": values})
+
+    def to_dense(self) -> torch.Tensor:
+        return self.format.unpack(self.buffers, self.shape)
+
+    def to(self, dtype: torch.dtype) -> SparseTensor:
+        return self.with_values(self.values.to(dtype))
+
+    def __repr__(self) -> str:
+        return f"SparseTensor({self.format.label}, shape={self.shape}, nnz={self.nnz}, density={self.density:.3f})"
