@@ -53,8 +53,7 @@ class SdslError(Exception):
     def render(self) -> str:
         """``FILE:LINE:COL: error: MESSAGE`` followed by the source line and a caret."""
         if self.span is None or self.source is None:
-            where = f"{self.source.filename}: " if self.source else ""
-            return f"{where}error: {self.message}"
+            return f"{self.source.filename}: error: {self.message}" if self.source else self.message
         span = self.span
         head = f"{self.source.filename}:{span.line}:{span.column}: error: {self.message}"
         text = self.source.line_text(span.line)

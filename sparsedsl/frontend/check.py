@@ -312,7 +312,7 @@ def _check_structure(kernel: K.Kernel, stmt: ast.Assign) -> None:
     sparse = kernel.sparse_input
     if sparse is not None:
         in_epilogue = [a for a in K.accesses(epilogue) if a.tensor == sparse.name]
-        if in_epilogue and reduction is not None:
+        if in_epilogue and reduction is not None and not kernel.output.pattern_of:
             raise SdslSemanticError(f"the sparse tensor '{sparse.name}' must be used inside the sum", stmt.value.span)
     out_idx = set(kernel.indices)
     for access in K.accesses(epilogue):

@@ -128,7 +128,7 @@ class Format:
         extents = self.extents(tuple(dense.shape))
         nz_index = torch.nonzero(dense).T  # [rank, Z]
         coords = torch.stack([m.coordinate(nz_index[m.dim]) for m in self.maps], dim=1)
-        nonzeros = torch.unique(coords, dim=0) if coords.numel() else coords.reshape(0, len(self.maps))
+        nonzeros = lv.unique_rows(coords, extents)
         table = torch.zeros(1, 0, dtype=torch.int64)
         bufs: dict[str, torch.Tensor] = {}
         for i, level in enumerate(self.levels):

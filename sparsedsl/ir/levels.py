@@ -60,7 +60,7 @@ def _index(buf: L.Buffer, i: L.Expr) -> L.Expr:
     return L.Cast("int64", L.load(buf, i))
 
 
-def _key(table: torch.Tensor, extents: tuple[int, ...]) -> torch.Tensor:
+def key(table: torch.Tensor, extents: tuple[int, ...]) -> torch.Tensor:
     """Mixed-radix key of each row: equal keys iff equal rows, order = lexicographic order."""
     key = torch.zeros(table.shape[0], dtype=torch.int64)
     for col, extent in enumerate(extents[: table.shape[1]]):
@@ -68,10 +68,21 @@ def _key(table: torch.Tensor, extents: tuple[int, ...]) -> torch.Tensor:
     return key
 
 
+def unique_rows(table: torch.Tensor, extents: tuple[int, ...]) -> torch.Tensor:
+    """The distinct rows of a coordinate table, in lexicographic order (fast: 1-d keys)."""
+    width = table.shape[1]
+    keys = torch.unique(key(table, extents))
+    cols = []
+    for extent in reversed(extents[:width]):
+        cols.append(keys % extent)
+        keys = torch.div(keys, extent, rounding_mode="floor")
+    return torch.stack(cols[::-1], dim=1) if cols else table[:0]
+
+
 def _parent_index(state: PackState, rows: torch.Tensor) -> torch.Tensor:
     """Index of the parent position of each row of ``rows`` (rows of nonzero coordinates)."""
-    parent_keys = _key(state.parents, state.extents)
-    return torch.searchsorted(parent_keys, _key(rows[:, : state.level], state.extents))
+    parent_keys = key(state.parents, state.extents)
+    return torch.searchsorted(parent_keys, key(rows[:, : state.level], state.extents))
 
 
 def _expand(table: torch.Tensor, count: int, coords: torch.Tensor) -> torch.Tensor:
@@ -141,7 +152,7 @@ class Compressed(Level):
         # A non-unique level keeps one position per distinct entry of the whole remaining key
         # (the singleton levels below it read their coordinates from the carried columns).
         width = state.level + 1 if self.unique else state.nonzeros.shape[1]
-        children = torch.unique(state.nonzeros[:, :width], dim=0)
+        children = unique_rows(state.nonzeros[:, :width], state.extents)
         parent = _parent_index(state, children)
         counts = torch.bincount(parent, minlength=state.table.shape[0])
         pos = torch.zeros(state.table.shape[0] + 1, dtype=torch.int64)

@@ -1,0 +1,55 @@
+"""The ``sparsedsl`` command: ``check`` and ``emit``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sparsedsl.errors import SdslError
+from sparsedsl.frontend.check import check
+from sparsedsl.runtime.program import Program, read_source
+
+STAGES = ("ir", "tir", "llvm", "asm")
+
+
+def _check(args) -> int:
+    program = check(read_source(args.file))
+    kernels = ", ".join(program.kernels) or "none"
+    print(f"{args.file}: ok ({len(program.kernels)} kernels: {kernels})")
+    return 0
+
+
+def _emit(args) -> int:
+    program = Program(check(read_source(args.file)), target=args.target)
+    if args.kernel not in program.kernels:
+        known = ", ".join(program.kernels) or "none"
+        raise SdslError(f"no kernel '{args.kernel}' in {args.file} (kernels: {known})")
+    fmt = program.format(args.format) if args.format else None
+    print(program.kernels[args.kernel].source(args.stage, fmt))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 diagnostics)."""
+    parser = argparse.ArgumentParser(prog="sparsedsl", description="compiler for sparse deep-learning kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="parse and check a .sdsl file")
+    p.add_argument("file")
+    p.set_defaults(run=_check)
+    p = sub.add_parser("emit", help="print the generated code of a kernel")
+    p.add_argument("file")
+    p.add_argument("--kernel", required=True)
+    p.add_argument("--stage", choices=STAGES, default="tir")
+    p.add_argument("--format", help="format of the sparse input, e.g. 'NM(2, 4)' (default: the kernel's)")
+    p.add_argument("--target", default="cpu")
+    p.set_defaults(run=_emit)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except SdslError as err:
+        print(err.render(), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
