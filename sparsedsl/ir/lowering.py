@@ -37,7 +37,7 @@ ACC_DTYPE = "float32"
 class LowerOptions:
     """Choices the lowering makes before loop passes run (set by ``tile`` and ``layout``)."""
 
-    tile: int = 32
+    tile: int = 64
     stage: frozenset[str] | None = None  # tensors to stage per tile; None = every eligible one
     no_stage: frozenset[str] = frozenset()
 
@@ -174,7 +174,10 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     if token:
         inner = L.For(L.Var(f"{token}_o"), L.const(0), _ceildiv(extents[token], tile), L.seq(*stage, inner))
     func = L.LoopFunc(kernel.name, params, inner)
-    func.meta.update(mode="gather" if gather else "scatter", token=token, tile=tile)
+    # Parallel candidates, best first: output row blocks (race-free only when gathering), token tiles.
+    rows = [it.var.name for it in nest[:alloc_depth] if isinstance(it, L.For)] if gather else []
+    tiles = [f"{token}_o"] if token else []
+    func.meta.update(mode="gather" if gather else "scatter", token=token, tile=tile, parallel=rows[:1] + tiles)
     return func
 
 

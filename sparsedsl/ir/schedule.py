@@ -238,17 +238,15 @@ def apply(func: L.LoopFunc, directives) -> L.LoopFunc:
 
 
 def default(func: L.LoopFunc) -> L.LoopFunc:
-    """The schedule used when none is written: parallel over output row blocks (gather) or token
-    tiles (scatter), constant-extent level loops unrolled. Vectorisation comes from lowering."""
-    all_loops = loops(func.body)
-    for loop in all_loops:
+    """The schedule used when none is written: parallel over output row blocks where that is
+    race-free (gather), else over token tiles (scatter); constant-extent level loops unrolled.
+    Vectorisation of the token tile comes from lowering."""
+    for loop in loops(func.body):
         if loop.kind is L.LoopKind.SERIAL and isinstance(loop.extent, L.Const) and 1 < loop.extent.value <= 8:
             func = set_kind(func, loop.var.name, L.LoopKind.UNROLLED)
-    for loop in loops(func.body):
-        if isinstance(loop.extent, L.Const):
-            continue
+    for name in func.meta.get("parallel", ()):
         try:
-            return set_kind(func, loop.var.name, L.LoopKind.PARALLEL)
+            return set_kind(func, name, L.LoopKind.PARALLEL)
         except ScheduleError:
             continue
     return func

@@ -195,6 +195,9 @@ class Program:
         self.target = target
         self.backend = backend
         self.kernels = {name: CompiledKernel(self, k) for name, k in checked.kernels.items()}
+        for name, kernel in self.kernels.items():
+            if self.schedule_directives(name) and (kernel.kernel.sparse_input is None or kernel._default_format()):
+                kernel.lowered(kernel._default_format())  # schedule errors surface at compile time
 
     def schedule_directives(self, kernel: str):
         decl = self.checked.schedules.get((kernel, self.target))
