@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,demo]' 2>&1 | grep -v -e "is ignored" -e "^ " -e "^$$" || true
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,demo,bench]' 2>&1 | grep -v -e "is ignored" -e "^ " -e "^$$" || true
 	$(BIN)/python -c "import torch, tvm, sparsedsl"
 	touch $(STAMP)
 

@@ -51,6 +51,7 @@ class _Ctx:
     scalars: dict[str, L.Var]
     token: str | None
     staged: dict[str, L.Buffer]
+    out_tile: L.Buffer | None = None  # gathered results, [other output dim, tile], written out blocked
 
 
 def _sym(name: str) -> L.SizeVar:
@@ -113,8 +114,9 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     else:
         acc_dims = [extents[i] for i in kernel.indices if i != token]
         acc_names = [i for i in kernel.indices if i != token]
-    acc = L.Buffer("acc", ACC_DTYPE, (*acc_dims, L.const(tile)) if token else tuple(acc_dims) or (L.const(1),),
-                   "local" if all(isinstance(d, L.Const) for d in acc_dims) else "global")
+    # TVM's LLVM backend puts small constant-size "global" allocations on the stack (LLVM then
+    # keeps them in registers); "local" ones go through TVMBackendAllocWorkspace on every entry.
+    acc = L.Buffer("acc", ACC_DTYPE, (*acc_dims, L.const(tile)) if token else tuple(acc_dims) or (L.const(1),))
 
     # Level loops: build the nest from the outside in, remembering coordinates and positions.
     coord_env: dict[int, L.Expr] = {}
@@ -162,13 +164,23 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         update = L.For(L.Var(i), L.const(0), extents[i], update)
     reduce_part = _wrap(nest[alloc_depth:], update)
 
-    # Zero-init and write-out of the accumulator.
+    # Zero-init and write-out of the accumulator. A 2-d output tile is written out in blocks along
+    # its other dimension: strided stores of whole token columns alias in the cache.
+    other = [i for i in kernel.indices if i != token]
+    blocked = token is not None and not pattern and len(other) == 1
+    if blocked and gather:
+        ctx.out_tile = L.Buffer(f"{out.name}_t", ACC_DTYPE, (extents[other[0]], L.const(tile)))
     zero = _fill(acc, L.const(0.0, ACC_DTYPE))
     writeout = _writeout(ctx, acc, gather, free_below, maps, level_idx, coord_env, index_env, epilogue,
                          position, acc_names, lane, fmt, s_idx)
+    if blocked and not gather:
+        writeout = _tile_out(ctx, other[0], lambda env: _epilogue(ctx, epilogue, env, position, lane, acc, [env[other[0]]]))
     inner = L.seq(L.Alloc(acc), zero, reduce_part, writeout)
     if gather:
         inner = _wrap(nest[:alloc_depth], inner)
+    if ctx.out_tile is not None:
+        tile_buf = ctx.out_tile
+        inner = L.seq(L.Alloc(tile_buf), inner, _tile_out(ctx, other[0], lambda env: L.load(tile_buf, env[other[0]], lane[0])))
     for i in reversed([i for i in dense_free if i != token]):
         inner = L.For(L.Var(i), L.const(0), extents[i], inner)
     if token:
@@ -176,8 +188,11 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     func = L.LoopFunc(kernel.name, params, inner)
     # Parallel candidates, best first: output row blocks (race-free only when gathering), token tiles.
     rows = [it.var.name for it in nest[:alloc_depth] if isinstance(it, L.For)] if gather else []
+    siblings = rows[:1] + ["s_o"] + (["w_o"] if ctx.out_tile else [])
     tiles = [f"{token}_o"] if token else []
-    func.meta.update(mode="gather" if gather else "scatter", token=token, tile=tile, parallel=rows[:1] + tiles)
+    token_size = kernel.param(out.name).shape[kernel.indices.index(token)] if token else None
+    func.meta.update(mode="gather" if gather else "scatter", token=token, token_size=token_size, tile=tile,
+                     parallel=siblings + tiles)
     return func
 
 
@@ -291,12 +306,17 @@ def _stage(ctx: _Ctx, body: K.KExpr, lane: L.Var) -> list[L.Stmt]:
         others = [i for i in access.indices if i != ctx.token]
         staged = L.Buffer(f"{access.tensor}_t", src.dtype, (*[ctx.extents[i] for i in others], L.const(tile)))
         ctx.staged[access.tensor] = staged
-        env = {i: L.Var(f"s_{i}") for i in others}
-        env[ctx.token] = _clamped_token(ctx, lane)
-        copy: L.Stmt = L.Store(staged, (*[env[i] for i in others], lane), L.load(src, *[env[i] for i in access.indices]))
-        for i in reversed(others):
-            copy = L.For(env[i], L.const(0), ctx.extents[i], copy)
-        stmts += [L.Alloc(staged), L.For(lane, L.const(0), L.const(tile), copy)]
+        if len(others) == 1:
+            copy = _blocked(ctx, others[0], "s", lambda env: L.load(src, *[env[i] for i in access.indices]),
+                            lambda env: (env[others[0]], lane), staged, clamp=True)
+        else:
+            env = {i: L.Var(f"s_{i}") for i in others}
+            env[ctx.token] = _clamped_token(ctx, lane)
+            value = L.load(src, *[env[i] for i in access.indices])
+            copy = L.For(lane, L.const(0), L.const(tile), L.Store(staged, (*[env[i] for i in others], lane), value))
+            for i in reversed(others):
+                copy = L.For(env[i], L.const(0), ctx.extents[i], copy)
+        stmts += [L.Alloc(staged), copy]
     return stmts
 
 
@@ -352,6 +372,41 @@ def _call(func: str, xs: list[L.Expr]) -> L.Expr:
     return L.Call(func, (x,), ACC_DTYPE)
 
 
+def _epilogue(ctx: _Ctx, epilogue: K.KExpr, env, position, lane, acc: L.Buffer, acc_index) -> L.Expr:
+    """The output value: the epilogue applied to the accumulator element at ``acc_index``."""
+    acc_value = L.load(acc, *acc_index, *lane) if lane else L.load(acc, *(acc_index or [L.const(0)]))
+    return _cast(_expr(epilogue, ctx, env, position, lane, clamp=False, acc=acc_value), ctx.kernel.output.dtype)
+
+
+BLOCK = 16  # floats per cache line: transposes move whole lines on both sides
+
+
+def _blocked(ctx: _Ctx, other: str, prefix: str, value_of, target_of, target: L.Buffer, clamp: bool) -> L.Stmt:
+    """A blocked transpose between a [other, tile] buffer and a token-indexed 2-d tensor:
+    ``for <p>_o: for lane: for <p>_i in 16`` so both sides move whole cache lines (a column
+    walk with a power-of-two row stride would alias in the cache). ``value_of(env)`` is what to
+    store and ``target_of(env)`` where, in ``target``; lanes past the last token are clamped
+    (``clamp``) or skipped."""
+    tile = ctx.opts.tile
+    outer, inner, lane = L.Var(f"{prefix}_o"), L.Var(f"{prefix}_i"), L.Var(f"{ctx.token}_i")
+    w = L.add(L.mul(outer, L.const(BLOCK)), inner)
+    m = L.add(L.mul(L.Var(f"{ctx.token}_o"), L.const(tile)), lane)
+    env = {other: w, ctx.token: _clamped_token(ctx, lane) if clamp else m}
+    guard = L.Bin("<", w, ctx.extents[other])
+    if not clamp:
+        guard = L.Bin("and", L.Bin("<", m, ctx.extents[ctx.token]), guard)
+    store = L.If(guard, L.Store(target, tuple(target_of(env)), _cast(value_of(env), target.dtype)))
+    body = L.For(lane, L.const(0), L.const(tile), L.For(inner, L.const(0), L.const(BLOCK), store))
+    return L.For(outer, L.const(0), _ceildiv(ctx.extents[other], BLOCK), body)
+
+
+def _tile_out(ctx: _Ctx, other: str, value_of) -> L.Stmt:
+    """Write a [other, tile] result to the 2-d output, in blocks along ``other``."""
+    out = ctx.kernel.output
+    return _blocked(ctx, other, "w", value_of, lambda env: [env[i] for i in ctx.kernel.indices],
+                    ctx.buffers[out.name], clamp=False)
+
+
 def _writeout(ctx, acc, gather, free_below, maps, level_idx, coord_env, index_env, epilogue, position,
               acc_names, lane, fmt, s_idx) -> L.Stmt:
     """Apply the epilogue to the accumulator and store it to the output (guarding the tile tail)."""
@@ -384,9 +439,14 @@ def _writeout(ctx, acc, gather, free_below, maps, level_idx, coord_env, index_en
     value = _cast(_expr(epilogue, ctx, env, position, lane, clamp=False, acc=acc_value), out.dtype)
     if out.pattern_of:
         store: L.Stmt = L.Store(ctx.buffers[f"{out.name}_vals"], (position,), value)
+    elif ctx.out_tile is not None:
+        other = next(i for i in kernel.indices if i != token)
+        store = L.Store(ctx.out_tile, (env[other], lane[0]), _cast(value, ACC_DTYPE))
     else:
         store = L.Store(ctx.buffers[out.name], tuple(env[i] for i in kernel.indices), value)
-    if token:
+    if ctx.out_tile is not None:
+        store = L.For(lane[0], L.const(0), L.const(ctx.opts.tile), store, L.LoopKind.VECTORIZED)
+    elif token:
         store = L.If(L.Bin("<", env[token], ctx.extents[token]), store)
         store = L.For(lane[0], L.const(0), L.const(ctx.opts.tile), store)
     for v, extent in reversed(loops):

@@ -121,9 +121,10 @@ def set_kind(func: L.LoopFunc, name: str, kind: L.LoopKind, span: Span | None = 
         if kind in (L.LoopKind.VECTORIZED, L.LoopKind.PARALLEL):
             _check_independent(loop, "vectorize" if kind is L.LoopKind.VECTORIZED else "parallelize", span)
         if kind is L.LoopKind.PARALLEL:
-            outer = [f for f in loops(func.body) if f.kind is L.LoopKind.PARALLEL and f is not loop]
-            if outer:
-                raise ScheduleError(f"cannot parallelize loop '{name}': loop '{outer[0].var.name}' is already parallel", span)
+            nested = [f for f in loops(func.body) if f.kind is L.LoopKind.PARALLEL and f is not loop
+                      and (loop in loops(f.body) or f in loops(loop.body))]
+            if nested:
+                raise ScheduleError(f"cannot parallelize loop '{name}': loop '{nested[0].var.name}' around or inside it is already parallel", span)
     ids = {id(t) for t in targets}
     return replace(func, body=_map_loops(func.body, ids, lambda f: replace(f, kind=kind)))
 
@@ -237,16 +238,46 @@ def apply(func: L.LoopFunc, directives) -> L.LoopFunc:
     return func
 
 
-def default(func: L.LoopFunc) -> L.LoopFunc:
-    """The schedule used when none is written: parallel over output row blocks where that is
-    race-free (gather), else over token tiles (scatter); constant-extent level loops unrolled.
-    Vectorisation of the token tile comes from lowering."""
+def default(func: L.LoopFunc) -> dict[str, L.LoopFunc]:
+    """The schedules used when none is written, by name; the runtime picks one per call.
+
+    Constant-extent level loops (block rows, N:M slots) are unrolled and the token tile is
+    vectorised (by lowering). Parallelism: ``tiles`` runs token tiles in parallel (one fork per
+    call: best when there are at least as many tiles as threads); ``rows`` runs output row blocks,
+    the activation staging and the write-out in parallel inside each tile (race-free only when
+    gathering; best for few tokens).
+    """
     for loop in loops(func.body):
         if loop.kind is L.LoopKind.SERIAL and isinstance(loop.extent, L.Const) and 1 < loop.extent.value <= 8:
             func = set_kind(func, loop.var.name, L.LoopKind.UNROLLED)
-    for name in func.meta.get("parallel", ()):
-        try:
-            return set_kind(func, name, L.LoopKind.PARALLEL)
-        except ScheduleError:
-            continue
-    return func
+    candidates = func.meta.get("parallel", ())
+    tiles = [c for c in candidates if c == f"{func.meta.get('token')}_o"]
+    rows = [c for c in candidates if c not in tiles]
+    variants = {}
+    for name, loops_ in (("tiles", tiles), ("rows", rows)):
+        chosen = func
+        for loop_name in loops_:
+            try:
+                chosen = set_kind(chosen, loop_name, L.LoopKind.PARALLEL)
+            except ScheduleError:
+                continue
+        if chosen is not func:
+            variants[name] = replace(chosen, name=f"{func.name}_{name}")
+    return variants or {"serial": func}
+
+
+def pick(variants: dict[str, L.LoopFunc], tokens: int | None, threads: int) -> str:
+    """The variant of ``default`` to run for a call with ``tokens`` tokens: the smallest token tile
+    that holds them (up to the largest tile), then parallel ``tiles`` if there are enough of them
+    for every thread, else ``rows``."""
+    if len(variants) == 1 or tokens is None:
+        return next(iter(variants))
+    tiles = sorted({f.meta.get("tile", 1) for f in variants.values()})
+    tile = next((t for t in tiles if t >= tokens), tiles[-1])
+    mine = {name: f for name, f in variants.items() if f.meta.get("tile", 1) == tile}
+    enough = -(-tokens // tile) >= threads
+    for kind in (("tiles", "rows") if enough else ("rows", "tiles")):
+        for name, f in mine.items():
+            if f.name.endswith(kind):
+                return name
+    return next(iter(mine))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,16 +18,33 @@ from sparsedsl.ir.formats import Format
 from sparsedsl.ir.lowering import LowerOptions, lower
 from sparsedsl.runtime.sparse_tensor import SparseTensor
 
+
+def num_threads() -> int:
+    """Threads the kernels' parallel loops use (SPARSEDSL_NUM_THREADS, else the CPUs available)."""
+    return int(os.environ.get("SPARSEDSL_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 TARGETS = ("cpu",)
+SMALL_TILE = 16
 
 
 @dataclass
 class Instance:
-    """A kernel lowered and built for one format of its sparse input."""
+    """A kernel lowered and built for one format of its sparse input: one or more scheduled
+    variants (same arguments), compiled into one module; ``pick`` chooses per call."""
 
-    loop_func: L.LoopFunc
+    variants: dict[str, L.LoopFunc]
     built: object
+
+    @property
+    def params(self) -> tuple:
+        return next(iter(self.variants.values())).params
+
+    def function(self, sizes: dict[str, int]):
+        """The compiled variant for a call whose shape names have ``sizes``."""
+        meta = next(iter(self.variants.values())).meta
+        name = sched.pick(self.variants, sizes.get(meta.get("token_size")), num_threads())
+        return self.built.functions[self.variants[name].name]
 
 
 def _lower_options(directives, kernel: K.Kernel) -> LowerOptions:
@@ -74,29 +91,38 @@ class CompiledKernel:
 
         return f"{self.name}({', '.join(one(p) for p in self.kernel.inputs)}) -> ({one(self.kernel.output)})"
 
-    def lowered(self, fmt: Format | None) -> L.LoopFunc:
-        """The scheduled loop IR of this kernel for a format (the kernel's own when None)."""
+    def lowered(self, fmt: Format | None) -> dict[str, L.LoopFunc]:
+        """The scheduled loop IR variants of this kernel for a format (its own when None)."""
         kernel = self.kernel.with_format(fmt) if fmt is not None else self.kernel
         directives = self.program.schedule_directives(self.name)
         try:
-            func = lower(kernel, _lower_options(directives, kernel))
+            opts = _lower_options(directives, kernel)
+            func = lower(kernel, opts)
             loop_directives = [d for d in directives if d.verb not in ("tile", "layout")]
-            return sched.apply(func, loop_directives) if loop_directives else sched.default(func)
+            if loop_directives:
+                return {"scheduled": sched.apply(func, loop_directives)}
+            variants = sched.default(func)
+            if func.meta.get("token") and not any(d.verb == "tile" for d in directives):
+                # a small token tile for decode-sized calls (a few tokens waste most of a big one)
+                small = lower(kernel, replace(opts, tile=SMALL_TILE))
+                variants.update({f"{k}_small": v for k, v in sched.default(small).items()})
+                variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}
+            return variants
         except SdslError as err:
             raise err.with_source(self.program.checked.source) from None
 
     def instance(self, fmt: Format | None = None) -> Instance:
         fmt = fmt or (self.kernel.sparse_input.format if self.kernel.sparse_input else None)
         if fmt not in self.instances:
-            func = self.lowered(fmt)
-            self.instances[fmt] = Instance(func, self.program.backend_build(func))
+            variants = self.lowered(fmt)
+            self.instances[fmt] = Instance(variants, self.program.backend_build(list(variants.values())))
         return self.instances[fmt]
 
     def source(self, stage: str = "tir", format: str | Format | None = None) -> str:
         """Generated code: ``ir`` (loop IR), ``tir``, ``llvm`` (LLVM IR) or ``asm``."""
         fmt = self.program.format(format) if isinstance(format, str) else format
         if stage == "ir":
-            return L.func_str(self.lowered(fmt or self._default_format()))
+            return "\n\n".join(L.func_str(f) for f in self.lowered(fmt or self._default_format()).values())
         return self.instance(fmt).built.source(stage)
 
     def _default_format(self) -> Format | None:
@@ -113,7 +139,7 @@ class CompiledKernel:
         else:
             result = torch.empty(tuple(sizes[d] for d in out.shape), dtype=TORCH_DTYPES[out.dtype])
         flat = []
-        for p in inst.loop_func.params:
+        for p in inst.params:
             if isinstance(p, L.Var) and p.name in call_args:
                 flat.append(call_args[p.name])
             elif isinstance(p, L.Var):
@@ -124,7 +150,7 @@ class CompiledKernel:
                 flat.append(call_args[p.name])
             else:
                 flat.append(sparse.buffers[p.name.split("_", 1)[1]])
-        inst.built.function(*flat)
+        inst.function(sizes)(*flat)
         return sparse.with_values(result) if out.pattern_of else result
 
 
@@ -203,10 +229,10 @@ class Program:
         decl = self.checked.schedules.get((kernel, self.target))
         return decl.directives if decl else ()
 
-    def backend_build(self, func: L.LoopFunc):
+    def backend_build(self, funcs: list[L.LoopFunc]):
         from sparsedsl.backends.tvm.cpu import build
 
-        return build(func)
+        return build(funcs)
 
     def format(self, text: str) -> Format:
         """A format from its text: ``"BSR(4, 1)"``."""

@@ -11,6 +11,7 @@ import tvm
 from sparsedsl.backends.tvm.tir import to_tir
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
+from sparsedsl.runtime.program import num_threads
 
 
 @cache
@@ -19,9 +20,15 @@ def host_cpu() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
+def _size_thread_pool() -> None:
+    """TVM sizes its pool from ``TVM_NUM_THREADS`` when a kernel first runs a parallel loop; left
+    alone it may use a single worker on small machines. A user's own setting wins."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(num_threads()))
+
+
 def host_target(threads: int | None = None) -> tvm.target.Target:
     """The dict-form LLVM target for this CPU (string targets are rejected by TVM 0.27)."""
-    cores = threads or int(os.environ.get("SPARSEDSL_NUM_THREADS", 0)) or os.cpu_count() or 1
+    cores = threads or num_threads()
     return tvm.target.Target(
         {"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": host_cpu(), "num-cores": cores}
     )
@@ -29,10 +36,10 @@ def host_target(threads: int | None = None) -> tvm.target.Target:
 
 @dataclass
 class Built:
-    """A compiled kernel: the TVM module, its entry function and its TIR."""
+    """Compiled kernel variants: the TVM module, its functions by name and their TIR."""
 
     module: tvm.runtime.Module
-    function: object
+    functions: dict[str, object]
     tir: str
 
     def source(self, stage: str) -> str:
@@ -45,14 +52,16 @@ class Built:
         raise BackendError(f"unknown stage '{stage}' for the cpu target (tir, llvm, asm)")
 
 
-def build(func: L.LoopFunc) -> Built:
-    """Compile a loop-IR function for the host CPU."""
-    dtypes = {p.dtype for p in func.params}
+def build(funcs: list[L.LoopFunc]) -> Built:
+    """Compile loop-IR functions (variants of one kernel) into one module for the host CPU."""
+    dtypes = {p.dtype for f in funcs for p in f.params}
     if "bfloat16" in dtypes:
         raise BackendError("bf16 kernels are not supported by TVM's CPU code generator here; use f32 or f16")
-    prim = to_tir(func)
+    _size_thread_pool()
+    prims = {f.name: to_tir(f) for f in funcs}
     try:
-        module = tvm.compile(tvm.IRModule({func.name: prim}), target=host_target())
+        module = tvm.compile(tvm.IRModule(prims), target=host_target())
     except Exception as err:  # TVM raises its own internal error types
-        raise BackendError(f"TVM could not compile kernel '{func.name}': {str(err).splitlines()[-1]}") from None
-    return Built(module, module[func.name], prim.script())
+        raise BackendError(f"TVM could not compile kernel '{funcs[0].name}': {str(err).splitlines()[-1]}") from None
+    tir = "\n\n".join(p.script() for p in prims.values())
+    return Built(module, {name: module[name] for name in prims}, tir)

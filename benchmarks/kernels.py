@@ -1,0 +1,171 @@
+"""Kernel benchmarks: sparsedsl against dense F.linear, torch.sparse and scipy, same process.
+
+Prints a table of time ratios to dense ``F.linear`` (lower is better; the flop limit is the
+density), writes JSON, and sweeps sparsity for one BERT shape into docs/img/speedup.png.
+
+    python benchmarks/kernels.py [--quick] [--threads 2] [--out benchmarks/results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import sparsedsl as sd
+from sparsedsl.backends.tvm.cpu import host_cpu
+from sparsedsl.runtime.prune import prune
+
+ROOT = Path(__file__).resolve().parents[1]
+BERT = [(768, 768), (3072, 768), (768, 3072)]
+FORMATS_90 = ["CSR", "BSR(4, 1)", "BSR(16, 16)", "BSR(32, 32)"]
+STRUCTURED = ["NM(2, 4)", "NM(1, 4)", "NM(2, 8)"]
+
+
+def cases(quick: bool) -> list[dict]:
+    """(tokens, N, K, format, sparsity) rows of the main table."""
+    rows = []
+    for n, k in BERT[:1] if quick else BERT:
+        rows.append(dict(tokens=128, n=n, k=k, fmt="CSR", sparsity=0.7))
+        rows += [dict(tokens=128, n=n, k=k, fmt=f, sparsity=0.9) for f in FORMATS_90]
+        rows += [dict(tokens=128, n=n, k=k, fmt=f, sparsity=None) for f in STRUCTURED]
+    if not quick:
+        for n, k in [(1536, 384), (384, 1536)]:
+            rows += [dict(tokens=1024, n=n, k=k, fmt=f, sparsity=0.9) for f in ("CSR", "BSR(4, 1)")]
+        for tokens in (16, 1):
+            rows += [dict(tokens=tokens, n=4096, k=4096, fmt=f, sparsity=0.9) for f in ("CSR", "BSR(4, 1)")]
+    return rows
+
+
+def median_time(fn, reps: int, budget: float = 0.5) -> float:
+    """Median wall time of ``fn`` over ``reps`` runs (fewer if one run is slow)."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    reps = max(3, min(reps, int(budget / max(once, 1e-6))))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure(prog, case: dict, reps: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    n, k, m = case["n"], case["k"], case["tokens"]
+    fmt = prog.format(case["fmt"])
+    weight = prune(torch.randn(n, k, generator=gen) / k**0.5, fmt, case["sparsity"])
+    packed = prog.pack(fmt, weight)
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.zeros(n)
+    out = prog.linear(x, packed, bias)
+    error = (out - F.linear(x, weight, bias)).abs().max().item()
+    dense = median_time(lambda: F.linear(x, weight, bias), reps)
+    ours = median_time(lambda: prog.linear(x, packed, bias), reps)
+    csr = weight.to_sparse_csr()
+    torch_csr = median_time(lambda: torch.sparse.mm(csr, x.t()).t(), reps)
+    result = dict(case, density=packed.density, max_error=error, dense_ms=dense * 1e3,
+                  sparsedsl=ours / dense, torch_csr=torch_csr / dense)
+    block = tuple(int(v) for v in case["fmt"][4:-1].split(",")) if case["fmt"].startswith("BSR") else None
+    if block is not None and block[0] == block[1]:  # torch's CPU BSR takes square blocks only
+        bsr = weight.to_sparse_bsr(block)
+        result["torch_bsr"] = median_time(lambda: torch.sparse.mm(bsr, x.t()).t(), reps) / dense
+    sp = scipy.sparse.csr_matrix(weight.numpy())
+    xn = x.numpy()
+    result["scipy_csr"] = median_time(lambda: (sp @ xn.T).T, reps) / dense
+    result["vs_torch_csr"] = torch_csr / ours
+    return result
+
+
+def sweep(prog, reps: int, n: int = 3072, k: int = 768, tokens: int = 128) -> dict:
+    """Speed-up over dense against sparsity, per format, on one BERT shape."""
+    levels = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98]
+    curves = {}
+    for fmt in tqdm(["CSR", "BSR(4, 1)", "BSR(16, 16)", "ELL(77)"], desc="sweep", leave=False):
+        points = []
+        for s in levels:
+            if fmt.startswith("ELL"):
+                continue
+            r = measure(prog, dict(tokens=tokens, n=n, k=k, fmt=fmt, sparsity=s), reps)
+            points.append((s, 1 / r["sparsedsl"], 1 / r["torch_csr"]))
+        if points:
+            curves[fmt] = points
+    for fmt in STRUCTURED:
+        r = measure(prog, dict(tokens=tokens, n=n, k=k, fmt=fmt, sparsity=None), reps)
+        curves[fmt] = [(1 - r["density"], 1 / r["sparsedsl"], 1 / r["torch_csr"])]
+    return curves
+
+
+def plot(curves: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for fmt, points in curves.items():
+        xs, ys, torch_ys = zip(*points)
+        style = "o-" if len(xs) > 1 else "s"
+        ax.plot(xs, ys, style, label=f"sparsedsl {fmt}")
+        if fmt == "CSR":
+            ax.plot(xs, torch_ys, "k--", label="torch.sparse CSR")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("speed-up over dense F.linear")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="one shape, no sweep")
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "speedup.png")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["SPARSEDSL_NUM_THREADS"] = str(args.threads)
+    prog = sd.compile(ROOT / "examples" / "linear.sdsl")
+    rows = [measure(prog, c, args.reps) for c in tqdm(cases(args.quick), desc="kernels")]
+    header = (f"{'tokens':>6} {'N x K':>11} {'format':<12} {'sparsity':>8} {'limit':>6} {'sparsedsl':>9} "
+              f"{'torch CSR':>9} {'torch BSR':>9} {'scipy':>6} {'vs torch':>8} {'max err':>8}")
+    print(f"\nratio = time / F.linear time ({args.threads} threads, fp32, {host_cpu()}); lower is better")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        sparsity = "n:m" if r["sparsity"] is None else f"{r['sparsity']:.0%}"
+        bsr = f"{r['torch_bsr']:9.2f}" if "torch_bsr" in r else f"{'-':>9}"
+        print(f"{r['tokens']:>6} {r['n']:>5}x{r['k']:<5} {r['fmt']:<12} {sparsity:>8} {r['density']:6.2f} "
+              f"{r['sparsedsl']:9.2f} {r['torch_csr']:9.2f} {bsr} {r['scipy_csr']:6.2f} "
+              f"{r['vs_torch_csr']:7.1f}x {r['max_error']:8.1e}")
+    report = dict(machine=dict(cpu=host_cpu(), threads=args.threads, python=platform.python_version(),
+                               torch=torch.__version__), rows=rows)
+    if not (args.quick or args.no_sweep):
+        curves = sweep(prog, args.reps)
+        plot(curves, args.plot, f"3072x768 weight, 128 tokens, {args.threads} threads ({host_cpu()})")
+        report["sweep"] = curves
+        print(f"sweep plotted to {args.plot}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"results written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
