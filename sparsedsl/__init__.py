@@ -15,6 +15,9 @@ from sparsedsl.errors import (
     SdslSemanticError,
     SdslSyntaxError,
 )
+from sparsedsl.runtime.model import compile_model, report
+from sparsedsl.runtime.model import prune_to as prune
+from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import Program, compile
 from sparsedsl.runtime.sparse_tensor import SparseTensor
 
@@ -27,7 +30,11 @@ __all__ = [
     "SdslError",
     "SdslSemanticError",
     "SdslSyntaxError",
+    "SparseLinear",
     "SparseTensor",
     "compile",
+    "compile_model",
+    "prune",
+    "report",
 ]
 __version__ = "0.1.0"

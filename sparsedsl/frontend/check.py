@@ -54,13 +54,15 @@ def _prelude() -> ast.Module:
     return parse(Source(text, "<prelude>"))
 
 
-def check(source: Source) -> Program:
-    """Parse and check a .sdsl source; raises an SdslError carrying span and source."""
+def check(source: Source, formats: dict[str, FormatDef] | None = None) -> Program:
+    """Parse and check a .sdsl source; raises an SdslError carrying span and source.
+    ``formats`` are known in addition to the prelude (those of another program)."""
     try:
         module = parse(source)
         program = Program(source)
         for decl in _prelude().decls:
             program.formats[decl.name.text] = _check_format(decl)
+        program.formats.update(formats or {})
         user_formats: set[str] = set()
         for decl in module.decls:
             match decl:

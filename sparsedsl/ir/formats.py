@@ -84,10 +84,13 @@ class Format:
     def __eq__(self, other) -> bool:
         return isinstance(other, Format) and str(self) == str(other)
 
+    def buffer_keys(self) -> list[str]:
+        """Keys of the index buffers (``{level}_{suffix}``), level by level."""
+        return [f"{i}_{suffix}" for i, lvl in enumerate(self.levels) for suffix in lvl.buffers()]
+
     def buffer_names(self, tensor: str) -> list[str]:
         """Names of the index buffers of a tensor stored in this format, then its values."""
-        names = [f"{tensor}_{i}_{suffix}" for i, lvl in enumerate(self.levels) for suffix in lvl.buffers()]
-        return [*names, f"{tensor}_vals"]
+        return [*(f"{tensor}_{k}" for k in self.buffer_keys()), f"{tensor}_vals"]
 
     def extents(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Concrete coordinate extent of each level; a shape that does not fit is a PackError."""

@@ -29,6 +29,16 @@ class SparseTensor:
             raise PackError(f"cannot store the {tuple(dense.shape)} tensor as {fmt.label}: {err.message}") from None
         return cls(fmt, tuple(dense.shape), buffers)
 
+    @classmethod
+    def from_structure(cls, fmt: Format, shape: tuple[int, ...], structure: list[torch.Tensor],
+                       values: torch.Tensor) -> SparseTensor:
+        """Inverse of ``structure()``: index buffers in format order, plus values."""
+        return cls(fmt, tuple(shape), {**dict(zip(fmt.buffer_keys(), structure, strict=True)), "vals": values})
+
+    def structure(self) -> list[torch.Tensor]:
+        """The index buffers, in the format's order (what a custom op or module stores)."""
+        return [self.buffers[k] for k in self.format.buffer_keys()]
+
     @property
     def values(self) -> torch.Tensor:
         return self.buffers["vals"]

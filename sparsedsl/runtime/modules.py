@@ -1,0 +1,107 @@
+"""``SparseLinear``: a drop-in ``nn.Linear`` whose weight is stored in a sparse format."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsedsl.ir import kernel_ir as K
+from sparsedsl.runtime import ops
+from sparsedsl.runtime.program import Program
+from sparsedsl.runtime.prune import prune
+from sparsedsl.runtime.sparse_tensor import SparseTensor
+
+_LINEAR = K.KSum(("k",), K.KBin("*", K.KAccess("X", ("m", "k")), K.KAccess("W", ("n", "k"))))
+
+
+def _is_linear(kernel: K.Kernel) -> tuple[bool, bool]:
+    """(computes X W^T [+ b] exactly, takes a bias): only such kernels get gradients."""
+    names = [p.name for p in kernel.inputs]
+    if len(names) not in (2, 3) or kernel.indices != ("m", "n"):
+        return False, len(names) == 3
+    rename = {names[0]: "X", names[1]: "W"}
+    value = kernel.value
+    if len(names) == 3:
+        if not (isinstance(value, K.KBin) and value.op == "+" and value.b == K.KAccess(names[2], ("n",))):
+            return False, True
+        value = value.a
+
+    def norm(e):
+        match e:
+            case K.KAccess(t, idx):
+                return K.KAccess(rename.get(t, t), idx)
+            case K.KBin(op, a, b):
+                return K.KBin(op, norm(a), norm(b))
+            case K.KSum(idx, body):
+                return K.KSum(idx, norm(body))
+        return e
+
+    return norm(value) == _LINEAR, len(names) == 3
+
+
+class SparseLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` in a sparse format. The stored values are an ``nn.Parameter``
+    (the pattern is fixed: sparse fine-tuning); the index structure is kept as buffers."""
+
+    def __init__(self, weight: SparseTensor, bias: torch.Tensor | None = None, program: Program | None = None,
+                 kernel: str | None = None):
+        super().__init__()
+        self.program = program if program is not None else ops.nn_program()
+        self.key = ops.register(self.program)
+        self.format = weight.format.label
+        self.out_features, self.in_features = weight.shape
+        self.values = nn.Parameter(weight.values.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        for i, buf in enumerate(weight.structure()):
+            self.register_buffer(f"structure_{i}", buf.clone())
+        self.kernel = kernel or ("linear_bias" if bias is not None else "linear")
+        compiled = self.program.kernels[self.kernel]
+        differentiable, takes_bias = _is_linear(compiled.kernel)
+        self.kernel_takes_bias = takes_bias
+        if differentiable:
+            ops.mark_differentiable(self.key, self.kernel)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, format: str, sparsity: float | None = None,
+                    program: Program | None = None, kernel: str | None = None) -> SparseLinear:
+        """Store ``linear``'s weight in ``format``, pruned by magnitude to ``sparsity`` if given
+        (otherwise it must already fit the format)."""
+        program = program if program is not None else ops.nn_program()
+        weight = linear.weight.detach()
+        if sparsity is not None:
+            weight = prune(weight, program.format(format), sparsity)
+        packed = program.pack(format, weight)
+        return cls(packed, linear.bias, program, kernel)
+
+    def structure(self) -> list[torch.Tensor]:
+        return [getattr(self, f"structure_{i}") for i in range(len(self._buffers))]
+
+    def sparse_weight(self) -> SparseTensor:
+        """The weight as a SparseTensor (sharing this module's tensors)."""
+        fmt = self.program.format(self.format)
+        return SparseTensor.from_structure(fmt, (self.out_features, self.in_features), self.structure(), self.values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.kernel_takes_bias else None
+        y = torch.ops.sparsedsl.linear(x, self.structure(), self.values, [self.out_features, self.in_features],
+                                       self.key, self.format, self.kernel, bias, None)
+        if self.bias is not None and not self.kernel_takes_bias:
+            y = y + self.bias
+        return y
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with the same (pruned) weight and bias."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(self.sparse_weight().to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.to(self.values.dtype)
+
+    @property
+    def density(self) -> float:
+        return self.values.numel() / (self.out_features * self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"density={self.density:.3f}, bias={self.bias is not None}")

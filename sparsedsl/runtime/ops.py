@@ -1,0 +1,158 @@
+"""``torch.library`` custom ops over compiled kernels: traceable by ``torch.compile`` (fake
+implementations), differentiable (autograd through the transposed-product and SDDMM kernels).
+
+A custom op can only take tensors, numbers and strings, so compiled programs are registered here
+under a string key and the op finds its kernel by that key. This registry is the one piece of
+process-wide state of the runtime, and exists only because torch's op schemas demand it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from functools import cache
+from importlib import resources
+
+import torch
+
+from sparsedsl.errors import Source
+from sparsedsl.frontend.check import check
+from sparsedsl.runtime.program import Program
+from sparsedsl.runtime.sparse_tensor import SparseTensor
+
+_PROGRAMS: dict[str, Program] = {}
+_DIFFERENTIABLE: set[tuple[str, str]] = set()  # (program key, kernel) computing exactly x W^T [+ b]
+EPILOGUES = {
+    "none": "linear",
+    "bias": "linear_bias",
+    "bias_gelu": "linear_bias_gelu",
+    "bias_relu": "linear_bias_relu",
+    "bias_residual": "linear_bias_residual",
+}
+
+
+def register(program: Program) -> str:
+    """Make a program reachable from the custom ops; returns its key."""
+    key = getattr(program, "op_key", None)
+    if key is None:
+        key = uuid.uuid4().hex
+        program.op_key = key
+        _PROGRAMS[key] = program
+    return key
+
+
+def mark_differentiable(key: str, kernel: str) -> None:
+    """Declare that ``kernel`` of program ``key`` computes x W^T [+ b] (so the gradient kernels apply)."""
+    _DIFFERENTIABLE.add((key, kernel))
+
+
+@cache
+def _nn_source() -> str:
+    return resources.files("sparsedsl").joinpath("nn.sdsl").read_text()
+
+
+def nn_program(formats_of: Program | None = None, target: str = "cpu") -> Program:
+    """The program of sparsedsl/nn.sdsl (linear layers and their gradients), knowing the formats of
+    another program too. Cached per program it borrows formats from."""
+    owner = formats_of if formats_of is not None else _default_owner(target)
+    nn = getattr(owner, "_nn_program", None)
+    if nn is None:
+        formats = owner.checked.formats if formats_of is not None else None
+        nn = Program(check(Source(_nn_source(), "<sparsedsl/nn.sdsl>"), formats), target)
+        owner._nn_program = nn
+        register(nn)
+    return nn
+
+
+@cache
+def _default_owner(target: str) -> Program:
+    return Program(check(Source("", "<none>")), target)
+
+
+def _weight(key: str, fmt: str, shape: list[int], structure: list[torch.Tensor], values: torch.Tensor) -> SparseTensor:
+    return SparseTensor.from_structure(_PROGRAMS[key].format(fmt), tuple(shape), structure, values)
+
+
+@torch.library.custom_op("sparsedsl::linear", mutates_args=())
+def linear(
+    x: torch.Tensor,
+    structure: list[torch.Tensor],
+    values: torch.Tensor,
+    shape: list[int],
+    program: str,
+    fmt: str,
+    kernel: str,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """``kernel(x, W[, bias][, residual])`` of a registered program, ``x`` of shape [..., K]."""
+    w = _weight(program, fmt, shape, structure, values)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    args = [x2, w]
+    if bias is not None:
+        args.append(bias)
+    if residual is not None:
+        args.append(residual.reshape(-1, shape[0]).contiguous())
+    out = _PROGRAMS[program].kernels[kernel](*args)
+    return out.reshape(*x.shape[:-1], shape[0])
+
+
+@linear.register_fake
+def _(x, structure, values, shape, program, fmt, kernel, bias, residual):
+    return x.new_empty(*x.shape[:-1], shape[0])
+
+
+@torch.library.custom_op("sparsedsl::linear_grad_input", mutates_args=())
+def linear_grad_input(grad: torch.Tensor, structure: list[torch.Tensor], values: torch.Tensor, shape: list[int],
+                      program: str, fmt: str) -> torch.Tensor:
+    """dL/dx = grad @ W, through the transposed-product kernel."""
+    w = _weight(program, fmt, shape, structure, values)
+    nn = nn_program(_PROGRAMS[program])
+    g2 = grad.reshape(-1, shape[0]).contiguous()
+    return nn.linear_grad_input(g2, w).reshape(*grad.shape[:-1], shape[1])
+
+
+@linear_grad_input.register_fake
+def _(grad, structure, values, shape, program, fmt):
+    return grad.new_empty(*grad.shape[:-1], shape[1])
+
+
+@torch.library.custom_op("sparsedsl::linear_grad_weight", mutates_args=())
+def linear_grad_weight(grad: torch.Tensor, x: torch.Tensor, structure: list[torch.Tensor], values: torch.Tensor,
+                       shape: list[int], program: str, fmt: str) -> torch.Tensor:
+    """dL/dvalues: (grad^T x) at the stored positions of W, through the SDDMM kernel."""
+    w = _weight(program, fmt, shape, structure, values)
+    nn = nn_program(_PROGRAMS[program])
+    g2 = grad.reshape(-1, shape[0]).contiguous()
+    x2 = x.reshape(-1, shape[1]).contiguous()
+    return nn.linear_grad_weight(g2, x2, w).values
+
+
+@linear_grad_weight.register_fake
+def _(grad, x, structure, values, shape, program, fmt):
+    return values.new_empty(values.shape)
+
+
+def _setup(ctx, inputs, output):
+    x, structure, values, shape, program, fmt, kernel, bias, residual = inputs
+    if (program, kernel) not in _DIFFERENTIABLE and (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
+        raise RuntimeError(f"sparsedsl kernel '{kernel}' is not a plain linear layer (x W^T + b), so it has "
+                           "no gradient; train with the unfused kernel")
+    ctx.save_for_backward(x, values, *structure)
+    ctx.meta = (shape, program, fmt, bias is not None, residual is not None)
+
+
+def _backward(ctx, grad):
+    x, values, *structure = ctx.saved_tensors
+    shape, program, fmt, has_bias, has_residual = ctx.meta
+    grad = grad.contiguous()
+    dx = linear_grad_input(grad, structure, values, shape, program, fmt) if ctx.needs_input_grad[0] else None
+    dv = linear_grad_weight(grad, x, structure, values, shape, program, fmt) if ctx.needs_input_grad[2] else None
+    db = grad.reshape(-1, shape[0]).sum(0) if has_bias and ctx.needs_input_grad[7] else None
+    dr = grad if has_residual and ctx.needs_input_grad[8] else None
+    # one gradient per input, a list of them for the list of structure tensors (no defaults in the
+    # schema: torch drops arguments equal to their default before matching this structure)
+    grads = (dx, [None] * len(structure), dv, None, None, None, None, db, dr)
+    return grads
+
+
+torch.library.register_autograd("sparsedsl::linear", _backward, setup_context=_setup)
