@@ -68,15 +68,19 @@ def key(table: torch.Tensor, extents: tuple[int, ...]) -> torch.Tensor:
     return key
 
 
+def decode(keys: torch.Tensor, extents: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of ``key``: the coordinate rows [len(keys), len(extents)] of mixed-radix keys."""
+    cols = []
+    for extent in reversed(extents):
+        cols.append(keys % extent)
+        keys = torch.div(keys, extent, rounding_mode="floor")
+    return torch.stack(cols[::-1], dim=1) if cols else keys.reshape(-1, 0)
+
+
 def unique_rows(table: torch.Tensor, extents: tuple[int, ...]) -> torch.Tensor:
     """The distinct rows of a coordinate table, in lexicographic order (fast: 1-d keys)."""
     width = table.shape[1]
-    keys = torch.unique(key(table, extents))
-    cols = []
-    for extent in reversed(extents[:width]):
-        cols.append(keys % extent)
-        keys = torch.div(keys, extent, rounding_mode="floor")
-    return torch.stack(cols[::-1], dim=1) if cols else table[:0]
+    return decode(torch.unique(key(table, extents)), extents[:width])
 
 
 def _parent_index(state: PackState, rows: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import copy
 import fnmatch
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,8 +42,8 @@ class LayerReport:
     note: str = ""
 
 
-def _rules_from_source(rules, model_name: str | None) -> tuple[Program, list[Rule]]:
-    program = compile(rules)
+def _rules_from_source(rules, model_name: str | None, target: str, cache_dir) -> tuple[Program, list[Rule]]:
+    program = compile(rules, target, cache_dir=cache_dir)
     models = program.checked.models
     if not models:
         raise SdslError("the rules file has no 'model' block")
@@ -89,12 +90,10 @@ def compile_model(model: nn.Module, rules, target: str = "cpu", cache_dir: str |
     elif isinstance(rules, dict):
         program, rule_list = None, _rules_from_dict(rules)
     else:
-        program, rule_list = _rules_from_source(rules, model_name)
-    if program is not None and cache_dir is not None:
-        program.cache_dir = cache_dir
-    nn_prog = ops.nn_program(program, target) if program is not None else ops.nn_program(None, target)
+        program, rule_list = _rules_from_source(rules, model_name, target, cache_dir)
+    nn_prog = ops.nn_program(program, target)
     if cache_dir is not None:
-        nn_prog.cache_dir = cache_dir
+        nn_prog.cache_dir = Path(cache_dir)
     result = copy.deepcopy(model)
     report: list[LayerReport] = []
     targets = [(name, mod) for name, mod in result.named_modules() if isinstance(mod, nn.Linear)]

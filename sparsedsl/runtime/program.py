@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from sparsedsl.config import cache_dir as default_cache_dir
+from sparsedsl.config import num_threads
 from sparsedsl.errors import ArgumentError, BackendError, ScheduleError, SdslError, Source
 from sparsedsl.frontend.check import Program as CheckedProgram
 from sparsedsl.frontend.check import check
@@ -17,11 +19,6 @@ from sparsedsl.ir import schedule as sched
 from sparsedsl.ir.formats import Format
 from sparsedsl.ir.lowering import LowerOptions, lower
 from sparsedsl.runtime.sparse_tensor import SparseTensor
-
-
-def num_threads() -> int:
-    """Threads the kernels' parallel loops use (SPARSEDSL_NUM_THREADS, else the CPUs available)."""
-    return int(os.environ.get("SPARSEDSL_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 TARGETS = ("cpu",)
@@ -212,7 +209,8 @@ def _bind(kernel: K.Kernel, args) -> tuple[dict, dict[str, int], SparseTensor | 
 class Program:
     """A compiled .sdsl file: ``prog.pack(...)``, ``prog.<kernel>(...)``, ``prog.kernels``."""
 
-    def __init__(self, checked: CheckedProgram, target: str = "cpu", backend: str = "tvm"):
+    def __init__(self, checked: CheckedProgram, target: str = "cpu", backend: str = "tvm",
+                 cache_dir: str | os.PathLike | None = None):
         if target not in TARGETS:
             raise BackendError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
         if backend != "tvm":
@@ -220,6 +218,8 @@ class Program:
         self.checked = checked
         self.target = target
         self.backend = backend
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._formats: dict[str, Format] = {}
         self.kernels = {name: CompiledKernel(self, k) for name, k in checked.kernels.items()}
         for name, kernel in self.kernels.items():
             if self.schedule_directives(name) and (kernel.kernel.sparse_input is None or kernel._default_format()):
@@ -232,11 +232,13 @@ class Program:
     def backend_build(self, funcs: list[L.LoopFunc]):
         from sparsedsl.backends.tvm.cpu import build
 
-        return build(funcs)
+        return build(funcs, self.cache_dir)
 
     def format(self, text: str) -> Format:
         """A format from its text: ``"BSR(4, 1)"``."""
-        return self.checked.parse_format(text)
+        if text not in self._formats:
+            self._formats[text] = self.checked.parse_format(text)
+        return self._formats[text]
 
     def pack(self, format: str | Format, dense: torch.Tensor) -> SparseTensor:
         """Store a dense tensor in a format of this program (prelude or user-defined)."""
@@ -264,7 +266,9 @@ def read_source(path_or_source: str | os.PathLike) -> Source:
     return Source(text, "<string>")
 
 
-def compile(path_or_source: str | os.PathLike, target: str = "cpu", backend: str = "tvm") -> Program:
+def compile(path_or_source: str | os.PathLike, target: str = "cpu", backend: str = "tvm",
+            cache_dir: str | os.PathLike | None = None) -> Program:
     """Check a .sdsl file (a path or the source text) and return its Program; kernels are built
-    for the formats they are called with, the first time."""
-    return Program(check(read_source(path_or_source)), target, backend)
+    for the formats they are called with, the first time, through the kernel cache
+    (``cache_dir``, default ``sparsedsl.config.cache_dir()``)."""
+    return Program(check(read_source(path_or_source)), target, backend, cache_dir)

@@ -19,15 +19,15 @@ from sparsedsl.ir import levels as lv
 from sparsedsl.ir.formats import Format
 
 
-def _rank_in_group(group: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """Rank (0 = best) of each item among the items of its group, by descending score."""
-    order = torch.argsort(score, descending=True, stable=True)
-    order = order[torch.argsort(group[order], stable=True)]
-    sorted_groups = group[order]
-    first = torch.searchsorted(sorted_groups, sorted_groups)  # first position of each group
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel()) - first
-    return rank
+def _top(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the ``count`` largest scores (ties broken by position), in linear time."""
+    if count <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    threshold = torch.kthvalue(score, score.numel() - count + 1).values
+    keep = score > threshold
+    ties = torch.nonzero(score == threshold).flatten()[: count - int(keep.sum())]
+    keep[ties] = True
+    return keep
 
 
 def prune(weight: torch.Tensor, fmt: Format, sparsity: float | None = None) -> torch.Tensor:
@@ -42,27 +42,31 @@ def prune(weight: torch.Tensor, fmt: Format, sparsity: float | None = None) -> t
     last = stored[-1]
     grids = torch.meshgrid(*[torch.arange(s) for s in w.shape], indexing="ij")
     coords = torch.stack([m.coordinate(grids[m.dim].reshape(-1)) for m in fmt.maps], dim=1)
-    _, inverse = torch.unique(lv.key(coords[:, : last + 1], extents), return_inverse=True)
-    unit_coords = lv.unique_rows(coords[:, : last + 1], extents)
-    units = unit_coords.shape[0]
+    # Every combination of unit coordinates occurs in a dense tensor, so the mixed-radix key of a
+    # unit is its index: no sorting needed.
+    unit_extents = extents[: last + 1]
+    inverse = lv.key(coords[:, : last + 1], extents)
+    units = math.prod(unit_extents)
+    unit_coords = lv.decode(torch.arange(units), unit_extents)
     score = torch.zeros(units, dtype=torch.float64).index_add_(0, inverse, w.reshape(-1).double() ** 2)
     keep = torch.ones(units, dtype=torch.bool)
     for l in stored:
         level = fmt.levels[l]
         if not isinstance(level, lv.Slotted):
             continue
-        parent = lv.key(unit_coords[:, :l], extents)
-        child = parent * extents[l] + unit_coords[:, l]
-        child_ids, child_of_unit = torch.unique(child, return_inverse=True)
-        child_score = torch.zeros(child_ids.numel(), dtype=torch.float64).index_add_(0, child_of_unit, score * keep)
-        child_parent = torch.div(child_ids, extents[l], rounding_mode="floor")
-        kept_child = _rank_in_group(child_parent, child_score) < level.slots
-        keep &= kept_child[child_of_unit]
+        if level.slots > extents[l]:
+            raise PackError(f"{level.describe()} keeps {level.slots} of {extents[l]} coordinates: too few")
+        # every parent has all ``extent`` children: keep the ``slots`` best of each
+        child = lv.key(unit_coords[:, : l + 1], extents)
+        child_score = torch.zeros(math.prod(extents[: l + 1]), dtype=torch.float64)
+        child_score.index_add_(0, child, score * keep)
+        best = torch.topk(child_score.view(-1, extents[l]), level.slots, dim=1).indices
+        kept = torch.zeros(child_score.numel() // extents[l], extents[l], dtype=torch.bool)
+        kept.scatter_(1, best, True)
+        keep &= kept.view(-1)[child]
     if sparsity is not None and any(isinstance(fmt.levels[l], lv.Compressed) for l in stored):
         budget = math.ceil((1 - sparsity) * units)
         if int(keep.sum()) > budget:
-            ranked = torch.argsort(torch.where(keep, score, -1.0), descending=True, stable=True)
-            keep = torch.zeros(units, dtype=torch.bool)
-            keep[ranked[:budget]] = True
+            keep = _top(torch.where(keep, score, -1.0), budget)
     mask = keep[inverse].reshape(w.shape)
     return w * mask

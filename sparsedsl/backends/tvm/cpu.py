@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import cache
+from functools import cache as memoize
+from pathlib import Path
 
 import tvm
 
 from sparsedsl.backends.tvm.tir import to_tir
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.runtime.program import num_threads
+from sparsedsl.config import num_threads
+from sparsedsl.runtime import cache
 
 
-@cache
+@memoize
 def host_cpu() -> str:
     """The LLVM name of this machine's CPU (``znver4``...): kernels are built for it."""
     return str(tvm.target.codegen.llvm_get_system_cpu())
@@ -40,28 +42,52 @@ class Built:
 
     module: tvm.runtime.Module
     functions: dict[str, object]
-    tir: str
+    prims: dict[str, tvm.tirx.PrimFunc]
+
+    @property
+    def tir(self) -> str:
+        return "\n\n".join(p.script() for p in self.prims.values())
 
     def source(self, stage: str) -> str:
         if stage == "tir":
             return self.tir
-        if stage in ("llvm", "ll"):
-            return self.module.mod.inspect_source("ll")
-        if stage == "asm":
-            return self.module.mod.inspect_source("asm")
+        if stage in ("llvm", "ll", "asm"):
+            # a module loaded from the cache or an AOT build carries no source: rebuild it here
+            fresh = tvm.compile(tvm.IRModule(self.prims), target=host_target())
+            return fresh.mod.inspect_source("asm" if stage == "asm" else "ll")
         raise BackendError(f"unknown stage '{stage}' for the cpu target (tir, llvm, asm)")
 
 
-def build(funcs: list[L.LoopFunc]) -> Built:
-    """Compile loop-IR functions (variants of one kernel) into one module for the host CPU."""
+def build(funcs: list[L.LoopFunc], cache_dir: Path | None = None) -> Built:
+    """Compile loop-IR functions (variants of one kernel) into one module for the host CPU,
+    through the on-disk cache when ``cache_dir`` is given."""
     dtypes = {p.dtype for f in funcs for p in f.params}
     if "bfloat16" in dtypes:
         raise BackendError("bf16 kernels are not supported by TVM's CPU code generator here; use f32 or f16")
     _size_thread_pool()
     prims = {f.name: to_tir(f) for f in funcs}
+    target = host_target()
+    key = cache.key_of(*(p.script() for p in prims.values()), str(target), tvm.__version__, _version())
+    if cache_dir is not None:
+        module = cache.lookup(Path(cache_dir), key, load_module)
+        if module is not None:
+            return Built(module, {name: module[name] for name in prims}, prims)
     try:
-        module = tvm.compile(tvm.IRModule(prims), target=host_target())
+        module = tvm.compile(tvm.IRModule(prims), target=target)
     except Exception as err:  # TVM raises its own internal error types
         raise BackendError(f"TVM could not compile kernel '{funcs[0].name}': {str(err).splitlines()[-1]}") from None
-    tir = "\n\n".join(p.script() for p in prims.values())
-    return Built(module, {name: module[name] for name in prims}, tir)
+    if cache_dir is not None:
+        cache.store(Path(cache_dir), key, lambda path: module.export_library(str(path)))
+    return Built(module, {name: module[name] for name in prims}, prims)
+
+
+def load_module(path: Path) -> tvm.runtime.Module:
+    """A compiled kernel library written by ``export_library``."""
+    _size_thread_pool()
+    return tvm.runtime.load_module(str(path))
+
+
+def _version() -> str:
+    from sparsedsl import __version__
+
+    return __version__

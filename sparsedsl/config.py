@@ -1,0 +1,22 @@
+"""Settings read from the environment: thread count and kernel cache location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def num_threads() -> int:
+    """Threads for the kernels' parallel loops: ``SPARSEDSL_NUM_THREADS``, else every CPU this
+    process may run on."""
+    return int(os.environ.get("SPARSEDSL_NUM_THREADS", "0")) or len(os.sched_getaffinity(0))
+
+
+def cache_dir() -> Path | None:
+    """Where compiled kernels are cached: ``SPARSEDSL_CACHE_DIR`` (empty or ``off`` disables the
+    cache), else ``$XDG_CACHE_HOME/sparsedsl`` (``~/.cache/sparsedsl``)."""
+    value = os.environ.get("SPARSEDSL_CACHE_DIR")
+    if value is not None:
+        return None if value in ("", "off") else Path(value)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparsedsl"
