@@ -15,6 +15,7 @@ from sparsedsl.errors import (
     SdslSemanticError,
     SdslSyntaxError,
 )
+from sparsedsl.runtime.aot import load
 from sparsedsl.runtime.model import compile_model, report
 from sparsedsl.runtime.model import prune_to as prune
 from sparsedsl.runtime.modules import SparseLinear
@@ -34,6 +35,7 @@ __all__ = [
     "SparseTensor",
     "compile",
     "compile_model",
+    "load",
     "prune",
     "report",
 ]

@@ -29,6 +29,14 @@ def _emit(args) -> int:
     return 0
 
 
+def _build(args) -> int:
+    from sparsedsl.runtime.aot import build
+
+    out = build(args.file, args.output, args.target)
+    print(f"built {args.file} into {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 diagnostics)."""
     parser = argparse.ArgumentParser(prog="sparsedsl", description="compiler for sparse deep-learning kernels")
@@ -43,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", help="format of the sparse input, e.g. 'NM(2, 4)' (default: the kernel's)")
     p.add_argument("--target", default="cpu")
     p.set_defaults(run=_emit)
+    p = sub.add_parser("build", help="compile every kernel ahead of time into a directory")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--target", default="cpu")
+    p.set_defaults(run=_build)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

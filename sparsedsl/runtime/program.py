@@ -110,6 +110,10 @@ class CompiledKernel:
 
     def instance(self, fmt: Format | None = None) -> Instance:
         fmt = fmt or (self.kernel.sparse_input.format if self.kernel.sparse_input else None)
+        if fmt not in self.instances and self.program.aot is not None:
+            label = fmt.label if fmt else "its dense form"
+            raise BackendError(f"kernel '{self.name}' was not built ahead of time for {label} in "
+                               f"{self.program.aot}; add a model rule for it and rebuild")
         if fmt not in self.instances:
             variants = self.lowered(fmt)
             self.instances[fmt] = Instance(variants, self.program.backend_build(list(variants.values())))
@@ -220,6 +224,7 @@ class Program:
         self.backend = backend
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._formats: dict[str, Format] = {}
+        self.aot: Path | None = None  # the build directory of a program from ``sd.load``
         self.kernels = {name: CompiledKernel(self, k) for name, k in checked.kernels.items()}
         for name, kernel in self.kernels.items():
             if self.schedule_directives(name) and (kernel.kernel.sparse_input is None or kernel._default_format()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from functools import cache as memoize
 from pathlib import Path
@@ -43,6 +44,14 @@ class Built:
     module: tvm.runtime.Module
     functions: dict[str, object]
     prims: dict[str, tvm.tirx.PrimFunc]
+    library: Path | None = None  # the shared library it was loaded from, if any
+
+    def export(self, path: Path) -> None:
+        """Write the compiled code as a shared library."""
+        if self.library is not None:
+            shutil.copyfile(self.library, path)
+        else:
+            self.module.export_library(str(path))
 
     @property
     def tir(self) -> str:
@@ -71,7 +80,7 @@ def build(funcs: list[L.LoopFunc], cache_dir: Path | None = None) -> Built:
     if cache_dir is not None:
         module = cache.lookup(Path(cache_dir), key, load_module)
         if module is not None:
-            return Built(module, {name: module[name] for name in prims}, prims)
+            return Built(module, {name: module[name] for name in prims}, prims, Path(cache_dir) / f"{key}.so")
     try:
         module = tvm.compile(tvm.IRModule(prims), target=target)
     except Exception as err:  # TVM raises its own internal error types

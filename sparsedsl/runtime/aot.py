@@ -1,0 +1,157 @@
+"""Ahead-of-time builds: ``sparsedsl build FILE -o DIR`` and ``sd.load(DIR)``.
+
+A build directory holds the source, one shared library per (kernel, format) and a
+``manifest.json`` recording what was built and for what: the schema version, the versions of
+sparsedsl / TVM / torch, the target with its CPU, the source's SHA-256, each kernel's signature and
+each artifact's SHA-256. Loading checks all of it and never compiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparsedsl.errors import SdslError, Source
+from sparsedsl.frontend.check import check
+from sparsedsl.ir.formats import Format
+from sparsedsl.runtime import cache
+from sparsedsl.runtime.program import Instance, Program, read_source
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SOURCE = "source.sdsl"
+
+
+class AotError(SdslError):
+    """An ahead-of-time build that cannot be loaded here (mismatch or damage)."""
+
+
+@dataclass(frozen=True)
+class AotRule:
+    pattern: str
+    format: str
+    sparsity: float | None
+    kernel: str | None
+
+
+def _versions() -> dict[str, str]:
+    import tvm
+
+    from sparsedsl import __version__
+
+    return {"sparsedsl": __version__, "tvm": tvm.__version__, "torch": torch.__version__}
+
+
+def _target(program: Program) -> dict[str, str]:
+    from sparsedsl.backends.tvm.cpu import host_cpu
+
+    return {"kind": program.target, "mtriple": "x86_64-unknown-linux-gnu", "cpu": host_cpu()}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def _formats_to_build(program: Program) -> dict[str, list[Format | None]]:
+    """Per kernel: its own format and every format a model rule pairs it with."""
+    out: dict[str, list[Format | None]] = {}
+    for name, kernel in program.kernels.items():
+        own = kernel._default_format()
+        formats = [own] if own is not None or kernel.kernel.sparse_input is None else []
+        for model in program.checked.models.values():
+            for rule in model.rules:
+                if rule.kernel.text == name and rule.format is not None:
+                    formats.append(program.checked.format(rule.format))
+        out[name] = list(dict.fromkeys(formats))
+    return out
+
+
+def build(path_or_source, out_dir: str | os.PathLike, target: str = "cpu") -> Path:
+    """Compile every kernel of a .sdsl file for its formats and write them with a manifest."""
+    source = read_source(path_or_source)
+    program = Program(check(source), target, cache_dir=None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SOURCE).write_text(source.text)
+    kernels = []
+    for name, formats in _formats_to_build(program).items():
+        compiled = program.kernels[name]
+        for fmt in formats:
+            inst = compiled.instance(fmt)
+            lib = out / f"{name}__{_slug(fmt.label) if fmt else 'dense'}.so"
+            cache.atomic_write(lib, inst.built.export)
+            kernels.append({
+                "kernel": name,
+                "signature": compiled.signature(),
+                "format": fmt.label if fmt else None,
+                "variants": list(inst.variants),
+                "file": lib.name,
+                "sha256": cache.digest(lib),
+            })
+    rules = [
+        {"pattern": r.pattern, "kernel": r.kernel.text, "sparsity": r.sparsity,
+         "format": program.checked.format(r.format).label if r.format else
+         program.kernels[r.kernel.text]._default_format().label}
+        for model in program.checked.models.values() for r in model.rules
+    ]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "versions": _versions(),
+        "target": _target(program),
+        "source": {"file": SOURCE, "sha256": hashlib.sha256(source.text.encode()).hexdigest(),
+                   "name": source.filename},
+        "kernels": kernels,
+        "rules": rules,
+    }
+    cache.atomic_write(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    return out
+
+
+def load(directory: str | os.PathLike) -> Program:
+    """The Program of an AOT build, its kernels loaded from their libraries; nothing compiles.
+    A mismatched schema, version, CPU or checksum is an AotError."""
+    from sparsedsl.backends.tvm.cpu import Built, load_module
+    from sparsedsl.backends.tvm.tir import to_tir
+
+    root = Path(directory)
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise AotError(f"{root} is not a sparsedsl build: no {MANIFEST}") from None
+    except json.JSONDecodeError as err:
+        raise AotError(f"{root / MANIFEST} is damaged: {err}") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise AotError(f"{root}: build schema {manifest.get('schema_version')}, this sparsedsl reads {SCHEMA_VERSION}")
+    for tool, version in _versions().items():
+        if manifest["versions"].get(tool) != version:
+            raise AotError(f"{root} was built with {tool} {manifest['versions'].get(tool)}, this is {version}: rebuild it")
+    source_text = (root / SOURCE).read_text()
+    if hashlib.sha256(source_text.encode()).hexdigest() != manifest["source"]["sha256"]:
+        raise AotError(f"{root / SOURCE} does not match the manifest's hash")
+    program = Program(check(Source(source_text, manifest["source"]["name"])), manifest["target"]["kind"],
+                      cache_dir=None)
+    here = _target(program)
+    if manifest["target"] != here:
+        raise AotError(f"{root} was built for {manifest['target']}, this machine is {here}: rebuild it here")
+    for entry in manifest["kernels"]:
+        lib = root / entry["file"]
+        if not lib.exists() or cache.digest(lib) != entry["sha256"]:
+            raise AotError(f"{lib} is missing or does not match its SHA-256 in the manifest")
+        compiled = program.kernels[entry["kernel"]]
+        fmt = program.format(entry["format"]) if entry["format"] else None
+        variants = compiled.lowered(fmt)
+        if list(variants) != entry["variants"]:
+            raise AotError(f"{lib}: its variants {entry['variants']} differ from this compiler's {list(variants)}")
+        module = load_module(lib)
+        prims = {f.name: to_tir(f) for f in variants.values()}
+        built = Built(module, {name: module[name] for name in prims}, prims, lib)
+        compiled.instances[fmt] = Instance(variants, built)
+    program.aot = root
+    program.rules = [AotRule(r["pattern"], r["format"], r["sparsity"], r["kernel"]) for r in manifest["rules"]]
+    return program
