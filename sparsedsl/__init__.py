@@ -6,7 +6,14 @@
     Y = prog.linear(X, W, b)
 """
 
-from sparsedsl.errors import (
+import os
+
+# torch's OpenMP workers spin after each op and starve the kernels' own thread pool when a model
+# alternates between the two; passive waiting costs dense torch nothing measurable here. OpenMP
+# reads this when torch is first imported, so it only helps when sparsedsl is imported first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from sparsedsl.errors import (  # noqa: E402
     ArgumentError,
     BackendError,
     PackError,
@@ -15,12 +22,12 @@ from sparsedsl.errors import (
     SdslSemanticError,
     SdslSyntaxError,
 )
-from sparsedsl.runtime.aot import load
-from sparsedsl.runtime.model import compile_model, report
-from sparsedsl.runtime.model import prune_to as prune
-from sparsedsl.runtime.modules import SparseLinear
-from sparsedsl.runtime.program import Program, compile
-from sparsedsl.runtime.sparse_tensor import SparseTensor
+from sparsedsl.runtime.aot import load  # noqa: E402
+from sparsedsl.runtime.model import compile_model, report  # noqa: E402
+from sparsedsl.runtime.model import prune_to as prune  # noqa: E402
+from sparsedsl.runtime.modules import SparseLinear  # noqa: E402
+from sparsedsl.runtime.program import Program, compile  # noqa: E402
+from sparsedsl.runtime.sparse_tensor import SparseTensor  # noqa: E402
 
 __all__ = [
     "ArgumentError",

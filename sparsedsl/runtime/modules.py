@@ -46,8 +46,7 @@ class SparseLinear(nn.Module):
     def __init__(self, weight: SparseTensor, bias: torch.Tensor | None = None, program: Program | None = None,
                  kernel: str | None = None):
         super().__init__()
-        self.program = program if program is not None else ops.nn_program()
-        self.key = ops.register(self.program)
+        self.key = ops.register(program if program is not None else ops.nn_program())
         self.format = weight.format.label
         self.out_features, self.in_features = weight.shape
         self.values = nn.Parameter(weight.values.detach().clone())
@@ -60,6 +59,11 @@ class SparseLinear(nn.Module):
         self.kernel_takes_bias = takes_bias
         if differentiable:
             ops.mark_differentiable(self.key, self.kernel)
+
+    @property
+    def program(self) -> Program:
+        """The program whose kernel this layer runs (held by key, so copies share it)."""
+        return ops.lookup(self.key)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str, sparsity: float | None = None,

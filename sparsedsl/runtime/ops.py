@@ -40,6 +40,11 @@ def register(program: Program) -> str:
     return key
 
 
+def lookup(key: str) -> Program:
+    """The program registered under ``key``."""
+    return _PROGRAMS[key]
+
+
 def mark_differentiable(key: str, kernel: str) -> None:
     """Declare that ``kernel`` of program ``key`` computes x W^T [+ b] (so the gradient kernels apply)."""
     _DIFFERENTIABLE.add((key, kernel))
