@@ -166,6 +166,7 @@ class Directive:
     factor: int | None
     span: Span
     target: str | None = None
+    factor_span: Span | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class Rule:
     format: FormatRef | None
     sparsity: float | None
     span: Span
+    sparsity_span: Span | None = None
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ from importlib import resources
 
 import sympy
 
-from sparsedsl.errors import SdslError, SdslSemanticError, Source
+from sparsedsl.errors import SdslError, SdslSemanticError, Source, Span
 from sparsedsl.frontend import ast
 from sparsedsl.frontend.parser import parse
 from sparsedsl.ir import kernel_ir as K
-from sparsedsl.ir.formats import Format, FormatDef, LevelTemplate
+from sparsedsl.ir.formats import Format, FormatDef, LevelTemplate, make_level
 
 LEVEL_ARITY = {"dense": (0,), "compressed": (0, 1), "singleton": (0,), "nm": (2,), "fixed": (1,)}
 TARGETS = ("cpu", "cuda")
@@ -65,23 +65,35 @@ def check(source: Source, formats: dict[str, FormatDef] | None = None) -> Progra
         program.formats.update(formats or {})
         user_formats: set[str] = set()
         for decl in module.decls:
-            match decl:
-                case ast.FormatDecl():
-                    if decl.name.text in user_formats:
-                        raise SdslSemanticError(f"format '{decl.name.text}' is defined twice", decl.name.span)
-                    user_formats.add(decl.name.text)
-                    program.formats[decl.name.text] = _check_format(decl)
-                case ast.KernelDecl():
-                    if decl.name.text in program.kernels:
-                        raise SdslSemanticError(f"kernel '{decl.name.text}' is defined twice", decl.name.span)
-                    program.kernels[decl.name.text] = _check_kernel(decl, program)
-                case ast.ScheduleDecl():
-                    _check_schedule(decl, program)
-                case ast.ModelDecl():
-                    _check_model(decl, program)
+            try:
+                _check_decl(decl, program, user_formats)
+            except RecursionError:
+                raise SdslSemanticError("this declaration is nested too deeply", decl.span) from None
         return program
     except SdslError as err:
         raise err.with_source(source) from None
+
+
+def _check_decl(decl: ast.Decl, program: Program, user_formats: set[str]) -> None:
+    match decl:
+        case ast.FormatDecl():
+            if decl.name.text in user_formats:
+                raise SdslSemanticError(f"format '{decl.name.text}' is defined twice", decl.name.span)
+            user_formats.add(decl.name.text)
+            program.formats[decl.name.text] = _check_format(decl)
+        case ast.KernelDecl():
+            if decl.name.text in program.kernels:
+                raise SdslSemanticError(f"kernel '{decl.name.text}' is defined twice", decl.name.span)
+            program.kernels[decl.name.text] = _check_kernel(decl, program)
+        case ast.ScheduleDecl():
+            _check_schedule(decl, program)
+        case ast.ModelDecl():
+            _check_model(decl, program)
+
+
+def _join(a: Span, b: Span) -> Span:
+    """The span from the start of ``a`` to the end of ``b``."""
+    return Span(a.line, a.column, b.end_line, b.end_column)
 
 
 # ---- formats -------------------------------------------------------------------------------
@@ -116,15 +128,22 @@ def _check_format(decl: ast.FormatDecl) -> FormatDef:
         if kind not in LEVEL_ARITY:
             known = ", ".join(LEVEL_ARITY)
             raise SdslSemanticError(f"unknown level type '{kind}' (known: {known})", lvl.level_type.span)
+        kind_span = _join(lvl.level_type.span, lvl.span)  # 'nm(2, 4)': the type and its arguments
         if len(lvl.args) not in LEVEL_ARITY[kind]:
             want = " or ".join(map(str, LEVEL_ARITY[kind]))
-            raise SdslSemanticError(f"level type '{kind}' takes {want} arguments, got {len(lvl.args)}", lvl.span)
+            raise SdslSemanticError(f"level type '{kind}' takes {want} arguments, got {len(lvl.args)}", kind_span)
         if kind == "compressed" and lvl.args and lvl.args[0].value != "nonunique":
             raise SdslSemanticError("compressed takes only the option 'nonunique'", lvl.args[0].span)
-        args = tuple(lvl.args[0].value if kind == "compressed" else param_value(a, f"{kind} argument") for a in lvl.args)
+        if kind == "compressed":
+            args = tuple(a.value for a in lvl.args)
+        else:
+            args = tuple(param_value(a, f"{kind} argument") for a in lvl.args)
+            if args and all(isinstance(a, int) for a in args):
+                make_level(kind, args, kind_span)  # literal arguments are validated here, not at use
         factor = param_value(lvl.dim.operand, "block size") if lvl.dim.operand else 1
         parts[dim].append((lvl.dim.op, factor, lvl))
-        levels.append(LevelTemplate(dims.index(dim), lvl.dim.op, factor, kind, args, lvl.span, tuple(a.span for a in lvl.args)))
+        arg_spans = tuple(a.span for a in lvl.args)
+        levels.append(LevelTemplate(dims.index(dim), lvl.dim.op, factor, kind, args, lvl.span, arg_spans))
     for dim_name, dim in zip(dims, decl.dims):
         ops = sorted((op or "") for op, _, _ in parts[dim_name])
         if not parts[dim_name]:
@@ -147,21 +166,25 @@ def _check_format(decl: ast.FormatDecl) -> FormatDef:
 
 def _check_level_order(decl: ast.FormatDecl, levels: list[LevelTemplate]) -> None:
     nonunique = False
-    for t in levels:
+    for t, lvl in zip(levels, decl.levels):
+        where = _join(lvl.level_type.span, lvl.span)
         if t.level_type == "singleton" and not nonunique:
-            raise SdslSemanticError("a singleton level must follow a compressed(nonunique) level", t.span)
+            raise SdslSemanticError("a singleton level must follow a compressed(nonunique) level", where)
         if nonunique and t.level_type != "singleton":
-            raise SdslSemanticError("only singleton levels may follow a compressed(nonunique) level", t.span)
+            raise SdslSemanticError("only singleton levels may follow a compressed(nonunique) level", where)
         nonunique = nonunique or (t.level_type == "compressed" and bool(t.args))
-    for t in levels:
-        if t.level_type == "compressed" and t.args and t is levels[-1]:
-            raise SdslSemanticError("compressed(nonunique) must be followed by singleton levels", t.span)
+    t, lvl = levels[-1], decl.levels[-1]
+    if t.level_type == "compressed" and t.args:
+        where = _join(lvl.level_type.span, lvl.span)
+        raise SdslSemanticError("compressed(nonunique) must be followed by singleton levels", where)
 
 
 # ---- kernels -------------------------------------------------------------------------------
 
 
-def _check_tensor(decl: ast.TensorDecl, program: Program, inputs: dict[str, K.TensorParam], output: bool) -> K.TensorParam:
+def _check_tensor(
+    decl: ast.TensorDecl, program: Program, inputs: dict[str, K.TensorParam], output: bool
+) -> K.TensorParam:
     dtype = K.DTYPES[decl.dtype.text]
     shape = tuple(s.text for s in decl.shape) if decl.shape is not None else None
     if decl.storage is None:
@@ -174,16 +197,22 @@ def _check_tensor(decl: ast.TensorDecl, program: Program, inputs: dict[str, K.Te
         if not src.sparse:
             raise SdslSemanticError(f"output pattern '{ref.name.text}' is not a sparse input", ref.name.span)
         if len(src.shape) != len(shape):
-            raise SdslSemanticError(f"'{decl.name.text}' has rank {len(shape)} but its pattern '{src.name}' has rank {len(src.shape)}", decl.span)
+            raise SdslSemanticError(
+                f"'{decl.name.text}' has rank {len(shape)} but its pattern '{src.name}' has rank {len(src.shape)}",
+                decl.span,
+            )
         return K.TensorParam(decl.name.text, dtype, shape, src.format, True, src.name, decl.span)
     if output:
         raise SdslSemanticError(
-            f"a sparse output takes the pattern of a sparse input: write '@ S' with S an input, not '@ {ref.name.text}'",
+            "a sparse output takes the pattern of a sparse input: "
+            f"write '@ S' with S an input, not '@ {ref.name.text}'",
             ref.span,
         )
     fmt = program.format(ref)
     if fmt.rank != len(shape):
-        raise SdslSemanticError(f"format {fmt.label} stores {fmt.rank}-d tensors, but '{decl.name.text}' has rank {len(shape)}", ref.span)
+        raise SdslSemanticError(
+            f"format {fmt.label} stores {fmt.rank}-d tensors, but '{decl.name.text}' has rank {len(shape)}", ref.span
+        )
     return K.TensorParam(decl.name.text, dtype, shape, fmt, True, None, decl.span)
 
 
@@ -196,7 +225,8 @@ def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
     sparse = [p for p in params.values() if p.sparse]
     if len(sparse) > 1:
         raise SdslSemanticError(
-            f"kernels with more than one sparse input are not supported yet ('{sparse[0].name}' and '{sparse[1].name}')",
+            "kernels with more than one sparse input are not supported yet "
+            f"('{sparse[0].name}' and '{sparse[1].name}')",
             sparse[1].span,
         )
     if len(decl.outputs) != 1:
@@ -212,13 +242,26 @@ def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
     stmt = decl.body[0]
     if stmt.target.tensor.text != output.name:
         what = "an input" if stmt.target.tensor.text in params else "not the output"
-        raise SdslSemanticError(f"'{stmt.target.tensor.text}' is {what}: assign to the output '{output.name}'", stmt.target.tensor.span)
+        raise SdslSemanticError(
+            f"'{stmt.target.tensor.text}' is {what}: assign to the output '{output.name}'", stmt.target.tensor.span
+        )
     scope = {**params, output.name: output}
     extents: dict[str, tuple[sympy.Expr, str, ast.Name]] = {}
     out_indices = _check_access(stmt.target, scope, extents)
+    _check_sums(stmt.value)
     value, dtype = _check_expr(stmt.value, scope, extents, frozenset(out_indices), set(), program)
     if dtype is not None and dtype != output.dtype:
-        raise SdslSemanticError(f"the value has dtype {dtype} but the output '{output.name}' is {output.dtype}", stmt.value.span)
+        raise SdslSemanticError(
+            f"the value has dtype {dtype} but the output '{output.name}' is {output.dtype}", stmt.value.span
+        )
+    given = {d for p in params.values() for d in p.shape or ()}
+    for idx, dim in zip(stmt.target.indices, output.shape):
+        if dim not in given:
+            raise SdslSemanticError(
+                f"output index '{idx.text}' is neither used on the right nor summed, "
+                f"and no input gives its extent {dim}",
+                idx.span,
+            )
     kernel = K.Kernel(decl.name.text, tuple(params.values()), output, out_indices, value, decl.span)
     _check_structure(kernel, stmt)
     return kernel
@@ -232,30 +275,40 @@ def _check_access(node: ast.Access, scope, extents) -> tuple[str, ...]:
     if param.shape is None:
         raise SdslSemanticError(f"'{name}' is a scalar and takes no indices", node.span)
     if len(node.indices) != len(param.shape):
-        raise SdslSemanticError(f"'{name}' has rank {len(param.shape)} but is indexed with {len(node.indices)} indices", node.span)
+        raise SdslSemanticError(
+            f"'{name}' has rank {len(param.shape)} but is indexed with {len(node.indices)} indices", node.span
+        )
     seen: set[str] = set()
     for idx, dim in zip(node.indices, param.shape):
         if idx.text in seen:
-            raise SdslSemanticError(f"index '{idx.text}' is repeated in one access (diagonals are not supported)", idx.span)
+            raise SdslSemanticError(
+                f"index '{idx.text}' is repeated in one access (diagonals are not supported)", idx.span
+            )
         seen.add(idx.text)
         size = sympy.Symbol(dim, positive=True, integer=True)
         if idx.text in extents:
             other, where, _ = extents[idx.text]
             if sympy.simplify(size - other) != 0:
-                raise SdslSemanticError(f"index '{idx.text}' has extent {dim} in '{name}' but {other} in '{where}'", idx.span)
+                raise SdslSemanticError(
+                    f"index '{idx.text}' has extent {dim} in '{name}' but {other} in '{where}'", idx.span
+                )
         else:
             extents[idx.text] = (size, name, idx)
     return tuple(i.text for i in node.indices)
 
 
-def _check_expr(node, scope, extents, bound: frozenset[str], used: set[str], program) -> tuple[K.KExpr, str | None]:
+def _check_expr(
+    node, scope, extents, bound: frozenset[str], used: set[str], program
+) -> tuple[K.KExpr, str | None]:
     """Kernel-IR expression and its dtype (None for untyped literals)."""
     match node:
         case ast.Access():
             indices = _check_access(node, scope, extents)
             for idx, name in zip(indices, node.indices):
                 if idx not in bound:
-                    raise SdslSemanticError(f"index '{idx}' is neither an index of the output nor summed over", name.span)
+                    raise SdslSemanticError(
+                        f"index '{idx}' is neither an index of the output nor summed over", name.span
+                    )
             used.update(indices)
             if scope[node.tensor.text].pattern_of:
                 raise SdslSemanticError(f"the output '{node.tensor.text}' cannot be read", node.span)
@@ -284,24 +337,56 @@ def _check_expr(node, scope, extents, bound: frozenset[str], used: set[str], pro
                 known = ", ".join(sorted(K.FUNCTIONS))
                 raise SdslSemanticError(f"unknown function '{func}' (known: {known})", node.func.span)
             if len(node.args) != K.FUNCTIONS[func]:
-                raise SdslSemanticError(f"'{func}' takes {K.FUNCTIONS[func]} argument(s), got {len(node.args)}", node.span)
+                raise SdslSemanticError(
+                    f"'{func}' takes {K.FUNCTIONS[func]} argument(s), got {len(node.args)}", node.span
+                )
             checked = [_check_expr(a, scope, extents, bound, used, program) for a in node.args]
             dtypes = {d for _, d in checked if d}
             if len(dtypes) > 1:
-                raise SdslSemanticError(f"dtype mismatch in arguments of '{func}': {', '.join(sorted(dtypes))}", node.span)
+                raise SdslSemanticError(
+                    f"dtype mismatch in arguments of '{func}': {', '.join(sorted(dtypes))}", node.span
+                )
             return K.KCall(func, tuple(e for e, _ in checked)), next(iter(dtypes), None)
         case ast.Reduction():
             for idx in node.indices:
                 if idx.text in bound:
                     raise SdslSemanticError(f"index '{idx.text}' is already bound; a sum needs a new index", idx.span)
             inner_used: set[str] = set()
-            body, dtype = _check_expr(node.body, scope, extents, bound | {i.text for i in node.indices}, inner_used, program)
+            inner_bound = bound | {i.text for i in node.indices}
+            body, dtype = _check_expr(node.body, scope, extents, inner_bound, inner_used, program)
             for idx in node.indices:
                 if idx.text not in inner_used:
                     raise SdslSemanticError(f"summed index '{idx.text}' is not used in the sum", idx.span)
             used.update(inner_used)
             return K.KSum(tuple(i.text for i in node.indices), body), dtype
     raise AssertionError(node)
+
+
+def _ast_sums(node) -> list[ast.Reduction]:
+    """The sums of an expression, outermost first, in source order."""
+    match node:
+        case ast.Reduction():
+            return [node, *_ast_sums(node.body)]
+        case ast.BinOp():
+            return [*_ast_sums(node.lhs), *_ast_sums(node.rhs)]
+        case ast.Neg():
+            return _ast_sums(node.operand)
+        case ast.Call():
+            return [r for a in node.args for r in _ast_sums(a)]
+    return []
+
+
+def _check_sums(value) -> None:
+    """One sum per statement, not nested: reported at the second sum."""
+    sums = _ast_sums(value)
+    for outer in sums:
+        inner = _ast_sums(outer.body)
+        if inner:
+            raise SdslSemanticError(
+                "nested sums are not supported: sum over all indices at once, as in sum(i, j)", inner[0].span
+            )
+    if len(sums) > 1:
+        raise SdslSemanticError("a statement may contain only one sum", sums[1].span)
 
 
 def _check_structure(kernel: K.Kernel, stmt: ast.Assign) -> None:
@@ -346,13 +431,16 @@ def _check_schedule(decl: ast.ScheduleDecl, program: Program) -> None:
     if decl.kernel.text not in program.kernels:
         raise SdslSemanticError(f"schedule for unknown kernel '{decl.kernel.text}'", decl.kernel.span)
     if decl.target.text not in TARGETS:
-        raise SdslSemanticError(f"unknown target '{decl.target.text}' (known: {', '.join(TARGETS)})", decl.target.span)
+        known = ", ".join(TARGETS)
+        raise SdslSemanticError(f"unknown target '{decl.target.text}' (known: {known})", decl.target.span)
     key = (decl.kernel.text, decl.target.text)
     if key in program.schedules:
-        raise SdslSemanticError(f"kernel '{key[0]}' already has a schedule on {key[1]}", decl.span)
+        raise SdslSemanticError(f"kernel '{key[0]}' already has a schedule on {key[1]}", decl.kernel.span)
     for d in decl.directives:
         if d.factor is not None and d.factor < 1:
-            raise SdslSemanticError(f"the factor of '{d.verb}' must be at least 1, got {d.factor}", d.span)
+            raise SdslSemanticError(
+                f"the factor of '{d.verb}' must be at least 1, got {d.factor}", d.factor_span or d.span
+            )
         if d.verb == "bind" and decl.target.text != "cuda":
             raise SdslSemanticError("'bind' applies to GPU schedules only ('on cuda')", d.span)
     program.schedules[key] = decl
@@ -365,12 +453,25 @@ def _check_model(decl: ast.ModelDecl, program: Program) -> None:
         kernel = program.kernels.get(rule.kernel.text)
         if kernel is None:
             raise SdslSemanticError(f"rule uses unknown kernel '{rule.kernel.text}'", rule.kernel.span)
-        if kernel.sparse_input is None:
-            raise SdslSemanticError(f"kernel '{rule.kernel.text}' has no sparse input to store a weight in", rule.kernel.span)
+        weight = kernel.sparse_input
+        if weight is None:
+            raise SdslSemanticError(
+                f"kernel '{rule.kernel.text}' has no sparse input to store a weight in", rule.kernel.span
+            )
         if rule.format is not None:
-            program.format(rule.format)
-        elif kernel.sparse_input.format is None:
-            raise SdslSemanticError(f"rule for \"{rule.pattern}\" names no format and '{rule.kernel.text}' has none", rule.span)
+            fmt = program.format(rule.format)
+            if fmt.rank != len(weight.shape):
+                raise SdslSemanticError(
+                    f"format {fmt.label} stores {fmt.rank}-d tensors, but '{weight.name}' of kernel "
+                    f"'{kernel.name}' has rank {len(weight.shape)}",
+                    rule.format.span,
+                )
+        elif weight.format is None:
+            raise SdslSemanticError(
+                f"rule for \"{rule.pattern}\" names no format and '{rule.kernel.text}' has none", rule.span
+            )
         if rule.sparsity is not None and not 0 <= rule.sparsity < 1:
-            raise SdslSemanticError(f"sparsity must be in [0, 1), got {rule.sparsity}", rule.span)
+            raise SdslSemanticError(
+                f"sparsity must be in [0, 1), got {rule.sparsity}", rule.sparsity_span or rule.span
+            )
     program.models[decl.name.text] = decl

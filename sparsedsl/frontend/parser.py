@@ -164,9 +164,10 @@ class _ToAst(Transformer):
     def _directive(verb):
         def build(self, meta, children):
             names = tuple(_name(c) for c in children if c.type == "NAME")
-            ints = [int(c) for c in children if c.type == "INT"]
+            ints = [c for c in children if c.type == "INT"]
             axis = next((str(c) for c in children if c.type == "THREAD_AXIS"), None)
-            return ast.Directive(verb, names, ints[0] if ints else None, self._span(meta), axis)
+            factor, factor_span = (int(ints[0]), _span_of(ints[0])) if ints else (None, None)
+            return ast.Directive(verb, names, factor, self._span(meta), axis, factor_span)
 
         return build
 
@@ -182,8 +183,9 @@ class _ToAst(Transformer):
     def rule(self, meta, children):
         pattern, kernel, *rest = children
         fmt = next((r for r in rest if isinstance(r, ast.FormatRef)), None)
-        sparsity = next((float(r) for r in rest if isinstance(r, Token)), None)
-        return ast.Rule(str(pattern)[1:-1], _name(kernel), fmt, sparsity, self._span(meta))
+        number = next((r for r in rest if isinstance(r, Token)), None)
+        sparsity, sparsity_span = (float(number), _span_of(number)) if number is not None else (None, None)
+        return ast.Rule(str(pattern)[1:-1], _name(kernel), fmt, sparsity, self._span(meta), sparsity_span)
 
 
 def _describe(terminal: str) -> str:
@@ -202,24 +204,68 @@ def _expected(names) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1]
 
 
+def _accepted(err: UnexpectedInput, fallback) -> set[str]:
+    """The terminals that could really come next. Lark's ``expected`` is the LALR lookahead set of
+    the state, which over-approximates; trying each terminal on the parser stack is exact."""
+    parser = getattr(err, "interactive_parser", None)
+    if parser is not None:
+        try:
+            accepts = parser.accepts()
+        except Exception:  # noqa: BLE001 - a better message is optional, the error is not
+            accepts = None
+        if accepts:
+            return set(accepts)
+    return set(fallback or ())
+
+
+_DIRECTIVES = ("split", "reorder", "vectorize", "parallel", "unroll", "layout", "tile", "bind")
+
+
+def _unexpected_token(tok: Token, accepts: set[str], source: Source) -> tuple[str, Span]:
+    span = Span(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
+    words = {_describe(n) for n in accepts}
+    if tok.type == "NAME" and "'split'" in words:
+        return f"unknown schedule directive '{tok}' (known: {', '.join(_DIRECTIVES)})", span
+    if tok.type == "NAME" and "'format'" in words and "'kernel'" in words:
+        return f"expected a declaration (format, kernel, schedule or model), found '{tok}'", span
+    if tok.type == "NUMBER" and tok.start_pos is not None:
+        # '4.0' where an integer belongs lexes as INT '4' then NUMBER '.0': report all of '4.0'.
+        start = tok.start_pos
+        while start > 0 and source.text[start - 1].isdigit():
+            start -= 1
+        if start < tok.start_pos:
+            text = source.text[start : tok.end_pos]
+            span = Span(tok.line, tok.column - (tok.start_pos - start), span.end_line, span.end_column)
+            return f"expected an integer, found '{text}'", span
+    return f"expected {_expected(accepts)}, found '{tok}'", span
+
+
 def _syntax_error(err: UnexpectedInput, source: Source) -> SdslSyntaxError:
     line, column = max(err.line, 1), max(err.column, 1)
     if isinstance(err, UnexpectedToken) and err.token.type != "$END":
-        tok = err.token
-        span = Span(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
-        message = f"expected {_expected(err.expected)}, found '{tok}'"
+        message, span = _unexpected_token(err.token, _accepted(err, err.expected), source)
     elif isinstance(err, UnexpectedCharacters):
         span = Span(line, column, line, column + 1)
         char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
-        message = f"unexpected character '{char}'"
-        if err.allowed:
-            message += f"; expected {_expected(err.allowed)}"
+        rest_of_line = source.text[err.pos_in_stream + 1 :].split("\n", 1)[0]
+        if char == '"' and '"' not in rest_of_line:
+            message = "unterminated string: a string ends with '\"' on the same line"
+        else:
+            shown = char if char.isprintable() else ascii(char)[1:-1]
+            message = f"unexpected character '{shown}'"
+            accepts = _accepted(err, err.allowed)
+            if accepts:
+                message += f"; expected {_expected(accepts)}"
     else:
-        lines = source.text.splitlines() or [""]
-        line = len(lines)
-        column = len(lines[-1]) + 1
+        # End of file: report it just after the last token, not on trailing blank or comment lines.
+        tok = getattr(err, "token", None)
+        if tok is not None and getattr(tok, "end_line", None):
+            line, column = tok.end_line, tok.end_column
+        else:
+            lines = source.text.splitlines() or [""]
+            line, column = len(lines), len(lines[-1]) + 1
         span = Span(line, column, line, column + 1)
-        expected = getattr(err, "expected", None)
+        expected = _accepted(err, getattr(err, "expected", None))
         message = "unexpected end of file"
         if expected:
             message += f"; expected {_expected(expected)}"
@@ -232,4 +278,11 @@ def parse(source: Source) -> ast.Module:
         tree = _lark().parse(source.text)
     except (UnexpectedToken, UnexpectedCharacters, UnexpectedEOF) as err:
         raise _syntax_error(err, source) from None
-    return _ToAst().transform(tree)
+    decls = []
+    for decl in tree.children:
+        try:
+            decls.append(_ToAst().transform(decl))
+        except RecursionError:
+            span = _span_of(decl)
+            raise SdslSyntaxError("this declaration is nested too deeply", span, source) from None
+    return ast.Module(tuple(decls))

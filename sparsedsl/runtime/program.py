@@ -22,6 +22,7 @@ from sparsedsl.runtime.sparse_tensor import SparseTensor
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 TARGETS = ("cpu",)
+BACKENDS = ("tvm", "llvm")
 SMALL_TILE = 16
 
 
@@ -104,6 +105,9 @@ class CompiledKernel:
                 small = lower(kernel, replace(opts, tile=SMALL_TILE))
                 variants.update({f"{k}_small": v for k, v in sched.default(small).items()})
                 variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}
+            if self.program.backend == "llvm":
+                # the llvm backend runs only an outermost parallel loop in parallel
+                variants = {k: v for k, v in variants.items() if not k.startswith("rows")} or variants
             return variants
         except SdslError as err:
             raise err.with_source(self.program.checked.source) from None
@@ -217,8 +221,8 @@ class Program:
                  cache_dir: str | os.PathLike | None = None):
         if target not in TARGETS:
             raise BackendError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
-        if backend != "tvm":
-            raise BackendError(f"unknown backend '{backend}' (known: tvm)")
+        if backend not in BACKENDS:
+            raise BackendError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
         self.checked = checked
         self.target = target
         self.backend = backend
@@ -235,6 +239,10 @@ class Program:
         return decl.directives if decl else ()
 
     def backend_build(self, funcs: list[L.LoopFunc]):
+        if self.backend == "llvm":
+            from sparsedsl.backends.llvm.jit import build as llvm_build
+
+            return llvm_build(funcs)
         from sparsedsl.backends.tvm.cpu import build
 
         return build(funcs, self.cache_dir)

@@ -17,9 +17,12 @@ HERE = Path(__file__).parent
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module")
-def prog():
-    return sd.compile(HERE / "epilogues.sdsl")
+BACKENDS = ["tvm", "llvm"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def prog(request):
+    return sd.compile(HERE / "epilogues.sdsl", backend=request.param)
 
 
 def _case(prog, fmt, n, k, m, sparsity, seed):
@@ -101,3 +104,20 @@ def test_every_format_every_kernel(prog, fmt, m):
     _close(prog.transposed(g, W), g @ w)
     pattern = W.with_values(torch.ones_like(W.values)).to_dense()
     _close(prog.sddmm(g, x, W).to_dense(), (g.T @ x) * pattern)
+
+
+@pytest.fixture(scope="module")
+def both():
+    return [sd.compile(HERE / "epilogues.sdsl", backend=b) for b in BACKENDS]
+
+
+@SETTINGS
+@given(case=sparse_case())
+def test_backends_agree(both, case):
+    fmt, n, k, m, sparsity, seed = case
+    tvm_prog, llvm_prog = both
+    w, W, gen = _case(tvm_prog, fmt, n, k, m, sparsity, seed)
+    x, b = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    torch.testing.assert_close(tvm_prog.bias_gelu(x, W, b), llvm_prog.bias_gelu(x, W, b), rtol=1e-5, atol=1e-5)
+    g = torch.randn(m, n, generator=gen)
+    torch.testing.assert_close(tvm_prog.transposed(g, W), llvm_prog.transposed(g, W), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,1 @@
+"""The second backend: loop IR straight to LLVM IR with llvmlite (no TVM)."""

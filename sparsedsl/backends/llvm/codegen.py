@@ -1,0 +1,451 @@
+"""Loop IR -> LLVM IR, built with ``llvmlite.ir``.
+
+The function takes, in order: the loop function's parameters (buffers as pointers, scalars by
+value), every size name its shapes and bounds use (i64, sorted by name), then ``tid`` and
+``nthreads``: an outermost parallel loop runs the ``tid``-th of ``nthreads`` equal chunks (the
+runtime calls it from that many threads); parallel loops elsewhere run serially.
+
+Vectorised loops are emitted with explicit vector types ``<W x float>`` for the host's widest
+vectors when their body is a store whose lane-dependent accesses are contiguous in the loop
+variable; otherwise as scalar loops. Unrolled loops are unrolled here, so accumulators indexed by
+them become constant offsets that LLVM keeps in registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llvmlite import ir
+
+from sparsedsl.errors import BackendError
+from sparsedsl.ir import loop_ir as L
+
+I1, I32, I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
+TYPES = {"float32": ir.FloatType(), "float64": ir.DoubleType(), "int32": I32, "int64": I64, "float16": ir.HalfType()}
+FLOATS = ("float32", "float64", "float16")
+BYTES = {"float32": 4, "float64": 8, "float16": 2, "int32": 4, "int64": 8}
+STACK_LIMIT = 1 << 14  # bytes: larger constant buffers and symbolic ones go to the heap
+
+
+def size_names(func: L.LoopFunc) -> list[str]:
+    """Every size name the function's shapes and bounds use, sorted."""
+    names: set[str] = set()
+
+    def expr(e):
+        match e:
+            case L.SizeVar(n):
+                names.add(n)
+            case L.Bin(_, a, b):
+                expr(a)
+                expr(b)
+            case L.Load(buf, idx):
+                for d in buf.shape:
+                    expr(d)
+                for i in idx:
+                    expr(i)
+            case L.Call(_, args, _):
+                for a in args:
+                    expr(a)
+            case L.Cast(_, v):
+                expr(v)
+            case L.Select(c, t, o):
+                for x in (c, t, o):
+                    expr(x)
+
+    def stmt(s):
+        match s:
+            case L.For(_, start, extent, body, _):
+                expr(start)
+                expr(extent)
+                stmt(body)
+            case L.Seq(stmts):
+                for st in stmts:
+                    stmt(st)
+            case L.Store(buf, idx, value):
+                expr(L.Load(buf, idx))
+                expr(value)
+            case L.Let(_, value):
+                expr(value)
+            case L.Alloc(buf):
+                for d in buf.shape:
+                    expr(d)
+            case L.If(cond, then):
+                expr(cond)
+                stmt(then)
+
+    for p in func.params:
+        if isinstance(p, L.Buffer):
+            for d in p.shape:
+                expr(d)
+    stmt(func.body)
+    params = {p.name for p in func.params if isinstance(p, L.Var)}
+    return sorted(names - params)
+
+
+def _uses(e, name: str) -> bool:
+    match e:
+        case L.Var(n):
+            return n == name
+        case L.Bin(_, a, b):
+            return _uses(a, name) or _uses(b, name)
+        case L.Load(_, idx):
+            return any(_uses(i, name) for i in idx)
+        case L.Call(_, args, _):
+            return any(_uses(a, name) for a in args)
+        case L.Cast(_, v):
+            return _uses(v, name)
+        case L.Select(c, t, o):
+            return _uses(c, name) or _uses(t, name) or _uses(o, name)
+    return False
+
+
+def _unit_stride(e, name: str) -> bool:
+    """Whether ``e`` is ``invariant + name`` (so consecutive lanes are consecutive elements)."""
+    if isinstance(e, L.Var) and e.name == name:
+        return True
+    if isinstance(e, L.Bin) and e.op == "+":
+        return (_unit_stride(e.a, name) and not _uses(e.b, name)) or (_unit_stride(e.b, name) and not _uses(e.a, name))
+    return False
+
+
+def _vectorizable(loop: L.For) -> bool:
+    """A store (or stores) whose lane-dependent loads and stores are unit-stride in the last index."""
+    stores = loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,)
+    name = loop.var.name
+
+    def ok_expr(e) -> bool:
+        match e:
+            case L.Load(_, idx):
+                return all(not _uses(i, name) for i in idx[:-1]) and (
+                    not _uses(idx[-1], name) or _unit_stride(idx[-1], name))
+            case L.Bin(op, a, b):
+                return op in ("+", "-", "*", "/", "min", "max") and ok_expr(a) and ok_expr(b)
+            case L.Cast(_, v):
+                return ok_expr(v)
+            case L.Var(n):
+                return n != name
+            case L.Const() | L.SizeVar():
+                return True
+        return False
+
+    for s in stores:
+        if not isinstance(s, L.Store) or not ok_expr(L.Load(s.buffer, s.indices)) or not ok_expr(s.value):
+            return False
+        if not _uses(s.indices[-1], name) or s.buffer.dtype not in FLOATS:
+            return False
+    return isinstance(loop.extent, L.Const)
+
+
+@dataclass
+class _Scope:
+    values: dict[str, ir.Value] = field(default_factory=dict)
+    frees: list[ir.Value] = field(default_factory=list)
+
+
+class Codegen:
+    """Builds one LLVM function for one loop function."""
+
+    def __init__(self, module: ir.Module, func: L.LoopFunc, vector_width: int):
+        self.module = module
+        self.func = func
+        self.width = vector_width
+        self.sizes = size_names(func)
+        arg_types = []
+        for p in func.params:
+            arg_types.append(TYPES[p.dtype].as_pointer() if isinstance(p, L.Buffer) else TYPES[p.dtype])
+        arg_types += [I64] * (len(self.sizes) + 2)
+        self.fn = ir.Function(module, ir.FunctionType(ir.VoidType(), arg_types), name=func.name)
+        entry = self.fn.append_basic_block("entry")
+        self.alloca_builder = ir.IRBuilder(entry)
+        body = self.fn.append_basic_block("body")
+        self.b = ir.IRBuilder(body)
+        self.scopes = [_Scope()]
+        self.buffers: dict[str, tuple[ir.Value, L.Buffer]] = {}
+        args = list(self.fn.args)
+        for p, a in zip(func.params, args):
+            a.name = p.name
+            if isinstance(p, L.Buffer):
+                a.add_attribute("noalias")
+                self.buffers[p.name] = (a, p)
+            else:
+                self.scopes[0].values[p.name] = a
+        for name, a in zip(self.sizes, args[len(func.params):]):
+            a.name = name
+            self.scopes[0].values[name] = a
+        self.tid, self.nthreads = args[-2], args[-1]
+        self.tid.name, self.nthreads.name = "tid", "nthreads"
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def lookup(self, name: str) -> ir.Value:
+        for scope in reversed(self.scopes):
+            if name in scope.values:
+                return scope.values[name]
+        raise BackendError(f"llvm backend: unbound name '{name}' in kernel '{self.func.name}'")
+
+    def _intrinsic(self, name: str, ty: ir.Type) -> ir.Function:
+        """An overloaded float intrinsic (``llvm.exp``...) for a scalar or vector type."""
+        element = ty.element if isinstance(ty, ir.VectorType) else ty
+        suffix = {"float": "f32", "double": "f64", "half": "f16"}[str(element)]
+        if isinstance(ty, ir.VectorType):
+            suffix = f"v{ty.count}{suffix}"
+        full = f"{name}.{suffix}"
+        fn = self.module.globals.get(full)
+        if fn is None:
+            arity = 2 if name in ("llvm.minnum", "llvm.maxnum") else 1
+            fn = ir.Function(self.module, ir.FunctionType(ty, [ty] * arity), name=full)
+        return fn
+
+    def _libm(self, name: str) -> ir.Function:
+        fn = self.module.globals.get(name)
+        if fn is None:
+            fn = ir.Function(self.module, ir.FunctionType(ir.FloatType(), [ir.FloatType()]), name=name)
+        return fn
+
+    def _splat(self, value: ir.Value, ty: ir.VectorType) -> ir.Value:
+        if isinstance(value.type, ir.VectorType):
+            return value
+        vec = self.b.insert_element(ir.Constant(ty, ir.Undefined), value, ir.Constant(I32, 0))
+        return self.b.shuffle_vector(vec, ir.Constant(ty, ir.Undefined), ir.Constant(ir.VectorType(I32, ty.count), [0] * ty.count))
+
+    def _address(self, buf: L.Buffer, indices, lane: str | None = None) -> ir.Value:
+        base, decl = self.buffers[buf.name]
+        flat = None
+        for i, idx in enumerate(indices):
+            v = self.expr(idx, lane=None)
+            if flat is not None:
+                flat = self.b.add(self.b.mul(flat, self.expr(decl.shape[i])), v)
+            else:
+                flat = v
+        return self.b.gep(base, [flat if flat is not None else ir.Constant(I64, 0)])
+
+    # ---- expressions -----------------------------------------------------------------------
+
+    def expr(self, e: L.Expr, lane: str | None = None, vec: ir.VectorType | None = None) -> ir.Value:
+        """The value of ``e``; in vector mode (``lane`` set) lane-dependent parts are vectors."""
+        b = self.b
+        match e:
+            case L.Var(name) | L.SizeVar(name):
+                return self.lookup(name)
+            case L.Const(value, dtype):
+                return ir.Constant(TYPES[dtype], value)
+            case L.Load(buf, idx):
+                ptr = self._address(buf, idx)  # in vector mode: the address of the first lane
+                if lane is None or not _uses(idx[-1], lane):
+                    return b.load(ptr)
+                vty = ir.VectorType(TYPES[buf.dtype], vec.count)
+                return b.load(b.bitcast(ptr, vty.as_pointer()), align=4)
+            case L.Cast(dtype, value):
+                return self._cast(self.expr(value, lane, vec), dtype, _dtype(value))
+            case L.Bin(op, x, y):
+                return self._bin(op, x, y, lane, vec)
+            case L.Call(fname, args, dtype):
+                return self._call(fname, [self.expr(a, lane, vec) for a in args])
+            case L.Select(c, t, o):
+                return b.select(self.expr(c, lane, vec), self.expr(t, lane, vec), self.expr(o, lane, vec))
+        raise BackendError(f"llvm backend: cannot generate {e}")
+
+    def _cast(self, v: ir.Value, dtype: str, src: str) -> ir.Value:
+        to = TYPES[dtype]
+        if isinstance(v.type, ir.VectorType):
+            to = ir.VectorType(to, v.type.count)
+        if src == dtype:
+            return v
+        if src in FLOATS and dtype in FLOATS:
+            return self.b.fpext(v, to) if BYTES[dtype] > BYTES[src] else self.b.fptrunc(v, to)
+        if src in FLOATS:
+            return self.b.fptosi(v, to)
+        if dtype in FLOATS:
+            return self.b.sitofp(v, to)
+        return self.b.sext(v, to) if BYTES[dtype] > BYTES[src] else self.b.trunc(v, to)
+
+    def _bin(self, op, x, y, lane, vec):
+        b = self.b
+        a, c = self.expr(x, lane, vec), self.expr(y, lane, vec)
+        if isinstance(a.type, ir.VectorType) != isinstance(c.type, ir.VectorType):
+            ty = a.type if isinstance(a.type, ir.VectorType) else c.type
+            a, c = self._splat(a, ty), self._splat(c, ty)
+        scalar = a.type.element if isinstance(a.type, ir.VectorType) else a.type
+        is_float = isinstance(scalar, ir.FloatType | ir.DoubleType | ir.HalfType)
+        if op == "and":
+            return b.and_(a, c)
+        if op in ("<", "<=", "=="):
+            pred = {"<": "<", "<=": "<=", "==": "=="}[op]
+            return b.fcmp_ordered(pred, a, c) if is_float else b.icmp_signed(pred, a, c)
+        if op in ("min", "max"):
+            if is_float:
+                return b.call(self._intrinsic("llvm.minnum" if op == "min" else "llvm.maxnum", a.type), [a, c])
+            cmp = b.icmp_signed("<" if op == "min" else ">", a, c)
+            return b.select(cmp, a, c)
+        if is_float:
+            return {"+": b.fadd, "-": b.fsub, "*": b.fmul, "/": b.fdiv}[op](a, c)
+        return {"+": b.add, "-": b.sub, "*": b.mul, "//": b.sdiv, "%": b.srem, "/": b.sdiv}[op](a, c)
+
+    def _call(self, name: str, args: list[ir.Value]) -> ir.Value:
+        b = self.b
+        x = args[0]
+        if name == "exp":
+            return b.call(self._intrinsic("llvm.exp", x.type), [x])
+        if name == "sqrt":
+            return b.call(self._intrinsic("llvm.sqrt", x.type), [x])
+        if name == "abs":
+            return b.call(self._intrinsic("llvm.fabs", x.type), [x])
+        if name == "sigmoid":
+            one = ir.Constant(x.type, 1.0)
+            e = b.call(self._intrinsic("llvm.exp", x.type), [b.fneg(x)])
+            return b.fdiv(one, b.fadd(one, e))
+        if name in ("erf", "tanh"):
+            return b.call(self._libm(f"{name}f"), [x])
+        raise BackendError(f"llvm backend: no function '{name}'")
+
+    # ---- statements ------------------------------------------------------------------------
+
+    def stmt(self, s: L.Stmt, top: bool = False) -> None:
+        match s:
+            case L.Seq(stmts):
+                self.scopes.append(_Scope())
+                for st in stmts:
+                    self.stmt(st, top)
+                self._close_scope()
+            case L.For():
+                self._for(s, top)
+            case L.Store(buf, idx, value):
+                _, decl = self.buffers[buf.name]
+                v = self._cast(self.expr(value), buf.dtype, _dtype(value))
+                self.b.store(v, self._address(buf, idx))
+            case L.Let(var, value):
+                v = self.expr(value)
+                self.scopes[-1].values[var.name] = v
+            case L.Alloc(buf):
+                self._alloc(buf)
+            case L.If(cond, then):
+                with self.b.if_then(self.expr(cond)):
+                    self.scopes.append(_Scope())
+                    self.stmt(then)
+                    self._close_scope()
+            case _:
+                raise BackendError(f"llvm backend: cannot generate {s}")
+
+    def _close_scope(self) -> None:
+        scope = self.scopes.pop()
+        free = self.module.globals.get("free") or ir.Function(
+            self.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()]), name="free")
+        for ptr in scope.frees:
+            self.b.call(free, [self.b.bitcast(ptr, ir.IntType(8).as_pointer())])
+
+    def _alloc(self, buf: L.Buffer) -> None:
+        ty = TYPES[buf.dtype]
+        if all(isinstance(d, L.Const) for d in buf.shape):
+            count = 1
+            for d in buf.shape:
+                count *= int(d.value)
+            if count * BYTES[buf.dtype] <= STACK_LIMIT:
+                ptr = self.alloca_builder.alloca(ir.ArrayType(ty, count), name=buf.name)
+                self.buffers[buf.name] = (self.alloca_builder.bitcast(ptr, ty.as_pointer()), buf)
+                return
+        malloc = self.module.globals.get("malloc") or ir.Function(
+            self.module, ir.FunctionType(ir.IntType(8).as_pointer(), [I64]), name="malloc")
+        count = ir.Constant(I64, BYTES[buf.dtype])
+        for d in buf.shape:
+            count = self.b.mul(count, self.expr(d))
+        raw = self.b.call(malloc, [count])
+        ptr = self.b.bitcast(raw, ty.as_pointer(), name=buf.name)
+        self.buffers[buf.name] = (ptr, buf)
+        self.scopes[-1].frees.append(ptr)
+
+    def _for(self, loop: L.For, top: bool) -> None:
+        if loop.kind is L.LoopKind.UNROLLED and isinstance(loop.extent, L.Const):
+            start = self.expr(loop.start)
+            for i in range(int(loop.extent.value)):
+                self.scopes.append(_Scope({loop.var.name: self.b.add(start, ir.Constant(I64, i))}))
+                self.stmt(loop.body)
+                self._close_scope()
+            return
+        if loop.kind is L.LoopKind.VECTORIZED and _vectorizable(loop) and loop.extent.value % self._lanes(loop) == 0:
+            self._vector_for(loop)
+            return
+        start = self.expr(loop.start)
+        stop = self.b.add(start, self.expr(loop.extent))
+        if loop.kind is L.LoopKind.PARALLEL and top:
+            # this thread's chunk of the iterations
+            count = self.b.sub(stop, start)
+            chunk = self.b.sdiv(self.b.add(count, self.b.sub(self.nthreads, ir.Constant(I64, 1))), self.nthreads)
+            lo = self.b.add(start, self.b.mul(self.tid, chunk))
+            hi = self.b.add(lo, chunk)
+            start = lo
+            stop = self.b.select(self.b.icmp_signed("<", hi, stop), hi, stop)
+        self._loop(loop.var.name, start, stop, lambda: self.stmt(loop.body))
+
+    def _loop(self, name: str, start: ir.Value, stop: ir.Value, body, step: int = 1) -> None:
+        b = self.b
+        pre = b.block
+        cond = self.fn.append_basic_block(f"{name}.cond")
+        inner = self.fn.append_basic_block(f"{name}.body")
+        done = self.fn.append_basic_block(f"{name}.done")
+        b.branch(cond)
+        b.position_at_end(cond)
+        var = b.phi(I64, name=name)
+        var.add_incoming(start, pre)
+        b.cbranch(b.icmp_signed("<", var, stop), inner, done)
+        b.position_at_end(inner)
+        self.scopes.append(_Scope({name: var}))
+        body()
+        self._close_scope()
+        nxt = b.add(var, ir.Constant(I64, step))
+        var.add_incoming(nxt, b.block)
+        b.branch(cond)
+        b.position_at_end(done)
+
+    def _lanes(self, loop: L.For) -> int:
+        bits = max(8 * BYTES[s.buffer.dtype] for s in (loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,)))
+        return max(1, min(int(loop.extent.value), self.width // bits))
+
+    def _vector_for(self, loop: L.For) -> None:
+        """``W`` lanes at a time, chunks unrolled (constant offsets keep accumulators in registers)."""
+        lanes = self._lanes(loop)
+        start = self.expr(loop.start)
+        name = loop.var.name
+        stores = loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,)
+        for chunk in range(int(loop.extent.value) // lanes):
+            base = self.b.add(start, ir.Constant(I64, chunk * lanes))
+            self.scopes.append(_Scope({name: base}))
+            for s in stores:
+                vty = ir.VectorType(TYPES[s.buffer.dtype], lanes)
+                value = self.expr(s.value, lane=name, vec=vty)
+                value = self._splat(self._cast(value, s.buffer.dtype, _dtype(s.value)), vty)
+                ptr = self._address(s.buffer, s.indices)
+                self.b.store(value, self.b.bitcast(ptr, vty.as_pointer()), align=4)
+            self.scopes.pop()
+
+    def finish(self) -> ir.Function:
+        self.stmt(self.func.body, top=parallel_on_top(self.func))
+        self.b.ret_void()
+        self.alloca_builder.branch(self.fn.blocks[1])
+        return self.fn
+
+
+def parallel_on_top(func: L.LoopFunc) -> bool:
+    """Whether the whole body is one parallel loop (then threads split it; else it runs serially)."""
+    return isinstance(func.body, L.For) and func.body.kind is L.LoopKind.PARALLEL
+
+
+def _dtype(e: L.Expr) -> str:
+    match e:
+        case L.Load(buf, _):
+            return buf.dtype
+        case L.Const(_, dtype) | L.Cast(dtype, _) | L.Var(_, dtype) | L.Call(_, _, dtype) | L.SizeVar(_, dtype):
+            return dtype
+        case L.Bin(op, a, _):
+            return "bool" if op in ("<", "<=", "==", "and") else _dtype(a)
+        case L.Select(_, t, _):
+            return _dtype(t)
+    return "int64"
+
+
+def generate(funcs: list[L.LoopFunc], vector_width: int, triple: str) -> ir.Module:
+    """An LLVM module with one function per loop function."""
+    module = ir.Module(name=funcs[0].name)
+    module.triple = triple
+    for f in funcs:
+        Codegen(module, f, vector_width).finish()
+    return module

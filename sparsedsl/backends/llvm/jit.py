@@ -1,0 +1,154 @@
+"""JIT-compile loop IR through llvmlite's MCJIT for the host CPU; object files for AOT builds."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import llvmlite.binding as llvm
+
+from sparsedsl.backends.llvm.codegen import TYPES, generate, parallel_on_top, size_names
+from sparsedsl.config import num_threads
+from sparsedsl.errors import BackendError
+from sparsedsl.ir import loop_ir as L
+
+_CTYPES = {"float32": ctypes.c_float, "float64": ctypes.c_double, "int32": ctypes.c_int32, "int64": ctypes.c_int64}
+
+
+@cache
+def _machine() -> llvm.TargetMachine:
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    llvm.load_library_permanently(ctypes.util.find_library("m"))
+    target = llvm.Target.from_default_triple()
+    return target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
+                                        opt=3, reloc="pic", codemodel="default")
+
+
+def host_cpu() -> str:
+    _machine()
+    return llvm.get_host_cpu_name()
+
+
+def vector_bits() -> int:
+    """The widest vector register of this CPU: 512 with AVX-512, 256 with AVX2, else 128."""
+    features = llvm.get_host_cpu_features()
+    if features.get("avx512f"):
+        return 512
+    return 256 if features.get("avx2") else 128
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="sparsedsl")
+
+
+@dataclass
+class Kernel:
+    """A JIT-compiled function with the calling convention of ``codegen``."""
+
+    func: L.LoopFunc
+    address: int
+
+    def __post_init__(self):
+        argtypes = [ctypes.c_void_p if isinstance(p, L.Buffer) else _CTYPES[p.dtype] for p in self.func.params]
+        self.sizes = size_names(self.func)
+        argtypes += [ctypes.c_int64] * (len(self.sizes) + 2)
+        self.cfunc = ctypes.CFUNCTYPE(None, *argtypes)(self.address)
+        self.parallel = parallel_on_top(self.func)
+
+    def __call__(self, *args) -> None:
+        values: dict[str, int] = {}
+        cargs = []
+        for p, a in zip(self.func.params, args):
+            if isinstance(p, L.Buffer):
+                cargs.append(a.data_ptr())
+                for dim, n in zip(p.shape, a.shape):
+                    if isinstance(dim, L.SizeVar):
+                        values[dim.name] = int(n)
+            else:
+                cargs.append(a)
+                values[p.name] = a
+        cargs += [values[n] for n in self.sizes]
+        threads = num_threads() if self.parallel else 1
+        if threads == 1:
+            self.cfunc(*cargs, 0, 1)
+            return
+        # ctypes releases the GIL: each thread runs its chunk of the outermost parallel loop
+        futures = [_pool(threads).submit(self.cfunc, *cargs, t, threads) for t in range(threads)]
+        for f in futures:
+            f.result()
+
+
+@dataclass
+class Built:
+    """Compiled variants of one kernel (same interface as the TVM backend's ``Built``)."""
+
+    functions: dict[str, Kernel]
+    llvm_ir: str
+    engine: object
+    library: Path | None = None
+
+    def source(self, stage: str) -> str:
+        if stage in ("llvm", "ll"):
+            return self.llvm_ir
+        if stage == "asm":
+            return _machine().emit_assembly(llvm.parse_assembly(self.llvm_ir))
+        raise BackendError(f"the llvm backend emits 'llvm' and 'asm', not '{stage}'")
+
+    def export(self, path: Path) -> None:
+        """A shared library of these kernels (object file linked by the system C compiler)."""
+        if self.library is not None:
+            Path(path).write_bytes(self.library.read_bytes())
+            return
+        obj = _machine().emit_object(_optimized(self.llvm_ir))
+        with tempfile.TemporaryDirectory() as tmp:
+            o = Path(tmp) / "kernels.o"
+            o.write_bytes(obj)
+            cc = os.environ.get("CC", "cc")
+            result = subprocess.run([cc, "-shared", "-o", str(path), str(o), "-lm"], capture_output=True, text=True)
+            if result.returncode:
+                raise BackendError(f"linking the kernels failed: {result.stderr.strip()}")
+
+
+def _optimized(text: str) -> llvm.ModuleRef:
+    mod = llvm.parse_assembly(text)
+    mod.verify()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    pb = llvm.create_pass_builder(_machine(), pto)
+    pb.getModulePassManager().run(mod, pb)
+    return mod
+
+
+def build(funcs: list[L.LoopFunc]) -> Built:
+    """Generate, optimise and JIT the functions."""
+    machine = _machine()
+    module = generate(funcs, vector_bits(), machine.triple)
+    text = str(module)
+    try:
+        mod = _optimized(text)
+    except RuntimeError as err:
+        raise BackendError(f"LLVM rejected kernel '{funcs[0].name}': {err}") from None
+    engine = llvm.create_mcjit_compiler(mod, machine)
+    engine.finalize_object()
+    functions = {f.name: Kernel(f, engine.get_function_address(f.name)) for f in funcs}
+    return Built(functions, text, engine)
+
+
+def load_library(path: Path, funcs: list[L.LoopFunc]) -> Built:
+    """Kernels from a shared library written by ``Built.export``."""
+    lib = ctypes.CDLL(str(path))
+    functions = {f.name: Kernel(f, ctypes.cast(getattr(lib, f.name), ctypes.c_void_p).value) for f in funcs}
+    return Built(functions, "", lib, Path(path))
+
+
+__all__ = ["TYPES", "Built", "build", "host_cpu", "load_library", "vector_bits"]
