@@ -61,9 +61,10 @@ def median_time(fn, reps: int, budget: float = 0.5) -> float:
     return float(np.median(times))
 
 
-def measure(prog, case: dict, reps: int) -> dict:
+def measure(progs: dict, case: dict, reps: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     n, k, m = case["n"], case["k"], case["tokens"]
+    prog = progs["tvm"]
     fmt = prog.format(case["fmt"])
     weight = prune(torch.randn(n, k, generator=gen) / k**0.5, fmt, case["sparsity"])
     packed = prog.pack(fmt, weight)
@@ -77,6 +78,9 @@ def measure(prog, case: dict, reps: int) -> dict:
     torch_csr = median_time(lambda: torch.sparse.mm(csr, x.t()).t(), reps)
     result = dict(case, density=packed.density, max_error=error, dense_ms=dense * 1e3,
                   sparsedsl=ours / dense, torch_csr=torch_csr / dense)
+    for name, other in progs.items():
+        if name != "tvm":
+            result[name] = median_time(lambda p=other: p.linear(x, packed, bias), reps) / dense
     block = tuple(int(v) for v in case["fmt"][4:-1].split(",")) if case["fmt"].startswith("BSR") else None
     if block is not None and block[0] == block[1]:  # torch's CPU BSR takes square blocks only
         bsr = weight.to_sparse_bsr(block)
@@ -139,13 +143,16 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "speedup.png")
+    parser.add_argument("--backend", choices=("tvm", "llvm"), action="append", default=None,
+                        help="add the llvm backend's rows (the tvm backend is always measured)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["SPARSEDSL_NUM_THREADS"] = str(args.threads)
-    prog = sd.compile(ROOT / "examples" / "linear.sdsl")
-    rows = [measure(prog, c, args.reps) for c in tqdm(cases(args.quick), desc="kernels")]
+    progs = {b: sd.compile(ROOT / "examples" / "linear.sdsl", backend=b) for b in ["tvm", *(args.backend or [])]}
+    rows = [measure(progs, c, args.reps) for c in tqdm(cases(args.quick), desc="kernels")]
     header = (f"{'tokens':>6} {'N x K':>11} {'format':<12} {'sparsity':>8} {'limit':>6} {'sparsedsl':>9} "
-              f"{'torch CSR':>9} {'torch BSR':>9} {'scipy':>6} {'vs torch':>8} {'max err':>8}")
+              f"{'torch CSR':>9} {'torch BSR':>9} {'scipy':>6} {'vs torch':>8} {'max err':>8}"
+              + ("  llvm  llvm/tvm" if "llvm" in progs else ""))
     print(f"\nratio = time / F.linear time ({args.threads} threads, fp32, {host_cpu()}); lower is better")
     print(header)
     print("-" * len(header))
@@ -154,11 +161,12 @@ def main() -> None:
         bsr = f"{r['torch_bsr']:9.2f}" if "torch_bsr" in r else f"{'-':>9}"
         print(f"{r['tokens']:>6} {r['n']:>5}x{r['k']:<5} {r['fmt']:<12} {sparsity:>8} {r['density']:6.2f} "
               f"{r['sparsedsl']:9.2f} {r['torch_csr']:9.2f} {bsr} {r['scipy_csr']:6.2f} "
-              f"{r['vs_torch_csr']:7.1f}x {r['max_error']:8.1e}")
+              f"{r['vs_torch_csr']:7.1f}x {r['max_error']:8.1e}"
+              + (f" {r['llvm']:5.2f} {r['llvm'] / r['sparsedsl']:8.2f}" if "llvm" in r else ""))
     report = dict(machine=dict(cpu=host_cpu(), threads=args.threads, python=platform.python_version(),
                                torch=torch.__version__), rows=rows)
     if not (args.quick or args.no_sweep):
-        curves = sweep(prog, args.reps)
+        curves = sweep({"tvm": progs["tvm"]}, args.reps)
         plot(curves, args.plot, f"3072x768 weight, 128 tokens, {args.threads} threads ({host_cpu()})")
         report["sweep"] = curves
         print(f"sweep plotted to {args.plot}")

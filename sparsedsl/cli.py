@@ -20,7 +20,7 @@ def _check(args) -> int:
 
 
 def _emit(args) -> int:
-    program = Program(check(read_source(args.file)), target=args.target)
+    program = Program(check(read_source(args.file)), target=args.target, backend=args.backend)
     if args.kernel not in program.kernels:
         known = ", ".join(program.kernels) or "none"
         raise SdslError(f"no kernel '{args.kernel}' in {args.file} (kernels: {known})")
@@ -32,7 +32,7 @@ def _emit(args) -> int:
 def _build(args) -> int:
     from sparsedsl.runtime.aot import build
 
-    out = build(args.file, args.output, args.target)
+    out = build(args.file, args.output, args.target, args.backend)
     print(f"built {args.file} into {out}")
     return 0
 
@@ -50,11 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", choices=STAGES, default="tir")
     p.add_argument("--format", help="format of the sparse input, e.g. 'NM(2, 4)' (default: the kernel's)")
     p.add_argument("--target", default="cpu")
+    p.add_argument("--backend", choices=("tvm", "llvm"), default="tvm")
     p.set_defaults(run=_emit)
     p = sub.add_parser("build", help="compile every kernel ahead of time into a directory")
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--target", default="cpu")
+    p.add_argument("--backend", choices=("tvm", "llvm"), default="tvm")
     p.set_defaults(run=_build)
     args = parser.parse_args(argv)
     try:

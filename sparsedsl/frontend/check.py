@@ -19,6 +19,11 @@ from sparsedsl.ir.formats import Format, FormatDef, LevelTemplate, make_level
 
 LEVEL_ARITY = {"dense": (0,), "compressed": (0, 1), "singleton": (0,), "nm": (2,), "fixed": (1,)}
 TARGETS = ("cpu", "cuda")
+_SPELLING = {v: k for k, v in K.DTYPES.items()}  # float32 -> f32: messages use the names users write
+
+
+def _dt(dtype: str) -> str:
+    return _SPELLING.get(dtype, dtype)
 
 
 @dataclass
@@ -37,7 +42,17 @@ class Program:
         if fdef is None:
             known = ", ".join(sorted(self.formats))
             raise SdslSemanticError(f"unknown format '{ref.name.text}' (known: {known})", ref.name.span)
-        return fdef.instantiate(tuple(int(a.value) for a in ref.args), ref.span)
+        fmt = fdef.instantiate(tuple(int(a.value) for a in ref.args), ref.span)
+        for level_map, level in zip(fmt.maps, fmt.levels):
+            m = getattr(level, "m", None)
+            if level.name == "nm" and (level_map.op != "%" or level_map.factor != m):
+                where = level_map.text(fmt.dims)
+                raise SdslSemanticError(
+                    f"{fmt.label} stores {level.describe()} on '{where}': an nm(n, m) level must store "
+                    f"'{fmt.dims[level_map.dim]} % {m}'",
+                    ref.span,
+                )
+        return fmt
 
     def parse_format(self, text: str) -> Format:
         """A format written as text, as users pass it to ``pack``: ``"BSR(4, 1)"``."""
@@ -141,6 +156,12 @@ def _check_format(decl: ast.FormatDecl) -> FormatDef:
             if args and all(isinstance(a, int) for a in args):
                 make_level(kind, args, kind_span)  # literal arguments are validated here, not at use
         factor = param_value(lvl.dim.operand, "block size") if lvl.dim.operand else 1
+        if kind == "nm":
+            # A group of m coordinates: the level must be 'j % m' (checked at use when they differ by name).
+            m = args[1]
+            written = dim if lvl.dim.op is None else f"{dim} {lvl.dim.op} {factor}"
+            if lvl.dim.op != "%" or (isinstance(factor, int) and isinstance(m, int) and factor != m):
+                raise SdslSemanticError(f"an nm(n, m) level must store '{dim} % {m}', not '{written}'", lvl.dim.span)
         parts[dim].append((lvl.dim.op, factor, lvl))
         arg_spans = tuple(a.span for a in lvl.args)
         levels.append(LevelTemplate(dims.index(dim), lvl.dim.op, factor, kind, args, lvl.span, arg_spans))
@@ -252,7 +273,7 @@ def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
     value, dtype = _check_expr(stmt.value, scope, extents, frozenset(out_indices), set(), program)
     if dtype is not None and dtype != output.dtype:
         raise SdslSemanticError(
-            f"the value has dtype {dtype} but the output '{output.name}' is {output.dtype}", stmt.value.span
+            f"the value has dtype {_dt(dtype)} but the output '{output.name}' is {_dt(output.dtype)}", stmt.value.span
         )
     given = {d for p in params.values() for d in p.shape or ()}
     for idx, dim in zip(stmt.target.indices, output.shape):
@@ -329,7 +350,7 @@ def _check_expr(
             a, da = _check_expr(node.lhs, scope, extents, bound, used, program)
             b, db = _check_expr(node.rhs, scope, extents, bound, used, program)
             if da and db and da != db:
-                raise SdslSemanticError(f"dtype mismatch: {da} {node.op} {db}", node.span)
+                raise SdslSemanticError(f"dtype mismatch: {_dt(da)} {node.op} {_dt(db)}", node.span)
             return K.KBin(node.op, a, b), da or db
         case ast.Call():
             func = node.func.text
@@ -344,7 +365,7 @@ def _check_expr(
             dtypes = {d for _, d in checked if d}
             if len(dtypes) > 1:
                 raise SdslSemanticError(
-                    f"dtype mismatch in arguments of '{func}': {', '.join(sorted(dtypes))}", node.span
+                    f"dtype mismatch in arguments of '{func}': {', '.join(sorted(map(_dt, dtypes)))}", node.span
                 )
             return K.KCall(func, tuple(e for e, _ in checked)), next(iter(dtypes), None)
         case ast.Reduction():

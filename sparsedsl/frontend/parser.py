@@ -18,7 +18,6 @@ _TERMINAL_WORDS = {
     "DTYPE": "a dtype (f32, f16, bf16, f64)",
     "STRING": "a quoted string",
     "THREAD_AXIS": "a GPU axis such as blockIdx.x or threadIdx.x",
-    "DIMOP": "'/' or '%'",
     "$END": "end of file",
 }
 
@@ -198,7 +197,7 @@ def _describe(terminal: str) -> str:
 
 
 def _expected(names) -> str:
-    words = sorted({_describe(n) for n in names})
+    words = sorted({w for n in names for w in (("'%'", "'/'") if n == "DIMOP" else (_describe(n),))})
     if len(words) == 1:
         return words[0]
     return ", ".join(words[:-1]) + " or " + words[-1]

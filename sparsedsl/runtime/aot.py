@@ -40,18 +40,28 @@ class AotRule:
     kernel: str | None
 
 
-def _versions() -> dict[str, str]:
-    import tvm
-
+def _versions(backend: str) -> dict[str, str]:
     from sparsedsl import __version__
 
-    return {"sparsedsl": __version__, "tvm": tvm.__version__, "torch": torch.__version__}
+    versions = {"sparsedsl": __version__, "torch": torch.__version__}
+    if backend == "tvm":
+        import tvm
+
+        versions["tvm"] = tvm.__version__
+    else:
+        import llvmlite
+
+        versions["llvmlite"] = llvmlite.__version__
+    return versions
 
 
 def _target(program: Program) -> dict[str, str]:
-    from sparsedsl.backends.tvm.cpu import host_cpu
-
-    return {"kind": program.target, "mtriple": "x86_64-unknown-linux-gnu", "cpu": host_cpu()}
+    if program.backend == "tvm":
+        from sparsedsl.backends.tvm.cpu import host_cpu
+    else:
+        from sparsedsl.backends.llvm.jit import host_cpu
+    return {"kind": program.target, "backend": program.backend, "mtriple": "x86_64-unknown-linux-gnu",
+            "cpu": host_cpu()}
 
 
 def _slug(text: str) -> str:
@@ -72,10 +82,11 @@ def _formats_to_build(program: Program) -> dict[str, list[Format | None]]:
     return out
 
 
-def build(path_or_source, out_dir: str | os.PathLike, target: str = "cpu") -> Path:
+def build(path_or_source, out_dir: str | os.PathLike, target: str = "cpu", backend: str = "tvm") -> Path:
     """Compile every kernel of a .sdsl file for its formats and write them with a manifest."""
     source = read_source(path_or_source)
-    program = Program(check(source), target, cache_dir=None)
+    program = Program(check(source), target, backend)
+    program.cache_dir = None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / SOURCE).write_text(source.text)
@@ -102,7 +113,7 @@ def build(path_or_source, out_dir: str | os.PathLike, target: str = "cpu") -> Pa
     ]
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "versions": _versions(),
+        "versions": _versions(backend),
         "target": _target(program),
         "source": {"file": SOURCE, "sha256": hashlib.sha256(source.text.encode()).hexdigest(),
                    "name": source.filename},
@@ -113,12 +124,22 @@ def build(path_or_source, out_dir: str | os.PathLike, target: str = "cpu") -> Pa
     return out
 
 
-def load(directory: str | os.PathLike) -> Program:
-    """The Program of an AOT build, its kernels loaded from their libraries; nothing compiles.
-    A mismatched schema, version, CPU or checksum is an AotError."""
+def _load_library(backend: str, lib: Path, funcs):
+    if backend == "llvm":
+        from sparsedsl.backends.llvm.jit import load_library
+
+        return load_library(lib, funcs)
     from sparsedsl.backends.tvm.cpu import Built, load_module
     from sparsedsl.backends.tvm.tir import to_tir
 
+    module = load_module(lib)
+    prims = {f.name: to_tir(f) for f in funcs}
+    return Built(module, {name: module[name] for name in prims}, prims, lib)
+
+
+def load(directory: str | os.PathLike) -> Program:
+    """The Program of an AOT build, its kernels loaded from their libraries; nothing compiles.
+    A mismatched schema, version, CPU or checksum is an AotError."""
     root = Path(directory)
     try:
         manifest = json.loads((root / MANIFEST).read_text())
@@ -128,14 +149,15 @@ def load(directory: str | os.PathLike) -> Program:
         raise AotError(f"{root / MANIFEST} is damaged: {err}") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise AotError(f"{root}: build schema {manifest.get('schema_version')}, this sparsedsl reads {SCHEMA_VERSION}")
-    for tool, version in _versions().items():
+    backend = manifest.get("target", {}).get("backend", "tvm")
+    for tool, version in _versions(backend).items():
         if manifest["versions"].get(tool) != version:
             raise AotError(f"{root} was built with {tool} {manifest['versions'].get(tool)}, this is {version}: rebuild it")
     source_text = (root / SOURCE).read_text()
     if hashlib.sha256(source_text.encode()).hexdigest() != manifest["source"]["sha256"]:
         raise AotError(f"{root / SOURCE} does not match the manifest's hash")
-    program = Program(check(Source(source_text, manifest["source"]["name"])), manifest["target"]["kind"],
-                      cache_dir=None)
+    program = Program(check(Source(source_text, manifest["source"]["name"])), manifest["target"]["kind"], backend)
+    program.cache_dir = None
     here = _target(program)
     if manifest["target"] != here:
         raise AotError(f"{root} was built for {manifest['target']}, this machine is {here}: rebuild it here")
@@ -148,10 +170,7 @@ def load(directory: str | os.PathLike) -> Program:
         variants = compiled.lowered(fmt)
         if list(variants) != entry["variants"]:
             raise AotError(f"{lib}: its variants {entry['variants']} differ from this compiler's {list(variants)}")
-        module = load_module(lib)
-        prims = {f.name: to_tir(f) for f in variants.values()}
-        built = Built(module, {name: module[name] for name in prims}, prims, lib)
-        compiled.instances[fmt] = Instance(variants, built)
+        compiled.instances[fmt] = Instance(variants, _load_library(backend, lib, list(variants.values())))
     program.aot = root
     program.rules = [AotRule(r["pattern"], r["format"], r["sparsity"], r["kernel"]) for r in manifest["rules"]]
     return program

@@ -42,8 +42,9 @@ class LayerReport:
     note: str = ""
 
 
-def _rules_from_source(rules, model_name: str | None, target: str, cache_dir) -> tuple[Program, list[Rule]]:
-    program = compile(rules, target, cache_dir=cache_dir)
+def _rules_from_source(rules, model_name: str | None, target: str, backend: str, cache_dir
+                       ) -> tuple[Program, list[Rule]]:
+    program = compile(rules, target, backend, cache_dir=cache_dir)
     models = program.checked.models
     if not models:
         raise SdslError("the rules file has no 'model' block")
@@ -73,9 +74,11 @@ def _rules_from_dict(rules: dict) -> list[Rule]:
 
 def compile_model(model: nn.Module, rules, target: str = "cpu", cache_dir: str | os.PathLike | None = None,
                   aot: str | os.PathLike | None = None, verbose: bool = False, model_name: str | None = None,
-                  keep_dense_above: float = MAX_SPARSE_DENSITY) -> nn.Module:
+                  keep_dense_above: float = MAX_SPARSE_DENSITY, backend: str = "tvm") -> nn.Module:
     """A copy of ``model`` whose matching ``nn.Linear`` layers are ``SparseLinear``.
 
+    ``backend`` is ``"tvm"`` or ``"llvm"``; ``aot`` a directory from ``sparsedsl build`` (then
+    ``rules`` is ignored: the build's rules apply and nothing compiles).
     ``rules`` is a .sdsl path or source with a ``model`` block, or a dict ``{glob: format}`` /
     ``{glob: (format, sparsity)}``. Layers with a sparsity are pruned by magnitude; others are
     packed as they are (a weight that does not fit is an error naming the layer). A layer whose
@@ -90,8 +93,8 @@ def compile_model(model: nn.Module, rules, target: str = "cpu", cache_dir: str |
     elif isinstance(rules, dict):
         program, rule_list = None, _rules_from_dict(rules)
     else:
-        program, rule_list = _rules_from_source(rules, model_name, target, cache_dir)
-    nn_prog = ops.nn_program(program, target)
+        program, rule_list = _rules_from_source(rules, model_name, target, backend, cache_dir)
+    nn_prog = ops.nn_program(program, target, backend if program is None else program.backend)
     if cache_dir is not None:
         nn_prog.cache_dir = Path(cache_dir)
     result = copy.deepcopy(model)

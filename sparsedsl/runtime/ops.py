@@ -55,22 +55,23 @@ def _nn_source() -> str:
     return resources.files("sparsedsl").joinpath("nn.sdsl").read_text()
 
 
-def nn_program(formats_of: Program | None = None, target: str = "cpu") -> Program:
+def nn_program(formats_of: Program | None = None, target: str = "cpu", backend: str | None = None) -> Program:
     """The program of sparsedsl/nn.sdsl (linear layers and their gradients), knowing the formats of
-    another program too. Cached per program it borrows formats from."""
-    owner = formats_of if formats_of is not None else _default_owner(target)
+    another program too (and using its backend). Cached per program it borrows formats from."""
+    backend = backend or (formats_of.backend if formats_of is not None else "tvm")
+    owner = formats_of if formats_of is not None else _default_owner(target, backend)
     nn = getattr(owner, "_nn_program", None)
     if nn is None:
         formats = owner.checked.formats if formats_of is not None else None
-        nn = Program(check(Source(_nn_source(), "<sparsedsl/nn.sdsl>"), formats), target)
+        nn = Program(check(Source(_nn_source(), "<sparsedsl/nn.sdsl>"), formats), target, backend)
         owner._nn_program = nn
         register(nn)
     return nn
 
 
 @cache
-def _default_owner(target: str) -> Program:
-    return Program(check(Source("", "<none>")), target)
+def _default_owner(target: str, backend: str) -> Program:
+    return Program(check(Source("", "<none>")), target, backend)
 
 
 def _weight(key: str, fmt: str, shape: list[int], structure: list[torch.Tensor], values: torch.Tensor) -> SparseTensor:

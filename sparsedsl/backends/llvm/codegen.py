@@ -364,9 +364,12 @@ class Codegen:
         if loop.kind is L.LoopKind.VECTORIZED and _vectorizable(loop) and loop.extent.value % self._lanes(loop) == 0:
             self._vector_for(loop)
             return
+        if loop.kind is L.LoopKind.PARALLEL and not top:
+            raise BackendError(f"the llvm backend runs only a kernel's outermost loop in parallel; "
+                               f"loop '{loop.var.name}' of '{self.func.name}' is nested (parallelize the outer loop)")
         start = self.expr(loop.start)
         stop = self.b.add(start, self.expr(loop.extent))
-        if loop.kind is L.LoopKind.PARALLEL and top:
+        if loop.kind is L.LoopKind.PARALLEL:
             # this thread's chunk of the iterations
             count = self.b.sub(stop, start)
             chunk = self.b.sdiv(self.b.add(count, self.b.sub(self.nthreads, ir.Constant(I64, 1))), self.nthreads)

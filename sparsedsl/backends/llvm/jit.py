@@ -23,17 +23,22 @@ _CTYPES = {"float32": ctypes.c_float, "float64": ctypes.c_double, "int32": ctype
 
 
 @cache
-def _machine() -> llvm.TargetMachine:
+def _initialize() -> None:
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     llvm.load_library_permanently(ctypes.util.find_library("m"))
+
+
+def _machine() -> llvm.TargetMachine:
+    """A new target machine for this CPU (an MCJIT engine owns, and frees, the one it is given)."""
+    _initialize()
     target = llvm.Target.from_default_triple()
     return target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
                                         opt=3, reloc="pic", codemodel="default")
 
 
 def host_cpu() -> str:
-    _machine()
+    _initialize()
     return llvm.get_host_cpu_name()
 
 
@@ -77,14 +82,33 @@ class Kernel:
                 cargs.append(a)
                 values[p.name] = a
         cargs += [values[n] for n in self.sizes]
-        threads = num_threads() if self.parallel else 1
-        if threads == 1:
+        threads = min(num_threads(), self._iterations(values)) if self.parallel else 1
+        if threads <= 1:
             self.cfunc(*cargs, 0, 1)
             return
-        # ctypes releases the GIL: each thread runs its chunk of the outermost parallel loop
-        futures = [_pool(threads).submit(self.cfunc, *cargs, t, threads) for t in range(threads)]
+        # ctypes releases the GIL: each thread runs its chunk of the outermost parallel loop,
+        # this one included
+        futures = [_pool(threads).submit(self.cfunc, *cargs, t, threads) for t in range(1, threads)]
+        self.cfunc(*cargs, 0, threads)
         for f in futures:
             f.result()
+
+    def _iterations(self, values: dict[str, int]) -> int:
+        """How many iterations the outermost parallel loop has for these sizes."""
+        return max(1, int(_evaluate(self.func.body.extent, values)))
+
+
+def _evaluate(e: L.Expr, values: dict[str, int]) -> int:
+    match e:
+        case L.Const(v):
+            return int(v)
+        case L.SizeVar(n) | L.Var(n):
+            return values[n]
+        case L.Bin(op, a, b):
+            x, y = _evaluate(a, values), _evaluate(b, values)
+            return {"+": x + y, "-": x - y, "*": x * y, "//": x // y, "%": x % y, "min": min(x, y),
+                    "max": max(x, y)}[op]
+    return 1 << 30  # data-dependent: split across every thread
 
 
 @dataclass
@@ -132,7 +156,7 @@ def _optimized(text: str) -> llvm.ModuleRef:
 def build(funcs: list[L.LoopFunc]) -> Built:
     """Generate, optimise and JIT the functions."""
     machine = _machine()
-    module = generate(funcs, vector_bits(), machine.triple)
+    module = generate(funcs, vector_bits(), llvm.get_process_triple())
     text = str(module)
     try:
         mod = _optimized(text)

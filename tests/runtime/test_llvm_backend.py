@@ -1,0 +1,60 @@
+"""The llvmlite backend: never imports TVM, AOT builds, schedule support, compile_model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import sparsedsl as sd
+from sparsedsl.cli import main as cli
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_llvm_backend_never_imports_tvm(tmp_path):
+    script = (
+        "import sys, torch, sparsedsl as sd\n"
+        f"prog = sd.compile({str(ROOT / 'examples' / 'linear.sdsl')!r}, backend='llvm')\n"
+        "w = sd.prune(torch.randn(32, 16), 'NM(2, 4)', 0.5)\n"
+        "x = torch.randn(5, 16)\n"
+        "assert torch.allclose(prog.linear(x, prog.pack('NM(2, 4)', w), torch.zeros(32)), x @ w.T, atol=1e-5)\n"
+        f"sd.load({str(tmp_path)!r})\n"
+        "assert 'tvm' not in sys.modules, 'tvm was imported'\n"
+    )
+    assert cli(["build", str(ROOT / "examples" / "minilm.sdsl"), "-o", str(tmp_path), "--backend", "llvm"]) == 0
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_emit_llvm_backend(capsys):
+    assert cli(["emit", str(ROOT / "examples" / "linear.sdsl"), "--kernel", "linear", "--stage", "llvm",
+                "--backend", "llvm"]) == 0
+    out = capsys.readouterr().out
+    assert "define void" in out and "<16 x float>" in out or "<8 x float>" in out
+
+
+def test_nested_parallel_loop_is_a_clear_error():
+    prog = sd.compile("""
+kernel lin(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) {
+    Y[m, n] = sum(k) X[m, k] * W[n, k]
+}
+schedule lin on cpu { parallel n }
+""", backend="llvm")
+    w = sd.prune(torch.randn(8, 8), "CSR", 0.5)
+    with pytest.raises(sd.BackendError, match="outermost loop in parallel"):
+        prog.lin(torch.randn(2, 8), prog.pack("CSR", w))
+
+
+def test_compile_model_llvm_backend():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    sparse = sd.compile_model(model, {"0": ("BSR(4, 1)", 0.5), "2": ("CSR", 0.5)}, backend="llvm")
+    reference = nn.Sequential(sparse[0].to_dense(), nn.ReLU(), sparse[2].to_dense())
+    x = torch.randn(70, 16, requires_grad=True)
+    torch.testing.assert_close(sparse(x), reference(x), rtol=1e-4, atol=1e-5)
+    sparse(x).sum().backward()
+    assert sparse[0].values.grad is not None
