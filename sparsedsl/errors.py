@@ -29,8 +29,8 @@ class Source:
     filename: str = "<string>"
 
     def line_text(self, line: int) -> str:
-        lines = self.text.splitlines()
-        return lines[line - 1] if 0 < line <= len(lines) else ""
+        lines = self.text.split("\n")  # the parser counts only newlines, not form feeds and the like
+        return lines[line - 1].rstrip("\r") if 0 < line <= len(lines) else ""
 
 
 class SdslError(Exception):

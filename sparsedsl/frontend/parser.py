@@ -52,9 +52,6 @@ class _ToAst(Transformer):
     def _span(meta) -> Span:
         return Span(meta.line, meta.column, meta.end_line, meta.end_column)
 
-    def start(self, meta, decls):
-        return ast.Module(tuple(decls))
-
     # formats
     def format_decl(self, meta, children):
         name, *rest = children
@@ -232,7 +229,8 @@ def _unexpected_token(tok: Token, accepts: set[str], source: Source) -> tuple[st
         start = tok.start_pos
         while start > 0 and source.text[start - 1].isdigit():
             start -= 1
-        if start < tok.start_pos:
+        before = source.text[start - 1] if start > 0 else " "
+        if start < tok.start_pos and not (before.isalnum() or before in "_."):
             text = source.text[start : tok.end_pos]
             span = Span(tok.line, tok.column - (tok.start_pos - start), span.end_line, span.end_column)
             return f"expected an integer, found '{text}'", span

@@ -8,6 +8,7 @@ integers bound (``BSR(4, 1)``). Packing, unpacking and iteration are composed fr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -74,15 +75,20 @@ class Format:
     def rank(self) -> int:
         return len(self.dims)
 
-    def __str__(self) -> str:
+    @cached_property
+    def text(self) -> str:
+        """The format's definition, as .sdsl; two formats are equal when their texts are."""
         inner = ", ".join(f"{m.text(self.dims)}: {lvl.describe()}" for m, lvl in zip(self.maps, self.levels))
         return f"{self.label} = ({', '.join(self.dims)}) -> ({inner})"
 
+    def __str__(self) -> str:
+        return self.text
+
     def __hash__(self) -> int:
-        return hash(str(self))
+        return hash(self.text)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Format) and str(self) == str(other)
+        return isinstance(other, Format) and self.text == other.text
 
     def buffer_keys(self) -> list[str]:
         """Keys of the index buffers (``{level}_{suffix}``), level by level."""

@@ -78,8 +78,7 @@ def _weight(key: str, fmt: str, shape: list[int], structure: list[torch.Tensor],
     return SparseTensor.from_structure(_PROGRAMS[key].format(fmt), tuple(shape), structure, values)
 
 
-@torch.library.custom_op("sparsedsl::linear", mutates_args=())
-def linear(
+def run_linear(
     x: torch.Tensor,
     structure: list[torch.Tensor],
     values: torch.Tensor,
@@ -100,6 +99,10 @@ def linear(
         args.append(residual.reshape(-1, shape[0]).contiguous())
     out = _PROGRAMS[program].kernels[kernel](*args)
     return out.reshape(*x.shape[:-1], shape[0])
+
+
+# the op: the same function, traceable (fake below) and differentiable (autograd at the end)
+linear = torch.library.custom_op("sparsedsl::linear", mutates_args=())(run_linear)
 
 
 @linear.register_fake

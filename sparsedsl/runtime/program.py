@@ -33,10 +33,30 @@ class Instance:
 
     variants: dict[str, L.LoopFunc]
     built: object
+    plans: list[tuple[str, str | None]] = field(default_factory=list)
 
     @property
     def params(self) -> tuple:
         return next(iter(self.variants.values())).params
+
+    def plan(self, kernel: K.Kernel) -> list[tuple[str, str | None]]:
+        """Where each argument of the compiled function comes from: ``("arg", name)`` a call
+        argument, ``("size", name)`` a shape size, ``("sparse", key)`` a buffer of the sparse input,
+        ``("out", None)`` the output. Worked out once; calls only look it up."""
+        if not self.plans:
+            out = kernel.output.name
+            dense = {p.name for p in kernel.inputs if not p.sparse}
+            prefix = f"{kernel.sparse_input.name}_" if kernel.sparse_input else ""
+            for p in self.params:
+                if p.name in (out, f"{out}_vals"):
+                    self.plans.append(("out", None))
+                elif p.name in dense:
+                    self.plans.append(("arg", p.name))
+                elif isinstance(p, L.Var):
+                    self.plans.append(("size", p.name))
+                else:
+                    self.plans.append(("sparse", p.name.removeprefix(prefix)))
+        return self.plans
 
     def function(self, sizes: dict[str, int]):
         """The compiled variant for a call whose shape names have ``sizes``."""
@@ -143,18 +163,8 @@ class CompiledKernel:
             result = torch.empty_like(sparse.values, dtype=TORCH_DTYPES[out.dtype])
         else:
             result = torch.empty(tuple(sizes[d] for d in out.shape), dtype=TORCH_DTYPES[out.dtype])
-        flat = []
-        for p in inst.params:
-            if isinstance(p, L.Var) and p.name in call_args:
-                flat.append(call_args[p.name])
-            elif isinstance(p, L.Var):
-                flat.append(sizes[p.name])
-            elif p.name == out.name or p.name == f"{out.name}_vals":
-                flat.append(result)
-            elif p.name in call_args:
-                flat.append(call_args[p.name])
-            else:
-                flat.append(sparse.buffers[p.name.split("_", 1)[1]])
+        sources = {"arg": call_args, "size": sizes, "sparse": sparse.buffers if sparse else {}}
+        flat = [result if kind == "out" else sources[kind][key] for kind, key in inst.plan(kernel)]
         inst.function(sizes)(*flat)
         return sparse.with_values(result) if out.pattern_of else result
 
