@@ -39,8 +39,13 @@ print(json.dumps({"cold_s": cold, "compile_s": spent[0]}))
 
 def measure(backend: str) -> dict:
     env = dict(os.environ, SPARSEDSL_CACHE_DIR="off")
-    out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "examples" / "minilm.sdsl"), backend],
-                         env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(ROOT / "examples" / "minilm.sdsl"), backend],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

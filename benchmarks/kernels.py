@@ -35,14 +35,14 @@ def cases(quick: bool) -> list[dict]:
     """(tokens, N, K, format, sparsity) rows of the main table."""
     rows = []
     for n, k in BERT[:1] if quick else BERT:
-        rows.append(dict(tokens=128, n=n, k=k, fmt="CSR", sparsity=0.7))
-        rows += [dict(tokens=128, n=n, k=k, fmt=f, sparsity=0.9) for f in FORMATS_90]
-        rows += [dict(tokens=128, n=n, k=k, fmt=f, sparsity=None) for f in STRUCTURED]
+        rows.append({"tokens": 128, "n": n, "k": k, "fmt": "CSR", "sparsity": 0.7})
+        rows += [{"tokens": 128, "n": n, "k": k, "fmt": f, "sparsity": 0.9} for f in FORMATS_90]
+        rows += [{"tokens": 128, "n": n, "k": k, "fmt": f, "sparsity": None} for f in STRUCTURED]
     if not quick:
         for n, k in [(1536, 384), (384, 1536)]:
-            rows += [dict(tokens=1024, n=n, k=k, fmt=f, sparsity=0.9) for f in ("CSR", "BSR(4, 1)")]
+            rows += [{"tokens": 1024, "n": n, "k": k, "fmt": f, "sparsity": 0.9} for f in ("CSR", "BSR(4, 1)")]
         for tokens in (16, 1):
-            rows += [dict(tokens=tokens, n=4096, k=4096, fmt=f, sparsity=0.9) for f in ("CSR", "BSR(4, 1)")]
+            rows += [{"tokens": tokens, "n": 4096, "k": 4096, "fmt": f, "sparsity": 0.9} for f in ("CSR", "BSR(4, 1)")]
     return rows
 
 
@@ -76,8 +76,14 @@ def measure(progs: dict, case: dict, reps: int) -> dict:
     ours = median_time(lambda: prog.linear(x, packed, bias), reps)
     csr = weight.to_sparse_csr()
     torch_csr = median_time(lambda: torch.sparse.mm(csr, x.t()).t(), reps)
-    result = dict(case, density=packed.density, max_error=error, dense_ms=dense * 1e3,
-                  sparsedsl=ours / dense, torch_csr=torch_csr / dense)
+    result = dict(
+        case,
+        density=packed.density,
+        max_error=error,
+        dense_ms=dense * 1e3,
+        sparsedsl=ours / dense,
+        torch_csr=torch_csr / dense,
+    )
     for name, other in progs.items():
         if name != "tvm":
             result[name] = median_time(lambda p=other: p.linear(x, packed, bias), reps) / dense
@@ -101,12 +107,12 @@ def sweep(prog, reps: int, n: int = 3072, k: int = 768, tokens: int = 128) -> di
         for s in levels:
             if fmt.startswith("ELL"):
                 continue
-            r = measure(prog, dict(tokens=tokens, n=n, k=k, fmt=fmt, sparsity=s), reps)
+            r = measure(prog, {"tokens": tokens, "n": n, "k": k, "fmt": fmt, "sparsity": s}, reps)
             points.append((s, 1 / r["sparsedsl"], 1 / r["torch_csr"]))
         if points:
             curves[fmt] = points
     for fmt in STRUCTURED:
-        r = measure(prog, dict(tokens=tokens, n=n, k=k, fmt=fmt, sparsity=None), reps)
+        r = measure(prog, {"tokens": tokens, "n": n, "k": k, "fmt": fmt, "sparsity": None}, reps)
         curves[fmt] = [(1 - r["density"], 1 / r["sparsedsl"], 1 / r["torch_csr"])]
     return curves
 
@@ -143,28 +149,44 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "speedup.png")
-    parser.add_argument("--backend", choices=("tvm", "llvm"), action="append", default=None,
-                        help="add the llvm backend's rows (the tvm backend is always measured)")
+    parser.add_argument(
+        "--backend",
+        choices=("tvm", "llvm"),
+        action="append",
+        default=None,
+        help="add the llvm backend's rows (the tvm backend is always measured)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["SPARSEDSL_NUM_THREADS"] = str(args.threads)
     progs = {b: sd.compile(ROOT / "examples" / "linear.sdsl", backend=b) for b in ["tvm", *(args.backend or [])]}
     rows = [measure(progs, c, args.reps) for c in tqdm(cases(args.quick), desc="kernels")]
-    header = (f"{'tokens':>6} {'N x K':>11} {'format':<12} {'sparsity':>8} {'limit':>6} {'sparsedsl':>9} "
-              f"{'torch CSR':>9} {'torch BSR':>9} {'scipy':>6} {'vs torch':>8} {'max err':>8}"
-              + ("  llvm  llvm/tvm" if "llvm" in progs else ""))
+    header = (
+        f"{'tokens':>6} {'N x K':>11} {'format':<12} {'sparsity':>8} {'limit':>6} {'sparsedsl':>9} "
+        f"{'torch CSR':>9} {'torch BSR':>9} {'scipy':>6} {'vs torch':>8} {'max err':>8}"
+        + ("  llvm  llvm/tvm" if "llvm" in progs else "")
+    )
     print(f"\nratio = time / F.linear time ({args.threads} threads, fp32, {host_cpu()}); lower is better")
     print(header)
     print("-" * len(header))
     for r in rows:
         sparsity = "n:m" if r["sparsity"] is None else f"{r['sparsity']:.0%}"
         bsr = f"{r['torch_bsr']:9.2f}" if "torch_bsr" in r else f"{'-':>9}"
-        print(f"{r['tokens']:>6} {r['n']:>5}x{r['k']:<5} {r['fmt']:<12} {sparsity:>8} {r['density']:6.2f} "
-              f"{r['sparsedsl']:9.2f} {r['torch_csr']:9.2f} {bsr} {r['scipy_csr']:6.2f} "
-              f"{r['vs_torch_csr']:7.1f}x {r['max_error']:8.1e}"
-              + (f" {r['llvm']:5.2f} {r['llvm'] / r['sparsedsl']:8.2f}" if "llvm" in r else ""))
-    report = dict(machine=dict(cpu=host_cpu(), threads=args.threads, python=platform.python_version(),
-                               torch=torch.__version__), rows=rows)
+        print(
+            f"{r['tokens']:>6} {r['n']:>5}x{r['k']:<5} {r['fmt']:<12} {sparsity:>8} {r['density']:6.2f} "
+            f"{r['sparsedsl']:9.2f} {r['torch_csr']:9.2f} {bsr} {r['scipy_csr']:6.2f} "
+            f"{r['vs_torch_csr']:7.1f}x {r['max_error']:8.1e}"
+            + (f" {r['llvm']:5.2f} {r['llvm'] / r['sparsedsl']:8.2f}" if "llvm" in r else "")
+        )
+    report = {
+        "machine": {
+            "cpu": host_cpu(),
+            "threads": args.threads,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "rows": rows,
+    }
     if not (args.quick or args.no_sweep):
         curves = sweep({"tvm": progs["tvm"]}, args.reps)
         plot(curves, args.plot, f"3072x768 weight, 128 tokens, {args.threads} threads ({host_cpu()})")

@@ -17,9 +17,10 @@ import copy  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import sparsedsl as sd  # noqa: E402  (first: it sets OpenMP's wait policy before torch starts)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+import sparsedsl as sd  # noqa: E402  (first: it sets OpenMP's wait policy before torch starts)
 
 HERE = Path(__file__).parent
 SENTENCES = [
@@ -87,32 +88,44 @@ def main() -> None:
     ids = torch.randint(1000, 20000, (args.batch, args.tokens))
     mask = torch.ones_like(ids)
     with torch.inference_mode():
-        diff = (sparse(input_ids=ids, attention_mask=mask).last_hidden_state
-                - reference(input_ids=ids, attention_mask=mask).last_hidden_state).abs().max().item()
+        diff = (
+            (
+                sparse(input_ids=ids, attention_mask=mask).last_hidden_state
+                - reference(input_ids=ids, attention_mask=mask).last_hidden_state
+            )
+            .abs()
+            .max()
+            .item()
+        )
     cosine = (embed(sparse, tokenizer, SENTENCES) * embed(model, tokenizer, SENTENCES)).sum(-1)
 
     rows = [("dense, eager", median_time(lambda: model(input_ids=ids, attention_mask=mask), args.reps))]
     rows.append(("sparsedsl, eager", median_time(lambda: sparse(input_ids=ids, attention_mask=mask), args.reps)))
     if not args.no_compile:
         compiled = torch.compile(sparse)
-        rows.append(("sparsedsl + torch.compile",
-                     median_time(lambda: compiled(input_ids=ids, attention_mask=mask), args.reps)))
+        rows.append(
+            ("sparsedsl + torch.compile", median_time(lambda: compiled(input_ids=ids, attention_mask=mask), args.reps))
+        )
     dense_time = rows[0][1]
     n_sparse = sum(r.sparse for r in sd.report(sparse))
-    print(f"\nall-MiniLM-L6-v2, {n_sparse} sparse linear layers, batch {args.batch} x {args.tokens} tokens, "
-          f"{args.threads} threads, fp32 (compile_model: {compile_seconds:.1f} s)")
+    print(
+        f"\nall-MiniLM-L6-v2, {n_sparse} sparse linear layers, batch {args.batch} x {args.tokens} tokens, "
+        f"{args.threads} threads, fp32 (compile_model: {compile_seconds:.1f} s)"
+    )
     print(f"{'model':<28} {'time ms':>9} {'speed-up':>9}")
     print("-" * 48)
     for name, seconds in rows:
         print(f"{name:<28} {seconds * 1e3:>9.1f} {dense_time / seconds:>8.2f}x")
     print(f"\nmax |sparse - pruned dense| of the last hidden state: {diff:.2e}")
-    print("cosine similarity of sentence embeddings, sparse vs unpruned (no fine-tuning): "
-          + ", ".join(f"{c:.3f}" for c in cosine.tolist()))
+    print(
+        "cosine similarity of sentence embeddings, sparse vs unpruned (no fine-tuning): "
+        + ", ".join(f"{c:.3f}" for c in cosine.tolist())
+    )
     if not args.no_kernels:
         print()
-        from kernels_demo import main as kernels_main
-
         import sys
+
+        from kernels_demo import main as kernels_main
 
         sys.argv = [sys.argv[0], "--threads", str(args.threads), "--reps", "10"]
         kernels_main()

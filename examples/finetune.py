@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-import sparsedsl as sd  # noqa: I001  (first: it sets OpenMP's wait policy before torch starts)
 import torch
 from torch import nn
+
+import sparsedsl as sd  # noqa: I001  (first: it sets OpenMP's wait policy before torch starts)
 
 
 def make_task(n: int = 2048, dim: int = 64, seed: int = 0):
@@ -33,8 +34,9 @@ def main() -> None:
     sparse = sd.compile_model(model, {"0": ("NM(2, 4)", 0.5), "2": ("BSR(4, 1)", 0.8)})
     for row in sd.report(sparse):
         print(f"layer {row.layer}: {row.format}, density {row.density:.2f}")
-    patterns = {name: [b.clone() for b in m.structure()] for name, m in sparse.named_modules()
-                if isinstance(m, sd.SparseLinear)}
+    patterns = {
+        name: [b.clone() for b in m.structure()] for name, m in sparse.named_modules() if isinstance(m, sd.SparseLinear)
+    }
     optimizer = torch.optim.Adam(sparse.parameters(), lr=3e-3)
     for step in range(args.steps + 1):
         batch = torch.randint(0, x.shape[0], (128,))
@@ -46,8 +48,12 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    unchanged = all(torch.equal(a, b) for name, m in sparse.named_modules() if isinstance(m, sd.SparseLinear)
-                    for a, b in zip(patterns[name], m.structure()))
+    unchanged = all(
+        torch.equal(a, b)
+        for name, m in sparse.named_modules()
+        if isinstance(m, sd.SparseLinear)
+        for a, b in zip(patterns[name], m.structure())
+    )
     print(f"sparsity pattern unchanged: {unchanged}")
 
 

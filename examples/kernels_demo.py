@@ -44,7 +44,10 @@ def main() -> None:
     prog = sd.compile(source)
     print(f"compiled {source.name}: kernels {', '.join(prog.kernels)}")
     print(f"{args.tokens} tokens, {args.threads} threads, fp32; ratio = sparsedsl time / F.linear time\n")
-    header = f"{'layer (N x K)':<14} {'format':<10} {'density':>7} {'max err':>9} {'dense ms':>9} {'sparse ms':>9} {'ratio':>6}"
+    header = (
+        f"{'layer (N x K)':<14} {'format':<10} {'density':>7} {'max err':>9} {'dense ms':>9} {'sparse ms':>9} "
+        f"{'ratio':>6}"
+    )
     print(header)
     print("-" * len(header))
     for n, k in LAYERS:
@@ -56,10 +59,12 @@ def main() -> None:
             packed = prog.pack(fmt, pruned)
             out = prog.linear(x, packed, bias)
             err = (out - F.linear(x, pruned, bias)).abs().max().item()
-            dense = median_time(lambda: F.linear(x, pruned, bias), args.reps)
-            sparse = median_time(lambda: prog.linear(x, packed, bias), args.reps)
-            print(f"{f'{n} x {k}':<14} {fmt:<10} {packed.density:>7.3f} {err:>9.1e} {dense * 1e3:>9.3f} "
-                  f"{sparse * 1e3:>9.3f} {sparse / dense:>6.2f}")
+            dense = median_time(lambda x=x, w=pruned, b=bias: F.linear(x, w, b), args.reps)
+            sparse = median_time(lambda x=x, w=packed, b=bias: prog.linear(x, w, b), args.reps)
+            print(
+                f"{f'{n} x {k}':<14} {fmt:<10} {packed.density:>7.3f} {err:>9.1e} {dense * 1e3:>9.3f} "
+                f"{sparse * 1e3:>9.3f} {sparse / dense:>6.2f}"
+            )
     print(f"\ntotal {time.perf_counter() - start:.1f} s (kernels compile on first use, per format)")
 
 

@@ -1,9 +1,9 @@
 """sparsedsl: a compiler for sparse deep-learning kernels.
 
-    import sparsedsl as sd
-    prog = sd.compile("examples/linear.sdsl")
-    W = prog.pack("BSR(4, 1)", dense_weight)
-    Y = prog.linear(X, W, b)
+import sparsedsl as sd
+prog = sd.compile("examples/linear.sdsl")
+W = prog.pack("BSR(4, 1)", dense_weight)
+Y = prog.linear(X, W, b)
 """
 
 import os

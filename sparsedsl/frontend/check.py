@@ -57,7 +57,7 @@ class Program:
     def parse_format(self, text: str) -> Format:
         """A format written as text, as users pass it to ``pack``: ``"BSR(4, 1)"``."""
         try:
-            module = parse(Source(f"model m {{ linear \"*\" use k with {text} }}", "<format>"))
+            module = parse(Source(f'model m {{ linear "*" use k with {text} }}', "<format>"))
             return self.format(module.decls[0].rules[0].format)
         except SdslError as err:
             raise SdslSemanticError(f"invalid format '{text}': {err.message}") from None
@@ -318,9 +318,7 @@ def _check_access(node: ast.Access, scope, extents) -> tuple[str, ...]:
     return tuple(i.text for i in node.indices)
 
 
-def _check_expr(
-    node, scope, extents, bound: frozenset[str], used: set[str], program
-) -> tuple[K.KExpr, str | None]:
+def _check_expr(node, scope, extents, bound: frozenset[str], used: set[str], program) -> tuple[K.KExpr, str | None]:
     """Kernel-IR expression and its dtype (None for untyped literals)."""
     match node:
         case ast.Access():
@@ -492,7 +490,5 @@ def _check_model(decl: ast.ModelDecl, program: Program) -> None:
                 f"rule for \"{rule.pattern}\" names no format and '{rule.kernel.text}' has none", rule.span
             )
         if rule.sparsity is not None and not 0 <= rule.sparsity < 1:
-            raise SdslSemanticError(
-                f"sparsity must be in [0, 1), got {rule.sparsity}", rule.sparsity_span or rule.span
-            )
+            raise SdslSemanticError(f"sparsity must be in [0, 1), got {rule.sparsity}", rule.sparsity_span or rule.span)
     program.models[decl.name.text] = decl

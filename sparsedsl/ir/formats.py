@@ -202,7 +202,9 @@ class FormatDef:
             if factor < 1:
                 raise SdslSemanticError(f"block size must be at least 1, got {factor}", span or t.span)
             maps.append(LevelMap(t.dim, t.op if factor != 1 or t.op == "%" else None, factor))
-            levels.append(make_level(t.level_type, tuple(value(a) if a != "nonunique" else a for a in t.args), span or t.span))
+            levels.append(
+                make_level(t.level_type, tuple(value(a) if a != "nonunique" else a for a in t.args), span or t.span)
+            )
         return Format(self.name, tuple(args), self.dims, tuple(maps), tuple(levels))
 
 

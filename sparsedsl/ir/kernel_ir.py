@@ -67,7 +67,18 @@ class KAcc:
 
 KExpr = KAccess | KConst | KScalar | KBin | KCall | KSum | KAcc
 
-FUNCTIONS = {"relu": 1, "gelu": 1, "silu": 1, "sigmoid": 1, "tanh": 1, "exp": 1, "sqrt": 1, "abs": 1, "max": 2, "min": 2}
+FUNCTIONS = {
+    "relu": 1,
+    "gelu": 1,
+    "silu": 1,
+    "sigmoid": 1,
+    "tanh": 1,
+    "exp": 1,
+    "sqrt": 1,
+    "abs": 1,
+    "max": 2,
+    "min": 2,
+}
 
 
 @dataclass(frozen=True)

@@ -150,10 +150,7 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         index_env[i] = L.Var(i) if i != token else L.add(L.mul(L.Var(f"{token}_o"), L.const(tile)), lane[0])
 
     # Innermost accumulation.
-    if gather:
-        acc_index = [coord_env[l] for l in free_below]
-    else:
-        acc_index = [index_env[i] for i in kernel.indices if i != token]
+    acc_index = [coord_env[l] for l in free_below] if gather else [index_env[i] for i in kernel.indices if i != token]
     acc_index = [*acc_index, *lane] if token else acc_index or [L.const(0)]
     stage = _stage(ctx, body, lane[0]) if token else []
     value = _expr(body, ctx, index_env, position, lane, clamp=True)
@@ -171,16 +168,34 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     if blocked and gather:
         ctx.out_tile = L.Buffer(f"{out.name}_t", ACC_DTYPE, (extents[other[0]], L.const(tile)))
     zero = _fill(acc, L.const(0.0, ACC_DTYPE))
-    writeout = _writeout(ctx, acc, gather, free_below, maps, level_idx, coord_env, index_env, epilogue,
-                         position, acc_names, lane, fmt, s_idx)
+    writeout = _writeout(
+        ctx,
+        acc,
+        gather,
+        free_below,
+        maps,
+        level_idx,
+        coord_env,
+        index_env,
+        epilogue,
+        position,
+        acc_names,
+        lane,
+        fmt,
+        s_idx,
+    )
     if blocked and not gather:
-        writeout = _tile_out(ctx, other[0], lambda env: _epilogue(ctx, epilogue, env, position, lane, acc, [env[other[0]]]))
+        writeout = _tile_out(
+            ctx, other[0], lambda env: _epilogue(ctx, epilogue, env, position, lane, acc, [env[other[0]]])
+        )
     inner = L.seq(L.Alloc(acc), zero, reduce_part, writeout)
     if gather:
         inner = _wrap(nest[:alloc_depth], inner)
     if ctx.out_tile is not None:
         tile_buf = ctx.out_tile
-        inner = L.seq(L.Alloc(tile_buf), inner, _tile_out(ctx, other[0], lambda env: L.load(tile_buf, env[other[0]], lane[0])))
+        inner = L.seq(
+            L.Alloc(tile_buf), inner, _tile_out(ctx, other[0], lambda env: L.load(tile_buf, env[other[0]], lane[0]))
+        )
     for i in reversed([i for i in dense_free if i != token]):
         inner = L.For(L.Var(i), L.const(0), extents[i], inner)
     if token:
@@ -191,8 +206,9 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     siblings = rows[:1] + ["s_o"] + (["w_o"] if ctx.out_tile else [])
     tiles = [f"{token}_o"] if token else []
     token_size = kernel.param(out.name).shape[kernel.indices.index(token)] if token else None
-    func.meta.update(mode="gather" if gather else "scatter", token=token, token_size=token_size, tile=tile,
-                     parallel=siblings + tiles)
+    func.meta.update(
+        mode="gather" if gather else "scatter", token=token, token_size=token_size, tile=tile, parallel=siblings + tiles
+    )
     return func
 
 
@@ -224,10 +240,7 @@ def _dtype(e: L.Expr) -> str:
 def _wrap(nest: list[L.Stmt], body: L.Stmt) -> L.Stmt:
     """Put ``body`` inside a list of loops and lets, outermost first."""
     for item in reversed(nest):
-        if isinstance(item, L.Let):
-            body = L.seq(item, body)
-        else:
-            body = L.with_body(item, body)
+        body = L.seq(item, body) if isinstance(item, L.Let) else L.with_body(item, body)
     return body
 
 
@@ -307,8 +320,16 @@ def _stage(ctx: _Ctx, body: K.KExpr, lane: L.Var) -> list[L.Stmt]:
         staged = L.Buffer(f"{access.tensor}_t", src.dtype, (*[ctx.extents[i] for i in others], L.const(tile)))
         ctx.staged[access.tensor] = staged
         if len(others) == 1:
-            copy = _blocked(ctx, others[0], "s", lambda env: L.load(src, *[env[i] for i in access.indices]),
-                            lambda env: (env[others[0]], lane), staged, clamp=True)
+            indices, other = access.indices, others[0]
+            copy = _blocked(
+                ctx,
+                other,
+                "s",
+                lambda env, src=src, indices=indices: L.load(src, *[env[i] for i in indices]),
+                lambda env, other=other: (env[other], lane),
+                staged,
+                clamp=True,
+            )
         else:
             env = {i: L.Var(f"s_{i}") for i in others}
             env[ctx.token] = _clamped_token(ctx, lane)
@@ -327,8 +348,15 @@ def _clamped_token(ctx: _Ctx, lane: L.Var) -> L.Expr:
     return L.minimum(m, L.sub(ctx.extents[ctx.token], L.const(1)))
 
 
-def _expr(e: K.KExpr, ctx: _Ctx, env: dict[str, L.Expr], leaf: L.Expr, lane: list[L.Var], clamp: bool,
-          acc: L.Expr | None = None) -> L.Expr:
+def _expr(
+    e: K.KExpr,
+    ctx: _Ctx,
+    env: dict[str, L.Expr],
+    leaf: L.Expr,
+    lane: list[L.Var],
+    clamp: bool,
+    acc: L.Expr | None = None,
+) -> L.Expr:
     """Kernel-IR expression -> loop-IR expression, accesses resolved to buffers."""
     kernel = ctx.kernel
     sparse = kernel.sparse_input
@@ -403,12 +431,14 @@ def _blocked(ctx: _Ctx, other: str, prefix: str, value_of, target_of, target: L.
 def _tile_out(ctx: _Ctx, other: str, value_of) -> L.Stmt:
     """Write a [other, tile] result to the 2-d output, in blocks along ``other``."""
     out = ctx.kernel.output
-    return _blocked(ctx, other, "w", value_of, lambda env: [env[i] for i in ctx.kernel.indices],
-                    ctx.buffers[out.name], clamp=False)
+    return _blocked(
+        ctx, other, "w", value_of, lambda env: [env[i] for i in ctx.kernel.indices], ctx.buffers[out.name], clamp=False
+    )
 
 
-def _writeout(ctx, acc, gather, free_below, maps, level_idx, coord_env, index_env, epilogue, position,
-              acc_names, lane, fmt, s_idx) -> L.Stmt:
+def _writeout(
+    ctx, acc, gather, free_below, maps, level_idx, coord_env, index_env, epilogue, position, acc_names, lane, fmt, s_idx
+) -> L.Stmt:
     """Apply the epilogue to the accumulator and store it to the output (guarding the tile tail)."""
     kernel = ctx.kernel
     out = kernel.output

@@ -115,16 +115,23 @@ def set_kind(func: L.LoopFunc, name: str, kind: L.LoopKind, span: Span | None = 
     targets = _find(func, name, span)
     for loop in targets:
         if kind in (L.LoopKind.VECTORIZED, L.LoopKind.UNROLLED) and not isinstance(loop.extent, L.Const):
-            raise ScheduleError(f"cannot {kind.value[:-2] if kind is L.LoopKind.UNROLLED else 'vectorize'} loop '{name}': its extent is not a constant (split it first)", span)
+            verb = "unroll" if kind is L.LoopKind.UNROLLED else "vectorize"
+            raise ScheduleError(f"cannot {verb} loop '{name}': its extent is not a constant (split it first)", span)
         if kind is L.LoopKind.VECTORIZED and any(True for _ in loops(loop.body)):
             raise ScheduleError(f"cannot vectorize loop '{name}': it is not innermost", span)
         if kind in (L.LoopKind.VECTORIZED, L.LoopKind.PARALLEL):
             _check_independent(loop, "vectorize" if kind is L.LoopKind.VECTORIZED else "parallelize", span)
         if kind is L.LoopKind.PARALLEL:
-            nested = [f for f in loops(func.body) if f.kind is L.LoopKind.PARALLEL and f is not loop
-                      and (loop in loops(f.body) or f in loops(loop.body))]
+            nested = [
+                f
+                for f in loops(func.body)
+                if f.kind is L.LoopKind.PARALLEL and f is not loop and (loop in loops(f.body) or f in loops(loop.body))
+            ]
             if nested:
-                raise ScheduleError(f"cannot parallelize loop '{name}': loop '{nested[0].var.name}' around or inside it is already parallel", span)
+                other = nested[0].var.name
+                raise ScheduleError(
+                    f"cannot parallelize loop '{name}': loop '{other}' around or inside it is already parallel", span
+                )
     ids = {id(t) for t in targets}
     return replace(func, body=_map_loops(func.body, ids, lambda f: replace(f, kind=kind)))
 
@@ -186,7 +193,11 @@ def split(func: L.LoopFunc, name: str, factor: int, outer: str, inner: str, span
         exact = isinstance(loop.extent, L.Const) and loop.extent.value % factor == 0
         if not exact:
             body = L.If(L.Bin("<", L.add(L.mul(o, L.const(factor)), i), loop.extent), body)
-        count = L.const(loop.extent.value // factor) if exact else L.floordiv(L.add(loop.extent, L.const(factor - 1)), L.const(factor))
+        count = (
+            L.const(loop.extent.value // factor)
+            if exact
+            else L.floordiv(L.add(loop.extent, L.const(factor - 1)), L.const(factor))
+        )
         return L.For(o, L.const(0), count, L.For(i, L.const(0), L.const(factor), body, loop.kind), loop.kind)
 
     return replace(func, body=_rewrite(func.body, rewrite))
@@ -196,7 +207,7 @@ def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.L
     """Permute a perfectly nested chain of loops into the order given (outermost first)."""
     for n in names:
         _find(func, n, span)
-    top = min(names, key=lambda n: [f.var.name for f in loops(func.body)].index(n))
+    top = min(names, key=[f.var.name for f in loops(func.body)].index)
 
     def rewrite(loop: L.For) -> L.Stmt | None:
         if loop.var.name != top:
@@ -212,9 +223,11 @@ def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.L
         by_name = {f.var.name: f for f in chain}
         for pos, n in enumerate(names):
             f = by_name[n]
-            for inner_name in names[pos + 1:]:
+            for inner_name in names[pos + 1 :]:
                 if _uses(f.start, inner_name) or _uses(f.extent, inner_name):
-                    raise ScheduleError(f"cannot move loop '{inner_name}' inside '{n}': the bounds of '{n}' depend on it", span)
+                    raise ScheduleError(
+                        f"cannot move loop '{inner_name}' inside '{n}': the bounds of '{n}' depend on it", span
+                    )
         body = chain[-1].body
         for n in reversed(names):
             body = replace(by_name[n], body=body)
@@ -276,7 +289,7 @@ def pick(variants: dict[str, L.LoopFunc], tokens: int | None, threads: int) -> s
     tile = next((t for t in tiles if t >= tokens), tiles[-1])
     mine = {name: f for name, f in variants.items() if f.meta.get("tile", 1) == tile}
     enough = -(-tokens // tile) >= threads
-    for kind in (("tiles", "rows") if enough else ("rows", "tiles")):
+    for kind in ("tiles", "rows") if enough else ("rows", "tiles"):
         for name, f in mine.items():
             if f.name.endswith(kind):
                 return name

@@ -60,8 +60,12 @@ def _target(program: Program) -> dict[str, str]:
         from sparsedsl.backends.tvm.cpu import host_cpu
     else:
         from sparsedsl.backends.llvm.jit import host_cpu
-    return {"kind": program.target, "backend": program.backend, "mtriple": "x86_64-unknown-linux-gnu",
-            "cpu": host_cpu()}
+    return {
+        "kind": program.target,
+        "backend": program.backend,
+        "mtriple": "x86_64-unknown-linux-gnu",
+        "cpu": host_cpu(),
+    }
 
 
 def _slug(text: str) -> str:
@@ -97,26 +101,33 @@ def build(path_or_source, out_dir: str | os.PathLike, target: str = "cpu", backe
             inst = compiled.instance(fmt)
             lib = out / f"{name}__{_slug(fmt.label) if fmt else 'dense'}.so"
             cache.atomic_write(lib, inst.built.export)
-            kernels.append({
-                "kernel": name,
-                "signature": compiled.signature(),
-                "format": fmt.label if fmt else None,
-                "variants": list(inst.variants),
-                "file": lib.name,
-                "sha256": cache.digest(lib),
-            })
+            kernels.append(
+                {
+                    "kernel": name,
+                    "signature": compiled.signature(),
+                    "format": fmt.label if fmt else None,
+                    "variants": list(inst.variants),
+                    "file": lib.name,
+                    "sha256": cache.digest(lib),
+                }
+            )
     rules = [
-        {"pattern": r.pattern, "kernel": r.kernel.text, "sparsity": r.sparsity,
-         "format": program.checked.format(r.format).label if r.format else
-         program.kernels[r.kernel.text]._default_format().label}
-        for model in program.checked.models.values() for r in model.rules
+        {
+            "pattern": r.pattern,
+            "kernel": r.kernel.text,
+            "sparsity": r.sparsity,
+            "format": program.checked.format(r.format).label
+            if r.format
+            else program.kernels[r.kernel.text]._default_format().label,
+        }
+        for model in program.checked.models.values()
+        for r in model.rules
     ]
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "versions": _versions(backend),
         "target": _target(program),
-        "source": {"file": SOURCE, "sha256": hashlib.sha256(source.text.encode()).hexdigest(),
-                   "name": source.filename},
+        "source": {"file": SOURCE, "sha256": hashlib.sha256(source.text.encode()).hexdigest(), "name": source.filename},
         "kernels": kernels,
         "rules": rules,
     }
@@ -152,7 +163,9 @@ def load(directory: str | os.PathLike) -> Program:
     backend = manifest.get("target", {}).get("backend", "tvm")
     for tool, version in _versions(backend).items():
         if manifest["versions"].get(tool) != version:
-            raise AotError(f"{root} was built with {tool} {manifest['versions'].get(tool)}, this is {version}: rebuild it")
+            raise AotError(
+                f"{root} was built with {tool} {manifest['versions'].get(tool)}, this is {version}: rebuild it"
+            )
     source_text = (root / SOURCE).read_text()
     if hashlib.sha256(source_text.encode()).hexdigest() != manifest["source"]["sha256"]:
         raise AotError(f"{root / SOURCE} does not match the manifest's hash")

@@ -42,8 +42,9 @@ class LayerReport:
     note: str = ""
 
 
-def _rules_from_source(rules, model_name: str | None, target: str, backend: str, cache_dir
-                       ) -> tuple[Program, list[Rule]]:
+def _rules_from_source(
+    rules, model_name: str | None, target: str, backend: str, cache_dir
+) -> tuple[Program, list[Rule]]:
     program = compile(rules, target, backend, cache_dir=cache_dir)
     models = program.checked.models
     if not models:
@@ -55,8 +56,13 @@ def _rules_from_source(rules, model_name: str | None, target: str, backend: str,
     for r in decl.rules:
         kernel = program.kernels[r.kernel.text]
         fmt = r.format
-        text = (f"{fmt.name.text}({', '.join(str(a.value) for a in fmt.args)})" if fmt and fmt.args
-                else fmt.name.text if fmt else kernel.kernel.sparse_input.format.label)
+        text = (
+            f"{fmt.name.text}({', '.join(str(a.value) for a in fmt.args)})"
+            if fmt and fmt.args
+            else fmt.name.text
+            if fmt
+            else kernel.kernel.sparse_input.format.label
+        )
         out.append(Rule(r.pattern, text, r.sparsity, r.kernel.text))
     return program, out
 
@@ -72,9 +78,17 @@ def _rules_from_dict(rules: dict) -> list[Rule]:
     return out
 
 
-def compile_model(model: nn.Module, rules, target: str = "cpu", cache_dir: str | os.PathLike | None = None,
-                  aot: str | os.PathLike | None = None, verbose: bool = False, model_name: str | None = None,
-                  keep_dense_above: float = MAX_SPARSE_DENSITY, backend: str = "tvm") -> nn.Module:
+def compile_model(
+    model: nn.Module,
+    rules,
+    target: str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    aot: str | os.PathLike | None = None,
+    verbose: bool = False,
+    model_name: str | None = None,
+    keep_dense_above: float = MAX_SPARSE_DENSITY,
+    backend: str = "tvm",
+) -> nn.Module:
     """A copy of ``model`` whose matching ``nn.Linear`` layers are ``SparseLinear``.
 
     ``backend`` is ``"tvm"`` or ``"llvm"``; ``aot`` a directory from ``sparsedsl build`` (then
@@ -111,8 +125,16 @@ def compile_model(model: nn.Module, rules, target: str = "cpu", cache_dir: str |
             raise PackError(f"layer '{name}': {err.message}") from None
         kernel = sparse.kernel
         if sparse.density > keep_dense_above:
-            report.append(LayerReport(name, rule.format, sparse.density, kernel, False,
-                                      f"kept dense: density {sparse.density:.2f} > {keep_dense_above}"))
+            report.append(
+                LayerReport(
+                    name,
+                    rule.format,
+                    sparse.density,
+                    kernel,
+                    False,
+                    f"kept dense: density {sparse.density:.2f} > {keep_dense_above}",
+                )
+            )
             continue
         sparse.program.kernels[kernel].instance(sparse.program.format(rule.format))  # compile now
         _replace(result, name, sparse)
@@ -154,8 +176,9 @@ def format_report(rows: list[LayerReport]) -> str:
     return "\n".join(lines)
 
 
-def prune_to(weight: torch.Tensor, format: str, sparsity: float | None = None, program: Program | None = None
-             ) -> torch.Tensor:
+def prune_to(
+    weight: torch.Tensor, format: str, sparsity: float | None = None, program: Program | None = None
+) -> torch.Tensor:
     """``sd.prune``: a copy of ``weight`` pruned by magnitude so that it fits ``format``."""
     from sparsedsl.runtime.prune import prune
 

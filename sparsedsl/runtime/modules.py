@@ -43,8 +43,13 @@ class SparseLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` in a sparse format. The stored values are an ``nn.Parameter``
     (the pattern is fixed: sparse fine-tuning); the index structure is kept as buffers."""
 
-    def __init__(self, weight: SparseTensor, bias: torch.Tensor | None = None, program: Program | None = None,
-                 kernel: str | None = None):
+    def __init__(
+        self,
+        weight: SparseTensor,
+        bias: torch.Tensor | None = None,
+        program: Program | None = None,
+        kernel: str | None = None,
+    ):
         super().__init__()
         self.key = ops.register(program if program is not None else ops.nn_program())
         self.format = weight.format.label
@@ -66,8 +71,14 @@ class SparseLinear(nn.Module):
         return ops.lookup(self.key)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, format: str, sparsity: float | None = None,
-                    program: Program | None = None, kernel: str | None = None) -> SparseLinear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        format: str,
+        sparsity: float | None = None,
+        program: Program | None = None,
+        kernel: str | None = None,
+    ) -> SparseLinear:
         """Store ``linear``'s weight in ``format``, pruned by magnitude to ``sparsity`` if given
         (otherwise it must already fit the format)."""
         program = program if program is not None else ops.nn_program()
@@ -87,8 +98,17 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.kernel_takes_bias else None
-        args = (x, self.structure(), self.values, [self.out_features, self.in_features], self.key, self.format,
-                self.kernel, bias, None)
+        args = (
+            x,
+            self.structure(),
+            self.values,
+            [self.out_features, self.in_features],
+            self.key,
+            self.format,
+            self.kernel,
+            bias,
+            None,
+        )
         traced = torch.compiler.is_compiling() or torch.is_grad_enabled()
         # outside autograd and tracing, skip the dispatcher: the op would run this same function
         y = torch.ops.sparsedsl.linear(*args) if traced else ops.run_linear(*args)
@@ -110,5 +130,7 @@ class SparseLinear(nn.Module):
         return self.values.numel() / (self.out_features * self.in_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
-                f"density={self.density:.3f}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+            f"density={self.density:.3f}, bias={self.bias is not None}"
+        )

@@ -111,8 +111,9 @@ def _(x, structure, values, shape, program, fmt, kernel, bias, residual):
 
 
 @torch.library.custom_op("sparsedsl::linear_grad_input", mutates_args=())
-def linear_grad_input(grad: torch.Tensor, structure: list[torch.Tensor], values: torch.Tensor, shape: list[int],
-                      program: str, fmt: str) -> torch.Tensor:
+def linear_grad_input(
+    grad: torch.Tensor, structure: list[torch.Tensor], values: torch.Tensor, shape: list[int], program: str, fmt: str
+) -> torch.Tensor:
     """dL/dx = grad @ W, through the transposed-product kernel."""
     w = _weight(program, fmt, shape, structure, values)
     nn = nn_program(_PROGRAMS[program])
@@ -126,8 +127,15 @@ def _(grad, structure, values, shape, program, fmt):
 
 
 @torch.library.custom_op("sparsedsl::linear_grad_weight", mutates_args=())
-def linear_grad_weight(grad: torch.Tensor, x: torch.Tensor, structure: list[torch.Tensor], values: torch.Tensor,
-                       shape: list[int], program: str, fmt: str) -> torch.Tensor:
+def linear_grad_weight(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    structure: list[torch.Tensor],
+    values: torch.Tensor,
+    shape: list[int],
+    program: str,
+    fmt: str,
+) -> torch.Tensor:
     """dL/dvalues: (grad^T x) at the stored positions of W, through the SDDMM kernel."""
     w = _weight(program, fmt, shape, structure, values)
     nn = nn_program(_PROGRAMS[program])
@@ -144,8 +152,10 @@ def _(grad, x, structure, values, shape, program, fmt):
 def _setup(ctx, inputs, output):
     x, structure, values, shape, program, fmt, kernel, bias, residual = inputs
     if (program, kernel) not in _DIFFERENTIABLE and (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
-        raise RuntimeError(f"sparsedsl kernel '{kernel}' is not a plain linear layer (x W^T + b), so it has "
-                           "no gradient; train with the unfused kernel")
+        raise RuntimeError(
+            f"sparsedsl kernel '{kernel}' is not a plain linear layer (x W^T + b), so it has "
+            "no gradient; train with the unfused kernel"
+        )
     ctx.save_for_backward(x, values, *structure)
     ctx.meta = (shape, program, fmt, bias is not None, residual is not None)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -20,7 +20,12 @@ from sparsedsl.ir.formats import Format
 from sparsedsl.ir.lowering import LowerOptions, lower
 from sparsedsl.runtime.sparse_tensor import SparseTensor
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 TARGETS = ("cpu",)
 BACKENDS = ("tvm", "llvm")
 SMALL_TILE = 16
@@ -136,8 +141,10 @@ class CompiledKernel:
         fmt = fmt or (self.kernel.sparse_input.format if self.kernel.sparse_input else None)
         if fmt not in self.instances and self.program.aot is not None:
             label = fmt.label if fmt else "its dense form"
-            raise BackendError(f"kernel '{self.name}' was not built ahead of time for {label} in "
-                               f"{self.program.aot}; add a model rule for it and rebuild")
+            raise BackendError(
+                f"kernel '{self.name}' was not built ahead of time for {label} in "
+                f"{self.program.aot}; add a model rule for it and rebuild"
+            )
         if fmt not in self.instances:
             variants = self.lowered(fmt)
             self.instances[fmt] = Instance(variants, self.program.backend_build(list(variants.values())))
@@ -181,7 +188,9 @@ def _bind(kernel: K.Kernel, args) -> tuple[dict, dict[str, int], SparseTensor | 
 
     def bind_shape(p: K.TensorParam, shape: tuple[int, ...]) -> None:
         if len(shape) != len(p.shape):
-            raise ArgumentError(f"'{p.name}' must have {len(p.shape)} dimensions [{', '.join(p.shape)}], got shape {tuple(shape)}")
+            raise ArgumentError(
+                f"'{p.name}' must have {len(p.shape)} dimensions [{', '.join(p.shape)}], got shape {tuple(shape)}"
+            )
         for dim, size in zip(p.shape, shape):
             if dim in sizes and sizes[dim] != size:
                 raise ArgumentError(
@@ -194,15 +203,16 @@ def _bind(kernel: K.Kernel, args) -> tuple[dict, dict[str, int], SparseTensor | 
     for p, a in zip(kernel.inputs, args):
         want = TORCH_DTYPES[p.dtype]
         if p.shape is None:
-            if isinstance(a, torch.Tensor) and a.numel() == 1:
-                a = a.item()
-            if not isinstance(a, int | float):
-                raise ArgumentError(f"'{p.name}' is a scalar; got {type(a).__name__}")
-            bound[p.name] = float(a)
+            value = a.item() if isinstance(a, torch.Tensor) and a.numel() == 1 else a
+            if not isinstance(value, int | float):
+                raise ArgumentError(f"'{p.name}' is a scalar; got {type(value).__name__}")
+            bound[p.name] = float(value)
             continue
         if p.sparse:
             if not isinstance(a, SparseTensor):
-                raise ArgumentError(f"'{p.name}' must be a sparse tensor (prog.pack(format, dense)); got {type(a).__name__}")
+                raise ArgumentError(
+                    f"'{p.name}' must be a sparse tensor (prog.pack(format, dense)); got {type(a).__name__}"
+                )
             if a.dtype != want:
                 raise ArgumentError(f"'{p.name}' must hold {p.dtype} values, got {a.dtype}")
             bind_shape(p, a.shape)
@@ -227,8 +237,13 @@ def _bind(kernel: K.Kernel, args) -> tuple[dict, dict[str, int], SparseTensor | 
 class Program:
     """A compiled .sdsl file: ``prog.pack(...)``, ``prog.<kernel>(...)``, ``prog.kernels``."""
 
-    def __init__(self, checked: CheckedProgram, target: str = "cpu", backend: str = "tvm",
-                 cache_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        checked: CheckedProgram,
+        target: str = "cpu",
+        backend: str = "tvm",
+        cache_dir: str | os.PathLike | None = None,
+    ):
         if target not in TARGETS:
             raise BackendError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
         if backend not in BACKENDS:
@@ -289,8 +304,12 @@ def read_source(path_or_source: str | os.PathLike) -> Source:
     return Source(text, "<string>")
 
 
-def compile(path_or_source: str | os.PathLike, target: str = "cpu", backend: str = "tvm",
-            cache_dir: str | os.PathLike | None = None) -> Program:
+def compile(
+    path_or_source: str | os.PathLike,
+    target: str = "cpu",
+    backend: str = "tvm",
+    cache_dir: str | os.PathLike | None = None,
+) -> Program:
     """Check a .sdsl file (a path or the source text) and return its Program; kernels are built
     for the formats they are called with, the first time, through the kernel cache
     (``cache_dir``, default ``sparsedsl.config.cache_dir()``)."""

@@ -30,8 +30,9 @@ class SparseTensor:
         return cls(fmt, tuple(dense.shape), buffers)
 
     @classmethod
-    def from_structure(cls, fmt: Format, shape: tuple[int, ...], structure: list[torch.Tensor],
-                       values: torch.Tensor) -> SparseTensor:
+    def from_structure(
+        cls, fmt: Format, shape: tuple[int, ...], structure: list[torch.Tensor], values: torch.Tensor
+    ) -> SparseTensor:
         """Inverse of ``structure()``: index buffers in format order, plus values."""
         return cls(fmt, tuple(shape), {**dict(zip(fmt.buffer_keys(), structure, strict=True)), "vals": values})
 

@@ -32,10 +32,7 @@ def span_text(text: str, span: Span) -> str:
 
 
 def test_format_declaration():
-    text = (
-        "format BSR2(bm, bn) = (i, j) -> "
-        "(i / bm: dense, j / bn: compressed, i % bm: dense, j % 4: nm(2, bn))"
-    )
+    text = "format BSR2(bm, bn) = (i, j) -> (i / bm: dense, j / bn: compressed, i % bm: dense, j % 4: nm(2, bn))"
     decl = one(text)
     assert isinstance(decl, ast.FormatDecl)
     assert decl.name.text == "BSR2" and span_text(text, decl.name.span) == "BSR2"
@@ -262,11 +259,7 @@ def test_precedence(expr: str, tree: str):
 
 
 def test_expression_spans():
-    text = (
-        "kernel k(X: f32[M, K]) -> (Y: f32[M, N]) {\n"
-        "    Y[m, n] = alpha * sum(k) X[m, k] * W[n, k] + b[n]\n"
-        "}"
-    )
+    text = "kernel k(X: f32[M, K]) -> (Y: f32[M, N]) {\n    Y[m, n] = alpha * sum(k) X[m, k] * W[n, k] + b[n]\n}"
     value = one(text).body[0].value
     assert span_text(text, value.span) == "alpha * sum(k) X[m, k] * W[n, k] + b[n]"
     reduction = value.lhs.rhs

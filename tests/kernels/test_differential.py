@@ -54,8 +54,13 @@ def test_linear_epilogues(prog, kernel, case):
     x = torch.randn(m, k, generator=gen)
     b = torch.randn(n, generator=gen)
     r = torch.randn(m, n, generator=gen)
-    args = {"plain": (x, W), "bias_relu": (x, W, b), "bias_gelu": (x, W, b), "silu": (x, W),
-            "scaled_residual": (x, W, 0.75, r)}[kernel]
+    args = {
+        "plain": (x, W),
+        "bias_relu": (x, W, b),
+        "bias_gelu": (x, W, b),
+        "silu": (x, W),
+        "scaled_residual": (x, W, 0.75, r),
+    }[kernel]
     _close(prog.kernels[kernel](*args), REFERENCES[kernel](x, w, b, r))
 
 

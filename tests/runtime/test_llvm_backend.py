@@ -31,19 +31,35 @@ def test_llvm_backend_never_imports_tvm(tmp_path):
 
 
 def test_emit_llvm_backend(capsys):
-    assert cli(["emit", str(ROOT / "examples" / "linear.sdsl"), "--kernel", "linear", "--stage", "llvm",
-                "--backend", "llvm"]) == 0
+    assert (
+        cli(
+            [
+                "emit",
+                str(ROOT / "examples" / "linear.sdsl"),
+                "--kernel",
+                "linear",
+                "--stage",
+                "llvm",
+                "--backend",
+                "llvm",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "define void" in out and "<16 x float>" in out or "<8 x float>" in out
 
 
 def test_nested_parallel_loop_is_a_clear_error():
-    prog = sd.compile("""
+    prog = sd.compile(
+        """
 kernel lin(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) {
     Y[m, n] = sum(k) X[m, k] * W[n, k]
 }
 schedule lin on cpu { parallel n }
-""", backend="llvm")
+""",
+        backend="llvm",
+    )
     w = sd.prune(torch.randn(8, 8), "CSR", 0.5)
     with pytest.raises(sd.BackendError, match="outermost loop in parallel"):
         prog.lin(torch.randn(2, 8), prog.pack("CSR", w))

@@ -14,7 +14,7 @@ FORMATS = ["CSR", "BSR(4, 1)", "NM(2, 4)", "ELL(4)", "COO"]
 def _masked_reference(layer: sd.SparseLinear):
     """The same layer as dense autograd on the masked weight."""
     dense = layer.to_dense()
-    mask = (layer.sparse_weight().with_values(torch.ones_like(layer.values)).to_dense() != 0)
+    mask = layer.sparse_weight().with_values(torch.ones_like(layer.values)).to_dense() != 0
     return dense, mask
 
 

@@ -117,7 +117,8 @@ def _vectorizable(loop: L.For) -> bool:
         match e:
             case L.Load(_, idx):
                 return all(not _uses(i, name) for i in idx[:-1]) and (
-                    not _uses(idx[-1], name) or _unit_stride(idx[-1], name))
+                    not _uses(idx[-1], name) or _unit_stride(idx[-1], name)
+                )
             case L.Bin(op, a, b):
                 return op in ("+", "-", "*", "/", "min", "max") and ok_expr(a) and ok_expr(b)
             case L.Cast(_, v):
@@ -169,7 +170,7 @@ class Codegen:
                 self.buffers[p.name] = (a, p)
             else:
                 self.scopes[0].values[p.name] = a
-        for name, a in zip(self.sizes, args[len(func.params):]):
+        for name, a in zip(self.sizes, args[len(func.params) :]):
             a.name = name
             self.scopes[0].values[name] = a
         self.tid, self.nthreads = args[-2], args[-1]
@@ -206,17 +207,16 @@ class Codegen:
         if isinstance(value.type, ir.VectorType):
             return value
         vec = self.b.insert_element(ir.Constant(ty, ir.Undefined), value, ir.Constant(I32, 0))
-        return self.b.shuffle_vector(vec, ir.Constant(ty, ir.Undefined), ir.Constant(ir.VectorType(I32, ty.count), [0] * ty.count))
+        return self.b.shuffle_vector(
+            vec, ir.Constant(ty, ir.Undefined), ir.Constant(ir.VectorType(I32, ty.count), [0] * ty.count)
+        )
 
     def _address(self, buf: L.Buffer, indices, lane: str | None = None) -> ir.Value:
         base, decl = self.buffers[buf.name]
         flat = None
         for i, idx in enumerate(indices):
             v = self.expr(idx, lane=None)
-            if flat is not None:
-                flat = self.b.add(self.b.mul(flat, self.expr(decl.shape[i])), v)
-            else:
-                flat = v
+            flat = self.b.add(self.b.mul(flat, self.expr(decl.shape[i])), v) if flat is not None else v
         return self.b.gep(base, [flat if flat is not None else ir.Constant(I64, 0)])
 
     # ---- expressions -----------------------------------------------------------------------
@@ -329,7 +329,8 @@ class Codegen:
     def _close_scope(self) -> None:
         scope = self.scopes.pop()
         free = self.module.globals.get("free") or ir.Function(
-            self.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()]), name="free")
+            self.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()]), name="free"
+        )
         for ptr in scope.frees:
             self.b.call(free, [self.b.bitcast(ptr, ir.IntType(8).as_pointer())])
 
@@ -344,7 +345,8 @@ class Codegen:
                 self.buffers[buf.name] = (self.alloca_builder.bitcast(ptr, ty.as_pointer()), buf)
                 return
         malloc = self.module.globals.get("malloc") or ir.Function(
-            self.module, ir.FunctionType(ir.IntType(8).as_pointer(), [I64]), name="malloc")
+            self.module, ir.FunctionType(ir.IntType(8).as_pointer(), [I64]), name="malloc"
+        )
         count = ir.Constant(I64, BYTES[buf.dtype])
         for d in buf.shape:
             count = self.b.mul(count, self.expr(d))
@@ -365,8 +367,10 @@ class Codegen:
             self._vector_for(loop)
             return
         if loop.kind is L.LoopKind.PARALLEL and not top:
-            raise BackendError(f"the llvm backend runs only a kernel's outermost loop in parallel; "
-                               f"loop '{loop.var.name}' of '{self.func.name}' is nested (parallelize the outer loop)")
+            raise BackendError(
+                f"the llvm backend runs only a kernel's outermost loop in parallel; "
+                f"loop '{loop.var.name}' of '{self.func.name}' is nested (parallelize the outer loop)"
+            )
         start = self.expr(loop.start)
         stop = self.b.add(start, self.expr(loop.extent))
         if loop.kind is L.LoopKind.PARALLEL:
@@ -400,7 +404,9 @@ class Codegen:
         b.position_at_end(done)
 
     def _lanes(self, loop: L.For) -> int:
-        bits = max(8 * BYTES[s.buffer.dtype] for s in (loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,)))
+        bits = max(
+            8 * BYTES[s.buffer.dtype] for s in (loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,))
+        )
         return max(1, min(int(loop.extent.value), self.width // bits))
 
     def _vector_for(self, loop: L.For) -> None:

