@@ -15,7 +15,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import scipy.sparse
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from tqdm import tqdm
 import sparsedsl as sd
 from sparsedsl.backends.tvm.cpu import host_cpu
 from sparsedsl.runtime.prune import prune
+from sparsedsl.timing import median_time
 
 ROOT = Path(__file__).resolve().parents[1]
 BERT = [(768, 768), (3072, 768), (768, 3072)]
@@ -46,21 +46,6 @@ def cases(quick: bool) -> list[dict]:
     return rows
 
 
-def median_time(fn, reps: int, budget: float = 0.5) -> float:
-    """Median wall time of ``fn`` over ``reps`` runs (fewer if one run is slow)."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = time.perf_counter() - start
-    reps = max(3, min(reps, int(budget / max(once, 1e-6))))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def measure(progs: dict, case: dict, reps: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     n, k, m = case["n"], case["k"], case["tokens"]
@@ -72,10 +57,10 @@ def measure(progs: dict, case: dict, reps: int) -> dict:
     bias = torch.zeros(n)
     out = prog.linear(x, packed, bias)
     error = (out - F.linear(x, weight, bias)).abs().max().item()
-    dense = median_time(lambda: F.linear(x, weight, bias), reps)
-    ours = median_time(lambda: prog.linear(x, packed, bias), reps)
+    dense = median_time(lambda: F.linear(x, weight, bias), reps, budget=0.5)
+    ours = median_time(lambda: prog.linear(x, packed, bias), reps, budget=0.5)
     csr = weight.to_sparse_csr()
-    torch_csr = median_time(lambda: torch.sparse.mm(csr, x.t()).t(), reps)
+    torch_csr = median_time(lambda: torch.sparse.mm(csr, x.t()).t(), reps, budget=0.5)
     result = dict(
         case,
         density=packed.density,
@@ -86,16 +71,26 @@ def measure(progs: dict, case: dict, reps: int) -> dict:
     )
     for name, other in progs.items():
         if name != "tvm":
-            result[name] = median_time(lambda p=other: p.linear(x, packed, bias), reps) / dense
+            result[name] = median_time(lambda p=other: p.linear(x, packed, bias), reps, budget=0.5) / dense
     block = tuple(int(v) for v in case["fmt"][4:-1].split(",")) if case["fmt"].startswith("BSR") else None
     if block is not None and block[0] == block[1]:  # torch's CPU BSR takes square blocks only
         bsr = weight.to_sparse_bsr(block)
-        result["torch_bsr"] = median_time(lambda: torch.sparse.mm(bsr, x.t()).t(), reps) / dense
+        result["torch_bsr"] = median_time(lambda: torch.sparse.mm(bsr, x.t()).t(), reps, budget=0.5) / dense
     sp = scipy.sparse.csr_matrix(weight.numpy())
     xn = x.numpy()
-    result["scipy_csr"] = median_time(lambda: (sp @ xn.T).T, reps) / dense
+    result["scipy_csr"] = median_time(lambda: (sp @ xn.T).T, reps, budget=0.5) / dense
     result["vs_torch_csr"] = torch_csr / ours
     return result
+
+
+def warm_up(prog, seconds: float = 1.0) -> None:
+    """Run dense and sparse kernels for a while first: thread pools start, clocks settle."""
+    x, w = torch.randn(128, 768), torch.randn(768, 768)
+    packed = prog.pack("CSR", prune(w, prog.format("CSR"), 0.9))
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        F.linear(x, w)
+        prog.linear(x, packed, torch.zeros(768))
 
 
 def sweep(prog, reps: int, n: int = 3072, k: int = 768, tokens: int = 128) -> dict:
@@ -160,6 +155,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ["SPARSEDSL_NUM_THREADS"] = str(args.threads)
     progs = {b: sd.compile(ROOT / "examples" / "linear.sdsl", backend=b) for b in ["tvm", *(args.backend or [])]}
+    warm_up(progs["tvm"])
     rows = [measure(progs, c, args.reps) for c in tqdm(cases(args.quick), desc="kernels")]
     header = (
         f"{'tokens':>6} {'N x K':>11} {'format':<12} {'sparsity':>8} {'limit':>6} {'sparsedsl':>9} "

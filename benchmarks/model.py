@@ -29,6 +29,7 @@ import platform  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -65,7 +66,9 @@ class CsrLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight = linear.weight.detach().to_sparse_csr()
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore")
+            self.weight = linear.weight.detach().to_sparse_csr()
         self.bias = linear.bias.detach() if linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,9 +153,11 @@ def deepsparse(s: Setup) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, inputs_path, out_path = (Path(tmp) / f for f in ("model.onnx", "inputs.npz", "out.npy"))
         try:
-            torch.onnx.export(Hidden(s.pruned), (s.inputs["input_ids"], s.inputs["attention_mask"]), str(onnx_path),
-                              input_names=list(s.inputs), output_names=["last_hidden_state"], opset_version=14,
-                              dynamo=False)
+            with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer warnings
+                warnings.simplefilter("ignore")
+                torch.onnx.export(Hidden(s.pruned), (s.inputs["input_ids"], s.inputs["attention_mask"]),
+                                  str(onnx_path), input_names=list(s.inputs), output_names=["last_hidden_state"],
+                                  opset_version=14, dynamo=False)
         except Exception as e:  # noqa: BLE001  (e.g. onnx not installed): the row says why
             return {"note": f"ONNX export failed: {type(e).__name__}: {e}"}
         import numpy as np

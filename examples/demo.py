@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sparsedsl as sd  # noqa: E402  (first: it sets OpenMP's wait policy before torch starts)
+from sparsedsl.timing import median_time  # noqa: E402
 
 HERE = Path(__file__).parent
 SENTENCES = [
@@ -29,18 +30,6 @@ SENTENCES = [
     "The cat sat on the mat.",
     "Block-sparse matrices share one activation load across rows.",
 ]
-
-
-def median_time(fn, reps: int) -> float:
-    with torch.inference_mode():
-        fn()
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def densified(model: nn.Module) -> nn.Module:
@@ -99,13 +88,15 @@ def main() -> None:
         )
     cosine = (embed(sparse, tokenizer, SENTENCES) * embed(model, tokenizer, SENTENCES)).sum(-1)
 
-    rows = [("dense, eager", median_time(lambda: model(input_ids=ids, attention_mask=mask), args.reps))]
-    rows.append(("sparsedsl, eager", median_time(lambda: sparse(input_ids=ids, attention_mask=mask), args.reps)))
+    def timed(m) -> float:
+        with torch.inference_mode():
+            return median_time(lambda: m(input_ids=ids, attention_mask=mask), args.reps)
+
+    rows = [("dense, eager", timed(model))]
+    rows.append(("sparsedsl, eager", timed(sparse)))
     if not args.no_compile:
         compiled = torch.compile(sparse)
-        rows.append(
-            ("sparsedsl + torch.compile", median_time(lambda: compiled(input_ids=ids, attention_mask=mask), args.reps))
-        )
+        rows.append(("sparsedsl + torch.compile", timed(compiled)))
     dense_time = rows[0][1]
     n_sparse = sum(r.sparse for r in sd.report(sparse))
     print(

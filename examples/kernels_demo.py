@@ -16,19 +16,10 @@ import torch.nn.functional as F
 
 import sparsedsl as sd
 from sparsedsl.runtime.prune import prune
+from sparsedsl.timing import median_time
 
 LAYERS = [(768, 768), (3072, 768), (768, 3072)]  # (out features N, in features K)
 FORMATS = [("CSR", 0.9), ("BSR(4, 1)", 0.9), ("NM(2, 4)", None), ("NM(1, 4)", None)]
-
-
-def median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:

@@ -224,6 +224,41 @@ def with_body(loop: For, body: Stmt) -> For:
     return replace(loop, body=body)
 
 
+# ---- queries -------------------------------------------------------------------------------
+
+
+def uses(e: Expr, name: str) -> bool:
+    """Whether expression ``e`` reads variable ``name``."""
+    match e:
+        case Var(n):
+            return n == name
+        case Bin(_, a, b):
+            return uses(a, name) or uses(b, name)
+        case Load(_, idx):
+            return any(uses(i, name) for i in idx)
+        case Call(_, args, _):
+            return any(uses(a, name) for a in args)
+        case Cast(_, v):
+            return uses(v, name)
+        case Select(c, t, o):
+            return uses(c, name) or uses(t, name) or uses(o, name)
+    return False
+
+
+def dtype_of(e: Expr) -> str:
+    """The element type of an expression (``bool`` for comparisons)."""
+    match e:
+        case Load(buf, _):
+            return buf.dtype
+        case Const(_, dtype) | Cast(dtype, _) | Var(_, dtype) | Call(_, _, dtype) | SizeVar(_, dtype):
+            return dtype
+        case Bin(op, a, _):
+            return "bool" if op in ("<", "<=", "==", "and") else dtype_of(a)
+        case Select(_, t, _):
+            return dtype_of(t)
+    return "int64"
+
+
 # ---- printing (sparsedsl emit --stage ir) --------------------------------------------------
 
 

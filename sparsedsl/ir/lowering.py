@@ -221,20 +221,7 @@ def _ceildiv(a: L.Expr, b: int) -> L.Expr:
 
 
 def _cast(e: L.Expr, dtype: str) -> L.Expr:
-    return e if _dtype(e) == dtype else L.Cast(dtype, e)
-
-
-def _dtype(e: L.Expr) -> str:
-    match e:
-        case L.Load(buf, _):
-            return buf.dtype
-        case L.Const(_, dtype) | L.Cast(dtype, _) | L.Var(_, dtype) | L.Call(_, _, dtype):
-            return dtype
-        case L.Bin(_, a, _):
-            return _dtype(a)
-        case L.Select(_, t, _):
-            return _dtype(t)
-    return "int64"
+    return e if L.dtype_of(e) == dtype else L.Cast(dtype, e)
 
 
 def _wrap(nest: list[L.Stmt], body: L.Stmt) -> L.Stmt:

@@ -47,23 +47,6 @@ def _rewrite(s: L.Stmt, fn: Callable[[L.For], L.Stmt | None]) -> L.Stmt:
     return s
 
 
-def _uses(e, name: str) -> bool:
-    match e:
-        case L.Var(n):
-            return n == name
-        case L.Bin(_, a, b):
-            return _uses(a, name) or _uses(b, name)
-        case L.Load(_, idx):
-            return any(_uses(i, name) for i in idx)
-        case L.Call(_, args, _):
-            return any(_uses(a, name) for a in args)
-        case L.Cast(_, v):
-            return _uses(v, name)
-        case L.Select(c, t, o):
-            return _uses(c, name) or _uses(t, name) or _uses(o, name)
-    return False
-
-
 def _stores(s: L.Stmt, lets: dict[str, L.Expr]) -> list[tuple[L.Store, dict[str, L.Expr]]]:
     match s:
         case L.Store():
@@ -91,9 +74,9 @@ def _allocs(s: L.Stmt) -> set[str]:
 
 
 def _depends(e: L.Expr, name: str, lets: dict[str, L.Expr]) -> bool:
-    if _uses(e, name):
+    if L.uses(e, name):
         return True
-    return any(_uses(e, v) and _depends(val, name, lets) for v, val in lets.items())
+    return any(L.uses(e, v) and _depends(val, name, lets) for v, val in lets.items())
 
 
 def _check_independent(loop: L.For, what: str, span: Span | None) -> None:
@@ -224,7 +207,7 @@ def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.L
         for pos, n in enumerate(names):
             f = by_name[n]
             for inner_name in names[pos + 1 :]:
-                if _uses(f.start, inner_name) or _uses(f.extent, inner_name):
+                if L.uses(f.start, inner_name) or L.uses(f.extent, inner_name):
                     raise ScheduleError(
                         f"cannot move loop '{inner_name}' inside '{n}': the bounds of '{n}' depend on it", span
                     )

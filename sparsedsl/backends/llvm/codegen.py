@@ -82,29 +82,14 @@ def size_names(func: L.LoopFunc) -> list[str]:
     return sorted(names - params)
 
 
-def _uses(e, name: str) -> bool:
-    match e:
-        case L.Var(n):
-            return n == name
-        case L.Bin(_, a, b):
-            return _uses(a, name) or _uses(b, name)
-        case L.Load(_, idx):
-            return any(_uses(i, name) for i in idx)
-        case L.Call(_, args, _):
-            return any(_uses(a, name) for a in args)
-        case L.Cast(_, v):
-            return _uses(v, name)
-        case L.Select(c, t, o):
-            return _uses(c, name) or _uses(t, name) or _uses(o, name)
-    return False
-
-
 def _unit_stride(e, name: str) -> bool:
     """Whether ``e`` is ``invariant + name`` (so consecutive lanes are consecutive elements)."""
     if isinstance(e, L.Var) and e.name == name:
         return True
     if isinstance(e, L.Bin) and e.op == "+":
-        return (_unit_stride(e.a, name) and not _uses(e.b, name)) or (_unit_stride(e.b, name) and not _uses(e.a, name))
+        return (_unit_stride(e.a, name) and not L.uses(e.b, name)) or (
+            _unit_stride(e.b, name) and not L.uses(e.a, name)
+        )
     return False
 
 
@@ -116,8 +101,8 @@ def _vectorizable(loop: L.For) -> bool:
     def ok_expr(e) -> bool:
         match e:
             case L.Load(_, idx):
-                return all(not _uses(i, name) for i in idx[:-1]) and (
-                    not _uses(idx[-1], name) or _unit_stride(idx[-1], name)
+                return all(not L.uses(i, name) for i in idx[:-1]) and (
+                    not L.uses(idx[-1], name) or _unit_stride(idx[-1], name)
                 )
             case L.Bin(op, a, b):
                 return op in ("+", "-", "*", "/", "min", "max") and ok_expr(a) and ok_expr(b)
@@ -132,7 +117,7 @@ def _vectorizable(loop: L.For) -> bool:
     for s in stores:
         if not isinstance(s, L.Store) or not ok_expr(L.Load(s.buffer, s.indices)) or not ok_expr(s.value):
             return False
-        if not _uses(s.indices[-1], name) or s.buffer.dtype not in FLOATS:
+        if not L.uses(s.indices[-1], name) or s.buffer.dtype not in FLOATS:
             return False
     return isinstance(loop.extent, L.Const)
 
@@ -231,12 +216,12 @@ class Codegen:
                 return ir.Constant(TYPES[dtype], value)
             case L.Load(buf, idx):
                 ptr = self._address(buf, idx)  # in vector mode: the address of the first lane
-                if lane is None or not _uses(idx[-1], lane):
+                if lane is None or not L.uses(idx[-1], lane):
                     return b.load(ptr)
                 vty = ir.VectorType(TYPES[buf.dtype], vec.count)
                 return b.load(b.bitcast(ptr, vty.as_pointer()), align=4)
             case L.Cast(dtype, value):
-                return self._cast(self.expr(value, lane, vec), dtype, _dtype(value))
+                return self._cast(self.expr(value, lane, vec), dtype, L.dtype_of(value))
             case L.Bin(op, x, y):
                 return self._bin(op, x, y, lane, vec)
             case L.Call(fname, args, dtype):
@@ -311,7 +296,7 @@ class Codegen:
                 self._for(s, top)
             case L.Store(buf, idx, value):
                 _, decl = self.buffers[buf.name]
-                v = self._cast(self.expr(value), buf.dtype, _dtype(value))
+                v = self._cast(self.expr(value), buf.dtype, L.dtype_of(value))
                 self.b.store(v, self._address(buf, idx))
             case L.Let(var, value):
                 v = self.expr(value)
@@ -421,7 +406,7 @@ class Codegen:
             for s in stores:
                 vty = ir.VectorType(TYPES[s.buffer.dtype], lanes)
                 value = self.expr(s.value, lane=name, vec=vty)
-                value = self._splat(self._cast(value, s.buffer.dtype, _dtype(s.value)), vty)
+                value = self._splat(self._cast(value, s.buffer.dtype, L.dtype_of(s.value)), vty)
                 ptr = self._address(s.buffer, s.indices)
                 self.b.store(value, self.b.bitcast(ptr, vty.as_pointer()), align=4)
             self.scopes.pop()
@@ -436,19 +421,6 @@ class Codegen:
 def parallel_on_top(func: L.LoopFunc) -> bool:
     """Whether the whole body is one parallel loop (then threads split it; else it runs serially)."""
     return isinstance(func.body, L.For) and func.body.kind is L.LoopKind.PARALLEL
-
-
-def _dtype(e: L.Expr) -> str:
-    match e:
-        case L.Load(buf, _):
-            return buf.dtype
-        case L.Const(_, dtype) | L.Cast(dtype, _) | L.Var(_, dtype) | L.Call(_, _, dtype) | L.SizeVar(_, dtype):
-            return dtype
-        case L.Bin(op, a, _):
-            return "bool" if op in ("<", "<=", "==", "and") else _dtype(a)
-        case L.Select(_, t, _):
-            return _dtype(t)
-    return "int64"
 
 
 def generate(funcs: list[L.LoopFunc], vector_width: int, triple: str) -> ir.Module:
