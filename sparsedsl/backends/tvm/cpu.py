@@ -25,11 +25,13 @@ def host_cpu() -> str:
 
 def _size_thread_pool() -> None:
     """TVM sizes its pool from ``TVM_NUM_THREADS`` when a kernel first runs a parallel loop; left
-    alone it may use a single worker on small machines. Its workers spin only briefly between
-    kernels (long enough for back-to-back kernels, short enough not to starve torch's threads
-    running in between, docs/BENCHMARKS.md). A user's settings win."""
+    alone it may use a single worker on small machines. In a model, torch's threads run between the
+    kernels: TVM's workers must neither spin nor be pinned to cores there (measured in
+    docs/BENCHMARKS.md). A workload of back-to-back kernels may set TVM_THREAD_POOL_SPIN_COUNT
+    high. A user's settings win."""
     os.environ.setdefault("TVM_NUM_THREADS", str(num_threads()))
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "10000")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 def host_target(threads: int | None = None) -> tvm.target.Target:
