@@ -1,9 +1,9 @@
 """Loop IR -> LLVM IR, built with ``llvmlite.ir``.
 
-The function takes, in order: the loop function's parameters (buffers as pointers, scalars by
-value), every size name its shapes and bounds use (i64, sorted by name), then ``tid`` and
-``nthreads``: an outermost parallel loop runs the ``tid``-th of ``nthreads`` equal chunks (the
-runtime calls it from that many threads); parallel loops elsewhere run serially.
+Each loop function becomes an exported function taking, in order: its parameters (buffers as
+pointers, scalars by value), every size name its shapes and bounds use (i64, sorted by name), then
+``nthreads``. An outermost parallel loop is split into ``nthreads`` equal chunks run on OpenMP
+threads (see ``_entry``); a parallel loop anywhere else is an error.
 
 Vectorised loops are emitted with explicit vector types ``<W x float>`` for the host's widest
 vectors when their body is a store whose lane-dependent accesses are contiguous in the loop
@@ -140,7 +140,8 @@ class Codegen:
         for p in func.params:
             arg_types.append(TYPES[p.dtype].as_pointer() if isinstance(p, L.Buffer) else TYPES[p.dtype])
         arg_types += [I64] * (len(self.sizes) + 2)
-        self.fn = ir.Function(module, ir.FunctionType(ir.VoidType(), arg_types), name=func.name)
+        self.fn = ir.Function(module, ir.FunctionType(ir.VoidType(), arg_types), name=f"{func.name}.body")
+        self.fn.linkage = "internal"
         entry = self.fn.append_basic_block("entry")
         self.alloca_builder = ir.IRBuilder(entry)
         body = self.fn.append_basic_block("body")
@@ -423,10 +424,52 @@ def parallel_on_top(func: L.LoopFunc) -> bool:
     return isinstance(func.body, L.For) and func.body.kind is L.LoopKind.PARALLEL
 
 
+def _declare(module: ir.Module, name: str, ty: ir.FunctionType) -> ir.Function:
+    """An external function, declared once per module."""
+    return module.globals.get(name) or ir.Function(module, ty, name=name)
+
+
+def _entry(module: ir.Module, body: ir.Function, func: L.LoopFunc) -> None:
+    """The exported function ``func.name(params..., sizes..., i64 nthreads)``. A body that is one
+    parallel loop runs on ``nthreads`` OpenMP threads (``GOMP_parallel``: the pool torch already
+    uses, so the two never compete), each taking its chunk; any other body runs once."""
+    arg_types = [a.type for a in body.args][:-2]
+    entry = ir.Function(module, ir.FunctionType(ir.VoidType(), [*arg_types, I64]), name=func.name)
+    b = ir.IRBuilder(entry.append_basic_block("entry"))
+    args, nthreads = list(entry.args[:-1]), entry.args[-1]
+    if not parallel_on_top(func):
+        b.call(body, [*args, ir.Constant(I64, 0), ir.Constant(I64, 1)])
+        b.ret_void()
+        return
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    frame_type = ir.LiteralStructType(arg_types)
+    # the outlined function each thread runs: unpack the arguments, run this thread's chunk
+    outlined = ir.Function(module, ir.FunctionType(ir.VoidType(), [i8p]), name=f"{func.name}.omp")
+    outlined.linkage = "internal"
+    ob = ir.IRBuilder(outlined.append_basic_block("entry"))
+    frame = ob.bitcast(outlined.args[0], frame_type.as_pointer())
+    unpacked = [ob.load(ob.gep(frame, [ir.Constant(i32, 0), ir.Constant(i32, i)])) for i in range(len(arg_types))]
+    omp_tid = _declare(module, "omp_get_thread_num", ir.FunctionType(i32, []))
+    omp_count = _declare(module, "omp_get_num_threads", ir.FunctionType(i32, []))
+    tid, count = ob.sext(ob.call(omp_tid, []), I64), ob.sext(ob.call(omp_count, []), I64)
+    ob.call(body, [*unpacked, tid, count])
+    ob.ret_void()
+    frame_ptr = b.alloca(frame_type)
+    for i, a in enumerate(args):
+        b.store(a, b.gep(frame_ptr, [ir.Constant(i32, 0), ir.Constant(i32, i)]))
+    gomp = _declare(
+        module,
+        "GOMP_parallel",
+        ir.FunctionType(ir.VoidType(), [ir.FunctionType(ir.VoidType(), [i8p]).as_pointer(), i8p, i32, i32]),
+    )
+    b.call(gomp, [outlined, b.bitcast(frame_ptr, i8p), b.trunc(nthreads, i32), ir.Constant(i32, 0)])
+    b.ret_void()
+
+
 def generate(funcs: list[L.LoopFunc], vector_width: int, triple: str) -> ir.Module:
-    """An LLVM module with one function per loop function."""
+    """An LLVM module with one exported function per loop function (see ``_entry``)."""
     module = ir.Module(name=funcs[0].name)
     module.triple = triple
     for f in funcs:
-        Codegen(module, f, vector_width).finish()
+        _entry(module, Codegen(module, f, vector_width).finish(), f)
     return module

@@ -7,7 +7,6 @@ import ctypes.util
 import os
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -55,11 +54,6 @@ def vector_bits() -> int:
     return 256 if features.get("avx2") else 128
 
 
-@cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="sparsedsl")
-
-
 @dataclass
 class Kernel:
     """A JIT-compiled function with the calling convention of ``codegen``."""
@@ -70,7 +64,7 @@ class Kernel:
     def __post_init__(self):
         argtypes = [ctypes.c_void_p if isinstance(p, L.Buffer) else _CTYPES[p.dtype] for p in self.func.params]
         self.sizes = size_names(self.func)
-        argtypes += [ctypes.c_int64] * (len(self.sizes) + 2)
+        argtypes += [ctypes.c_int64] * (len(self.sizes) + 1)
         self.cfunc = ctypes.CFUNCTYPE(None, *argtypes)(self.address)
         self.parallel = parallel_on_top(self.func)
 
@@ -88,15 +82,7 @@ class Kernel:
                 values[p.name] = a
         cargs += [values[n] for n in self.sizes]
         threads = min(num_threads(), self._iterations(values)) if self.parallel else 1
-        if threads <= 1:
-            self.cfunc(*cargs, 0, 1)
-            return
-        # ctypes releases the GIL: each thread runs its chunk of the outermost parallel loop,
-        # this one included
-        futures = [_pool(threads).submit(self.cfunc, *cargs, t, threads) for t in range(1, threads)]
-        self.cfunc(*cargs, 0, threads)
-        for f in futures:
-            f.result()
+        self.cfunc(*cargs, threads)  # ctypes releases the GIL; the kernel forks OpenMP threads
 
     def _iterations(self, values: dict[str, int]) -> int:
         """How many iterations the outermost parallel loop has for these sizes."""
