@@ -62,29 +62,26 @@ def measure(progs: dict, case: dict, reps: int) -> dict:
     bias = torch.zeros(n)
     out = prog.linear(x, packed, bias)
     error = (out - F.linear(x, weight, bias)).abs().max().item()
-    dense = median_time(lambda: F.linear(x, weight, bias), reps, budget=0.5)
-    ours = median_time(lambda: prog.linear(x, packed, bias), reps, budget=0.5)
     csr = weight.to_sparse_csr()
-    torch_csr = median_time(lambda: torch.sparse.mm(csr, x.t()).t(), reps, budget=0.5)
-    result = dict(
-        case,
-        density=packed.density,
-        max_error=error,
-        dense_ms=dense * 1e3,
-        sparsedsl=ours / dense,
-        torch_csr=torch_csr / dense,
-    )
-    for name, other in progs.items():
-        if name != "tvm":
-            result[name] = median_time(lambda p=other: p.linear(x, packed, bias), reps, budget=0.5) / dense
+    sp = scipy.sparse.csr_matrix(weight.numpy())
+    xn = x.numpy()
+    fns = {
+        "dense": lambda: F.linear(x, weight, bias),
+        "sparsedsl": lambda: prog.linear(x, packed, bias),
+        "torch_csr": lambda: torch.sparse.mm(csr, x.t()).t(),
+        "scipy_csr": lambda: (sp @ xn.T).T,
+    }
+    fns.update({name: (lambda p=other: p.linear(x, packed, bias)) for name, other in progs.items() if name != "tvm"})
     block = tuple(int(v) for v in case["fmt"][4:-1].split(",")) if case["fmt"].startswith("BSR") else None
     if block is not None and block[0] == block[1]:  # torch's CPU BSR takes square blocks only
         bsr = weight.to_sparse_bsr(block)
-        result["torch_bsr"] = median_time(lambda: torch.sparse.mm(bsr, x.t()).t(), reps, budget=0.5) / dense
-    sp = scipy.sparse.csr_matrix(weight.numpy())
-    xn = x.numpy()
-    result["scipy_csr"] = median_time(lambda: (sp @ xn.T).T, reps, budget=0.5) / dense
-    result["vs_torch_csr"] = torch_csr / ours
+        fns["torch_bsr"] = lambda: torch.sparse.mm(bsr, x.t()).t()
+    # each in its own hot loop, dense first: the steady state of each library (interleaving them
+    # measures their thread pools waking each other instead; docs/BENCHMARKS.md)
+    times = {name: median_time(fn, reps, budget=0.5) for name, fn in fns.items()}
+    result = dict(case, density=packed.density, max_error=error, dense_ms=times["dense"] * 1e3)
+    result.update({name: t / times["dense"] for name, t in times.items() if name != "dense"})
+    result["vs_torch_csr"] = result["torch_csr"] / result["sparsedsl"]
     return result
 
 

@@ -149,6 +149,8 @@ def _optimized(text: str) -> llvm.ModuleRef:
 
 def build(funcs: list[L.LoopFunc]) -> Built:
     """Generate, optimise and JIT the functions."""
+    if any(p.dtype == "bfloat16" for f in funcs for p in f.params):
+        raise BackendError("bf16 kernels are not supported by the llvm backend; use f32 or f16")
     machine = _machine()
     module = generate(funcs, vector_bits(), llvm.get_process_triple())
     text = str(module)
