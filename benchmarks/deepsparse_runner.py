@@ -41,8 +41,17 @@ def main() -> None:
         engine.run(inputs)
         times.append((time.perf_counter() - start) * 1e3)
     np.save(args.output, out[0])
-    print(json.dumps({"version": deepsparse.__version__, "median_ms": float(np.median(times)),
-                      "times_ms": times, "compile_s": compile_s, "num_cores": engine.num_cores}))
+    print(
+        json.dumps(
+            {
+                "version": deepsparse.__version__,
+                "median_ms": float(np.median(times)),
+                "times_ms": times,
+                "compile_s": compile_s,
+                "num_cores": engine.num_cores,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

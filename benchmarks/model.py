@@ -113,6 +113,7 @@ def measure(model: Callable, s: Setup) -> dict:
 
 # One function per configuration: each returns its row's measurements.
 
+
 def dense_eager(s: Setup) -> dict:
     return measure(s.model, s)
 
@@ -155,23 +156,42 @@ def deepsparse(s: Setup) -> dict:
         try:
             with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer warnings
                 warnings.simplefilter("ignore")
-                torch.onnx.export(Hidden(s.pruned), (s.inputs["input_ids"], s.inputs["attention_mask"]),
-                                  str(onnx_path), input_names=list(s.inputs), output_names=["last_hidden_state"],
-                                  opset_version=14, dynamo=False)
+                torch.onnx.export(
+                    Hidden(s.pruned),
+                    (s.inputs["input_ids"], s.inputs["attention_mask"]),
+                    str(onnx_path),
+                    input_names=list(s.inputs),
+                    output_names=["last_hidden_state"],
+                    opset_version=14,
+                    dynamo=False,
+                )
         except Exception as e:  # noqa: BLE001  (e.g. onnx not installed): the row says why
             return {"note": f"ONNX export failed: {type(e).__name__}: {e}"}
         import numpy as np
 
         np.savez(inputs_path, *(t.numpy() for t in s.inputs.values()))
-        cmd = [str(DEEPSPARSE_PYTHON), str(ROOT / "benchmarks" / "deepsparse_runner.py"), str(onnx_path),
-               str(inputs_path), str(out_path), "--threads", str(s.args.threads), "--reps", str(s.args.reps)]
+        cmd = [
+            str(DEEPSPARSE_PYTHON),
+            str(ROOT / "benchmarks" / "deepsparse_runner.py"),
+            str(onnx_path),
+            str(inputs_path),
+            str(out_path),
+            "--threads",
+            str(s.args.threads),
+            "--reps",
+            str(s.args.reps),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             return {"note": f"deepsparse_runner failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"}
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         diff = (torch.from_numpy(np.load(out_path)) - s.reference).abs().max().item()
-    return {"median_ms": result["median_ms"], "max_diff": diff, "first_call_s": result["compile_s"],
-            "deepsparse": result["version"]}
+    return {
+        "median_ms": result["median_ms"],
+        "max_diff": diff,
+        "first_call_s": result["compile_s"],
+        "deepsparse": result["version"],
+    }
 
 
 CONFIGS: list[tuple[str, Callable[[Setup], dict]]] = [
@@ -189,8 +209,13 @@ def versions() -> dict:
     import transformers
     import tvm
 
-    out = {"python": platform.python_version(), "sparsedsl": sd.__version__, "torch": torch.__version__,
-           "transformers": transformers.__version__, "tvm": tvm.__version__}
+    out = {
+        "python": platform.python_version(),
+        "sparsedsl": sd.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tvm": tvm.__version__,
+    }
     try:
         import onnx
 
@@ -226,8 +251,10 @@ def main() -> None:
         if "median_ms" in row:
             row["speedup"] = dense_ms / row["median_ms"]
 
-    print(f"\nall-MiniLM-L6-v2, {len(s.sparse_names)} linear layers pruned by {RULES.name}, batch {args.batch} x "
-          f"{args.tokens} tokens, {args.threads} threads, fp32, {host_cpu()} (median of {args.reps})")
+    print(
+        f"\nall-MiniLM-L6-v2, {len(s.sparse_names)} linear layers pruned by {RULES.name}, batch {args.batch} x "
+        f"{args.tokens} tokens, {args.threads} threads, fp32, {host_cpu()} (median of {args.reps})"
+    )
     print(f"{'configuration':<30} {'median ms':>10} {'speed-up':>9} {'max diff':>10}")
     print("-" * 62)
     for row in rows:
@@ -240,9 +267,16 @@ def main() -> None:
     deepsparse_version = next((r["deepsparse"] for r in rows if "deepsparse" in r), None)
     if deepsparse_version:
         machine["versions"]["deepsparse"] = deepsparse_version
-    result = {"model": "all-MiniLM-L6-v2", "rules": str(RULES.relative_to(ROOT)), "batch": args.batch,
-              "tokens": args.tokens, "reps": args.reps, "compile_model_s": s.compile_model_s, "machine": machine,
-              "rows": rows}
+    result = {
+        "model": "all-MiniLM-L6-v2",
+        "rules": str(RULES.relative_to(ROOT)),
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "reps": args.reps,
+        "compile_model_s": s.compile_model_s,
+        "machine": machine,
+        "rows": rows,
+    }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
 

@@ -22,4 +22,3 @@ def median_time(fn: Callable[[], object], reps: int, warmup: int = 2, budget: fl
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-

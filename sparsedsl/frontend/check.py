@@ -222,6 +222,12 @@ def _check_tensor(
                 f"'{decl.name.text}' has rank {len(shape)} but its pattern '{src.name}' has rank {len(src.shape)}",
                 decl.span,
             )
+        if shape != src.shape:
+            raise SdslSemanticError(
+                f"'{decl.name.text}' has shape [{', '.join(shape)}] but its pattern '{src.name}' has "
+                f"[{', '.join(src.shape)}]: a sparse output has the shape of its pattern",
+                decl.span,
+            )
         return K.TensorParam(decl.name.text, dtype, shape, src.format, True, src.name, decl.span)
     if output:
         raise SdslSemanticError(
@@ -266,6 +272,9 @@ def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
         raise SdslSemanticError(
             f"'{stmt.target.tensor.text}' is {what}: assign to the output '{output.name}'", stmt.target.tensor.span
         )
+    for read in _reads(stmt.value):
+        if read.tensor.text == output.name:
+            raise SdslSemanticError(f"the output '{output.name}' cannot be read: it is being written", read.span)
     scope = {**params, output.name: output}
     extents: dict[str, tuple[sympy.Expr, str, ast.Name]] = {}
     out_indices = _check_access(stmt.target, scope, extents)
@@ -286,6 +295,20 @@ def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
     kernel = K.Kernel(decl.name.text, tuple(params.values()), output, out_indices, value, decl.span)
     _check_structure(kernel, stmt)
     return kernel
+
+
+def _reads(node) -> list[ast.Access]:
+    """Every tensor access in an AST expression."""
+    match node:
+        case ast.Access():
+            return [node]
+        case ast.BinOp(_, lhs, rhs):
+            return _reads(lhs) + _reads(rhs)
+        case ast.Neg(operand) | ast.Reduction(_, operand):
+            return _reads(operand)
+        case ast.Call(_, args):
+            return [r for a in args for r in _reads(a)]
+    return []
 
 
 def _check_access(node: ast.Access, scope, extents) -> tuple[str, ...]:

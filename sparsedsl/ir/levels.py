@@ -3,8 +3,8 @@
 A format is an ordered list of levels. Each level stores the coordinates of one part of a tensor
 dimension under the positions of its parent level, and knows three things, nothing about formats:
 
-* its buffers and its properties (``full``: every coordinate stored; ``unique``; ``padded``: stores a
-  fixed number of slots, some possibly holding explicit zeros);
+* its buffers and its properties (``unique``; ``padded``: stores a fixed number of slots, some
+  possibly holding explicit zeros);
 * ``pack``: given the coordinate table of its parent positions and the nonzero entries, the
   coordinate table of its own positions and its buffers (vectorised torch, no per-nonzero loop);
 * ``unpack``: given its parent's coordinate table and its buffers, its own coordinate table;

@@ -9,10 +9,12 @@ each stored value multiplies a contiguous vector of tokens (``layout X as [k, m]
 
 Two accumulation strategies, chosen from the levels, never from format names:
 
-* **gather** -- the levels above the first reduced level are unique and free, and the free levels
-  below it are dense with constant extent (CSR, BSR, N:M, ELL, COO for a linear layer): a small
-  accumulator ``acc[free-below..., tile]`` per output row block, epilogue applied at write-out;
-* **scatter** -- otherwise (CSC for a linear layer, every format for the transposed product): the
+* **gather** -- the levels above the first reduced level are dense (every output row is visited)
+  and free, and the free levels below it are dense with constant extent (CSR, BSR, N:M, ELL for
+  a linear layer): a small accumulator ``acc[free-below..., tile]`` per output row block, epilogue
+  applied at write-out;
+* **scatter** -- otherwise (CSC and COO for a linear layer, every format for the transposed
+  product): the
   accumulator is the whole output tile ``acc[output dims..., tile]``, private to the token tile,
   so parallel token tiles never race; the epilogue is applied when the tile is written out.
 
@@ -71,6 +73,12 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     s_access = next((a for a in K.accesses(body) if sparse and a.tensor == sparse.name), None)
     if sparse is not None and s_access is None and not kernel.output.pattern_of:
         raise SdslSemanticError(f"sparse input '{sparse.name}' is not used", kernel.span)
+    if sparse is not None and not kernel.output.pattern_of and reduction is None:
+        raise SdslSemanticError(
+            f"'{sparse.name}' is read without a sum into a dense output, which would be left unwritten where "
+            f"'{sparse.name}' stores nothing: make the output sparse ('@ {sparse.name}') or sum",
+            kernel.span,
+        )
     if sparse is not None and not kernel.output.pattern_of and not _is_factor(body, sparse.name):
         raise SdslSemanticError(
             f"'{sparse.name}' must be a factor of the summed product, so that its zeros contribute nothing",
@@ -100,7 +108,7 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     first_red = reduced.index(True) if True in reduced else len(levels)
     below = range(first_red, len(levels))
     gather = pattern or (
-        all(lvl.unique for lvl in levels[:first_red])
+        all(isinstance(lvl, lv.Dense) for lvl in levels[:first_red])
         and all(reduced[l] or (isinstance(levels[l], lv.Dense) and maps[l].op == "%") for l in below)
     )
     free_below = [l for l in below if not reduced[l]] if gather else []
@@ -453,7 +461,9 @@ def _writeout(
     if token:
         acc_index.append(lane[0])
     acc_value = L.load(acc, *(acc_index or [L.const(0)]))
-    value = _cast(_expr(epilogue, ctx, env, position, lane, clamp=False, acc=acc_value), out.dtype)
+    # into the output tile, lanes past the last token are computed too: their reads must be clamped
+    clamp = ctx.out_tile is not None
+    value = _cast(_expr(epilogue, ctx, env, position, lane, clamp=clamp, acc=acc_value), out.dtype)
     if out.pattern_of:
         store: L.Stmt = L.Store(ctx.buffers[f"{out.name}_vals"], (position,), value)
     elif ctx.out_tile is not None:

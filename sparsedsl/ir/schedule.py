@@ -47,14 +47,19 @@ def _rewrite(s: L.Stmt, fn: Callable[[L.For], L.Stmt | None]) -> L.Stmt:
     return s
 
 
-def _stores(s: L.Stmt, lets: dict[str, L.Expr]) -> list[tuple[L.Store, dict[str, L.Expr]]]:
+def _stores(s: L.Stmt, lets: dict) -> list[tuple[L.Store, dict[str, tuple[L.Expr, bool]]]]:
+    """Every store with what its variables derive from: lets, and the start of inner loops (a
+    position loop of a level starts where its parent's positions start, and the position ranges
+    of different parents never overlap, so a position derives from its parent)."""
     match s:
         case L.Store():
             return [(s, dict(lets))]
         case L.Let(var, value):
-            lets[var.name] = value
+            lets[var.name] = (value, False)
             return []
-        case L.For(body=body) | L.If(then=body):
+        case L.For(var, start, _, body, _):
+            return _stores(body, {**lets, var.name: (start, True)})
+        case L.If(then=body):
             return _stores(body, dict(lets))
         case L.Seq(stmts):
             inner = dict(lets)
@@ -73,10 +78,22 @@ def _allocs(s: L.Stmt) -> set[str]:
     return set()
 
 
-def _depends(e: L.Expr, name: str, lets: dict[str, L.Expr]) -> bool:
-    if L.uses(e, name):
-        return True
-    return any(L.uses(e, v) and _depends(val, name, lets) for v, val in lets.items())
+def _distinct(e: L.Expr, name: str, lets: dict[str, tuple[L.Expr, bool]]) -> bool:
+    """Whether different values of ``name`` give different values of index ``e``: ``e`` uses it
+    arithmetically (not through a load: ``crd[q]`` may repeat across rows), directly or through a
+    let, or through a loop whose range starts from it (position ranges of different parents are
+    disjoint, by the level contract)."""
+    match e:
+        case L.Var(n) if n == name:
+            return True
+        case L.Var(n) if n in lets:
+            value, is_loop = lets[n]
+            return L.uses(value, name) if is_loop else _distinct(value, name, lets)
+        case L.Bin(op, a, b) if op in ("+", "-", "*"):
+            return _distinct(a, name, lets) or _distinct(b, name, lets)
+        case L.Cast(_, v):
+            return _distinct(v, name, lets)
+    return False
 
 
 def _check_independent(loop: L.For, what: str, span: Span | None) -> None:
@@ -85,7 +102,7 @@ def _check_independent(loop: L.For, what: str, span: Span | None) -> None:
     for store, lets in _stores(loop.body, {}):
         if store.buffer.name in private:
             continue
-        if not any(_depends(i, loop.var.name, lets) for i in store.indices):
+        if not any(_distinct(i, loop.var.name, lets) for i in store.indices):
             raise ScheduleError(
                 f"cannot {what} loop '{loop.var.name}': iterations all write '{store.buffer.name}' at the same "
                 f"place (a reduction carried by the loop would race)",

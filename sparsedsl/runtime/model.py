@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsedsl.errors import PackError, SdslError
+from sparsedsl.errors import SdslError
 from sparsedsl.frontend import ast
 from sparsedsl.runtime import ops
 from sparsedsl.runtime.modules import SparseLinear
@@ -121,8 +121,8 @@ def compile_model(
         kernel_prog = program if rule.kernel else nn_prog
         try:
             sparse = SparseLinear.from_linear(linear, rule.format, rule.sparsity, kernel_prog, rule.kernel)
-        except PackError as err:
-            raise PackError(f"layer '{name}': {err.message}") from None
+        except SdslError as err:
+            raise type(err)(f"layer '{name}': {err.message}") from None
         kernel = sparse.kernel
         if sparse.density > keep_dense_above:
             report.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsedsl.errors import ArgumentError
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.runtime import ops
 from sparsedsl.runtime.program import Program
@@ -61,6 +62,12 @@ class SparseLinear(nn.Module):
         self.kernel = kernel or ("linear_bias" if bias is not None else "linear")
         compiled = self.program.kernels[self.kernel]
         differentiable, takes_bias = _is_linear(compiled.kernel)
+        arity = len(compiled.kernel.inputs)
+        if arity not in (2, 3) or (arity == 3 and bias is None):
+            raise ArgumentError(
+                f"kernel '{self.kernel}' takes {arity} inputs; a linear layer runs kernels of (X, W) or, "
+                f"with a bias, (X, W, b)" + ("" if bias is not None else ": this layer has no bias")
+            )
         self.kernel_takes_bias = takes_bias
         if differentiable:
             ops.mark_differentiable(self.key, self.kernel)

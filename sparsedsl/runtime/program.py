@@ -70,11 +70,20 @@ class Instance:
         return self.built.functions[self.variants[name].name]
 
 
+def _sparse_indices(kernel: K.Kernel) -> set[str]:
+    sparse = kernel.sparse_input
+    return {i for a in K.accesses(kernel.value) if sparse and a.tensor == sparse.name for i in a.indices}
+
+
 def _lower_options(directives, kernel: K.Kernel) -> LowerOptions:
     tile, stage, no_stage = LowerOptions.tile, set(), set()
     explicit = False
     for d in directives:
         if d.verb == "tile":
+            token = next((i for i in kernel.indices if i not in _sparse_indices(kernel)), None)
+            if d.loops[0].text != token:
+                what = f"the token index is '{token}'" if token else "this kernel has no token index to tile"
+                raise ScheduleError(f"cannot tile '{d.loops[0].text}': {what}", d.loops[0].span)
             tile = d.factor
         elif d.verb == "layout":
             tensor, *order = [n.text for n in d.loops]
