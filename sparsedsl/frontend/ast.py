@@ -179,7 +179,8 @@ class ScheduleDecl:
 
 @dataclass(frozen=True)
 class Rule:
-    """``linear "GLOB" use KERNEL [with FORMAT] [sparsity S]``."""
+    """``linear "GLOB" use KERNEL [with FORMAT] [sparsity S] [fuse "GLOB"]``: ``fuse`` names the
+    modules (an activation after the layer) that the kernel's epilogue replaces."""
 
     pattern: str
     kernel: Name
@@ -187,6 +188,7 @@ class Rule:
     sparsity: float | None
     span: Span
     sparsity_span: Span | None = None
+    fuse: str | None = None
 
 
 @dataclass(frozen=True)

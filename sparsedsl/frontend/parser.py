@@ -179,9 +179,13 @@ class _ToAst(Transformer):
     def rule(self, meta, children):
         pattern, kernel, *rest = children
         fmt = next((r for r in rest if isinstance(r, ast.FormatRef)), None)
-        number = next((r for r in rest if isinstance(r, Token)), None)
+        number = next((r for r in rest if isinstance(r, Token) and r.type == "NUMBER"), None)
         sparsity, sparsity_span = (float(number), _span_of(number)) if number is not None else (None, None)
-        return ast.Rule(str(pattern)[1:-1], _name(kernel), fmt, sparsity, self._span(meta), sparsity_span)
+        fuse = next((r for r in rest if isinstance(r, str) and not isinstance(r, Token)), None)
+        return ast.Rule(str(pattern)[1:-1], _name(kernel), fmt, sparsity, self._span(meta), sparsity_span, fuse)
+
+    def fuse(self, meta, children):
+        return str(children[0])[1:-1]
 
 
 def _describe(terminal: str) -> str:

@@ -38,6 +38,7 @@ class AotRule:
     format: str
     sparsity: float | None
     kernel: str | None
+    fuse: str | None = None
 
 
 def _versions(backend: str) -> dict[str, str]:
@@ -116,6 +117,7 @@ def build(path_or_source, out_dir: str | os.PathLike, target: str = "cpu", backe
             "pattern": r.pattern,
             "kernel": r.kernel.text,
             "sparsity": r.sparsity,
+            "fuse": r.fuse,
             "format": program.checked.format(r.format).label
             if r.format
             else program.kernels[r.kernel.text]._default_format().label,
@@ -185,5 +187,7 @@ def load(directory: str | os.PathLike) -> Program:
             raise AotError(f"{lib}: its variants {entry['variants']} differ from this compiler's {list(variants)}")
         compiled.instances[fmt] = Instance(variants, _load_library(backend, lib, list(variants.values())))
     program.aot = root
-    program.rules = [AotRule(r["pattern"], r["format"], r["sparsity"], r["kernel"]) for r in manifest["rules"]]
+    program.rules = [
+        AotRule(r["pattern"], r["format"], r["sparsity"], r["kernel"], r.get("fuse")) for r in manifest["rules"]
+    ]
     return program

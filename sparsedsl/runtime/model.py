@@ -30,6 +30,7 @@ class Rule:
     format: str
     sparsity: float | None = None
     kernel: str | None = None
+    fuse: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def _rules_from_source(
             if fmt
             else kernel.kernel.sparse_input.format.label
         )
-        out.append(Rule(r.pattern, text, r.sparsity, r.kernel.text))
+        out.append(Rule(r.pattern, text, r.sparsity, r.kernel.text, r.fuse))
     return program, out
 
 
@@ -103,7 +104,7 @@ def compile_model(
         from sparsedsl.runtime.aot import load
 
         program = load(aot)
-        rule_list = [Rule(r.pattern, r.format, r.sparsity, r.kernel) for r in program.rules]
+        rule_list = [Rule(r.pattern, r.format, r.sparsity, r.kernel, r.fuse) for r in program.rules]
     elif isinstance(rules, dict):
         program, rule_list = None, _rules_from_dict(rules)
     else:
@@ -138,11 +139,29 @@ def compile_model(
             continue
         sparse.program.kernels[kernel].instance(sparse.program.format(rule.format))  # compile now
         _replace(result, name, sparse)
-        report.append(LayerReport(name, rule.format, sparse.density, kernel, True))
+        fused = _fuse(result, name, rule.fuse) if rule.fuse else []
+        note = f"fuses {', '.join(fused)}" if fused else ""
+        report.append(LayerReport(name, rule.format, sparse.density, kernel, True, note))
     result._sparsedsl_report = report
     if verbose:
         print(format_report(report))
     return result
+
+
+def _fuse(model: nn.Module, layer: str, pattern: str) -> list[str]:
+    """Replace by ``nn.Identity`` the modules next to ``layer`` (under its parent) that match
+    ``pattern``: the kernel's epilogue computes them. Returns their names."""
+    parent = layer.rpartition(".")[0]
+    names = [
+        n
+        for n, _ in model.named_modules()
+        if n != layer and n.startswith(f"{parent}.") and fnmatch.fnmatchcase(n, pattern)
+    ]
+    if not names:
+        raise SdslError(f"layer '{layer}': no module next to it matches fuse \"{pattern}\"")
+    for n in names:
+        _replace(model, n, nn.Identity())
+    return names
 
 
 def _progress(items, verbose: bool):
@@ -171,7 +190,7 @@ def format_report(rows: list[LayerReport]) -> str:
     head = f"{'layer':<48} {'format':<12} {'density':>7}  {'kernel':<18} {'runs'}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        runs = "sparse" if r.sparse else r.note
+        runs = ("sparse" + (f", {r.note}" if r.note else "")) if r.sparse else r.note
         lines.append(f"{r.layer:<48} {r.format:<12} {r.density:>7.3f}  {r.kernel:<18} {runs}")
     return "\n".join(lines)
 
