@@ -139,8 +139,7 @@ def compile_model(
             continue
         sparse.program.kernels[kernel].instance(sparse.program.format(rule.format))  # compile now
         _replace(result, name, sparse)
-        fused = _fuse(result, name, rule.fuse) if rule.fuse else []
-        note = f"fuses {', '.join(fused)}" if fused else ""
+        note = f"fuses {_fuse(result, name, rule.fuse, sparse)}" if rule.fuse else ""
         report.append(LayerReport(name, rule.format, sparse.density, kernel, True, note))
     result._sparsedsl_report = report
     if verbose:
@@ -148,20 +147,21 @@ def compile_model(
     return result
 
 
-def _fuse(model: nn.Module, layer: str, pattern: str) -> list[str]:
-    """Replace by ``nn.Identity`` the modules next to ``layer`` (under its parent) that match
-    ``pattern``: the kernel's epilogue computes them. Returns their names."""
+def _fuse(model: nn.Module, layer: str, pattern: str, sparse: SparseLinear) -> str:
+    """Replace by ``nn.Identity`` the one module next to ``layer`` (under its parent) that matches
+    ``pattern``: the kernel's epilogue computes it, and the layer keeps it for ``to_dense``."""
     parent = layer.rpartition(".")[0]
     names = [
         n
         for n, _ in model.named_modules()
         if n != layer and n.startswith(f"{parent}.") and fnmatch.fnmatchcase(n, pattern)
     ]
-    if not names:
-        raise SdslError(f"layer '{layer}': no module next to it matches fuse \"{pattern}\"")
-    for n in names:
-        _replace(model, n, nn.Identity())
-    return names
+    if len(names) != 1:
+        found = ", ".join(names) or "none"
+        raise SdslError(f"layer '{layer}': fuse \"{pattern}\" must match one module next to it, found {found}")
+    sparse.fused = model.get_submodule(names[0])
+    _replace(model, names[0], nn.Identity())
+    return names[0]
 
 
 def _progress(items, verbose: bool):

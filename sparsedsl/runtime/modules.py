@@ -69,6 +69,7 @@ class SparseLinear(nn.Module):
                 f"with a bias, (X, W, b)" + ("" if bias is not None else ": this layer has no bias")
             )
         self.kernel_takes_bias = takes_bias
+        self.fused: nn.Module | None = None  # an activation the kernel's epilogue computes (compile_model)
         if differentiable:
             ops.mark_differentiable(self.key, self.kernel)
 
@@ -123,14 +124,16 @@ class SparseLinear(nn.Module):
             y = y + self.bias
         return y
 
-    def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` with the same (pruned) weight and bias."""
+    def to_dense(self) -> nn.Module:
+        """An ``nn.Linear`` with the same (pruned) weight and bias, followed by the activation the
+        kernel fuses, if any: the same function, densely."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
             linear.weight.copy_(self.sparse_weight().to_dense())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
-        return linear.to(self.values.dtype)
+        linear = linear.to(self.values.dtype)
+        return nn.Sequential(linear, self.fused) if self.fused is not None else linear
 
     @property
     def density(self) -> float:

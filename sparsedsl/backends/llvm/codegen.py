@@ -147,6 +147,7 @@ class Codegen:
         body = self.fn.append_basic_block("body")
         self.b = ir.IRBuilder(body)
         self.scopes = [_Scope()]
+        self.memo: dict = {}  # (expression, lane) -> value, for the statement being emitted
         self.buffers: dict[str, tuple[ir.Value, L.Buffer]] = {}
         args = list(self.fn.args)
         for p, a in zip(func.params, args):
@@ -208,7 +209,17 @@ class Codegen:
     # ---- expressions -----------------------------------------------------------------------
 
     def expr(self, e: L.Expr, lane: str | None = None, vec: ir.VectorType | None = None) -> ir.Value:
-        """The value of ``e``; in vector mode (``lane`` set) lane-dependent parts are vectors."""
+        """The value of ``e``; in vector mode (``lane`` set) lane-dependent parts are vectors.
+        Within one statement a repeated subexpression is emitted once (epilogues such as gelu
+        reuse their argument many times)."""
+        if isinstance(e, L.Var | L.SizeVar | L.Const):
+            return self._expr(e, lane, vec)
+        key = (e, lane)
+        if key not in self.memo:
+            self.memo[key] = self._expr(e, lane, vec)
+        return self.memo[key]
+
+    def _expr(self, e: L.Expr, lane: str | None, vec: ir.VectorType | None) -> ir.Value:
         b = self.b
         match e:
             case L.Var(name) | L.SizeVar(name):
@@ -287,6 +298,7 @@ class Codegen:
     # ---- statements ------------------------------------------------------------------------
 
     def stmt(self, s: L.Stmt, top: bool = False) -> None:
+        self.memo = {}  # values of another statement may sit in another block or scope
         match s:
             case L.Seq(stmts):
                 self.scopes.append(_Scope())
@@ -296,7 +308,6 @@ class Codegen:
             case L.For():
                 self._for(s, top)
             case L.Store(buf, idx, value):
-                _, decl = self.buffers[buf.name]
                 v = self._cast(self.expr(value), buf.dtype, L.dtype_of(value))
                 self.b.store(v, self._address(buf, idx))
             case L.Let(var, value):
@@ -405,6 +416,7 @@ class Codegen:
             base = self.b.add(start, ir.Constant(I64, chunk * lanes))
             self.scopes.append(_Scope({name: base}))
             for s in stores:
+                self.memo = {}
                 vty = ir.VectorType(TYPES[s.buffer.dtype], lanes)
                 value = self.expr(s.value, lane=name, vec=vty)
                 value = self._splat(self._cast(value, s.buffer.dtype, L.dtype_of(s.value)), vty)
