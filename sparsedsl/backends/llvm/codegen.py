@@ -214,7 +214,7 @@ class Codegen:
         reuse their argument many times)."""
         if isinstance(e, L.Var | L.SizeVar | L.Const):
             return self._expr(e, lane, vec)
-        key = (e, lane)
+        key = (id(e), lane)  # the lowering shares a repeated subexpression's node: identity suffices
         if key not in self.memo:
             self.memo[key] = self._expr(e, lane, vec)
         return self.memo[key]
