@@ -9,7 +9,7 @@ from sparsedsl.errors import SdslError
 from sparsedsl.frontend.check import check
 from sparsedsl.runtime.program import Program, read_source
 
-STAGES = ("ir", "tir", "llvm", "asm")
+STAGES = ("ir", "tir", "llvm", "asm", "cuda")
 
 
 def _check(args) -> int:
@@ -20,7 +20,8 @@ def _check(args) -> int:
 
 
 def _emit(args) -> int:
-    program = Program(check(read_source(args.file)), target=args.target, backend=args.backend)
+    target = "cuda" if args.stage == "cuda" else args.target
+    program = Program(check(read_source(args.file)), target=target, backend=args.backend, arch=args.arch)
     if args.kernel not in program.kernels:
         known = ", ".join(program.kernels) or "none"
         raise SdslError(f"no kernel '{args.kernel}' in {args.file} (kernels: {known})")
@@ -32,7 +33,7 @@ def _emit(args) -> int:
 def _build(args) -> int:
     from sparsedsl.runtime.aot import build
 
-    out = build(args.file, args.output, args.target, args.backend)
+    out = build(args.file, args.output, args.target, args.backend, args.arch)
     print(f"built {args.file} into {out}")
     return 0
 
@@ -49,14 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", required=True)
     p.add_argument("--stage", choices=STAGES, default="tir")
     p.add_argument("--format", help="format of the sparse input, e.g. 'NM(2, 4)' (default: the kernel's)")
-    p.add_argument("--target", default="cpu")
+    p.add_argument("--target", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--backend", choices=("tvm", "llvm"), default="tvm")
+    p.add_argument("--arch", help="CUDA architecture, e.g. sm_90 (default: the visible GPU's, else sm_80)")
     p.set_defaults(run=_emit)
     p = sub.add_parser("build", help="compile every kernel ahead of time into a directory")
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--target", default="cpu")
+    p.add_argument("--target", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--backend", choices=("tvm", "llvm"), default="tvm")
+    p.add_argument("--arch", help="CUDA architecture, e.g. sm_90 (default: the visible GPU's, else sm_80)")
     p.set_defaults(run=_build)
     args = parser.parse_args(argv)
     try:

@@ -15,6 +15,9 @@ class LoopKind(Enum):
     PARALLEL = "parallel"
     VECTORIZED = "vectorized"
     UNROLLED = "unrolled"
+    BLOCK_X = "blockIdx.x"  # GPU grid and block axes
+    BLOCK_Y = "blockIdx.y"
+    THREAD_X = "threadIdx.x"
 
 
 # ---- expressions ---------------------------------------------------------------------------

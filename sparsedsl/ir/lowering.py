@@ -42,6 +42,7 @@ class LowerOptions:
     tile: int = 64
     stage: frozenset[str] | None = None  # tensors to stage per tile; None = every eligible one
     no_stage: frozenset[str] = frozenset()
+    gpu: bool = False  # no staging and no blocked write-out: ir/gpu.py maps lanes to threads
 
 
 @dataclass
@@ -160,7 +161,7 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     # Innermost accumulation.
     acc_index = [coord_env[l] for l in free_below] if gather else [index_env[i] for i in kernel.indices if i != token]
     acc_index = [*acc_index, *lane] if token else acc_index or [L.const(0)]
-    stage = _stage(ctx, body, lane[0]) if token else []
+    stage = _stage(ctx, body, lane[0]) if token and not opts.gpu else []
     value = _expr(body, ctx, index_env, position, lane, clamp=True)
     update: L.Stmt = L.Store(acc, tuple(acc_index), L.add(L.load(acc, *acc_index), _cast(value, ACC_DTYPE)))
     if token:
@@ -172,10 +173,10 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     # Zero-init and write-out of the accumulator. A 2-d output tile is written out in blocks along
     # its other dimension: strided stores of whole token columns alias in the cache.
     other = [i for i in kernel.indices if i != token]
-    blocked = token is not None and not pattern and len(other) == 1
+    blocked = token is not None and not pattern and len(other) == 1 and not opts.gpu
     if blocked and gather:
         ctx.out_tile = L.Buffer(f"{out.name}_t", ACC_DTYPE, (extents[other[0]], L.const(tile)))
-    zero = _fill(acc, L.const(0.0, ACC_DTYPE))
+    zero = _fill(acc, L.const(0.0, ACC_DTYPE), lane[0] if token else None)
     writeout = _writeout(
         ctx,
         acc,
@@ -215,7 +216,14 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     tiles = [f"{token}_o"] if token else []
     token_size = kernel.param(out.name).shape[kernel.indices.index(token)] if token else None
     func.meta.update(
-        mode="gather" if gather else "scatter", token=token, token_size=token_size, tile=tile, parallel=siblings + tiles
+        mode="gather" if gather else "scatter",
+        token=token,
+        token_size=token_size,
+        tile=tile,
+        parallel=siblings + tiles,
+        rows=rows[:1],
+        out_indices=kernel.indices,
+        token_extent=extents[token] if token else None,
     )
     return func
 
@@ -239,8 +247,11 @@ def _wrap(nest: list[L.Stmt], body: L.Stmt) -> L.Stmt:
     return body
 
 
-def _fill(buf: L.Buffer, value: L.Expr) -> L.Stmt:
+def _fill(buf: L.Buffer, value: L.Expr, lane: L.Var | None = None) -> L.Stmt:
+    """``buf[...] = value``; the last dimension's loop is the token lane when ``lane`` is given."""
     vars_ = [L.Var(f"z{d}") for d in range(len(buf.shape))]
+    if lane is not None:
+        vars_[-1] = lane
     stmt: L.Stmt = L.Store(buf, tuple(vars_), value)
     for v, extent in reversed(list(zip(vars_, buf.shape))):
         kind = L.LoopKind.VECTORIZED if v is vars_[-1] and isinstance(extent, L.Const) else L.LoopKind.SERIAL

@@ -119,8 +119,10 @@ def set_kind(func: L.LoopFunc, name: str, kind: L.LoopKind, span: Span | None = 
             raise ScheduleError(f"cannot {verb} loop '{name}': its extent is not a constant (split it first)", span)
         if kind is L.LoopKind.VECTORIZED and any(True for _ in loops(loop.body)):
             raise ScheduleError(f"cannot vectorize loop '{name}': it is not innermost", span)
-        if kind in (L.LoopKind.VECTORIZED, L.LoopKind.PARALLEL):
-            _check_independent(loop, "vectorize" if kind is L.LoopKind.VECTORIZED else "parallelize", span)
+        if kind is L.LoopKind.VECTORIZED:
+            _check_independent(loop, "vectorize", span)
+        elif kind is not L.LoopKind.UNROLLED and kind is not L.LoopKind.SERIAL:
+            _check_independent(loop, "parallelize" if kind is L.LoopKind.PARALLEL else f"bind to {kind.value}", span)
         if kind is L.LoopKind.PARALLEL:
             nested = [
                 f

@@ -61,6 +61,10 @@ def _target(program: Program) -> dict[str, str]:
         from sparsedsl.backends.tvm.cpu import host_cpu
     else:
         from sparsedsl.backends.llvm.jit import host_cpu
+    if program.target == "cuda":
+        from sparsedsl.backends.tvm.cuda import default_arch
+
+        return {"kind": "cuda", "backend": "tvm", "arch": program.arch or default_arch(), "cpu": host_cpu()}
     return {
         "kind": program.target,
         "backend": program.backend,
@@ -87,10 +91,12 @@ def _formats_to_build(program: Program) -> dict[str, list[Format | None]]:
     return out
 
 
-def build(path_or_source, out_dir: str | os.PathLike, target: str = "cpu", backend: str = "tvm") -> Path:
+def build(
+    path_or_source, out_dir: str | os.PathLike, target: str = "cpu", backend: str = "tvm", arch: str | None = None
+) -> Path:
     """Compile every kernel of a .sdsl file for its formats and write them with a manifest."""
     source = read_source(path_or_source)
-    program = Program(check(source), target, backend)
+    program = Program(check(source), target, backend, arch=arch)
     program.cache_dir = None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +143,18 @@ def build(path_or_source, out_dir: str | os.PathLike, target: str = "cpu", backe
     return out
 
 
-def _load_library(backend: str, lib: Path, funcs):
+def _load_library(backend: str, lib: Path, funcs, target: str = "cpu"):
+    if target == "cuda":
+        import tvm
+
+        from sparsedsl.backends.tvm.cuda import Built as CudaBuilt
+        from sparsedsl.backends.tvm.tir import to_tir
+
+        try:
+            module = tvm.runtime.load_module(str(lib))
+        except Exception as err:  # noqa: BLE001 - TVM reports a missing CUDA runtime as its own error
+            raise AotError(f"{lib}: CUDA kernels cannot be loaded here ({str(err).splitlines()[0]})") from None
+        return CudaBuilt(module, {f.name: module[f.name] for f in funcs}, {f.name: to_tir(f) for f in funcs})
     if backend == "llvm":
         from sparsedsl.backends.llvm.jit import load_library
 
@@ -171,7 +188,10 @@ def load(directory: str | os.PathLike) -> Program:
     source_text = (root / SOURCE).read_text()
     if hashlib.sha256(source_text.encode()).hexdigest() != manifest["source"]["sha256"]:
         raise AotError(f"{root / SOURCE} does not match the manifest's hash")
-    program = Program(check(Source(source_text, manifest["source"]["name"])), manifest["target"]["kind"], backend)
+    target = manifest["target"]
+    program = Program(
+        check(Source(source_text, manifest["source"]["name"])), target["kind"], backend, arch=target.get("arch")
+    )
     program.cache_dir = None
     here = _target(program)
     if manifest["target"] != here:
@@ -185,7 +205,8 @@ def load(directory: str | os.PathLike) -> Program:
         variants = compiled.lowered(fmt)
         if list(variants) != entry["variants"]:
             raise AotError(f"{lib}: its variants {entry['variants']} differ from this compiler's {list(variants)}")
-        compiled.instances[fmt] = Instance(variants, _load_library(backend, lib, list(variants.values())))
+        built = _load_library(backend, lib, list(variants.values()), program.target)
+        compiled.instances[fmt] = Instance(variants, built)
     program.aot = root
     program.rules = [
         AotRule(r["pattern"], r["format"], r["sparsity"], r["kernel"], r.get("fuse")) for r in manifest["rules"]

@@ -59,11 +59,13 @@ def nn_program(formats_of: Program | None = None, target: str = "cpu", backend: 
     """The program of sparsedsl/nn.sdsl (linear layers and their gradients), knowing the formats of
     another program too (and using its backend). Cached per program it borrows formats from."""
     backend = backend or (formats_of.backend if formats_of is not None else "tvm")
+    target = formats_of.target if formats_of is not None else target
     owner = formats_of if formats_of is not None else _default_owner(target, backend)
     nn = getattr(owner, "_nn_program", None)
     if nn is None:
         formats = owner.checked.formats if formats_of is not None else None
-        nn = Program(check(Source(_nn_source(), "<sparsedsl/nn.sdsl>"), formats), target, backend)
+        arch = formats_of.arch if formats_of is not None else None
+        nn = Program(check(Source(_nn_source(), "<sparsedsl/nn.sdsl>"), formats), target, backend, arch=arch)
         owner._nn_program = nn
         register(nn)
     return nn

@@ -26,7 +26,8 @@ TORCH_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-TARGETS = ("cpu",)
+TARGETS = ("cpu", "cuda")
+GPU_TILE = 32  # tokens per CUDA block: one warp of threads
 BACKENDS = ("tvm", "llvm")
 SMALL_TILE = 16
 
@@ -129,6 +130,8 @@ class CompiledKernel:
         directives = self.program.schedule_directives(self.name)
         try:
             opts = _lower_options(directives, kernel)
+            if self.program.target == "cuda":
+                return {"cuda": self._gpu(kernel, opts, directives)}
             func = lower(kernel, opts)
             loop_directives = [d for d in directives if d.verb not in ("tile", "layout")]
             if loop_directives:
@@ -145,6 +148,19 @@ class CompiledKernel:
             return variants
         except SdslError as err:
             raise err.with_source(self.program.checked.source) from None
+
+    def _gpu(self, kernel: K.Kernel, opts: LowerOptions, directives) -> L.LoopFunc:
+        """The kernel mapped to a CUDA grid; ``bind`` directives rebind loops after mapping."""
+        from sparsedsl.ir.gpu import map_to_gpu
+
+        tile = opts.tile if any(d.verb == "tile" for d in directives) else GPU_TILE
+        func = lower(kernel, replace(opts, tile=tile, gpu=True))
+        loop_directives = [d for d in directives if d.verb not in ("tile", "layout", "bind")]
+        func = map_to_gpu(sched.apply(func, loop_directives), kernel.output.name)
+        for d in directives:
+            if d.verb == "bind":
+                func = sched.set_kind(func, d.loops[0].text, L.LoopKind(d.target), d.span)
+        return func
 
     def instance(self, fmt: Format | None = None) -> Instance:
         fmt = fmt or (self.kernel.sparse_input.format if self.kernel.sparse_input else None)
@@ -171,21 +187,23 @@ class CompiledKernel:
 
     def __call__(self, *args):
         kernel = self.kernel
-        call_args, sizes, sparse = _bind(kernel, args)
+        device = "cuda" if self.program.target == "cuda" else "cpu"
+        call_args, sizes, sparse = _bind(kernel, args, device)
         fmt = sparse.format if sparse is not None else None
         inst = self.instance(fmt)
         out = kernel.output
         if out.pattern_of:
             result = torch.empty_like(sparse.values, dtype=TORCH_DTYPES[out.dtype])
         else:
-            result = torch.empty(tuple(sizes[d] for d in out.shape), dtype=TORCH_DTYPES[out.dtype])
+            shape = tuple(sizes[d] for d in out.shape)
+            result = torch.empty(shape, dtype=TORCH_DTYPES[out.dtype], device=device)
         sources = {"arg": call_args, "size": sizes, "sparse": sparse.buffers if sparse else {}}
         flat = [result if kind == "out" else sources[kind][key] for kind, key in inst.plan(kernel)]
         inst.function(sizes)(*flat)
         return sparse.with_values(result) if out.pattern_of else result
 
 
-def _bind(kernel: K.Kernel, args) -> tuple[dict, dict[str, int], SparseTensor | None]:
+def _bind(kernel: K.Kernel, args, device: str = "cpu") -> tuple[dict, dict[str, int], SparseTensor | None]:
     """Check every argument against the signature (before anything runs) and bind shape names."""
     names = ", ".join(p.name for p in kernel.inputs)
     if len(args) != len(kernel.inputs):
@@ -231,8 +249,8 @@ def _bind(kernel: K.Kernel, args) -> tuple[dict, dict[str, int], SparseTensor | 
             raise ArgumentError(f"'{p.name}' must be a torch.Tensor, got {type(a).__name__}")
         if a.dtype != want:
             raise ArgumentError(f"'{p.name}' must be {p.dtype}, got {a.dtype}")
-        if a.device.type != "cpu":
-            raise ArgumentError(f"'{p.name}' is on {a.device}, but this kernel was compiled for the cpu")
+        if a.device.type != device:
+            raise ArgumentError(f"'{p.name}' is on {a.device}, but this kernel was compiled for {device}")
         if not a.is_contiguous():
             raise ArgumentError(f"'{p.name}' must be contiguous (call .contiguous() first)")
         bind_shape(p, tuple(a.shape))
@@ -252,13 +270,17 @@ class Program:
         target: str = "cpu",
         backend: str = "tvm",
         cache_dir: str | os.PathLike | None = None,
+        arch: str | None = None,
     ):
         if target not in TARGETS:
             raise BackendError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
+        if target == "cuda" and backend != "tvm":
+            raise BackendError("the cuda target is built by the tvm backend")
         self.checked = checked
         self.target = target
+        self.arch = arch  # CUDA architecture (sm_80, sm_90...); None: the visible GPU's, else sm_80
         self.backend = backend
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._formats: dict[str, Format] = {}
@@ -273,6 +295,10 @@ class Program:
         return decl.directives if decl else ()
 
     def backend_build(self, funcs: list[L.LoopFunc]):
+        if self.target == "cuda":
+            from sparsedsl.backends.tvm.cuda import build as cuda_build
+
+            return cuda_build(funcs, self.arch)
         if self.backend == "llvm":
             from sparsedsl.backends.llvm.jit import build as llvm_build
 
@@ -318,8 +344,10 @@ def compile(
     target: str = "cpu",
     backend: str = "tvm",
     cache_dir: str | os.PathLike | None = None,
+    arch: str | None = None,
 ) -> Program:
     """Check a .sdsl file (a path or the source text) and return its Program; kernels are built
     for the formats they are called with, the first time, through the kernel cache
-    (``cache_dir``, default ``sparsedsl.config.cache_dir()``)."""
-    return Program(check(read_source(path_or_source)), target, backend, cache_dir)
+    (``cache_dir``, default ``sparsedsl.config.cache_dir()``). ``target="cuda"`` builds CUDA
+    kernels for ``arch`` (default: the visible GPU's, else sm_80)."""
+    return Program(check(read_source(path_or_source)), target, backend, cache_dir, arch)

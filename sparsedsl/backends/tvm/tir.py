@@ -8,11 +8,18 @@ from tvm.tirx.script.builder import ir as T
 
 from sparsedsl.ir import loop_ir as L
 
+
+def _bound(tag: str):
+    """A loop bound to a GPU grid or block axis."""
+    return lambda lo, hi: T.thread_binding(lo, hi, thread=tag)
+
+
 _LOOPS = {
     L.LoopKind.SERIAL: T.serial,
     L.LoopKind.PARALLEL: T.parallel,
     L.LoopKind.VECTORIZED: T.vectorized,
     L.LoopKind.UNROLLED: T.unroll,
+    **{kind: _bound(kind.value) for kind in (L.LoopKind.BLOCK_X, L.LoopKind.BLOCK_Y, L.LoopKind.THREAD_X)},
 }
 
 _BINARY = {

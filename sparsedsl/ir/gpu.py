@@ -1,0 +1,191 @@
+"""Map a kernel's loop IR (lowered with ``LowerOptions(gpu=True)``) onto a CUDA grid.
+
+* token tiles (``m_o``) -> ``blockIdx.y`` (``blockIdx.x`` when there are no rows to spread);
+* the first output row loop of a gathering kernel -> ``blockIdx.x``;
+* token lanes -> ``threadIdx.x``: every lane loop (``m_i``) inside the block's body is removed and the
+  body wrapped in one thread loop, so each thread runs the sparse iteration for its token with its
+  accumulator in registers (the tile dimension of ``acc`` is dropped);
+* a scattering kernel (the transposed product) accumulates straight into its own row of the output,
+  zeroed first and guarded by ``m < M`` (each thread owns one token: no races).
+* a kernel without tokens (SDDMM) runs one output row per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from sparsedsl.errors import BackendError
+from sparsedsl.ir import loop_ir as L
+
+
+def _without_lane(s: L.Stmt, lane: str) -> L.Stmt:
+    """Remove the lane loops (their bodies stay, the lane variable now comes from the thread)."""
+    match s:
+        case L.For(var, start, extent, body, kind):
+            inner = _without_lane(body, lane)
+            return inner if var.name == lane else L.For(var, start, extent, inner, kind)
+        case L.Seq(stmts):
+            return L.seq(*(_without_lane(st, lane) for st in stmts))
+        case L.If(cond, then):
+            return L.If(cond, _without_lane(then, lane))
+    return s
+
+
+def _map_buffer(s, old: str, new: L.Buffer, index):
+    """Rewrite every access to buffer ``old`` as an access to ``new`` at ``index(indices)``."""
+
+    def expr(e):
+        match e:
+            case L.Load(buf, idx) if buf.name == old:
+                return L.Load(new, tuple(index(tuple(expr(i) for i in idx))))
+            case L.Load(buf, idx):
+                return L.Load(buf, tuple(expr(i) for i in idx))
+            case L.Bin(op, a, b):
+                return L.Bin(op, expr(a), expr(b))
+            case L.Call(f, args, dt):
+                return L.Call(f, tuple(expr(a) for a in args), dt)
+            case L.Cast(dt, v):
+                return L.Cast(dt, expr(v))
+            case L.Select(c, t, o):
+                return L.Select(expr(c), expr(t), expr(o))
+        return e
+
+    match s:
+        case L.For(var, start, extent, body, kind):
+            return L.For(var, expr(start), expr(extent), _map_buffer(body, old, new, index), kind)
+        case L.Seq(stmts):
+            return L.seq(*(_map_buffer(st, old, new, index) for st in stmts))
+        case L.If(cond, then):
+            return L.If(expr(cond), _map_buffer(then, old, new, index))
+        case L.Store(buf, idx, value):
+            target, where = (
+                (new, index(tuple(expr(i) for i in idx))) if buf.name == old else (buf, tuple(expr(i) for i in idx))
+            )
+            return L.Store(target, tuple(where), expr(value))
+        case L.Let(var, value):
+            return L.Let(var, expr(value))
+        case L.Alloc(buf) if buf.name == old:
+            return L.Alloc(new) if new.scope == "local" else L.seq()
+    return s
+
+
+def _rebind(s: L.Stmt, name: str, kind: L.LoopKind) -> tuple[L.Stmt, bool]:
+    """Give the first loop called ``name`` the kind ``kind``."""
+    match s:
+        case L.For(var, start, extent, body, k):
+            if var.name == name:
+                return L.For(var, start, extent, body, kind), True
+            inner, done = _rebind(body, name, kind)
+            return L.For(var, start, extent, inner, k), done
+        case L.Seq(stmts):
+            out, done = [], False
+            for st in stmts:
+                if done:
+                    out.append(st)
+                else:
+                    rebound, done = _rebind(st, name, kind)
+                    out.append(rebound)
+            return L.Seq(tuple(out)), done
+    return s, False
+
+
+def _thread_body(s: L.Stmt, name: str, wrap) -> L.Stmt:
+    """Apply ``wrap`` to the body of the loop called ``name``."""
+    match s:
+        case L.For(var, start, extent, body, kind):
+            if var.name == name:
+                return L.For(var, start, extent, wrap(body), kind)
+            return L.For(var, start, extent, _thread_body(body, name, wrap), kind)
+        case L.Seq(stmts):
+            return L.Seq(tuple(_thread_body(st, name, wrap) for st in stmts))
+    return s
+
+
+def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
+    """The kernel bound to CUDA blocks and threads (see the module docstring)."""
+    meta = func.meta
+    token, tile = meta.get("token"), meta.get("tile", 1)
+    rows = meta.get("rows", [])
+    body = func.body
+    if any(f.kind is L.LoopKind.PARALLEL for f in _loops(body)):
+        raise BackendError("GPU kernels take their parallelism from the grid: remove 'parallel' from the schedule")
+    acc = next(s.buffer for s in _allocs(body) if s.buffer.name == "acc")
+    lane = L.Var(f"{token}_i") if token else None
+    if token is None:
+        local = replace(acc, scope="local")
+        body = _map_buffer(body, "acc", local, lambda idx: idx)
+        row = next((f for f in _loops(body) if rows and f.var.name == rows[0]), None)
+        if row is not None and _on_host(row.start) and _on_host(row.extent):
+            body, _ = _rebind(body, rows[0], L.LoopKind.BLOCK_X)
+        else:  # bounds read from the tensor (a compressed root level): one block walks them
+            body = L.For(L.Var("block"), L.const(0), L.const(1), body, L.LoopKind.BLOCK_X)
+        return replace(func, body=body)
+    tiles = f"{token}_o"
+    if meta.get("mode") == "gather":
+        local = replace(acc, shape=acc.shape[:-1] or (L.const(1),), scope="local")
+        body = _map_buffer(body, "acc", local, lambda idx: idx[:-1] or (L.const(0),))
+        if rows:
+            body, _ = _rebind(body, rows[0], L.LoopKind.BLOCK_X)
+            body, _ = _rebind(body, tiles, L.LoopKind.BLOCK_Y)
+            host = rows[0]
+        else:
+            body, _ = _rebind(body, tiles, L.LoopKind.BLOCK_X)
+            host = tiles
+        body = _thread_body(
+            body,
+            host,
+            lambda b: L.For(lane, L.const(0), L.const(tile), _without_lane(b, lane.name), L.LoopKind.THREAD_X),
+        )
+        return replace(func, body=body)
+    # scatter: accumulate in the thread's own output row
+    out = next(p for p in func.params if isinstance(p, L.Buffer) and p.name == output)
+    m = L.add(L.mul(L.Var(tiles), L.const(tile)), lane)
+    order = meta["out_indices"]
+    others = [i for i in order if i != token]
+
+    def to_output(idx):
+        named = dict(zip(others, idx[:-1]))
+        named[token] = m
+        return tuple(named[i] for i in order)
+
+    body = _map_buffer(body, "acc", out, to_output)
+    body, _ = _rebind(body, tiles, L.LoopKind.BLOCK_X)
+    guard = L.Bin("<", m, meta["token_extent"])
+    body = _thread_body(
+        body,
+        tiles,
+        lambda b: L.For(lane, L.const(0), L.const(tile), L.If(guard, _without_lane(b, lane.name)), L.LoopKind.THREAD_X),
+    )
+    return replace(func, body=body)
+
+
+def _on_host(e: L.Expr) -> bool:
+    """Whether a launch bound can be computed from sizes alone (not from tensor contents)."""
+    match e:
+        case L.Const() | L.SizeVar():
+            return True
+        case L.Bin(_, a, b):
+            return _on_host(a) and _on_host(b)
+    return False
+
+
+def _loops(s: L.Stmt) -> list[L.For]:
+    match s:
+        case L.For(body=body):
+            return [s, *_loops(body)]
+        case L.Seq(stmts):
+            return [x for st in stmts for x in _loops(st)]
+        case L.If(_, then):
+            return _loops(then)
+    return []
+
+
+def _allocs(s: L.Stmt) -> list[L.Alloc]:
+    match s:
+        case L.Alloc():
+            return [s]
+        case L.For(body=body) | L.If(then=body):
+            return _allocs(body)
+        case L.Seq(stmts):
+            return [x for st in stmts for x in _allocs(st)]
+    return []
