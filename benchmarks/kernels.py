@@ -153,7 +153,13 @@ def main() -> None:
         default=None,
         help="add the llvm backend's rows (the tvm backend is always measured)",
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the GPU table (gpu.py)")
     args = parser.parse_args()
+    if args.device == "cuda":
+        from gpu import run
+
+        run(ROOT / "benchmarks" / "results_cuda.json")
+        return
     torch.set_num_threads(args.threads)
     os.environ["SPARSEDSL_NUM_THREADS"] = str(args.threads)
     progs = {b: sd.compile(ROOT / "examples" / "linear.sdsl", backend=b) for b in ["tvm", *(args.backend or [])]}
