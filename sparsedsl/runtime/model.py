@@ -13,6 +13,7 @@ from torch import nn
 
 from sparsedsl.errors import SdslError
 from sparsedsl.frontend import ast
+from sparsedsl.ir.formats import Format
 from sparsedsl.runtime import ops
 from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import Program, compile
@@ -196,10 +197,13 @@ def format_report(rows: list[LayerReport]) -> str:
 
 
 def prune_to(
-    weight: torch.Tensor, format: str, sparsity: float | None = None, program: Program | None = None
+    weight: torch.Tensor, format: str | Format, sparsity: float | None = None, program: Program | None = None
 ) -> torch.Tensor:
-    """``sd.prune``: a copy of ``weight`` pruned by magnitude so that it fits ``format``."""
+    """``sd.prune``: a copy of ``weight`` pruned by magnitude so that it fits ``format`` (a
+    ``Format``, or its text: a prelude format, or one of ``program``)."""
     from sparsedsl.runtime.prune import prune
 
+    if isinstance(format, Format):
+        return prune(weight, format, sparsity)
     program = program if program is not None else ops.nn_program()
     return prune(weight, program.format(format), sparsity)

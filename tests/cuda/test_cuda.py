@@ -116,3 +116,53 @@ def test_compile_model_for_cuda_and_aot(tmp_path):
     else:  # the pip TVM runtime here has no CUDA: a clear error, not a crash
         with pytest.raises(sd.SdslError, match="cannot be loaded here"):
             sd.load(out)
+
+
+def _serial(s):
+    """The GPU-mapped loop nest with its grid and block loops run as plain loops."""
+    from sparsedsl.ir import loop_ir as L
+
+    match s:
+        case L.For(var, start, extent, body, kind):
+            gpu = kind in (L.LoopKind.BLOCK_X, L.LoopKind.BLOCK_Y, L.LoopKind.THREAD_X)
+            return L.For(var, start, extent, _serial(body), L.LoopKind.SERIAL if gpu else kind)
+        case L.Seq(stmts):
+            return L.Seq(tuple(_serial(st) for st in stmts))
+        case L.If(cond, then):
+            return L.If(cond, _serial(then))
+    return s
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The CPU program whose kernels are the CUDA mapping run serially: checks the grid mapping
+    (lanes to threads, accumulators, guards) numerically without a GPU."""
+    from dataclasses import replace
+
+    from sparsedsl.ir.gpu import map_to_gpu
+    from sparsedsl.ir.lowering import LowerOptions, lower
+
+    prog = sd.compile(KERNELS, cache_dir="off")
+    prog.cache_dir = None
+    for compiled in prog.kernels.values():
+
+        def gpu_lowered(fmt, compiled=compiled):
+            kernel = compiled.kernel.with_format(fmt) if fmt is not None else compiled.kernel
+            func = map_to_gpu(lower(kernel, LowerOptions(tile=32, gpu=True)), kernel.output.name)
+            return {"cuda": replace(func, body=_serial(func.body))}
+
+        compiled.lowered = gpu_lowered
+    return prog
+
+
+@pytest.mark.parametrize("fmt", [f for f, _, _ in FORMATS])
+@pytest.mark.parametrize("m", [1, 45])
+def test_gpu_mapping_computes_the_right_numbers(emulated, fmt, m):
+    gen = torch.Generator().manual_seed(m)
+    w = sd.prune(torch.randn(32, 64, generator=gen), emulated.format(fmt), 0.7)
+    W = emulated.pack(fmt, w)
+    x, b, g = torch.randn(m, 64, generator=gen), torch.randn(32, generator=gen), torch.randn(m, 32, generator=gen)
+    torch.testing.assert_close(emulated.bias_gelu(x, W, b), torch.nn.functional.gelu(x @ w.T + b), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(emulated.transposed(g, W), g @ w, rtol=1e-4, atol=1e-4)
+    pattern = W.with_values(torch.ones_like(W.values)).to_dense()
+    torch.testing.assert_close(emulated.sddmm(g, x, W).to_dense(), (g.T @ x) * pattern, rtol=1e-4, atol=1e-4)
