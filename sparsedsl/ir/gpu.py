@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir.schedule import loops
 
 
 def _without_lane(s: L.Stmt, lane: str) -> L.Stmt:
@@ -107,14 +108,14 @@ def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
     token, tile = meta.get("token"), meta.get("tile", 1)
     rows = meta.get("rows", [])
     body = func.body
-    if any(f.kind is L.LoopKind.PARALLEL for f in _loops(body)):
+    if any(f.kind is L.LoopKind.PARALLEL for f in loops(body)):
         raise BackendError("GPU kernels take their parallelism from the grid: remove 'parallel' from the schedule")
     acc = next(s.buffer for s in _allocs(body) if s.buffer.name == "acc")
     lane = L.Var(f"{token}_i") if token else None
     if token is None:
         local = replace(acc, scope="local")
         body = _map_buffer(body, "acc", local, lambda idx: idx)
-        row = next((f for f in _loops(body) if rows and f.var.name == rows[0]), None)
+        row = next((f for f in loops(body) if rows and f.var.name == rows[0]), None)
         if row is not None and _on_host(row.start) and _on_host(row.extent):
             body, _ = _rebind(body, rows[0], L.LoopKind.BLOCK_X)
         else:  # bounds read from the tensor (a compressed root level): one block walks them
@@ -167,17 +168,6 @@ def _on_host(e: L.Expr) -> bool:
         case L.Bin(_, a, b):
             return _on_host(a) and _on_host(b)
     return False
-
-
-def _loops(s: L.Stmt) -> list[L.For]:
-    match s:
-        case L.For(body=body):
-            return [s, *_loops(body)]
-        case L.Seq(stmts):
-            return [x for st in stmts for x in _loops(st)]
-        case L.If(_, then):
-            return _loops(then)
-    return []
 
 
 def _allocs(s: L.Stmt) -> list[L.Alloc]:
