@@ -426,6 +426,20 @@ def _erf(x: L.Expr) -> L.Expr:
     return L.Bin("/", L.Bin("*", clamped, _horner(_ERF_P, x2)), _horner(_ERF_Q, x2))
 
 
+# exp(x) = 2^n p(r), n = round(x / ln 2), r = x - n ln 2 (in two parts), p of degree 6: Cephes'
+# expf, accurate to ~1 ulp. ``exp2i`` builds 2^n from the exponent bits: all of it vectorises.
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+def _exp(x: L.Expr) -> L.Expr:
+    c = lambda v: L.const(v, ACC_DTYPE)  # noqa: E731
+    x = L.Bin("max", L.Bin("min", x, c(88.3762626647949)), c(-87.3365447504019))
+    n = L.Call("floor", (L.Bin("+", L.Bin("*", x, c(1.44269504088896341)), c(0.5)),), ACC_DTYPE)
+    r = L.Bin("-", L.Bin("-", x, L.Bin("*", n, c(0.693359375))), L.Bin("*", n, c(-2.12194440e-4)))
+    p = L.Bin("+", L.Bin("+", L.Bin("*", _horner(_EXP_P, r), L.Bin("*", r, r)), r), c(1.0))
+    return L.Bin("*", p, L.Call("exp2i", (n,), ACC_DTYPE))
+
+
 def _call(func: str, xs: list[L.Expr]) -> L.Expr:
     x = xs[0]
     zero, one, half = (L.const(v, ACC_DTYPE) for v in (0.0, 1.0, 0.5))
@@ -436,8 +450,14 @@ def _call(func: str, xs: list[L.Expr]) -> L.Expr:
     if func == "gelu":
         erf = _erf(L.Bin("*", x, L.const(1 / math.sqrt(2.0), ACC_DTYPE)))
         return L.Bin("*", L.Bin("*", half, x), L.Bin("+", one, erf))
-    if func == "silu":
-        return L.Bin("*", x, L.Call("sigmoid", (x,), ACC_DTYPE))
+    if func == "exp":
+        return _exp(x)
+    if func in ("sigmoid", "silu"):
+        sigmoid = L.Bin("/", one, L.Bin("+", one, _exp(L.Bin("-", zero, x))))
+        return sigmoid if func == "sigmoid" else L.Bin("*", x, sigmoid)
+    if func == "tanh":  # 2 sigmoid(2x) - 1
+        two = L.const(2.0, ACC_DTYPE)
+        return L.Bin("-", L.Bin("/", two, L.Bin("+", one, _exp(L.Bin("*", L.const(-2.0, ACC_DTYPE), x)))), one)
     return L.Call(func, (x,), ACC_DTYPE)
 
 

@@ -97,3 +97,21 @@ model m { linear "*" use lin sparsity 0.5 }
 """
     with pytest.raises(sd.ArgumentError, match="layer '0'.*has no bias"):
         sd.compile_model(nn.Sequential(nn.Linear(8, 8, bias=False)), rules)
+
+
+@pytest.mark.parametrize("backend", ["tvm", "llvm"])
+@pytest.mark.parametrize("func", ["exp", "sigmoid", "tanh", "silu", "gelu"])
+def test_transcendental_epilogues_are_accurate(backend, func):
+    """exp, erf and friends are polynomial approximations that vectorise: check them over a wide range."""
+    prog = sd.compile(
+        "kernel f(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) {"
+        f" Y[m, n] = {func}(sum(k) X[m, k] * W[n, k]) }}",
+        backend=backend,
+    )
+    x = torch.linspace(-12, 12, 2001).reshape(-1, 1)  # one input column: the sum is exact
+    w = torch.ones(1, 1)
+    reference = getattr(torch, func, None) or getattr(torch.nn.functional, func)
+    expected = reference(x.double()).float()
+    torch.testing.assert_close(
+        prog.f(x, prog.pack("CSR", w)), expected, rtol=2e-6 if func != "exp" else 1e-5, atol=1e-6
+    )

@@ -281,6 +281,17 @@ class Codegen:
     def _call(self, name: str, args: list[ir.Value]) -> ir.Value:
         b = self.b
         x = args[0]
+        if name == "floor":
+            return b.call(self._intrinsic("llvm.floor", x.type), [x])
+        if name == "exp2i":  # 2^n for an integral float n in [-126, 127], from the exponent bits
+            vec = isinstance(x.type, ir.VectorType)
+            int_t = ir.VectorType(I32, x.type.count) if vec else I32
+
+            def splat(v: int) -> ir.Constant:
+                return ir.Constant(int_t, [v] * x.type.count) if vec else ir.Constant(I32, v)
+
+            bits = b.shl(b.add(b.fptosi(x, int_t), splat(127)), splat(23))
+            return b.bitcast(bits, x.type)
         if name == "exp":
             return b.call(self._intrinsic("llvm.exp", x.type), [x])
         if name == "sqrt":

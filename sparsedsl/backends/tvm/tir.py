@@ -37,7 +37,16 @@ _BINARY = {
     "and": tirx.And,
 }
 
+
+def _exp2i(n):
+    """2^n for an integral float n in [-126, 127], from the exponent bits (vectorisable)."""
+    bits = tirx.shift_left(tirx.Cast("int32", n) + tirx.const(127, "int32"), tirx.const(23, "int32"))
+    return tirx.reinterpret("float32", bits)
+
+
 _CALLS = {
+    "floor": tirx.floor,
+    "exp2i": _exp2i,
     "erf": tirx.erf,
     "exp": tirx.exp,
     "tanh": tirx.tanh,
