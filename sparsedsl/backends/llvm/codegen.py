@@ -184,12 +184,6 @@ class Codegen:
             fn = ir.Function(self.module, ir.FunctionType(ty, [ty] * arity), name=full)
         return fn
 
-    def _libm(self, name: str) -> ir.Function:
-        fn = self.module.globals.get(name)
-        if fn is None:
-            fn = ir.Function(self.module, ir.FunctionType(ir.FloatType(), [ir.FloatType()]), name=name)
-        return fn
-
     def _splat(self, value: ir.Value, ty: ir.VectorType) -> ir.Value:
         if isinstance(value.type, ir.VectorType):
             return value
@@ -292,18 +286,10 @@ class Codegen:
 
             bits = b.shl(b.add(b.fptosi(x, int_t), splat(127)), splat(23))
             return b.bitcast(bits, x.type)
-        if name == "exp":
-            return b.call(self._intrinsic("llvm.exp", x.type), [x])
         if name == "sqrt":
             return b.call(self._intrinsic("llvm.sqrt", x.type), [x])
         if name == "abs":
             return b.call(self._intrinsic("llvm.fabs", x.type), [x])
-        if name == "sigmoid":
-            one = ir.Constant(x.type, 1.0)
-            e = b.call(self._intrinsic("llvm.exp", x.type), [b.fneg(x)])
-            return b.fdiv(one, b.fadd(one, e))
-        if name in ("erf", "tanh"):
-            return b.call(self._libm(f"{name}f"), [x])
         raise BackendError(f"llvm backend: no function '{name}'")
 
     # ---- statements ------------------------------------------------------------------------

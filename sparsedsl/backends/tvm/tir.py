@@ -47,11 +47,7 @@ def _exp2i(n):
 _CALLS = {
     "floor": tirx.floor,
     "exp2i": _exp2i,
-    "erf": tirx.erf,
-    "exp": tirx.exp,
-    "tanh": tirx.tanh,
     "sqrt": tirx.sqrt,
-    "sigmoid": tirx.sigmoid,
     "abs": tirx.abs,
 }
 
