@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lint
+.PHONY: install test demo bench bench-model lint
 
 install: $(STAMP)
 
@@ -23,6 +23,12 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/kernels.py
+
+# MiniLM end to end against dense, torch CSR and DeepSparse (in its own venv: it pins old packages)
+bench-model: install
+	test -x .venv-deepsparse/bin/python || ($(PY) -m venv .venv-deepsparse && \
+	  .venv-deepsparse/bin/pip install --quiet --disable-pip-version-check deepsparse==1.8.0 onnx)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/model.py
 
 lint: install
 	$(BIN)/ruff check sparsedsl tests benchmarks examples

@@ -6,7 +6,7 @@ of --reps runs in this process, except DeepSparse, which runs in its own venv (i
 onnx) through benchmarks/deepsparse_runner.py on an ONNX export of the pruned-dense model:
 
     python3 -m venv .venv-deepsparse && .venv-deepsparse/bin/pip install deepsparse==1.8.0 onnx
-    .venv/bin/pip install onnx            # the export (torch.onnx, TorchScript-based) needs it
+    (onnx, which the export needs, comes with the bench extra: make bench-model does all of this)
     .venv/bin/python benchmarks/model.py [--threads 2] [--batch 8] [--tokens 128] [--no-deepsparse]
 
 Max diff is max |last_hidden_state - that of the pruned-dense eager model|; for the unpruned dense
