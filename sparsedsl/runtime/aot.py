@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from sparsedsl.errors import SdslError, Source
 from sparsedsl.frontend.check import check
 from sparsedsl.ir.formats import Format
 from sparsedsl.runtime import cache
+from sparsedsl.runtime.model import Rule, rules_of
 from sparsedsl.runtime.program import Instance, Program, read_source
 
 SCHEMA_VERSION = 1
@@ -30,15 +31,6 @@ SOURCE = "source.sdsl"
 
 class AotError(SdslError):
     """An ahead-of-time build that cannot be loaded here (mismatch or damage)."""
-
-
-@dataclass(frozen=True)
-class AotRule:
-    pattern: str
-    format: str
-    sparsity: float | None
-    kernel: str | None
-    fuse: str | None = None
 
 
 def _versions(backend: str) -> dict[str, str]:
@@ -118,19 +110,7 @@ def build(
                     "sha256": cache.digest(lib),
                 }
             )
-    rules = [
-        {
-            "pattern": r.pattern,
-            "kernel": r.kernel.text,
-            "sparsity": r.sparsity,
-            "fuse": r.fuse,
-            "format": program.checked.format(r.format).label
-            if r.format
-            else program.kernels[r.kernel.text]._default_format().label,
-        }
-        for model in program.checked.models.values()
-        for r in model.rules
-    ]
+    rules = [asdict(r) for decl in program.checked.models.values() for r in rules_of(program, decl)]
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "versions": _versions(backend),
@@ -208,7 +188,5 @@ def load(directory: str | os.PathLike) -> Program:
         built = _load_library(backend, lib, list(variants.values()), program.target)
         compiled.instances[fmt] = Instance(variants, built)
     program.aot = root
-    program.rules = [
-        AotRule(r["pattern"], r["format"], r["sparsity"], r["kernel"], r.get("fuse")) for r in manifest["rules"]
-    ]
+    program.rules = [Rule(**r) for r in manifest["rules"]]
     return program

@@ -54,19 +54,16 @@ def _rules_from_source(
     if model_name is not None and model_name not in models:
         raise SdslError(f"no model '{model_name}' in the rules (models: {', '.join(models)})")
     decl: ast.ModelDecl = models[model_name] if model_name else next(iter(models.values()))
+    return program, rules_of(program, decl)
+
+
+def rules_of(program: Program, decl: ast.ModelDecl) -> list[Rule]:
+    """The rules of a checked ``model`` block, formats resolved (the kernel's own when unnamed)."""
     out = []
     for r in decl.rules:
-        kernel = program.kernels[r.kernel.text]
-        fmt = r.format
-        text = (
-            f"{fmt.name.text}({', '.join(str(a.value) for a in fmt.args)})"
-            if fmt and fmt.args
-            else fmt.name.text
-            if fmt
-            else kernel.kernel.sparse_input.format.label
-        )
-        out.append(Rule(r.pattern, text, r.sparsity, r.kernel.text, r.fuse))
-    return program, out
+        fmt = program.checked.format(r.format) if r.format else program.kernels[r.kernel.text]._default_format()
+        out.append(Rule(r.pattern, fmt.label, r.sparsity, r.kernel.text, r.fuse))
+    return out
 
 
 def _rules_from_dict(rules: dict) -> list[Rule]:
@@ -105,7 +102,7 @@ def compile_model(
         from sparsedsl.runtime.aot import load
 
         program = load(aot)
-        rule_list = [Rule(r.pattern, r.format, r.sparsity, r.kernel, r.fuse) for r in program.rules]
+        rule_list = program.rules
     elif isinstance(rules, dict):
         program, rule_list = None, _rules_from_dict(rules)
     else:

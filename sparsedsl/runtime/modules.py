@@ -105,6 +105,11 @@ class SparseLinear(nn.Module):
         return SparseTensor.from_structure(fmt, (self.out_features, self.in_features), self.structure(), self.values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ArgumentError(
+                f"this SparseLinear takes inputs with {self.in_features} features in the last dimension, "
+                f"got shape {tuple(x.shape)}"
+            )
         bias = self.bias if self.kernel_takes_bias else None
         args = (
             x,

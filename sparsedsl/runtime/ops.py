@@ -21,13 +21,6 @@ from sparsedsl.runtime.sparse_tensor import SparseTensor
 
 _PROGRAMS: dict[str, Program] = {}
 _DIFFERENTIABLE: set[tuple[str, str]] = set()  # (program key, kernel) computing exactly x W^T [+ b]
-EPILOGUES = {
-    "none": "linear",
-    "bias": "linear_bias",
-    "bias_gelu": "linear_bias_gelu",
-    "bias_relu": "linear_bias_relu",
-    "bias_residual": "linear_bias_residual",
-}
 
 
 def register(program: Program) -> str:

@@ -221,8 +221,8 @@ def _bind(kernel: K.Kernel, args, device: str = "cpu") -> tuple[dict, dict[str, 
         for dim, size in zip(p.shape, shape):
             if dim in sizes and sizes[dim] != size:
                 raise ArgumentError(
-                    f"'{p.name}' has {dim} = {size}, but '{origin[dim]}' has {dim} = {sizes[dim]} "
-                    f"(shape {tuple(shape)} does not fit [{', '.join(p.shape)}])"
+                    f"'{origin[dim]}' and '{p.name}' disagree on {dim}: '{origin[dim]}' gives {dim} = {sizes[dim]}, "
+                    f"'{p.name}' has shape {tuple(shape)} for [{', '.join(p.shape)}], so {dim} = {size}"
                 )
             sizes.setdefault(dim, size)
             origin.setdefault(dim, p.name)
@@ -285,6 +285,7 @@ class Program:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._formats: dict[str, Format] = {}
         self.aot: Path | None = None  # the build directory of a program from ``sd.load``
+        self.rules: list = []  # and its model rules (``sparsedsl.runtime.model.Rule``)
         self.kernels = {name: CompiledKernel(self, k) for name, k in checked.kernels.items()}
         for name, kernel in self.kernels.items():
             if self.schedule_directives(name) and (kernel.kernel.sparse_input is None or kernel._default_format()):

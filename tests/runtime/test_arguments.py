@@ -35,10 +35,13 @@ def test_api_shape(prog, weight):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (lambda w: (torch.randn(3, 31), w, torch.zeros(16)), "'W' has K = 32, but 'X' has K = 31"),
+        (
+            lambda w: (torch.randn(3, 31), w, torch.zeros(16)),
+            "'X' gives K = 31, 'W' has shape (16, 32) for [N, K], so K = 32",
+        ),
         (lambda w: (torch.randn(3, 32, dtype=torch.float64), w, torch.zeros(16)), "'X' must be float32"),
         (lambda w: (torch.randn(32, 3).T, w, torch.zeros(16)), "'X' must be contiguous"),
-        (lambda w: (torch.randn(3, 32), w, torch.zeros(15)), "'b' has N = 15"),
+        (lambda w: (torch.randn(3, 32), w, torch.zeros(15)), "'W' and 'b' disagree on N"),
         (lambda w: (torch.randn(3, 32), w.to_dense(), torch.zeros(16)), "'W' must be a sparse tensor"),
         (lambda w: (torch.randn(3, 32), w), "takes 3 arguments (X, W, b), got 2"),
         (lambda w: (torch.randn(32), w, torch.zeros(16)), "'X' must have 2 dimensions"),

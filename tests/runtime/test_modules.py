@@ -140,3 +140,9 @@ def test_sparse_finetuning_keeps_the_pattern():
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.8
     assert all(torch.equal(a, b) for a, b in zip(before, layer.structure()))
+
+
+def test_wrong_input_width_names_the_layer_shape():
+    layer = sd.SparseLinear.from_linear(nn.Linear(32, 8), "CSR", 0.5)
+    with pytest.raises(sd.ArgumentError, match="32 features in the last dimension, got shape \\(4, 31\\)"):
+        layer(torch.randn(4, 31))
