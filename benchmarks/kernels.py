@@ -158,7 +158,7 @@ def main() -> None:
     if args.device == "cuda":
         from gpu import run
 
-        run(ROOT / "benchmarks" / "results_cuda.json")
+        run(ROOT / "benchmarks" / "results_cuda.json", tokens=4096)
         return
     torch.set_num_threads(args.threads)
     os.environ["SPARSEDSL_NUM_THREADS"] = str(args.threads)

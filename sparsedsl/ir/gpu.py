@@ -179,3 +179,13 @@ def _allocs(s: L.Stmt) -> list[L.Alloc]:
         case L.Seq(stmts):
             return [x for st in stmts for x in _allocs(st)]
     return []
+
+
+def launch_dims(func: L.LoopFunc) -> dict[L.LoopKind, L.Expr]:
+    """The grid and block sizes of a GPU-mapped function: the extent of its loop of each GPU kind."""
+    dims: dict[L.LoopKind, L.Expr] = {}
+    for loop in loops(func.body):
+        gpu = loop.kind in (L.LoopKind.BLOCK_X, L.LoopKind.BLOCK_Y, L.LoopKind.THREAD_X)
+        if gpu and dims.setdefault(loop.kind, loop.extent) != loop.extent:
+            raise BackendError(f"two loops of '{func.name}' are bound to {loop.kind.value} with different extents")
+    return dims

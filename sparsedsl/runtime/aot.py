@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sparsedsl.backends.cuda.module import CudaModule, default_arch
 from sparsedsl.errors import SdslError, Source
 from sparsedsl.frontend.check import check
 from sparsedsl.ir.formats import Format
@@ -33,9 +34,12 @@ class AotError(SdslError):
     """An ahead-of-time build that cannot be loaded here (mismatch or damage)."""
 
 
-def _versions(backend: str) -> dict[str, str]:
+def _versions(backend: str, target: str = "cpu") -> dict[str, str]:
+    """What a build must be loaded with: a CUDA build (a cubin and launch data) needs only sparsedsl."""
     from sparsedsl import __version__
 
+    if target == "cuda":
+        return {"sparsedsl": __version__}
     versions = {"sparsedsl": __version__, "torch": torch.__version__}
     if backend == "tvm":
         import tvm
@@ -49,14 +53,12 @@ def _versions(backend: str) -> dict[str, str]:
 
 
 def _target(program: Program) -> dict[str, str]:
+    if program.target == "cuda":
+        return {"kind": "cuda", "backend": "tvm", "arch": program.arch or default_arch()}
     if program.backend == "tvm":
         from sparsedsl.backends.tvm.cpu import host_cpu
     else:
         from sparsedsl.backends.llvm.jit import host_cpu
-    if program.target == "cuda":
-        from sparsedsl.backends.tvm.cuda import default_arch
-
-        return {"kind": "cuda", "backend": "tvm", "arch": program.arch or default_arch(), "cpu": host_cpu()}
     return {
         "kind": program.target,
         "backend": program.backend,
@@ -98,7 +100,8 @@ def build(
         compiled = program.kernels[name]
         for fmt in formats:
             inst = compiled.instance(fmt)
-            lib = out / f"{name}__{_slug(fmt.label) if fmt else 'dense'}.so"
+            suffix = ".cuda.json" if target == "cuda" else ".so"
+            lib = out / f"{name}__{_slug(fmt.label) if fmt else 'dense'}{suffix}"
             cache.atomic_write(lib, inst.built.export)
             kernels.append(
                 {
@@ -113,7 +116,7 @@ def build(
     rules = [asdict(r) for decl in program.checked.models.values() for r in rules_of(program, decl)]
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "versions": _versions(backend),
+        "versions": _versions(backend, target),
         "target": _target(program),
         "source": {"file": SOURCE, "sha256": hashlib.sha256(source.text.encode()).hexdigest(), "name": source.filename},
         "kernels": kernels,
@@ -125,16 +128,7 @@ def build(
 
 def _load_library(backend: str, lib: Path, funcs, target: str = "cpu"):
     if target == "cuda":
-        import tvm
-
-        from sparsedsl.backends.tvm.cuda import Built as CudaBuilt
-        from sparsedsl.backends.tvm.tir import to_tir
-
-        try:
-            module = tvm.runtime.load_module(str(lib))
-        except Exception as err:  # noqa: BLE001 - TVM reports a missing CUDA runtime as its own error
-            raise AotError(f"{lib}: CUDA kernels cannot be loaded here ({str(err).splitlines()[0]})") from None
-        return CudaBuilt(module, {f.name: module[f.name] for f in funcs}, {f.name: to_tir(f) for f in funcs})
+        return CudaModule.load(lib)
     if backend == "llvm":
         from sparsedsl.backends.llvm.jit import load_library
 
@@ -160,7 +154,7 @@ def load(directory: str | os.PathLike) -> Program:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise AotError(f"{root}: build schema {manifest.get('schema_version')}, this sparsedsl reads {SCHEMA_VERSION}")
     backend = manifest.get("target", {}).get("backend", "tvm")
-    for tool, version in _versions(backend).items():
+    for tool, version in _versions(backend, manifest.get("target", {}).get("kind", "cpu")).items():
         if manifest["versions"].get(tool) != version:
             raise AotError(
                 f"{root} was built with {tool} {manifest['versions'].get(tool)}, this is {version}: rebuild it"

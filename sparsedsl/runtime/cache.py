@@ -19,8 +19,11 @@ def digest(path: Path) -> str:
 
 
 def key_of(*parts: str) -> str:
-    """A cache key from everything that determines the compiled code."""
+    """A cache key from everything that determines the compiled code (and sparsedsl's version)."""
+    from sparsedsl import __version__
+
     h = hashlib.sha256()
+    h.update(__version__.encode())
     for part in parts:
         h.update(part.encode())
         h.update(b"\0")

@@ -242,6 +242,10 @@ def _bind(kernel: K.Kernel, args, device: str = "cpu") -> tuple[dict, dict[str, 
                 )
             if a.dtype != want:
                 raise ArgumentError(f"'{p.name}' must hold {p.dtype} values, got {a.dtype}")
+            if any(b.device.type != device for b in a.buffers.values()):
+                raise ArgumentError(
+                    f"'{p.name}' is on {a.device}, but this kernel was compiled for {device} (W.to('{device}'))"
+                )
             bind_shape(p, a.shape)
             sparse = a
             continue
@@ -297,9 +301,9 @@ class Program:
 
     def backend_build(self, funcs: list[L.LoopFunc]):
         if self.target == "cuda":
-            from sparsedsl.backends.tvm.cuda import build as cuda_build
+            from sparsedsl.backends.cuda.build import build as cuda_build
 
-            return cuda_build(funcs, self.arch)
+            return cuda_build(funcs, self.arch, self.cache_dir)
         if self.backend == "llvm":
             from sparsedsl.backends.llvm.jit import build as llvm_build
 

@@ -67,8 +67,21 @@ class SparseTensor:
     def to_dense(self) -> torch.Tensor:
         return self.format.unpack(self.buffers, self.shape)
 
-    def to(self, dtype: torch.dtype) -> SparseTensor:
-        return self.with_values(self.values.to(dtype))
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self, target: torch.dtype | torch.device | str) -> SparseTensor:
+        """Values in another dtype, or every buffer on another device (``"cuda"``)."""
+        if isinstance(target, torch.dtype):
+            return self.with_values(self.values.to(target))
+        return SparseTensor(self.format, self.shape, {k: v.to(target) for k, v in self.buffers.items()})
+
+    def cuda(self) -> SparseTensor:
+        return self.to("cuda")
+
+    def cpu(self) -> SparseTensor:
+        return self.to("cpu")
 
     def __repr__(self) -> str:
         return f"SparseTensor({self.format.label}, shape={self.shape}, nnz={self.nnz}, density={self.density:.3f})"

@@ -19,7 +19,6 @@ KERNELS = HERE.parent / "kernels" / "epilogues.sdsl"
 NAMES = ["bias_gelu", "transposed", "sddmm"]
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed: CUDA code cannot be compiled here")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
 @pytest.fixture(scope="module", params=["sm_80", "sm_90"])
@@ -74,36 +73,13 @@ def test_cpu_tensors_are_refused_before_running():
         prog.plain(torch.randn(2, 8), prog.pack("CSR", w))
 
 
-@needs_gpu
-@pytest.mark.parametrize("fmt", [f for f, _, _ in FORMATS])
-def test_kernels_on_the_gpu(fmt):
-    prog = sd.compile(KERNELS, target="cuda")
-    gen = torch.Generator().manual_seed(0)
-    w = sd.prune(torch.randn(32, 64, generator=gen), fmt, 0.7)
-    packed = prog.pack(fmt, w)
-    W = packed.with_values(packed.values.cuda())
-    W.buffers.update({k: v.cuda() for k, v in packed.buffers.items()})
-    x, b, g = (t.cuda() for t in (torch.randn(37, 64), torch.randn(32), torch.randn(37, 32)))
-    wc = w.cuda()
-    torch.testing.assert_close(prog.bias_gelu(x, W, b), torch.nn.functional.gelu(x @ wc.T + b), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(prog.transposed(g, W), g @ wc, rtol=1e-4, atol=1e-4)
-    pattern = packed.with_values(torch.ones_like(packed.values)).to_dense().cuda()
-    torch.testing.assert_close(prog.sddmm(g, x, W).to_dense(), (g.T @ x) * pattern, rtol=1e-4, atol=1e-4)
-
-
 @needs_nvcc
 def test_compile_model_for_cuda_and_aot(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     sparse = sd.compile_model(model, {"0": ("BSR(4, 1)", 0.5), "2": ("NM(2, 4)", 0.5)}, target="cuda")
     assert all(r.sparse for r in sd.report(sparse))
-    if not torch.cuda.is_available():
-        with pytest.raises(sd.ArgumentError, match="compiled for cuda"):
-            sparse(torch.randn(3, 16))
-    else:
-        sparse = sparse.cuda()
-        ref = torch.nn.Sequential(sparse[0].to_dense(), torch.nn.ReLU(), sparse[2].to_dense())
-        x = torch.randn(3, 16, device="cuda")
-        torch.testing.assert_close(sparse(x), ref(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(sd.ArgumentError, match="compiled for cuda"):
+        sparse(torch.randn(3, 16))
     rules = tmp_path / "r.sdsl"
     rules.write_text(
         "kernel lin(X: f32[M, K], W: f32[N, K] @ BSR(4, 1), b: f32[N]) -> (Y: f32[M, N]) {\n"
@@ -111,11 +87,9 @@ def test_compile_model_for_cuda_and_aot(tmp_path):
     )
     out = tmp_path / "build"
     assert cli(["build", str(rules), "-o", str(out), "--target", "cuda", "--arch", "sm_80"]) == 0
-    if torch.cuda.is_available():
-        assert sd.load(out).target == "cuda"
-    else:  # the pip TVM runtime here has no CUDA: a clear error, not a crash
-        with pytest.raises(sd.SdslError, match="cannot be loaded here"):
-            sd.load(out)
+    loaded = sd.load(out)  # a cubin and its launch data: loads without TVM or a GPU
+    assert loaded.target == "cuda"
+    assert "__global__" in loaded.lin.source("cuda", "BSR(4, 1)")
 
 
 def _serial(s):

@@ -81,7 +81,7 @@ def build(funcs: list[L.LoopFunc], cache_dir: Path | None = None) -> Built:
     _size_thread_pool()
     prims = {f.name: to_tir(f) for f in funcs}
     target = host_target()
-    key = cache.key_of(*(p.script() for p in prims.values()), str(target), tvm.__version__, _version())
+    key = cache.key_of(*(p.script() for p in prims.values()), str(target), tvm.__version__)
     if cache_dir is not None:
         module = cache.lookup(Path(cache_dir), key, load_module)
         if module is not None:
@@ -99,9 +99,3 @@ def load_module(path: Path) -> tvm.runtime.Module:
     """A compiled kernel library written by ``export_library``."""
     _size_thread_pool()
     return tvm.runtime.load_module(str(path))
-
-
-def _version() -> str:
-    from sparsedsl import __version__
-
-    return __version__

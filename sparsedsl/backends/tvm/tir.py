@@ -124,8 +124,9 @@ def to_tir(func: L.LoopFunc) -> tirx.PrimFunc:
                 shape = [em.expr(d) for d in p.shape]
                 buf = T.arg(p.name, T.buffer(shape, p.dtype))
                 em.bufs[p.name] = buf
+            elif p.dtype in ("float16", "bfloat16"):  # 16-bit scalars travel as float32 (TVM's calling convention)
+                em.vars[p.name] = tirx.Cast(p.dtype, T.arg(p.name, tirx.Var(p.name, "float32")))
             else:
-                var = T.arg(p.name, tirx.Var(p.name, p.dtype))
-                em.vars[p.name] = var
+                em.vars[p.name] = T.arg(p.name, tirx.Var(p.name, p.dtype))
         em.stmt(func.body)
     return ib.get()
