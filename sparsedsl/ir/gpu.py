@@ -102,8 +102,75 @@ def _thread_body(s: L.Stmt, name: str, wrap) -> L.Stmt:
     return s
 
 
-def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
-    """The kernel bound to CUDA blocks and threads (see the module docstring)."""
+def _indexes(s: L.Stmt, buffer: str, var: str) -> bool:
+    """Whether ``var`` appears in an index of ``buffer`` in ``s``."""
+    match s:
+        case L.For(body=body) | L.If(then=body):
+            return _indexes(body, buffer, var)
+        case L.Seq(stmts):
+            return any(_indexes(st, buffer, var) for st in stmts)
+        case L.Store(buf, idx, value):
+            return (buf.name == buffer and any(L.uses(i, var) for i in idx)) or _loads_index(value, buffer, var)
+    return False
+
+
+def _loads_index(e: L.Expr, buffer: str, var: str) -> bool:
+    match e:
+        case L.Load(buf, idx):
+            return buf.name == buffer and any(L.uses(i, var) for i in idx)
+        case L.Bin(_, a, b):
+            return _loads_index(a, buffer, var) or _loads_index(b, buffer, var)
+        case L.Call(_, args, _):
+            return any(_loads_index(a, buffer, var) for a in args)
+        case L.Cast(_, v):
+            return _loads_index(v, buffer, var)
+        case L.Select(c, t, o):
+            return any(_loads_index(x, buffer, var) for x in (c, t, o))
+    return False
+
+
+MAX_UNROLL = 64
+
+
+def registers_for(s: L.Stmt, acc: str) -> L.Stmt:
+    """Keep a per-thread accumulator array in registers: every small constant loop that indexes it
+    is unrolled (constant indices), and where such a loop wraps a loop that does not index it
+    (``for n_i: for k_i: acc[n_i] += X[k_i] * W[n_i, k_i]``) the two are interchanged, so that each
+    operand load is reused across the unrolled accumulators (each element's sum keeps its order)."""
+    match s:
+        case L.For(var, start, extent, body, kind):
+            small = isinstance(extent, L.Const) and extent.value <= MAX_UNROLL and _indexes(body, acc, var.name)
+            if small and isinstance(body, L.For) and not _indexes(body, acc, body.var.name):
+                inner = body
+                swapped = L.For(var, start, extent, inner.body, L.LoopKind.UNROLLED)
+                return L.For(inner.var, inner.start, inner.extent, registers_for(swapped, acc), inner.kind)
+            return L.For(var, start, extent, registers_for(body, acc), L.LoopKind.UNROLLED if small else kind)
+        case L.Seq(stmts):
+            return L.Seq(tuple(registers_for(st, acc) for st in stmts))
+        case L.If(cond, then):
+            return L.If(cond, registers_for(then, acc))
+    return s
+
+
+def transpose_operands(func: L.LoopFunc, names: set[str]) -> L.LoopFunc:
+    """Take the 2-D inputs ``names`` transposed (``X[m, k]`` read as ``X_T[k, m]``): consecutive
+    threads (tokens) then read consecutive addresses. The caller passes the transposed tensors
+    (``meta["transposed"]``)."""
+    params, body = [], func.body
+    for p in func.params:
+        if isinstance(p, L.Buffer) and p.name in names:
+            flipped = replace(p, shape=p.shape[::-1])
+            body = _map_buffer(body, p.name, flipped, lambda idx: idx[::-1])
+            params.append(flipped)
+        else:
+            params.append(p)
+    done = tuple(sorted(n for n in names if any(p.name == n for p in func.params)))
+    return replace(func, params=tuple(params), body=body, meta={**func.meta, "transposed": done})
+
+
+def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = frozenset()) -> L.LoopFunc:
+    """The kernel bound to CUDA blocks and threads (see the module docstring); the gathered inputs
+    ``token_major`` (indexed [token, reduction]) are taken transposed."""
     meta = func.meta
     token, tile = meta.get("token"), meta.get("tile", 1)
     rows = meta.get("rows", [])
@@ -137,7 +204,7 @@ def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
             host,
             lambda b: L.For(lane, L.const(0), L.const(tile), _without_lane(b, lane.name), L.LoopKind.THREAD_X),
         )
-        return replace(func, body=body)
+        return transpose_operands(replace(func, body=registers_for(body, "acc")), set(token_major))
     # scatter: accumulate in the thread's own output row
     out = next(p for p in func.params if isinstance(p, L.Buffer) and p.name == output)
     m = L.add(L.mul(L.Var(tiles), L.const(tile)), lane)

@@ -45,10 +45,16 @@ class Instance:
     def params(self) -> tuple:
         return next(iter(self.variants.values())).params
 
+    @property
+    def transposed(self) -> tuple[str, ...]:
+        """The arguments the compiled code takes transposed (GPU kernels: coalesced reads)."""
+        return next(iter(self.variants.values())).meta.get("transposed", ())
+
     def plan(self, kernel: K.Kernel) -> list[tuple[str, str | None]]:
         """Where each argument of the compiled function comes from: ``("arg", name)`` a call
         argument, ``("size", name)`` a shape size, ``("sparse", key)`` a buffer of the sparse input,
-        ``("out", None)`` the output. Worked out once; calls only look it up."""
+        ``("out", None)`` the output, ``("transposed", name)`` a 2-D call argument transposed.
+        Worked out once; calls only look it up."""
         if not self.plans:
             out = kernel.output.name
             dense = {p.name for p in kernel.inputs if not p.sparse}
@@ -56,6 +62,8 @@ class Instance:
             for p in self.params:
                 if p.name in (out, f"{out}_vals"):
                     self.plans.append(("out", None))
+                elif p.name in self.transposed:
+                    self.plans.append(("transposed", p.name))
                 elif p.name in dense:
                     self.plans.append(("arg", p.name))
                 elif isinstance(p, L.Var):
@@ -74,6 +82,22 @@ class Instance:
 def _sparse_indices(kernel: K.Kernel) -> set[str]:
     sparse = kernel.sparse_input
     return {i for a in K.accesses(kernel.value) if sparse and a.tensor == sparse.name for i in a.indices}
+
+
+def _token_major(kernel: K.Kernel) -> frozenset[str]:
+    """The dense inputs of the reduction read as ``X[token, summed sparse index]``."""
+    total, _ = K.split_reduction(kernel.value)
+    if total is None or kernel.sparse_input is None:
+        return frozenset()
+    sparse, summed = _sparse_indices(kernel), set(total.indices)
+    return frozenset(
+        a.tensor
+        for a in K.accesses(total.body)
+        if a.tensor != kernel.sparse_input.name
+        and len(a.indices) == 2
+        and a.indices[0] not in sparse
+        and a.indices[1] in sparse & summed
+    )
 
 
 def _lower_options(directives, kernel: K.Kernel) -> LowerOptions:
@@ -156,7 +180,7 @@ class CompiledKernel:
         tile = opts.tile if any(d.verb == "tile" for d in directives) else GPU_TILE
         func = lower(kernel, replace(opts, tile=tile, gpu=True))
         loop_directives = [d for d in directives if d.verb not in ("tile", "layout", "bind")]
-        func = map_to_gpu(sched.apply(func, loop_directives), kernel.output.name)
+        func = map_to_gpu(sched.apply(func, loop_directives), kernel.output.name, _token_major(kernel))
         for d in directives:
             if d.verb == "bind":
                 func = sched.set_kind(func, d.loops[0].text, L.LoopKind(d.target), d.span)
@@ -197,7 +221,12 @@ class CompiledKernel:
         else:
             shape = tuple(sizes[d] for d in out.shape)
             result = torch.empty(shape, dtype=TORCH_DTYPES[out.dtype], device=device)
-        sources = {"arg": call_args, "size": sizes, "sparse": sparse.buffers if sparse else {}}
+        sources = {
+            "arg": call_args,
+            "transposed": {name: call_args[name].t().contiguous() for name in inst.transposed},
+            "size": sizes,
+            "sparse": sparse.buffers if sparse else {},
+        }
         flat = [result if kind == "out" else sources[kind][key] for kind, key in inst.plan(kernel)]
         inst.function(sizes)(*flat)
         return sparse.with_values(result) if out.pattern_of else result

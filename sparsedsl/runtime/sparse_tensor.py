@@ -65,7 +65,9 @@ class SparseTensor:
         return SparseTensor(self.format, self.shape, {**self.buffers, "vals": values})
 
     def to_dense(self) -> torch.Tensor:
-        return self.format.unpack(self.buffers, self.shape)
+        """The dense tensor (unpacked on the CPU, returned on this tensor's device)."""
+        dense = self.format.unpack({k: v.cpu() for k, v in self.buffers.items()}, self.shape)
+        return dense.to(self.device)
 
     @property
     def device(self) -> torch.device:

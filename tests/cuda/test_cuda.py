@@ -115,6 +115,7 @@ def emulated():
 
     from sparsedsl.ir.gpu import map_to_gpu
     from sparsedsl.ir.lowering import LowerOptions, lower
+    from sparsedsl.runtime.program import _token_major
 
     prog = sd.compile(KERNELS, cache_dir="off")
     prog.cache_dir = None
@@ -122,7 +123,7 @@ def emulated():
 
         def gpu_lowered(fmt, compiled=compiled):
             kernel = compiled.kernel.with_format(fmt) if fmt is not None else compiled.kernel
-            func = map_to_gpu(lower(kernel, LowerOptions(tile=32, gpu=True)), kernel.output.name)
+            func = map_to_gpu(lower(kernel, LowerOptions(tile=32, gpu=True)), kernel.output.name, _token_major(kernel))
             return {"cuda": replace(func, body=_serial(func.body))}
 
         compiled.lowered = gpu_lowered
