@@ -141,3 +141,21 @@ def test_gpu_mapping_computes_the_right_numbers(emulated, fmt, m):
     torch.testing.assert_close(emulated.transposed(g, W), g @ w, rtol=1e-4, atol=1e-4)
     pattern = W.with_values(torch.ones_like(W.values)).to_dense()
     torch.testing.assert_close(emulated.sddmm(g, x, W).to_dense(), (g.T @ x) * pattern, rtol=1e-4, atol=1e-4)
+
+
+@needs_nvcc
+def test_cuda_module_round_trips_and_sizes_its_launch(tmp_path):
+    """The cubin + launch data survive export/load; grid and block come from the call's shapes."""
+    from sparsedsl.backends.cuda.module import CudaModule
+
+    prog = sd.compile(KERNELS, target="cuda", arch="sm_80", cache_dir="off")
+    inst = prog.plain.instance(prog.format("CSR"))
+    inst.built.export(tmp_path / "m.json")
+    loaded = CudaModule.load(tmp_path / "m.json")
+    assert loaded.launches == inst.built.launches and loaded.cubin == inst.built.cubin
+    W = prog.pack("CSR", sd.prune(torch.randn(40, 24), "CSR", 0.5))
+    x, y = torch.randn(24, 70), torch.empty(70, 40)  # x is passed transposed ([K, M])
+    sources = {"transposed": {"X": x}, "out": {None: y}, "sparse": W.buffers}
+    flat = [sources[kind][key] for kind, key in inst.plan(prog.plain.kernel)]
+    grid, block = next(iter(loaded.launches.values())).dims(flat)
+    assert grid == (40, 3, 1) and block == (32, 1, 1)  # a block per row, 32-token tiles
