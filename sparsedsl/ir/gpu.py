@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.schedule import loops
+from sparsedsl.ir.schedule import loops, substitute
 
 
 def _without_lane(s: L.Stmt, lane: str) -> L.Stmt:
@@ -30,6 +30,40 @@ def _without_lane(s: L.Stmt, lane: str) -> L.Stmt:
         case L.If(cond, then):
             return L.If(cond, _without_lane(then, lane))
     return s
+
+
+def _split_lanes(s: L.Stmt, lane: str, j: L.Var, per: int, tx: L.Var) -> L.Stmt:
+    """Each lane loop becomes an unrolled loop over the thread's ``per`` tokens: lane
+    ``j * threads + tx`` (a warp reads consecutive tokens at each ``j``)."""
+    match s:
+        case L.For(var, start, extent, body, kind) if var.name == lane:
+            threads = L.floordiv(extent, L.const(per))
+            token = L.add(L.mul(j, threads), tx)
+            return L.For(j, L.const(0), L.const(per), substitute(body, lane, token), L.LoopKind.UNROLLED)
+        case L.For(var, start, extent, body, kind):
+            return L.For(var, start, extent, _split_lanes(body, lane, j, per, tx), kind)
+        case L.Seq(stmts):
+            return L.seq(*(_split_lanes(st, lane, j, per, tx) for st in stmts))
+        case L.If(cond, then):
+            return L.If(cond, _split_lanes(then, lane, j, per, tx))
+    return s
+
+
+MAX_TOKENS_PER_THREAD = 4
+MAX_ACCUMULATORS = 64
+
+
+def tokens_per_thread(acc: L.Buffer, tile: int) -> int:
+    """Tokens each thread of a gathering kernel computes: up to 4 (independent loads in flight,
+    index work shared), fewer where the accumulators of a block row would not fit in registers,
+    and never fewer than a warp of threads per tile."""
+    rows = 1
+    for d in acc.shape[:-1]:
+        rows *= d.value if isinstance(d, L.Const) else MAX_ACCUMULATORS
+    per = max(1, min(MAX_TOKENS_PER_THREAD, MAX_ACCUMULATORS // rows, tile // 32))
+    while tile % per:
+        per -= 1
+    return per
 
 
 def _map_buffer(s, old: str, new: L.Buffer, index):
@@ -190,8 +224,10 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         return replace(func, body=body)
     tiles = f"{token}_o"
     if meta.get("mode") == "gather":
-        local = replace(acc, shape=acc.shape[:-1] or (L.const(1),), scope="local")
-        body = _map_buffer(body, "acc", local, lambda idx: idx[:-1] or (L.const(0),))
+        per = tokens_per_thread(acc, tile)
+        threads, j, tx = tile // per, L.Var(f"{token}_j"), L.Var(f"{token}_t")
+        local = replace(acc, shape=(*acc.shape[:-1], L.const(per)), scope="local")
+        body = _map_buffer(body, "acc", local, lambda idx: (*idx[:-1], j))
         if rows:
             body, _ = _rebind(body, rows[0], L.LoopKind.BLOCK_X)
             body, _ = _rebind(body, tiles, L.LoopKind.BLOCK_Y)
@@ -202,7 +238,9 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         body = _thread_body(
             body,
             host,
-            lambda b: L.For(lane, L.const(0), L.const(tile), _without_lane(b, lane.name), L.LoopKind.THREAD_X),
+            lambda b: L.For(
+                tx, L.const(0), L.const(threads), _split_lanes(b, lane.name, j, per, tx), L.LoopKind.THREAD_X
+            ),
         )
         return transpose_operands(replace(func, body=registers_for(body, "acc")), set(token_major))
     # scatter: accumulate in the thread's own output row

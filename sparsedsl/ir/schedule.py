@@ -150,31 +150,37 @@ def _map_loops(s: L.Stmt, ids: set[int], fn) -> L.Stmt:
     return s
 
 
-def _subst(s, name: str, value: L.Expr):
+def substitute(s, name: str, value: L.Expr):
     """Replace variable ``name`` by ``value`` in a statement or expression."""
     match s:
         case L.Var(n) if n == name:
             return value
         case L.Bin(op, a, b):
-            return L.Bin(op, _subst(a, name, value), _subst(b, name, value))
+            return L.Bin(op, substitute(a, name, value), substitute(b, name, value))
         case L.Load(buf, idx):
-            return L.Load(buf, tuple(_subst(i, name, value) for i in idx))
+            return L.Load(buf, tuple(substitute(i, name, value) for i in idx))
         case L.Call(f, args, dt):
-            return L.Call(f, tuple(_subst(a, name, value) for a in args), dt)
+            return L.Call(f, tuple(substitute(a, name, value) for a in args), dt)
         case L.Cast(dt, v):
-            return L.Cast(dt, _subst(v, name, value))
+            return L.Cast(dt, substitute(v, name, value))
         case L.Select(c, t, o):
-            return L.Select(_subst(c, name, value), _subst(t, name, value), _subst(o, name, value))
+            return L.Select(substitute(c, name, value), substitute(t, name, value), substitute(o, name, value))
         case L.For(var, start, extent, body, kind):
-            return L.For(var, _subst(start, name, value), _subst(extent, name, value), _subst(body, name, value), kind)
+            return L.For(
+                var,
+                substitute(start, name, value),
+                substitute(extent, name, value),
+                substitute(body, name, value),
+                kind,
+            )
         case L.Seq(stmts):
-            return L.Seq(tuple(_subst(st, name, value) for st in stmts))
+            return L.Seq(tuple(substitute(st, name, value) for st in stmts))
         case L.Store(buf, idx, v):
-            return L.Store(buf, tuple(_subst(i, name, value) for i in idx), _subst(v, name, value))
+            return L.Store(buf, tuple(substitute(i, name, value) for i in idx), substitute(v, name, value))
         case L.Let(var, v):
-            return L.Let(var, _subst(v, name, value))
+            return L.Let(var, substitute(v, name, value))
         case L.If(c, t):
-            return L.If(_subst(c, name, value), _subst(t, name, value))
+            return L.If(substitute(c, name, value), substitute(t, name, value))
     return s
 
 
@@ -191,7 +197,7 @@ def split(func: L.LoopFunc, name: str, factor: int, outer: str, inner: str, span
             return None
         o, i = L.Var(outer), L.Var(inner)
         index = L.add(loop.start, L.add(L.mul(o, L.const(factor)), i))
-        body = _subst(loop.body, name, index)
+        body = substitute(loop.body, name, index)
         exact = isinstance(loop.extent, L.Const) and loop.extent.value % factor == 0
         if not exact:
             body = L.If(L.Bin("<", L.add(L.mul(o, L.const(factor)), i), loop.extent), body)

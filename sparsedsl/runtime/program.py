@@ -27,7 +27,7 @@ TORCH_DTYPES = {
     "float64": torch.float64,
 }
 TARGETS = ("cpu", "cuda")
-GPU_TILE = 32  # tokens per CUDA block: one warp of threads
+GPU_TILE = 128  # tokens per CUDA block (a warp of threads, up to 4 tokens each: ir/gpu.py)
 BACKENDS = ("tvm", "llvm")
 SMALL_TILE = 16
 

@@ -123,7 +123,7 @@ def emulated():
 
         def gpu_lowered(fmt, compiled=compiled):
             kernel = compiled.kernel.with_format(fmt) if fmt is not None else compiled.kernel
-            func = map_to_gpu(lower(kernel, LowerOptions(tile=32, gpu=True)), kernel.output.name, _token_major(kernel))
+            func = map_to_gpu(lower(kernel, LowerOptions(tile=128, gpu=True)), kernel.output.name, _token_major(kernel))
             return {"cuda": replace(func, body=_serial(func.body))}
 
         compiled.lowered = gpu_lowered
@@ -158,4 +158,4 @@ def test_cuda_module_round_trips_and_sizes_its_launch(tmp_path):
     sources = {"transposed": {"X": x}, "out": {None: y}, "sparse": W.buffers}
     flat = [sources[kind][key] for kind, key in inst.plan(prog.plain.kernel)]
     grid, block = next(iter(loaded.launches.values())).dims(flat)
-    assert grid == (40, 3, 1) and block == (32, 1, 1)  # a block per row, 32-token tiles
+    assert grid == (40, 1, 1) and block == (32, 1, 1)  # a block per row, 128 tokens: 4 a thread
