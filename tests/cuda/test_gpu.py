@@ -102,3 +102,11 @@ def test_compile_model_runs_on_the_gpu():
     torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-4)
     y.sum().backward()
     assert x.grad is not None and x.grad.device.type == "cuda"
+
+
+def test_compiled_model_under_torch_compile_on_the_gpu():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    sparse = sd.compile_model(model, {"0": (MODEL_FORMATS[0], 0.5), "2": (MODEL_FORMATS[1], 0.5)}, target="cuda").cuda()
+    compiled = torch.compile(sparse, fullgraph=True)
+    x = torch.randn(5, 16, device="cuda")
+    torch.testing.assert_close(compiled(x), sparse(x), rtol=1e-5, atol=1e-5)
