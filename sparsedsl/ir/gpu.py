@@ -16,37 +16,25 @@ from dataclasses import replace
 
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.schedule import loops, substitute
+from sparsedsl.ir.schedule import loops, rewrite_loops, substitute
 
 
 def _without_lane(s: L.Stmt, lane: str) -> L.Stmt:
     """Remove the lane loops (their bodies stay, the lane variable now comes from the thread)."""
-    match s:
-        case L.For(var, start, extent, body, kind):
-            inner = _without_lane(body, lane)
-            return inner if var.name == lane else L.For(var, start, extent, inner, kind)
-        case L.Seq(stmts):
-            return L.seq(*(_without_lane(st, lane) for st in stmts))
-        case L.If(cond, then):
-            return L.If(cond, _without_lane(then, lane))
-    return s
+    return rewrite_loops(s, lambda loop: loop.body if loop.var.name == lane else None)
 
 
 def _split_lanes(s: L.Stmt, lane: str, j: L.Var, per: int, tx: L.Var) -> L.Stmt:
     """Each lane loop becomes an unrolled loop over the thread's ``per`` tokens: lane
     ``j * threads + tx`` (a warp reads consecutive tokens at each ``j``)."""
-    match s:
-        case L.For(var, start, extent, body, kind) if var.name == lane:
-            threads = L.floordiv(extent, L.const(per))
-            token = L.add(L.mul(j, threads), tx)
-            return L.For(j, L.const(0), L.const(per), substitute(body, lane, token), L.LoopKind.UNROLLED)
-        case L.For(var, start, extent, body, kind):
-            return L.For(var, start, extent, _split_lanes(body, lane, j, per, tx), kind)
-        case L.Seq(stmts):
-            return L.seq(*(_split_lanes(st, lane, j, per, tx) for st in stmts))
-        case L.If(cond, then):
-            return L.If(cond, _split_lanes(then, lane, j, per, tx))
-    return s
+
+    def split(loop: L.For) -> L.Stmt | None:
+        if loop.var.name != lane:
+            return None
+        token = L.add(L.mul(j, L.floordiv(loop.extent, L.const(per))), tx)
+        return L.For(j, L.const(0), L.const(per), substitute(loop.body, lane, token), L.LoopKind.UNROLLED)
+
+    return rewrite_loops(s, split)
 
 
 MAX_TOKENS_PER_THREAD = 4
@@ -126,14 +114,7 @@ def _rebind(s: L.Stmt, name: str, kind: L.LoopKind) -> tuple[L.Stmt, bool]:
 
 def _thread_body(s: L.Stmt, name: str, wrap) -> L.Stmt:
     """Apply ``wrap`` to the body of the loop called ``name``."""
-    match s:
-        case L.For(var, start, extent, body, kind):
-            if var.name == name:
-                return L.For(var, start, extent, wrap(body), kind)
-            return L.For(var, start, extent, _thread_body(body, name, wrap), kind)
-        case L.Seq(stmts):
-            return L.Seq(tuple(_thread_body(st, name, wrap) for st in stmts))
-    return s
+    return rewrite_loops(s, lambda loop: replace(loop, body=wrap(loop.body)) if loop.var.name == name else None)
 
 
 def _indexes(s: L.Stmt, buffer: str, var: str) -> bool:
@@ -171,19 +152,17 @@ def registers_for(s: L.Stmt, acc: str) -> L.Stmt:
     is unrolled (constant indices), and where such a loop wraps a loop that does not index it
     (``for n_i: for k_i: acc[n_i] += X[k_i] * W[n_i, k_i]``) the two are interchanged, so that each
     operand load is reused across the unrolled accumulators (each element's sum keeps its order)."""
-    match s:
-        case L.For(var, start, extent, body, kind):
-            small = isinstance(extent, L.Const) and extent.value <= MAX_UNROLL and _indexes(body, acc, var.name)
-            if small and isinstance(body, L.For) and not _indexes(body, acc, body.var.name):
-                inner = body
-                swapped = L.For(var, start, extent, inner.body, L.LoopKind.UNROLLED)
-                return L.For(inner.var, inner.start, inner.extent, registers_for(swapped, acc), inner.kind)
-            return L.For(var, start, extent, registers_for(body, acc), L.LoopKind.UNROLLED if small else kind)
-        case L.Seq(stmts):
-            return L.Seq(tuple(registers_for(st, acc) for st in stmts))
-        case L.If(cond, then):
-            return L.If(cond, registers_for(then, acc))
-    return s
+
+    def unroll(loop: L.For) -> L.Stmt | None:
+        small = isinstance(loop.extent, L.Const) and loop.extent.value <= MAX_UNROLL
+        if not (small and _indexes(loop.body, acc, loop.var.name)):
+            return None
+        inner = loop.body
+        if isinstance(inner, L.For) and not _indexes(inner, acc, inner.var.name):
+            return replace(inner, body=replace(loop, body=inner.body, kind=L.LoopKind.UNROLLED))
+        return replace(loop, kind=L.LoopKind.UNROLLED)
+
+    return rewrite_loops(s, unroll)
 
 
 def transpose_operands(func: L.LoopFunc, names: set[str]) -> L.LoopFunc:

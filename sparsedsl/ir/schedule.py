@@ -33,17 +33,17 @@ def _find(func: L.LoopFunc, name: str, span: Span | None) -> list[L.For]:
     return found
 
 
-def _rewrite(s: L.Stmt, fn: Callable[[L.For], L.Stmt | None]) -> L.Stmt:
+def rewrite_loops(s: L.Stmt, fn: Callable[[L.For], L.Stmt | None]) -> L.Stmt:
     """Apply ``fn`` to every loop, innermost first; ``None`` keeps the loop."""
     match s:
         case L.For(body=body):
-            new = replace(s, body=_rewrite(body, fn))
+            new = replace(s, body=rewrite_loops(body, fn))
             out = fn(new)
             return new if out is None else out
         case L.Seq(stmts):
-            return L.Seq(tuple(_rewrite(st, fn) for st in stmts))
+            return L.Seq(tuple(rewrite_loops(st, fn) for st in stmts))
         case L.If(cond, then):
-            return L.If(cond, _rewrite(then, fn))
+            return L.If(cond, rewrite_loops(then, fn))
     return s
 
 
@@ -208,7 +208,7 @@ def split(func: L.LoopFunc, name: str, factor: int, outer: str, inner: str, span
         )
         return L.For(o, L.const(0), count, L.For(i, L.const(0), L.const(factor), body, loop.kind), loop.kind)
 
-    return replace(func, body=_rewrite(func.body, rewrite))
+    return replace(func, body=rewrite_loops(func.body, rewrite))
 
 
 def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.LoopFunc:
@@ -241,7 +241,7 @@ def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.L
             body = replace(by_name[n], body=body)
         return body
 
-    return replace(func, body=_rewrite(func.body, rewrite))
+    return replace(func, body=rewrite_loops(func.body, rewrite))
 
 
 def apply(func: L.LoopFunc, directives) -> L.LoopFunc:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -188,8 +189,9 @@ class CudaModule:
     tir: str = ""
     _loaded: dict = field(default_factory=dict, repr=False)
 
-    @property
+    @cached_property
     def functions(self) -> dict[str, KernelFunction]:
+        """The launchable kernels by loop function name (made once: calls look them up)."""
         return {name: KernelFunction(self, launch) for name, launch in self.launches.items()}
 
     def loaded(self, device: int):
