@@ -17,6 +17,11 @@ def cache_dir() -> Path | None:
     cache), else ``$XDG_CACHE_HOME/sparsedsl`` (``~/.cache/sparsedsl``)."""
     value = os.environ.get("SPARSEDSL_CACHE_DIR")
     if value is not None:
-        return None if value in ("", "off") else Path(value)
+        return cache_path(value)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "sparsedsl"
+
+
+def cache_path(value: str | os.PathLike) -> Path | None:
+    """A cache directory as given by a user: ``""`` or ``"off"`` means no cache."""
+    return None if str(value) in ("", "off") else Path(value)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from sparsedsl.config import cache_dir as default_cache_dir
-from sparsedsl.config import num_threads
+from sparsedsl.config import cache_path, num_threads
 from sparsedsl.errors import ArgumentError, BackendError, ScheduleError, SdslError, Source
 from sparsedsl.frontend.check import Program as CheckedProgram
 from sparsedsl.frontend.check import check
@@ -315,7 +315,7 @@ class Program:
         self.target = target
         self.arch = arch  # CUDA architecture (sm_80, sm_90...); None: the visible GPU's, else sm_80
         self.backend = backend
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = cache_path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._formats: dict[str, Format] = {}
         self.aot: Path | None = None  # the build directory of a program from ``sd.load``
         self.rules: list = []  # and its model rules (``sparsedsl.runtime.model.Rule``)
