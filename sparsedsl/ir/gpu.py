@@ -7,7 +7,9 @@
   accumulator in registers (the tile dimension of ``acc`` is dropped);
 * a scattering kernel (the transposed product) accumulates straight into its own row of the output,
   zeroed first and guarded by ``m < M`` (each thread owns one token: no races).
-* a kernel without tokens (SDDMM) runs one output row per block.
+* a kernel without tokens (SDDMM) runs one output row per block, a warp per block: its dense
+  reduction (over the tokens) is split across the warp's threads, whose partial sums the warp adds
+  (``tvm_thread_allreduce``: shuffles), and its inputs indexed ``[token, ...]`` are read transposed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import replace
 
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.schedule import loops, rewrite_loops, substitute
+from sparsedsl.ir.schedule import loops, reorder, rewrite_loops, set_kind, split, substitute
 
 
 def _without_lane(s: L.Stmt, lane: str) -> L.Stmt:
@@ -181,6 +183,22 @@ def transpose_operands(func: L.LoopFunc, names: set[str]) -> L.LoopFunc:
     return replace(func, params=tuple(params), body=body, meta={**func.meta, "transposed": done})
 
 
+WARP = 32
+
+
+def _warp_reduction(func: L.LoopFunc) -> L.LoopFunc:
+    """Spread the innermost dense reduction (``m`` of SDDMM: the tokens) over a warp: thread ``t``
+    sums ``m = t, t + 32, ...`` and the warp adds the partial sums (a cross-thread reduction,
+    ``schedule.set_kind``). Left alone when a schedule has already split that loop."""
+    reduced = func.meta.get("dense_reduction", ())
+    if not reduced or not any(f.var.name == reduced[-1] for f in loops(func.body)):
+        return func
+    r = reduced[-1]
+    func = split(func, r, WARP, f"{r}_o", f"{r}_t")
+    func = reorder(func, [f"{r}_t", f"{r}_o"])
+    return set_kind(func, f"{r}_t", L.LoopKind.THREAD_X)
+
+
 def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = frozenset()) -> L.LoopFunc:
     """The kernel bound to CUDA blocks and threads (see the module docstring); the gathered inputs
     ``token_major`` (indexed [token, reduction]) are taken transposed."""
@@ -190,7 +208,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
     body = func.body
     if any(f.kind is L.LoopKind.PARALLEL for f in loops(body)):
         raise BackendError("GPU kernels take their parallelism from the grid: remove 'parallel' from the schedule")
-    acc = next(s.buffer for s in _allocs(body) if s.buffer.name == "acc")
+    acc = next(b for b in L.allocs(body) if b.name == "acc")
     lane = L.Var(f"{token}_i") if token else None
     if token is None:
         local = replace(acc, scope="local")
@@ -200,7 +218,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
             body, _ = _rebind(body, rows[0], L.LoopKind.BLOCK_X)
         else:  # bounds read from the tensor (a compressed root level): one block walks them
             body = L.For(L.Var("block"), L.const(0), L.const(1), body, L.LoopKind.BLOCK_X)
-        return replace(func, body=body)
+        return transpose_operands(_warp_reduction(replace(func, body=body)), set(token_major))
     tiles = f"{token}_o"
     if meta.get("mode") == "gather":
         per = tokens_per_thread(acc, tile)
@@ -252,17 +270,6 @@ def _on_host(e: L.Expr) -> bool:
         case L.Bin(_, a, b):
             return _on_host(a) and _on_host(b)
     return False
-
-
-def _allocs(s: L.Stmt) -> list[L.Alloc]:
-    match s:
-        case L.Alloc():
-            return [s]
-        case L.For(body=body) | L.If(then=body):
-            return _allocs(body)
-        case L.Seq(stmts):
-            return [x for st in stmts for x in _allocs(st)]
-    return []
 
 
 def launch_dims(func: L.LoopFunc) -> dict[L.LoopKind, L.Expr]:

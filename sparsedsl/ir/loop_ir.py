@@ -17,7 +17,7 @@ class LoopKind(Enum):
     UNROLLED = "unrolled"
     BLOCK_X = "blockIdx.x"  # GPU grid and block axes
     BLOCK_Y = "blockIdx.y"
-    THREAD_X = "threadIdx.x"
+    THREAD_X = "threadIdx.x"  # summing into a local buffer declared outside it: a cross-thread reduction
 
 
 # ---- expressions ---------------------------------------------------------------------------
@@ -246,6 +246,64 @@ def uses(e: Expr, name: str) -> bool:
         case Select(c, t, o):
             return uses(c, name) or uses(t, name) or uses(o, name)
     return False
+
+
+def subexprs(e: Expr) -> list[Expr]:
+    """``e`` and every expression inside it."""
+    match e:
+        case Bin(_, a, b):
+            inner = [a, b]
+        case Load(_, idx):
+            inner = list(idx)
+        case Call(_, args, _):
+            inner = list(args)
+        case Cast(_, v):
+            inner = [v]
+        case Select(c, t, o):
+            inner = [c, t, o]
+        case _:
+            inner = []
+    return [e, *(x for i in inner for x in subexprs(i))]
+
+
+def stmt_exprs(s: Stmt) -> list[Expr]:
+    """The expressions a statement tree evaluates: loop bounds, indices, values, conditions."""
+    match s:
+        case For(_, start, extent, body, _):
+            return [start, extent, *stmt_exprs(body)]
+        case Seq(stmts):
+            return [e for st in stmts for e in stmt_exprs(st)]
+        case Store(_, idx, value):
+            return [*idx, value]
+        case Let(_, value):
+            return [value]
+        case If(cond, then):
+            return [cond, *stmt_exprs(then)]
+    return []
+
+
+def allocs(s: Stmt) -> list[Buffer]:
+    """The local buffers a statement tree declares."""
+    match s:
+        case Alloc(buf):
+            return [buf]
+        case For(body=body) | If(then=body):
+            return allocs(body)
+        case Seq(stmts):
+            return [x for st in stmts for x in allocs(st)]
+    return []
+
+
+def stores(s: Stmt) -> list[Store]:
+    """Every store in a statement tree."""
+    match s:
+        case Store():
+            return [s]
+        case For(body=body) | If(then=body):
+            return stores(body)
+        case Seq(stmts):
+            return [x for st in stmts for x in stores(st)]
+    return []
 
 
 def dtype_of(e: Expr) -> str:

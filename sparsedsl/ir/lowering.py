@@ -224,6 +224,7 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         rows=rows[:1],
         out_indices=kernel.indices,
         token_extent=extents[token] if token else None,
+        dense_reduction=dense_red,
     )
     return func
 

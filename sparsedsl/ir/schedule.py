@@ -67,17 +67,6 @@ def _stores(s: L.Stmt, lets: dict) -> list[tuple[L.Store, dict[str, tuple[L.Expr
     return []
 
 
-def _allocs(s: L.Stmt) -> set[str]:
-    match s:
-        case L.Alloc(buf):
-            return {buf.name}
-        case L.For(body=body) | L.If(then=body):
-            return _allocs(body)
-        case L.Seq(stmts):
-            return set().union(*(_allocs(st) for st in stmts))
-    return set()
-
-
 def _distinct(e: L.Expr, name: str, lets: dict[str, tuple[L.Expr, bool]]) -> bool:
     """Whether different values of ``name`` give different values of index ``e``: ``e`` uses it
     arithmetically (not through a load: ``crd[q]`` may repeat across rows), directly or through a
@@ -98,7 +87,7 @@ def _distinct(e: L.Expr, name: str, lets: dict[str, tuple[L.Expr, bool]]) -> boo
 
 def _check_independent(loop: L.For, what: str, span: Span | None) -> None:
     """Every store to a buffer not private to one iteration must be indexed by the loop variable."""
-    private = _allocs(loop.body)
+    private = {b.name for b in L.allocs(loop.body)}
     for store, lets in _stores(loop.body, {}):
         if store.buffer.name in private:
             continue
@@ -108,6 +97,61 @@ def _check_independent(loop: L.For, what: str, span: Span | None) -> None:
                 f"place (a reduction carried by the loop would race)",
                 span,
             )
+
+
+MAX_THREADS = 1024
+MAX_REDUCED = 64  # accumulator values combined across threads, one after another
+
+
+def _check_thread_loop(func: L.LoopFunc, loop: L.For, span: Span | None) -> None:
+    """A loop bound to ``threadIdx.x``: a constant number of threads, not inside (or around)
+    another thread loop, and iterations that are independent or only add into accumulators
+    declared outside the loop (a cross-thread reduction: each thread sums its share, then the
+    threads combine their partial sums)."""
+    name, what = loop.var.name, f"cannot bind loop '{loop.var.name}' to threadIdx.x"
+    if not (isinstance(loop.extent, L.Const) and 1 <= loop.extent.value <= MAX_THREADS):
+        raise ScheduleError(f"{what}: its extent must be a constant of at most {MAX_THREADS} (split it first)", span)
+    for other in loops(func.body):
+        nested = other is not loop and (loop in loops(other.body) or other in loops(loop.body))
+        if nested and other.kind is L.LoopKind.THREAD_X:
+            raise ScheduleError(f"{what}: loop '{other.var.name}' around or inside it is bound to threadIdx.x", span)
+    private = {b.name for b in L.allocs(loop.body)}
+    params = {p.name for p in func.params}
+    sums: dict[str, int] = {}
+    for store, lets in _stores(loop.body, {}):
+        buf = store.buffer.name
+        if buf in private or any(_distinct(i, name, lets) for i in store.indices):
+            continue
+        if buf in params or not _is_sum(store, name):
+            raise ScheduleError(
+                f"{what}: its iterations all write '{buf}' at the same place, and not as a sum "
+                f"'{buf}[...] = {buf}[...] + ...' into an accumulator declared outside the loop",
+                span,
+            )
+        sums[buf] = sums.get(buf, 0) + 1
+        size = 1
+        for d in store.buffer.shape:
+            size *= d.value if isinstance(d, L.Const) else MAX_REDUCED + 1
+        if size > MAX_REDUCED:
+            raise ScheduleError(f"{what}: its accumulator '{buf}' must hold at most {MAX_REDUCED} values", span)
+    loads = [e for x in L.stmt_exprs(loop.body) for e in L.subexprs(x) if isinstance(e, L.Load)]
+    for buf, count in sums.items():
+        if sum(e.buffer.name == buf for e in loads) != count:
+            raise ScheduleError(f"{what}: the accumulator '{buf}' is read inside it, not only added to", span)
+
+
+def _is_sum(store: L.Store, thread: str) -> bool:
+    """``acc[i] = acc[i] + e``: the same element, not chosen by the thread, ``e`` not reading ``acc``."""
+    match store.value:
+        case L.Bin("+", L.Load(buf, idx), e):
+            reads_acc = any(isinstance(x, L.Load) and x.buffer.name == buf.name for x in L.subexprs(e))
+            return (
+                buf.name == store.buffer.name
+                and idx == store.indices
+                and not any(L.uses(i, thread) for i in idx)
+                and not reads_acc
+            )
+    return False
 
 
 def set_kind(func: L.LoopFunc, name: str, kind: L.LoopKind, span: Span | None = None) -> L.LoopFunc:
@@ -121,6 +165,8 @@ def set_kind(func: L.LoopFunc, name: str, kind: L.LoopKind, span: Span | None = 
             raise ScheduleError(f"cannot vectorize loop '{name}': it is not innermost", span)
         if kind is L.LoopKind.VECTORIZED:
             _check_independent(loop, "vectorize", span)
+        elif kind is L.LoopKind.THREAD_X:
+            _check_thread_loop(func, loop, span)
         elif kind is not L.LoopKind.UNROLLED and kind is not L.LoopKind.SERIAL:
             _check_independent(loop, "parallelize" if kind is L.LoopKind.PARALLEL else f"bind to {kind.value}", span)
         if kind is L.LoopKind.PARALLEL:

@@ -85,18 +85,26 @@ def _sparse_indices(kernel: K.Kernel) -> set[str]:
 
 
 def _token_major(kernel: K.Kernel) -> frozenset[str]:
-    """The dense inputs of the reduction read as ``X[token, summed sparse index]``."""
+    """The dense inputs a GPU kernel reads transposed, so that a warp's threads read consecutive
+    addresses: those indexed ``[thread index, other]`` where the threads run along the token (``X[m,
+    k]`` of a gathering product, ``k`` summed over the sparse input) or, in a kernel without tokens,
+    along its dense reduction (``A[m, n]`` of SDDMM)."""
     total, _ = K.split_reduction(kernel.value)
     if total is None or kernel.sparse_input is None:
         return frozenset()
-    sparse, summed = _sparse_indices(kernel), set(total.indices)
+    sparse = _sparse_indices(kernel) or set(kernel.indices)  # a sparse output's pattern covers its indices
+    summed = set(total.indices)
+    tokens = any(i not in sparse for i in kernel.indices)
+
+    def along_threads(first: str, second: str) -> bool:
+        if tokens:
+            return first not in sparse and second in sparse & summed
+        return first in summed - sparse and second not in summed - sparse
+
     return frozenset(
         a.tensor
         for a in K.accesses(total.body)
-        if a.tensor != kernel.sparse_input.name
-        and len(a.indices) == 2
-        and a.indices[0] not in sparse
-        and a.indices[1] in sparse & summed
+        if a.tensor != kernel.sparse_input.name and len(a.indices) == 2 and along_threads(*a.indices)
     )
 
 

@@ -107,27 +107,27 @@ def _serial(s):
     return s
 
 
-@pytest.fixture(scope="module")
-def emulated():
-    """The CPU program whose kernels are the CUDA mapping run serially: checks the grid mapping
-    (lanes to threads, accumulators, guards) numerically without a GPU."""
+def _emulate(source) -> sd.Program:
+    """A CPU program whose kernels are those of ``source`` compiled for CUDA (default mapping and
+    ``on cuda`` schedules) with their grid and thread loops run serially: checks the GPU mapping
+    (lanes to threads, accumulators, guards, cross-thread sums) numerically without a GPU."""
     from dataclasses import replace
 
-    from sparsedsl.ir.gpu import map_to_gpu
-    from sparsedsl.ir.lowering import LowerOptions, lower
-    from sparsedsl.runtime.program import _token_major
+    gpu = sd.compile(source, target="cuda", arch="sm_80", cache_dir="off")
+    prog = sd.compile(source, cache_dir="off")
+    for name, compiled in prog.kernels.items():
 
-    prog = sd.compile(KERNELS, cache_dir="off")
-    prog.cache_dir = None
-    for compiled in prog.kernels.values():
-
-        def gpu_lowered(fmt, compiled=compiled):
-            kernel = compiled.kernel.with_format(fmt) if fmt is not None else compiled.kernel
-            func = map_to_gpu(lower(kernel, LowerOptions(tile=128, gpu=True)), kernel.output.name, _token_major(kernel))
+        def serial(fmt, mapped=gpu.kernels[name]):
+            func = mapped.lowered(fmt)["cuda"]
             return {"cuda": replace(func, body=_serial(func.body))}
 
-        compiled.lowered = gpu_lowered
+        compiled.lowered = serial
     return prog
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return _emulate(KERNELS)
 
 
 @pytest.mark.parametrize("fmt", [f for f, _, _ in FORMATS])
@@ -159,3 +159,81 @@ def test_cuda_module_round_trips_and_sizes_its_launch(tmp_path):
     flat = [sources[kind][key] for kind, key in inst.plan(prog.plain.kernel)]
     grid, block = next(iter(loaded.launches.values())).dims(flat)
     assert grid == (40, 1, 1) and block == (32, 1, 1)  # a block per row, 128 tokens: 4 a thread
+
+
+SDDMM = """
+kernel sddmm(A: f32[M, N], B: f32[M, K], S: f32[N, K] @ CSR) -> (Y: f32[N, K] @ S) {
+    Y[n, k] = sum(m) A[m, n] * B[m, k]
+}
+"""
+
+
+def _warp_schedule(threads: int) -> str:
+    directives = f"split m by {threads} into mo, mt; reorder mt, mo; bind mt to threadIdx.x"
+    return f"{SDDMM}schedule sddmm on cuda {{ {directives} }}"
+
+
+@pytest.mark.parametrize("threads", [32, 64, 96])
+@pytest.mark.parametrize("fmt", ["CSR", "BSR(2, 4)"])
+def test_a_reduction_bound_to_threads_sums_across_them(threads, fmt):
+    """``bind`` on a loop that sums into an outer accumulator: a cross-thread reduction."""
+    prog = _emulate(_warp_schedule(threads))
+    gen = torch.Generator().manual_seed(threads)
+    a, b = torch.randn(70, 16, generator=gen), torch.randn(70, 24, generator=gen)
+    S = prog.pack(fmt, sd.prune(torch.randn(16, 24, generator=gen), prog.format(fmt), 0.6))
+    pattern = S.with_values(torch.ones_like(S.values)).to_dense()
+    torch.testing.assert_close(prog.sddmm(a, b, S).to_dense(), (a.T @ b) * pattern, rtol=1e-4, atol=1e-4)
+
+
+@needs_nvcc
+def test_cross_thread_reductions_compile_to_shuffles(tmp_path):
+    for threads in (32, 128):
+        source = sd.compile(_warp_schedule(threads), target="cuda", arch="sm_90", cache_dir="off").sddmm.source("cuda")
+        assert "__shfl_down_sync" in source and f"__launch_bounds__({threads})" in source
+    default = sd.compile(SDDMM, target="cuda", arch="sm_90", cache_dir="off").sddmm
+    assert "threadIdx" in default.source("ir") and "__shfl_down_sync" in default.source("cuda")
+
+
+@pytest.mark.parametrize(
+    "kernel, directives, message",
+    [
+        (SDDMM, "bind m_o to threadIdx.x", "its extent must be a constant"),
+        (SDDMM, "split m by 2048 into mo, mt; bind mt to threadIdx.x", "at most 1024"),
+        (SDDMM, "split k by 32 into ko, kt; bind kt to threadIdx.x", "'m_t' around or inside it"),
+        (SDDMM, "split m by 32 into mo, mt; bind mo to blockIdx.y", "cannot bind to blockIdx.y loop 'mo'"),
+        (
+            "kernel lin(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }",
+            "split k by 4 into ko, ki; bind ki to threadIdx.x",
+            "'m_t' around or inside it",
+        ),
+    ],
+)
+def test_illegal_gpu_bindings_are_located_errors(kernel, directives, message):
+    with pytest.raises(sd.ScheduleError, match=message) as err:
+        name = kernel.split()[1].split("(")[0]
+        sd.compile(f"{kernel}\nschedule {name} on cuda {{\n  {directives}\n}}", target="cuda")
+    assert "^" in err.value.render()
+
+
+def test_thread_reductions_must_be_plain_sums():
+    """Only ``acc[i] = acc[i] + e`` (acc declared outside, not read otherwise) may span threads."""
+    from sparsedsl.ir import loop_ir as L
+    from sparsedsl.ir.schedule import set_kind
+
+    acc, x = L.Buffer("acc", "float32", (L.const(1),), "local"), L.Buffer("x", "float32", (L.const(32),))
+    t, zero = L.Var("t"), L.const(0)
+
+    def func(*body):
+        loop = L.For(t, zero, L.const(32), L.seq(*body))
+        return L.LoopFunc("f", (x,), L.seq(L.Alloc(acc), loop))
+
+    summed = L.Store(acc, (zero,), L.add(L.load(acc, zero), L.load(x, t)))
+    set_kind(func(summed), "t", L.LoopKind.THREAD_X)
+    scaled = L.Store(acc, (zero,), L.mul(L.load(acc, zero), L.load(x, t)))
+    with pytest.raises(sd.ScheduleError, match="not as a sum"):
+        set_kind(func(scaled), "t", L.LoopKind.THREAD_X)
+    peek = L.Store(x, (t,), L.load(acc, zero))
+    with pytest.raises(sd.ScheduleError, match="read inside it"):
+        set_kind(func(summed, peek), "t", L.LoopKind.THREAD_X)
+    with pytest.raises(sd.ScheduleError, match="all write 'x'"):
+        set_kind(func(L.Store(x, (zero,), L.load(x, t))), "t", L.LoopKind.THREAD_X)

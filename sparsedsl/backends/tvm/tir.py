@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
@@ -92,7 +94,10 @@ class _Emitter:
                 with _LOOPS[kind](lo, hi) as v:
                     IRBuilder.name(var.name, v)
                     self.vars[var.name] = v
-                    self.stmt(body)
+                    if kind is L.LoopKind.THREAD_X:
+                        self.thread_body(body, v)
+                    else:
+                        self.stmt(body)
                 if saved is not None:
                     self.vars[var.name] = saved
             case L.Store(buf, idx, value):
@@ -111,6 +116,38 @@ class _Emitter:
                     self.stmt(then)
             case _:
                 raise TypeError(s)
+
+    def thread_body(self, body: L.Stmt, thread) -> None:
+        """The body of a ``threadIdx.x`` loop. Sums into local buffers declared outside it (checked
+        by ``schedule.set_kind``) become a cross-thread reduction: each thread adds into its own
+        zeroed copy, then ``tvm_thread_allreduce`` (warp shuffles) combines the copies and every
+        thread adds the total to the accumulator."""
+        inside = {b.name for b in L.allocs(body)}
+        reduced = {s.buffer.name for s in L.stores(body) if s.buffer.name not in inside}
+        reduced = sorted(n for n in reduced if n in self.bufs and self.bufs[n].scope() == "local")
+        outer = {n: self.bufs[n] for n in reduced}
+        parts = {}
+        for name, acc in outer.items():
+            parts[name] = T.alloc_buffer(acc.shape, acc.dtype, scope="local")
+            IRBuilder.name(f"{name}_part", parts[name])
+            for idx in _elements(acc):
+                T.buffer_store(parts[name], tirx.const(0, acc.dtype), idx)
+        self.bufs.update(parts)
+        self.stmt(body)
+        self.bufs.update(outer)
+        for name, acc in outer.items():
+            total = T.alloc_buffer([1], acc.dtype, scope="local")
+            IRBuilder.name(f"{name}_total", total)
+            reducer = T.comm_reducer(lambda x, y: x + y, [tirx.const(0, acc.dtype)])
+            for idx in _elements(acc):
+                with T.attr(reducer, "reduce_scope", T.reinterpret("handle", T.uint64(0))):
+                    T.evaluate(T.tvm_thread_allreduce(T.uint32(1), parts[name][idx], True, total[0], thread))
+                T.buffer_store(acc, acc[idx] + total[0], idx)
+
+
+def _elements(buf: tirx.Buffer) -> list[tuple[int, ...]]:
+    """Every index of a buffer of constant shape."""
+    return list(itertools.product(*(range(int(d)) for d in buf.shape)))
 
 
 def to_tir(func: L.LoopFunc) -> tirx.PrimFunc:
