@@ -6,7 +6,8 @@
   body wrapped in one thread loop, so each thread runs the sparse iteration for its token with its
   accumulator in registers (the tile dimension of ``acc`` is dropped);
 * a scattering kernel (the transposed product) accumulates straight into its own row of the output,
-  zeroed first and guarded by ``m < M`` (each thread owns one token: no races).
+  zeroed first and guarded by ``m < M`` (each thread owns one token: no races); the output is
+  written transposed (``Y_T[k, m]``: a warp's updates coalesced) and its inputs read transposed.
 * a kernel without tokens (SDDMM) runs one output row per block, a warp per block: its dense
   reduction (over the tokens) is split across the warp's threads, whose partial sums the warp adds
   (``tvm_thread_allreduce``: shuffles), and its inputs indexed ``[token, ...]`` are read transposed.
@@ -251,7 +252,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         named[token] = m
         return tuple(named[i] for i in order)
 
-    body = _map_buffer(body, "acc", out, to_output)
+    body = _drop_copies(_map_buffer(body, "acc", out, to_output))
     body, _ = _rebind(body, tiles, L.LoopKind.BLOCK_X)
     guard = L.Bin("<", m, meta["token_extent"])
     body = _thread_body(
@@ -259,7 +260,26 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         tiles,
         lambda b: L.For(lane, L.const(0), L.const(tile), L.If(guard, _without_lane(b, lane.name)), L.LoopKind.THREAD_X),
     )
-    return replace(func, body=body)
+    # the output accumulates once per stored value: [other, token] keeps a warp's updates coalesced
+    flip = {output} if len(order) == 2 and order[0] == token else set()
+    return transpose_operands(replace(func, body=body), set(token_major) | flip)
+
+
+def _drop_copies(s: L.Stmt) -> L.Stmt:
+    """Remove stores of an element to itself (the write-out of an accumulator that already is the
+    output, when the epilogue does nothing) and the loops left empty."""
+    match s:
+        case L.Store(buf, idx, L.Load(src, same)) if src == buf and same == idx:
+            return L.seq()
+        case L.For(body=body):
+            inner = _drop_copies(body)
+            return inner if inner == L.seq() else replace(s, body=inner)
+        case L.If(cond, then):
+            inner = _drop_copies(then)
+            return inner if inner == L.seq() else L.If(cond, inner)
+        case L.Seq(stmts):
+            return L.seq(*(_drop_copies(st) for st in stmts))
+    return s
 
 
 def _on_host(e: L.Expr) -> bool:

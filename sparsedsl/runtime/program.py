@@ -47,7 +47,8 @@ class Instance:
 
     @property
     def transposed(self) -> tuple[str, ...]:
-        """The arguments the compiled code takes transposed (GPU kernels: coalesced reads)."""
+        """The arguments (and output) the compiled code takes transposed (GPU kernels: coalesced
+        reads and writes)."""
         return next(iter(self.variants.values())).meta.get("transposed", ())
 
     def plan(self, kernel: K.Kernel) -> list[tuple[str, str | None]]:
@@ -228,16 +229,19 @@ class CompiledKernel:
             result = torch.empty_like(sparse.values, dtype=TORCH_DTYPES[out.dtype])
         else:
             shape = tuple(sizes[d] for d in out.shape)
-            result = torch.empty(shape, dtype=TORCH_DTYPES[out.dtype], device=device)
+            flipped = out.name in inst.transposed  # written [N, M] by the kernel, returned [M, N]
+            result = torch.empty(shape[::-1] if flipped else shape, dtype=TORCH_DTYPES[out.dtype], device=device)
         sources = {
             "arg": call_args,
-            "transposed": {name: call_args[name].t().contiguous() for name in inst.transposed},
+            "transposed": {name: call_args[name].t().contiguous() for name in inst.transposed if name in call_args},
             "size": sizes,
             "sparse": sparse.buffers if sparse else {},
         }
         flat = [result if kind == "out" else sources[kind][key] for kind, key in inst.plan(kernel)]
         inst.function(sizes)(*flat)
-        return sparse.with_values(result) if out.pattern_of else result
+        if out.pattern_of:
+            return sparse.with_values(result)
+        return result.t().contiguous() if out.name in inst.transposed else result
 
 
 def _bind(kernel: K.Kernel, args, device: str = "cpu") -> tuple[dict, dict[str, int], SparseTensor | None]:
