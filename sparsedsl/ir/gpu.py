@@ -57,8 +57,10 @@ def tokens_per_thread(acc: L.Buffer, tile: int) -> int:
     return per
 
 
-def _map_buffer(s, old: str, new: L.Buffer, index):
-    """Rewrite every access to buffer ``old`` as an access to ``new`` at ``index(indices)``."""
+def map_buffer(s, old: str, new: L.Buffer, index):
+    """Rewrite every access to buffer ``old`` as an access to ``new`` at ``index(indices)``; the
+    declaration of ``old`` stays only when ``new`` is a local buffer (a parameter, or a buffer
+    declared elsewhere, needs none)."""
 
     def expr(e):
         match e:
@@ -78,11 +80,11 @@ def _map_buffer(s, old: str, new: L.Buffer, index):
 
     match s:
         case L.For(var, start, extent, body, kind):
-            return L.For(var, expr(start), expr(extent), _map_buffer(body, old, new, index), kind)
+            return L.For(var, expr(start), expr(extent), map_buffer(body, old, new, index), kind)
         case L.Seq(stmts):
-            return L.seq(*(_map_buffer(st, old, new, index) for st in stmts))
+            return L.seq(*(map_buffer(st, old, new, index) for st in stmts))
         case L.If(cond, then):
-            return L.If(expr(cond), _map_buffer(then, old, new, index))
+            return L.If(expr(cond), map_buffer(then, old, new, index))
         case L.Store(buf, idx, value):
             target, where = (
                 (new, index(tuple(expr(i) for i in idx))) if buf.name == old else (buf, tuple(expr(i) for i in idx))
@@ -176,7 +178,7 @@ def transpose_operands(func: L.LoopFunc, names: set[str]) -> L.LoopFunc:
     for p in func.params:
         if isinstance(p, L.Buffer) and p.name in names:
             flipped = replace(p, shape=p.shape[::-1])
-            body = _map_buffer(body, p.name, flipped, lambda idx: idx[::-1])
+            body = map_buffer(body, p.name, flipped, lambda idx: idx[::-1])
             params.append(flipped)
         else:
             params.append(p)
@@ -213,7 +215,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
     lane = L.Var(f"{token}_i") if token else None
     if token is None:
         local = replace(acc, scope="local")
-        body = _map_buffer(body, "acc", local, lambda idx: idx)
+        body = map_buffer(body, "acc", local, lambda idx: idx)
         row = next((f for f in loops(body) if rows and f.var.name == rows[0]), None)
         if row is not None and _on_host(row.start) and _on_host(row.extent):
             body, _ = _rebind(body, rows[0], L.LoopKind.BLOCK_X)
@@ -225,7 +227,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         per = tokens_per_thread(acc, tile)
         threads, j, tx = tile // per, L.Var(f"{token}_j"), L.Var(f"{token}_t")
         local = replace(acc, shape=(*acc.shape[:-1], L.const(per)), scope="local")
-        body = _map_buffer(body, "acc", local, lambda idx: (*idx[:-1], j))
+        body = map_buffer(body, "acc", local, lambda idx: (*idx[:-1], j))
         if rows:
             body, _ = _rebind(body, rows[0], L.LoopKind.BLOCK_X)
             body, _ = _rebind(body, tiles, L.LoopKind.BLOCK_Y)
@@ -252,7 +254,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         named[token] = m
         return tuple(named[i] for i in order)
 
-    body = _drop_copies(_map_buffer(body, "acc", out, to_output))
+    body = _drop_copies(map_buffer(body, "acc", out, to_output))
     body, _ = _rebind(body, tiles, L.LoopKind.BLOCK_X)
     guard = L.Bin("<", m, meta["token_extent"])
     body = _thread_body(

@@ -87,7 +87,9 @@ Expr = Var | SizeVar | Const | Bin | Load | Call | Cast | Select
 
 @dataclass(frozen=True)
 class Buffer:
-    """A kernel argument (scope ``global``) or a kernel-local array (scope ``local``)."""
+    """A kernel argument (scope ``global``) or a kernel-local array: ``local`` (registers on a GPU),
+    ``shared`` (a CUDA block's shared memory) or ``thread`` (a GPU block's threads each own a
+    slice: the first index is the thread, implicit in the generated code)."""
 
     name: str
     dtype: str
@@ -197,6 +199,8 @@ def mul(a: Expr, b: Expr) -> Expr:
 def floordiv(a: Expr, b: Expr) -> Expr:
     if _is(b, 1):
         return a
+    if isinstance(a, Const) and isinstance(b, Const) and isinstance(a.value, int) and b.value:
+        return Const(a.value // b.value, a.dtype)
     return Bin("//", a, b)
 
 
@@ -359,7 +363,8 @@ def stmt_lines(s: Stmt, indent: int = 0) -> list[str]:
         case Let(var, value):
             return [f"{pad}let {var.name} = {expr_str(value)}"]
         case Alloc(buf):
-            return [f"{pad}local {buf.name}: {buf.dtype}[{', '.join(expr_str(d) for d in buf.shape)}]"]
+            scope = "local" if buf.scope == "global" else buf.scope
+            return [f"{pad}{scope} {buf.name}: {buf.dtype}[{', '.join(expr_str(d) for d in buf.shape)}]"]
         case If(cond, then):
             return [f"{pad}if {expr_str(cond)}:", *stmt_lines(then, indent + 1)]
     raise TypeError(s)

@@ -183,16 +183,19 @@ class CompiledKernel:
             raise err.with_source(self.program.checked.source) from None
 
     def _gpu(self, kernel: K.Kernel, opts: LowerOptions, directives) -> L.LoopFunc:
-        """The kernel mapped to a CUDA grid; ``bind`` directives rebind loops after mapping."""
+        """The kernel mapped to a CUDA grid; ``bind`` and ``stage`` directives act after mapping."""
         from sparsedsl.ir.gpu import map_to_gpu
+        from sparsedsl.ir.staging import stage_shared
 
         tile = opts.tile if any(d.verb == "tile" for d in directives) else GPU_TILE
         func = lower(kernel, replace(opts, tile=tile, gpu=True))
-        loop_directives = [d for d in directives if d.verb not in ("tile", "layout", "bind")]
+        loop_directives = [d for d in directives if d.verb not in ("tile", "layout", "bind", "stage")]
         func = map_to_gpu(sched.apply(func, loop_directives), kernel.output.name, _token_major(kernel))
         for d in directives:
             if d.verb == "bind":
                 func = sched.set_kind(func, d.loops[0].text, L.LoopKind(d.target), d.span)
+            elif d.verb == "stage":
+                func = stage_shared(func, d.loops[0].text, d.loops[2].text, d.span)
         return func
 
     def instance(self, fmt: Format | None = None) -> Instance:

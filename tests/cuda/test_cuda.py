@@ -32,10 +32,14 @@ def prog(request):
 def test_cuda_source_compiles_with_nvcc(prog, kernel, fmt, tmp_path):
     source = prog.kernels[kernel].source("cuda", fmt)  # built by TVM for prog.arch
     assert "__global__" in source
+    _nvcc(source, prog.arch, tmp_path)
+
+
+def _nvcc(source: str, arch: str, tmp_path: Path) -> None:
     cu = tmp_path / "kernel.cu"
     cu.write_text(source)
     result = subprocess.run(
-        [NVCC, f"-arch={prog.arch}", "-c", str(cu), "-o", str(tmp_path / "kernel.o")],
+        [NVCC, f"-arch={arch}", "-c", str(cu), "-o", str(tmp_path / "kernel.o")],
         capture_output=True,
         text=True,
         check=False,
@@ -92,34 +96,18 @@ def test_compile_model_for_cuda_and_aot(tmp_path):
     assert "__global__" in loaded.lin.source("cuda", "BSR(4, 1)")
 
 
-def _serial(s):
-    """The GPU-mapped loop nest with its grid and block loops run as plain loops."""
-    from sparsedsl.ir import loop_ir as L
-
-    match s:
-        case L.For(var, start, extent, body, kind):
-            gpu = kind in (L.LoopKind.BLOCK_X, L.LoopKind.BLOCK_Y, L.LoopKind.THREAD_X)
-            return L.For(var, start, extent, _serial(body), L.LoopKind.SERIAL if gpu else kind)
-        case L.Seq(stmts):
-            return L.Seq(tuple(_serial(st) for st in stmts))
-        case L.If(cond, then):
-            return L.If(cond, _serial(then))
-    return s
-
-
 def _emulate(source) -> sd.Program:
     """A CPU program whose kernels are those of ``source`` compiled for CUDA (default mapping and
     ``on cuda`` schedules) with their grid and thread loops run serially: checks the GPU mapping
     (lanes to threads, accumulators, guards, cross-thread sums) numerically without a GPU."""
-    from dataclasses import replace
+    from sparsedsl.ir.staging import serial_equivalent
 
     gpu = sd.compile(source, target="cuda", arch="sm_80", cache_dir="off")
     prog = sd.compile(source, cache_dir="off")
     for name, compiled in prog.kernels.items():
 
         def serial(fmt, mapped=gpu.kernels[name]):
-            func = mapped.lowered(fmt)["cuda"]
-            return {"cuda": replace(func, body=_serial(func.body))}
+            return {"cuda": serial_equivalent(mapped.lowered(fmt)["cuda"])}
 
         compiled.lowered = serial
     return prog
@@ -237,3 +225,88 @@ def test_thread_reductions_must_be_plain_sums():
         set_kind(func(summed, peek), "t", L.LoopKind.THREAD_X)
     with pytest.raises(sd.ScheduleError, match="all write 'x'"):
         set_kind(func(L.Store(x, (zero,), L.load(x, t))), "t", L.LoopKind.THREAD_X)
+
+
+# the loop that walks the stored values, directly inside the thread loop, per format and kernel
+STAGED = [
+    ("CSR", "k", "n"),
+    ("CSC", "k", "n"),
+    ("COO", "n", "n"),
+    ("BSR(4, 1)", "k", "n_o"),
+    ("BSR(16, 16)", "k_o", "n_o"),
+    ("ELL(3)", "k", "n"),
+]
+
+
+def _staged(fmt: str, linear_loop: str, transposed_loop: str) -> str:
+    return f"""
+kernel lin(X: f32[M, K], W: f32[N, K] @ {fmt}, b: f32[N]) -> (Y: f32[M, N]) {{
+    Y[m, n] = gelu(sum(k) X[m, k] * W[n, k] + b[n])
+}}
+kernel tr(G: f32[M, N], W: f32[N, K] @ {fmt}) -> (Y: f32[M, K]) {{
+    Y[m, k] = sum(n) G[m, n] * W[n, k]
+}}
+schedule lin on cuda {{ stage X in shared at {linear_loop} }}
+schedule tr on cuda {{ stage G in shared at {transposed_loop} }}
+"""
+
+
+@pytest.mark.parametrize("fmt, linear_loop, transposed_loop", STAGED)
+@pytest.mark.parametrize("m", [1, 130])
+def test_staging_in_shared_memory_keeps_the_numbers(fmt, linear_loop, transposed_loop, m):
+    prog = _emulate(_staged(fmt, linear_loop, transposed_loop))
+    assert "shared X_s" in sd.compile(_staged(fmt, linear_loop, transposed_loop), target="cuda").lin.source("ir")
+    gen = torch.Generator().manual_seed(m)
+    w = sd.prune(torch.randn(32, 64, generator=gen), prog.format(fmt), 0.7)
+    W = prog.pack(fmt, w)
+    x, b, g = torch.randn(m, 64, generator=gen), torch.randn(32, generator=gen), torch.randn(m, 32, generator=gen)
+    torch.testing.assert_close(prog.lin(x, W, b), torch.nn.functional.gelu(x @ w.T + b), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prog.tr(g, W), g @ w, rtol=1e-4, atol=1e-4)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("fmt, linear_loop, transposed_loop", STAGED[::3])
+def test_staged_kernels_compile(fmt, linear_loop, transposed_loop, tmp_path):
+    """TVM's ThreadSync adds the barriers a thread's reads of others' copies need (none where each
+    thread reads only what it copied)."""
+    prog = sd.compile(_staged(fmt, linear_loop, transposed_loop), target="cuda", arch="sm_90", cache_dir="off")
+    for kernel in (prog.lin, prog.tr):
+        source = kernel.source("cuda")
+        assert "__shared__" in source
+        _nvcc(source, "sm_90", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kernel, directives, message",
+    [
+        (SDDMM, "stage A in shared at k", "not an offset plus constant multiples"),
+        (SDDMM, "stage Y in shared at k", "not a tensor argument"),
+        (SDDMM, "stage S_vals in shared at k", "the loop does not read it"),
+        (SDDMM, "stage A in shared at nope", "has no loop 'nope'"),
+        (
+            "kernel lin(X: f32[M, K], W: f32[N, K] @ BSR(32, 32)) -> (Y: f32[M, N]) {"
+            " Y[m, n] = sum(k) X[m, k] * W[n, k] }",
+            "tile m by 512; stage X in shared at k_o",
+            "more than 49152",
+        ),
+    ],
+)
+def test_illegal_staging_is_a_located_error(kernel, directives, message):
+    test_illegal_gpu_bindings_are_located_errors(kernel, directives, message)
+
+
+def test_staging_needs_a_box_known_from_loop_bounds_and_a_place():
+    """N:M reads its group at a stored slot coordinate: no constant box to stage."""
+    with pytest.raises(sd.ScheduleError, match=r"index \(\(k_o \* 4\) \+ k_i_c\) is not an offset"):
+        sd.compile(_staged("NM(2, 4)", "k_o", "n"), target="cuda")
+    with pytest.raises(sd.ScheduleError, match="'k_i': it is not directly inside the thread loop"):
+        sd.compile(_staged("BSR(4, 4)", "k_i", "n_o"), target="cuda")
+
+
+def test_staging_belongs_to_gpu_schedules_in_shared_memory():
+    for schedule, message in [
+        ("schedule sddmm on cpu { stage A in shared at k }", "GPU schedules only"),
+        ("schedule sddmm on cuda { stage A in global at k }", "in 'shared' memory only"),
+    ]:
+        with pytest.raises(sd.SdslError, match=message):
+            sd.compile(SDDMM + schedule, target="cuda")

@@ -73,7 +73,7 @@ class _Emitter:
             case L.Bin(op, a, b):
                 return _BINARY[op](self.expr(a), self.expr(b))
             case L.Load(buf, idx):
-                return self.bufs[buf.name][tuple(self.expr(i) for i in idx)]
+                return self.bufs[buf.name][tuple(self.expr(i) for i in _own(buf, idx))]
             case L.Call(func, args, _):
                 return _CALLS[func](*(self.expr(a) for a in args))
             case L.Cast(dtype, value):
@@ -101,14 +101,14 @@ class _Emitter:
                 if saved is not None:
                     self.vars[var.name] = saved
             case L.Store(buf, idx, value):
-                T.buffer_store(self.bufs[buf.name], self.expr(value), [self.expr(i) for i in idx])
+                T.buffer_store(self.bufs[buf.name], self.expr(value), [self.expr(i) for i in _own(buf, idx)])
             case L.Let(var, value):
                 v = T.Bind(self.expr(value))
                 IRBuilder.name(var.name, v)
                 self.vars[var.name] = v
             case L.Alloc(buf):
-                shape = [self.expr(d) for d in buf.shape]
-                b = T.alloc_buffer(shape, buf.dtype, scope=buf.scope)
+                shape = [self.expr(d) for d in _own(buf, buf.shape)]
+                b = T.alloc_buffer(shape, buf.dtype, scope="local" if buf.scope == "thread" else buf.scope)
                 IRBuilder.name(buf.name, b)
                 self.bufs[buf.name] = b
             case L.If(cond, then):
@@ -123,8 +123,7 @@ class _Emitter:
         zeroed copy, then ``tvm_thread_allreduce`` (warp shuffles) combines the copies and every
         thread adds the total to the accumulator."""
         inside = {b.name for b in L.allocs(body)}
-        reduced = {s.buffer.name for s in L.stores(body) if s.buffer.name not in inside}
-        reduced = sorted(n for n in reduced if n in self.bufs and self.bufs[n].scope() == "local")
+        reduced = sorted({s.buffer.name for s in L.stores(body) if s.buffer.scope == "local"} - inside)
         outer = {n: self.bufs[n] for n in reduced}
         parts = {}
         for name, acc in outer.items():
@@ -143,6 +142,11 @@ class _Emitter:
                 with T.attr(reducer, "reduce_scope", T.reinterpret("handle", T.uint64(0))):
                     T.evaluate(T.tvm_thread_allreduce(T.uint32(1), parts[name][idx], True, total[0], thread))
                 T.buffer_store(acc, acc[idx] + total[0], idx)
+
+
+def _own(buf: L.Buffer, indices: tuple) -> tuple:
+    """A thread-private buffer is one thread's slice: its first index (the thread) is implicit."""
+    return indices[1:] if buf.scope == "thread" else indices
 
 
 def _elements(buf: tirx.Buffer) -> list[tuple[int, ...]]:
