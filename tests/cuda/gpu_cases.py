@@ -1,4 +1,5 @@
-"""The kernels the GPU tests run: the epilogue kernels of tests/kernels in f32, f16 and bf16.
+"""The kernels the GPU tests run: the epilogue kernels of tests/kernels in f32, f16 and bf16, and
+kernels under GPU schedules (shared-memory staging, cross-thread sums).
 
 ``python -m tests.cuda.gpu_cases --arch sm_90 --cache DIR`` builds all of them into a kernel cache
 ahead of time, so that a GPU machine without TVM or nvcc runs the tests from that cache
@@ -28,6 +29,52 @@ KERNELS = {
 
 MODEL_FORMATS = ("BSR(4, 1)", "NM(2, 4)")
 
+SDDMM = """
+kernel sddmm(A: f32[M, N], B: f32[M, K], S: f32[N, K] @ CSR) -> (Y: f32[N, K] @ S) {
+    Y[n, k] = sum(m) A[m, n] * B[m, k]
+}
+"""
+WARP_THREADS = (32, 64, 96, 128)
+
+
+def warp_schedule(threads: int) -> str:
+    """SDDMM with its token sum spread over ``threads`` threads (a cross-thread reduction)."""
+    directives = f"split m by {threads} into mo, mt; reorder mt, mo; bind mt to threadIdx.x"
+    return f"{SDDMM}schedule sddmm on cuda {{ {directives} }}"
+
+
+# per format: the loop of the linear layer and of the transposed product that walks the stored
+# values, directly inside the thread loop (``stage`` places the copy there)
+STAGED = [
+    ("CSR", "k", "n"),
+    ("CSC", "k", "n"),
+    ("COO", "n", "n"),
+    ("BSR(4, 1)", "k", "n_o"),
+    ("BSR(16, 16)", "k_o", "n_o"),
+    ("ELL(3)", "k", "n"),
+]
+
+
+def staged_source(fmt: str, linear_loop: str, transposed_loop: str) -> str:
+    """A linear layer and a transposed product on ``fmt`` that stage their activations in shared
+    memory."""
+    return f"""
+kernel lin(X: f32[M, K], W: f32[N, K] @ {fmt}, b: f32[N]) -> (Y: f32[M, N]) {{
+    Y[m, n] = gelu(sum(k) X[m, k] * W[n, k] + b[n])
+}}
+kernel tr(G: f32[M, N], W: f32[N, K] @ {fmt}) -> (Y: f32[M, K]) {{
+    Y[m, k] = sum(n) G[m, n] * W[n, k]
+}}
+schedule lin on cuda {{ stage X in shared at {linear_loop} }}
+schedule tr on cuda {{ stage G in shared at {transposed_loop} }}
+"""
+
+
+def scheduled_programs(**options) -> list[sd.Program]:
+    """The programs with GPU schedules that the GPU tests run (staging, cross-thread sums)."""
+    sources = [staged_source(*case) for case in STAGED] + [warp_schedule(t) for t in WARP_THREADS]
+    return [sd.compile(source, target="cuda", **options) for source in sources]
+
 
 def program(dtype: str, **options) -> sd.Program:
     """The epilogue kernels with every tensor in ``dtype``."""
@@ -51,6 +98,10 @@ def prebuild(arch: str, cache_dir: Path) -> int:
             for fmt, _, _ in FORMATS:
                 prog.kernels[name].instance(prog.format(fmt))
                 count += 1
+    for prog in scheduled_programs(arch=arch, cache_dir=cache_dir):
+        for kernel in prog.kernels.values():
+            kernel.instance()
+            count += 1
     return count
 
 

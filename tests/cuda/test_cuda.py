@@ -12,6 +12,7 @@ import torch
 
 import sparsedsl as sd
 from sparsedsl.cli import main as cli
+from tests.cuda.gpu_cases import SDDMM, STAGED, staged_source, warp_schedule
 from tests.strategies import FORMATS
 
 HERE = Path(__file__).parent
@@ -149,23 +150,11 @@ def test_cuda_module_round_trips_and_sizes_its_launch(tmp_path):
     assert grid == (40, 1, 1) and block == (32, 1, 1)  # a block per row, 128 tokens: 4 a thread
 
 
-SDDMM = """
-kernel sddmm(A: f32[M, N], B: f32[M, K], S: f32[N, K] @ CSR) -> (Y: f32[N, K] @ S) {
-    Y[n, k] = sum(m) A[m, n] * B[m, k]
-}
-"""
-
-
-def _warp_schedule(threads: int) -> str:
-    directives = f"split m by {threads} into mo, mt; reorder mt, mo; bind mt to threadIdx.x"
-    return f"{SDDMM}schedule sddmm on cuda {{ {directives} }}"
-
-
 @pytest.mark.parametrize("threads", [32, 64, 96])
 @pytest.mark.parametrize("fmt", ["CSR", "BSR(2, 4)"])
 def test_a_reduction_bound_to_threads_sums_across_them(threads, fmt):
     """``bind`` on a loop that sums into an outer accumulator: a cross-thread reduction."""
-    prog = _emulate(_warp_schedule(threads))
+    prog = _emulate(warp_schedule(threads))
     gen = torch.Generator().manual_seed(threads)
     a, b = torch.randn(70, 16, generator=gen), torch.randn(70, 24, generator=gen)
     S = prog.pack(fmt, sd.prune(torch.randn(16, 24, generator=gen), prog.format(fmt), 0.6))
@@ -176,7 +165,7 @@ def test_a_reduction_bound_to_threads_sums_across_them(threads, fmt):
 @needs_nvcc
 def test_cross_thread_reductions_compile_to_shuffles(tmp_path):
     for threads in (32, 128):
-        source = sd.compile(_warp_schedule(threads), target="cuda", arch="sm_90", cache_dir="off").sddmm.source("cuda")
+        source = sd.compile(warp_schedule(threads), target="cuda", arch="sm_90", cache_dir="off").sddmm.source("cuda")
         assert "__shfl_down_sync" in source and f"__launch_bounds__({threads})" in source
     default = sd.compile(SDDMM, target="cuda", arch="sm_90", cache_dir="off").sddmm
     assert "threadIdx" in default.source("ir") and "__shfl_down_sync" in default.source("cuda")
@@ -227,35 +216,11 @@ def test_thread_reductions_must_be_plain_sums():
         set_kind(func(L.Store(x, (zero,), L.load(x, t))), "t", L.LoopKind.THREAD_X)
 
 
-# the loop that walks the stored values, directly inside the thread loop, per format and kernel
-STAGED = [
-    ("CSR", "k", "n"),
-    ("CSC", "k", "n"),
-    ("COO", "n", "n"),
-    ("BSR(4, 1)", "k", "n_o"),
-    ("BSR(16, 16)", "k_o", "n_o"),
-    ("ELL(3)", "k", "n"),
-]
-
-
-def _staged(fmt: str, linear_loop: str, transposed_loop: str) -> str:
-    return f"""
-kernel lin(X: f32[M, K], W: f32[N, K] @ {fmt}, b: f32[N]) -> (Y: f32[M, N]) {{
-    Y[m, n] = gelu(sum(k) X[m, k] * W[n, k] + b[n])
-}}
-kernel tr(G: f32[M, N], W: f32[N, K] @ {fmt}) -> (Y: f32[M, K]) {{
-    Y[m, k] = sum(n) G[m, n] * W[n, k]
-}}
-schedule lin on cuda {{ stage X in shared at {linear_loop} }}
-schedule tr on cuda {{ stage G in shared at {transposed_loop} }}
-"""
-
-
 @pytest.mark.parametrize("fmt, linear_loop, transposed_loop", STAGED)
 @pytest.mark.parametrize("m", [1, 130])
 def test_staging_in_shared_memory_keeps_the_numbers(fmt, linear_loop, transposed_loop, m):
-    prog = _emulate(_staged(fmt, linear_loop, transposed_loop))
-    assert "shared X_s" in sd.compile(_staged(fmt, linear_loop, transposed_loop), target="cuda").lin.source("ir")
+    prog = _emulate(staged_source(fmt, linear_loop, transposed_loop))
+    assert "shared X_s" in sd.compile(staged_source(fmt, linear_loop, transposed_loop), target="cuda").lin.source("ir")
     gen = torch.Generator().manual_seed(m)
     w = sd.prune(torch.randn(32, 64, generator=gen), prog.format(fmt), 0.7)
     W = prog.pack(fmt, w)
@@ -269,7 +234,7 @@ def test_staging_in_shared_memory_keeps_the_numbers(fmt, linear_loop, transposed
 def test_staged_kernels_compile(fmt, linear_loop, transposed_loop, tmp_path):
     """TVM's ThreadSync adds the barriers a thread's reads of others' copies need (none where each
     thread reads only what it copied)."""
-    prog = sd.compile(_staged(fmt, linear_loop, transposed_loop), target="cuda", arch="sm_90", cache_dir="off")
+    prog = sd.compile(staged_source(fmt, linear_loop, transposed_loop), target="cuda", arch="sm_90", cache_dir="off")
     for kernel in (prog.lin, prog.tr):
         source = kernel.source("cuda")
         assert "__shared__" in source
@@ -298,9 +263,9 @@ def test_illegal_staging_is_a_located_error(kernel, directives, message):
 def test_staging_needs_a_box_known_from_loop_bounds_and_a_place():
     """N:M reads its group at a stored slot coordinate: no constant box to stage."""
     with pytest.raises(sd.ScheduleError, match=r"index \(\(k_o \* 4\) \+ k_i_c\) is not an offset"):
-        sd.compile(_staged("NM(2, 4)", "k_o", "n"), target="cuda")
+        sd.compile(staged_source("NM(2, 4)", "k_o", "n"), target="cuda")
     with pytest.raises(sd.ScheduleError, match="'k_i': it is not directly inside the thread loop"):
-        sd.compile(_staged("BSR(4, 4)", "k_i", "n_o"), target="cuda")
+        sd.compile(staged_source("BSR(4, 4)", "k_i", "n_o"), target="cuda")
 
 
 def test_staging_belongs_to_gpu_schedules_in_shared_memory():

@@ -11,7 +11,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparsedsl as sd
-from tests.cuda.gpu_cases import DTYPES, KERNELS, MODEL_FORMATS, program
+from tests.cuda.gpu_cases import (
+    DTYPES,
+    KERNELS,
+    MODEL_FORMATS,
+    STAGED,
+    WARP_THREADS,
+    program,
+    staged_source,
+    warp_schedule,
+)
 from tests.strategies import FORMATS, sparse_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
@@ -110,3 +119,27 @@ def test_compiled_model_under_torch_compile_on_the_gpu():
     compiled = torch.compile(sparse, fullgraph=True)
     x = torch.randn(5, 16, device="cuda")
     torch.testing.assert_close(compiled(x), sparse(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, linear_loop, transposed_loop", STAGED)
+@pytest.mark.parametrize("m", [1, 301])
+def test_staged_kernels_on_the_gpu(fmt, linear_loop, transposed_loop, m):
+    prog = sd.compile(staged_source(fmt, linear_loop, transposed_loop), target="cuda")
+    prog.dtype_name = "f32"
+    w, W, rand = _operands(prog, fmt, 64, 128, m, 0.8, m)
+    x, xf = rand(m, 128)
+    b, bf = rand(64)
+    g, gf = rand(m, 64)
+    _close(prog.lin(x, W, b), F.gelu(xf @ w.T + bf), "f32")
+    _close(prog.tr(g, W), gf @ w, "f32")
+
+
+@pytest.mark.parametrize("threads", WARP_THREADS)
+def test_cross_thread_sums_on_the_gpu(threads):
+    prog = sd.compile(warp_schedule(threads), target="cuda")
+    prog.dtype_name = "f32"
+    w, S, rand = _operands(prog, "CSR", 48, 80, 1000, 0.7, threads)
+    a, af = rand(1000, 48)
+    b, bf = rand(1000, 80)
+    pattern = S.cpu().with_values(torch.ones(S.nnz)).to_dense()
+    _close(prog.sddmm(a, b, S).cpu().to_dense(), (af.T @ bf) * pattern, "f32")
