@@ -483,7 +483,7 @@ def _check_schedule(decl: ast.ScheduleDecl, program: Program) -> None:
             raise SdslSemanticError(
                 f"the factor of '{d.verb}' must be at least 1, got {d.factor}", d.factor_span or d.span
             )
-        if d.verb in ("bind", "stage") and decl.target.text != "cuda":
+        if d.verb in ("bind", "stage", "tensorize") and decl.target.text != "cuda":
             raise SdslSemanticError(f"'{d.verb}' applies to GPU schedules only ('on cuda')", d.span)
         if d.verb == "stage" and d.loops[1].text != "shared":
             raise SdslSemanticError(f"can stage in 'shared' memory only, not '{d.loops[1].text}'", d.loops[1].span)

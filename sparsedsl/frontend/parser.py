@@ -169,7 +169,7 @@ class _ToAst(Transformer):
 
     split, reorder, vectorize = _directive("split"), _directive("reorder"), _directive("vectorize")
     parallel, unroll, layout = _directive("parallel"), _directive("unroll"), _directive("layout")
-    tile, bind, stage = _directive("tile"), _directive("bind"), _directive("stage")
+    tile, bind, stage, tensorize = _directive("tile"), _directive("bind"), _directive("stage"), _directive("tensorize")
 
     # model rules
     def model_decl(self, meta, children):
@@ -218,7 +218,7 @@ def _accepted(err: UnexpectedInput, fallback) -> set[str]:
     return set(fallback or ())
 
 
-_DIRECTIVES = ("split", "reorder", "vectorize", "parallel", "unroll", "layout", "tile", "bind", "stage")
+_DIRECTIVES = ("split", "reorder", "vectorize", "parallel", "unroll", "layout", "tile", "bind", "stage", "tensorize")
 
 
 def _unexpected_token(tok: Token, accepts: set[str], source: Source) -> tuple[str, Span]:

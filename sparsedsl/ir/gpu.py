@@ -27,7 +27,7 @@ def _without_lane(s: L.Stmt, lane: str) -> L.Stmt:
     return rewrite_loops(s, lambda loop: loop.body if loop.var.name == lane else None)
 
 
-def _split_lanes(s: L.Stmt, lane: str, j: L.Var, per: int, tx: L.Var) -> L.Stmt:
+def split_lanes(s: L.Stmt, lane: str, j: L.Var, per: int, tx: L.Var) -> L.Stmt:
     """Each lane loop becomes an unrolled loop over the thread's ``per`` tokens: lane
     ``j * threads + tx`` (a warp reads consecutive tokens at each ``j``)."""
 
@@ -97,13 +97,13 @@ def map_buffer(s, old: str, new: L.Buffer, index):
     return s
 
 
-def _rebind(s: L.Stmt, name: str, kind: L.LoopKind) -> tuple[L.Stmt, bool]:
+def rebind(s: L.Stmt, name: str, kind: L.LoopKind) -> tuple[L.Stmt, bool]:
     """Give the first loop called ``name`` the kind ``kind``."""
     match s:
         case L.For(var, start, extent, body, k):
             if var.name == name:
                 return L.For(var, start, extent, body, kind), True
-            inner, done = _rebind(body, name, kind)
+            inner, done = rebind(body, name, kind)
             return L.For(var, start, extent, inner, k), done
         case L.Seq(stmts):
             out, done = [], False
@@ -111,7 +111,7 @@ def _rebind(s: L.Stmt, name: str, kind: L.LoopKind) -> tuple[L.Stmt, bool]:
                 if done:
                     out.append(st)
                 else:
-                    rebound, done = _rebind(st, name, kind)
+                    rebound, done = rebind(st, name, kind)
                     out.append(rebound)
             return L.Seq(tuple(out)), done
     return s, False
@@ -218,7 +218,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         body = map_buffer(body, "acc", local, lambda idx: idx)
         row = next((f for f in loops(body) if rows and f.var.name == rows[0]), None)
         if row is not None and _on_host(row.start) and _on_host(row.extent):
-            body, _ = _rebind(body, rows[0], L.LoopKind.BLOCK_X)
+            body, _ = rebind(body, rows[0], L.LoopKind.BLOCK_X)
         else:  # bounds read from the tensor (a compressed root level): one block walks them
             body = L.For(L.Var("block"), L.const(0), L.const(1), body, L.LoopKind.BLOCK_X)
         return transpose_operands(_warp_reduction(replace(func, body=body)), set(token_major))
@@ -229,17 +229,17 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         local = replace(acc, shape=(*acc.shape[:-1], L.const(per)), scope="local")
         body = map_buffer(body, "acc", local, lambda idx: (*idx[:-1], j))
         if rows:
-            body, _ = _rebind(body, rows[0], L.LoopKind.BLOCK_X)
-            body, _ = _rebind(body, tiles, L.LoopKind.BLOCK_Y)
+            body, _ = rebind(body, rows[0], L.LoopKind.BLOCK_X)
+            body, _ = rebind(body, tiles, L.LoopKind.BLOCK_Y)
             host = rows[0]
         else:
-            body, _ = _rebind(body, tiles, L.LoopKind.BLOCK_X)
+            body, _ = rebind(body, tiles, L.LoopKind.BLOCK_X)
             host = tiles
         body = _thread_body(
             body,
             host,
             lambda b: L.For(
-                tx, L.const(0), L.const(threads), _split_lanes(b, lane.name, j, per, tx), L.LoopKind.THREAD_X
+                tx, L.const(0), L.const(threads), split_lanes(b, lane.name, j, per, tx), L.LoopKind.THREAD_X
             ),
         )
         return transpose_operands(replace(func, body=registers_for(body, "acc")), set(token_major))
@@ -255,7 +255,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         return tuple(named[i] for i in order)
 
     body = _drop_copies(map_buffer(body, "acc", out, to_output))
-    body, _ = _rebind(body, tiles, L.LoopKind.BLOCK_X)
+    body, _ = rebind(body, tiles, L.LoopKind.BLOCK_X)
     guard = L.Bin("<", m, meta["token_extent"])
     body = _thread_body(
         body,

@@ -142,7 +142,57 @@ class If:
     then: Stmt
 
 
-Stmt = For | Seq | Store | Let | Alloc | If
+TILE = 16  # a tensor-core tile is TILE x TILE
+
+
+@dataclass(frozen=True)
+class TileFill:
+    """Zero tile ``tile`` (row and column of tiles) of a tensor-core fragment buffer (scope
+    ``wmma.accumulator``). Tile statements are warp-wide: run by every thread of the warp alike,
+    outside thread loops; ``ir/emulate.py`` gives their serial meaning."""
+
+    frag: Buffer
+    tile: tuple[Expr, Expr]
+
+
+@dataclass(frozen=True)
+class TileLoad:
+    """Tile ``tile`` of fragment ``frag`` (``wmma.matrix_a`` / ``wmma.matrix_b``) = the 16 x 16
+    row-major block of ``src`` at flat element ``offset`` with row stride ``ld``."""
+
+    frag: Buffer
+    tile: tuple[Expr, Expr]
+    src: Buffer
+    offset: Expr
+    ld: Expr
+
+
+@dataclass(frozen=True)
+class TileStore:
+    """The 16 x 16 row-major block of ``dst`` at flat element ``offset`` (row stride ``ld``) =
+    tile ``tile`` of accumulator ``frag``."""
+
+    frag: Buffer
+    tile: tuple[Expr, Expr]
+    dst: Buffer
+    offset: Expr
+    ld: Expr
+
+
+@dataclass(frozen=True)
+class TileMma:
+    """Accumulator tile ``c[c_tile] += a[a_tile] @ b[b_tile]`` (products exact, sums in float32)."""
+
+    c: Buffer
+    c_tile: tuple[Expr, Expr]
+    a: Buffer
+    a_tile: tuple[Expr, Expr]
+    b: Buffer
+    b_tile: tuple[Expr, Expr]
+
+
+Tile = TileFill | TileLoad | TileStore | TileMma
+Stmt = For | Seq | Store | Let | Alloc | If | Tile
 
 
 @dataclass(frozen=True)
@@ -367,7 +417,19 @@ def stmt_lines(s: Stmt, indent: int = 0) -> list[str]:
             return [f"{pad}{scope} {buf.name}: {buf.dtype}[{', '.join(expr_str(d) for d in buf.shape)}]"]
         case If(cond, then):
             return [f"{pad}if {expr_str(cond)}:", *stmt_lines(then, indent + 1)]
+        case TileFill(frag, tile):
+            return [f"{pad}{_tile_str(frag, tile)} = 0"]
+        case TileLoad(frag, tile, src, offset, ld):
+            return [f"{pad}{_tile_str(frag, tile)} = tile({src.name}, {expr_str(offset)}, ld={expr_str(ld)})"]
+        case TileStore(frag, tile, dst, offset, ld):
+            return [f"{pad}tile({dst.name}, {expr_str(offset)}, ld={expr_str(ld)}) = {_tile_str(frag, tile)}"]
+        case TileMma(c, c_tile, a, a_tile, b, b_tile):
+            return [f"{pad}{_tile_str(c, c_tile)} += {_tile_str(a, a_tile)} @ {_tile_str(b, b_tile)}"]
     raise TypeError(s)
+
+
+def _tile_str(frag: Buffer, tile: tuple[Expr, Expr]) -> str:
+    return f"{frag.name}.tile[{expr_str(tile[0])}, {expr_str(tile[1])}]"
 
 
 def func_str(f: LoopFunc) -> str:

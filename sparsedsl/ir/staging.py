@@ -13,7 +13,7 @@ after ``L`` gets a thread loop of its own, ``L``'s body gets one inside ``L``, a
 thread loop declared become thread-private arrays (scope ``thread``, first index the thread) that
 each thread keeps across the pieces; on CUDA they are registers (``backends/tvm/tir.py``).
 
-Read as a serial program (``serial_equivalent``) the result computes what the unstaged kernel
+Read as a serial program (``emulate.serial_equivalent``) the result computes what the unstaged kernel
 does; on the GPU, TVM's ``ThreadSync`` pass puts ``__syncthreads()`` between the copy and the
 reads, and before the next iteration's copy.
 """
@@ -30,21 +30,6 @@ from sparsedsl.ir.schedule import loops, rewrite_loops
 
 SHARED_BYTES = 48 * 1024  # static shared memory a CUDA block may declare
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-_GPU = (L.LoopKind.BLOCK_X, L.LoopKind.BLOCK_Y, L.LoopKind.THREAD_X)
-
-
-def serial_equivalent(func: L.LoopFunc) -> L.LoopFunc:
-    """The GPU-mapped function as a CPU program with the same meaning: grid and thread loops run
-    one after another, shared and thread-private buffers are plain local arrays."""
-
-    def serial(s: L.Stmt) -> L.Stmt | None:
-        return replace(s, kind=L.LoopKind.SERIAL) if s.kind in _GPU else None
-
-    body = rewrite_loops(func.body, serial)
-    for buf in L.allocs(body):
-        if buf.scope in ("shared", "thread"):
-            body = map_buffer(body, buf.name, replace(buf, scope="local"), lambda idx: idx)
-    return replace(func, body=body)
 
 
 def _thread_loop(stmts: tuple[L.Stmt, ...]) -> L.For | None:
@@ -94,7 +79,7 @@ def sink_threads(func: L.LoopFunc, name: str, span: Span | None = None) -> L.Loo
     return replace(func, body=body)
 
 
-def _affine(e: L.Expr, inner: dict[str, int]) -> tuple[L.Expr, dict[str, int]] | None:
+def affine(e: L.Expr, inner: dict[str, int]) -> tuple[L.Expr, dict[str, int]] | None:
     """``e`` as ``base + sum(c * v)`` over the variables ``inner``; None when it is not."""
     if not any(L.uses(e, v) for v in inner):
         return e, {}
@@ -102,28 +87,28 @@ def _affine(e: L.Expr, inner: dict[str, int]) -> tuple[L.Expr, dict[str, int]] |
         case L.Var(n) if n in inner:
             return L.const(0), {n: 1}
         case L.Bin("+", a, b):
-            left, right = _affine(a, inner), _affine(b, inner)
+            left, right = affine(a, inner), affine(b, inner)
             if left and right:
                 coefs = dict(left[1])
                 for v, c in right[1].items():
                     coefs[v] = coefs.get(v, 0) + c
                 return L.add(left[0], right[0]), coefs
         case L.Bin("-", a, b) if not any(L.uses(b, v) for v in inner):
-            left = _affine(a, inner)
+            left = affine(a, inner)
             if left:
                 return L.sub(left[0], b), left[1]
         case L.Bin("*", a, L.Const(c)) | L.Bin("*", L.Const(c), a) if isinstance(c, int):
-            part = _affine(a, inner)
+            part = affine(a, inner)
             if part:
                 return L.mul(part[0], L.const(c)), {v: k * c for v, k in part[1].items()}
         case L.Cast(dtype, v):
-            part = _affine(v, inner)
+            part = affine(v, inner)
             if part:
                 return L.Cast(dtype, part[0]), part[1]
     return None
 
 
-def _unwrap(e: L.Expr, inner: dict[str, int]) -> tuple[tuple[tuple[str, L.Expr], ...], L.Expr]:
+def unwrap(e: L.Expr, inner: dict[str, int]) -> tuple[tuple[tuple[str, L.Expr], ...], L.Expr]:
     """Peel clamps ``min(x, bound)`` / ``max(x, bound)`` whose bound does not vary inside."""
     wraps = []
     while isinstance(e, L.Bin) and e.op in ("min", "max") and not any(L.uses(e.b, v) for v in inner):
@@ -138,7 +123,7 @@ def _rewrap(wraps, e: L.Expr) -> L.Expr:
     return e
 
 
-def _box(tensor: L.Buffer, body: L.Stmt, span: Span | None):
+def box_of(tensor: L.Buffer, body: L.Stmt, span: Span | None):
     """Per dimension of ``tensor``: the clamps, the base and the extent of what ``body`` reads,
     and a function from a read's indices to its offsets in the box."""
     inner: dict[str, int] = {}
@@ -157,8 +142,8 @@ def _box(tensor: L.Buffer, body: L.Stmt, span: Span | None):
     for read in reads:
         shape = []
         for d, index in enumerate(read.indices):
-            wraps, core = _unwrap(index, inner)
-            part = None if any(L.uses(core, v) for v in unbounded) else _affine(core, inner)
+            wraps, core = unwrap(index, inner)
+            part = None if any(L.uses(core, v) for v in unbounded) else affine(core, inner)
             if part is None or any(c < 0 for c in part[1].values()):
                 raise ScheduleError(
                     f"cannot stage '{tensor.name}': index {L.expr_str(index)} is not an offset plus constant "
@@ -174,8 +159,8 @@ def _box(tensor: L.Buffer, body: L.Stmt, span: Span | None):
     def offsets(indices):
         out = []
         for index in indices:
-            _, core = _unwrap(index, inner)
-            _, coefs = _affine(core, inner)
+            _, core = unwrap(index, inner)
+            _, coefs = affine(core, inner)
             offset = L.const(0)
             for v, c in sorted(coefs.items()):
                 offset = L.add(offset, L.mul(L.Var(v), L.const(c)))
@@ -196,7 +181,7 @@ def _lets(s: L.Stmt) -> list[L.Let]:
     return []
 
 
-def _copy(tensor: L.Buffer, staged: L.Buffer, box, extents: list[int], thread: L.For) -> L.Stmt:
+def copy_box(tensor: L.Buffer, staged: L.Buffer, box, extents: list[int], thread: L.For) -> L.Stmt:
     """The block's threads copy the box into ``staged``, element ``e`` by thread ``e % threads``."""
     threads, total = thread.extent.value, math.prod(extents)
     step, t = L.Var(f"{staged.name}_c"), thread.var
@@ -243,7 +228,7 @@ def stage_shared(func: L.LoopFunc, tensor: str, name: str, span: Span | None = N
         lead, rest = stmts[:n], stmts[n:]
         if _thread_loop(rest) is None:
             raise ScheduleError(f"cannot stage at loop '{name}': no thread loop inside it to share the copy", span)
-        box, extents, offsets = _box(param, L.seq(*rest), span)
+        box, extents, offsets = box_of(param, L.seq(*rest), span)
         size = math.prod(extents) * _BYTES[param.dtype]
         if size > SHARED_BYTES:
             raise ScheduleError(
@@ -253,7 +238,7 @@ def stage_shared(func: L.LoopFunc, tensor: str, name: str, span: Span | None = N
             )
         buf = replace(staged, shape=tuple(L.const(x) for x in extents))
         body = map_buffer(L.seq(*rest), tensor, buf, offsets)
-        copy = _copy(param, buf, box, extents, _thread_loop(rest))
+        copy = copy_box(param, buf, box, extents, _thread_loop(rest))
         return L.seq(L.Alloc(buf), replace(loop, body=L.seq(*lead, copy, body)))
 
     return replace(func, body=rewrite_loops(func.body, stage))

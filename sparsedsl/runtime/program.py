@@ -28,6 +28,7 @@ TORCH_DTYPES = {
 }
 TARGETS = ("cpu", "cuda")
 GPU_TILE = 128  # tokens per CUDA block (a warp of threads, up to 4 tokens each: ir/gpu.py)
+TENSOR_TILE = 64  # tokens per warp on tensor cores (ir/tensor_cores.py)
 BACKENDS = ("tvm", "llvm")
 SMALL_TILE = 16
 
@@ -184,13 +185,19 @@ class CompiledKernel:
 
     def _gpu(self, kernel: K.Kernel, opts: LowerOptions, directives) -> L.LoopFunc:
         """The kernel mapped to a CUDA grid; ``bind`` and ``stage`` directives act after mapping."""
+        from sparsedsl.ir import tensor_cores
         from sparsedsl.ir.gpu import map_to_gpu
         from sparsedsl.ir.staging import stage_shared
 
-        tile = opts.tile if any(d.verb == "tile" for d in directives) else GPU_TILE
+        tensorize = next((d for d in directives if d.verb == "tensorize"), None)
+        tile = opts.tile if any(d.verb == "tile" for d in directives) else TENSOR_TILE if tensorize else GPU_TILE
         func = lower(kernel, replace(opts, tile=tile, gpu=True))
-        loop_directives = [d for d in directives if d.verb not in ("tile", "layout", "bind", "stage")]
-        func = map_to_gpu(sched.apply(func, loop_directives), kernel.output.name, _token_major(kernel))
+        loop_directives = [d for d in directives if d.verb not in ("tile", "layout", "bind", "stage", "tensorize")]
+        func = sched.apply(func, loop_directives)
+        if tensorize:
+            func = tensor_cores.tensorize(func, _token_major(kernel), tensorize.span)
+        else:
+            func = map_to_gpu(func, kernel.output.name, _token_major(kernel))
         for d in directives:
             if d.verb == "bind":
                 func = sched.set_kind(func, d.loops[0].text, L.LoopKind(d.target), d.span)

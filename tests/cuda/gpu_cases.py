@@ -1,5 +1,5 @@
 """The kernels the GPU tests run: the epilogue kernels of tests/kernels in f32, f16 and bf16, and
-kernels under GPU schedules (shared-memory staging, cross-thread sums).
+kernels under GPU schedules (shared-memory staging, cross-thread sums, tensor cores).
 
 ``python -m tests.cuda.gpu_cases --arch sm_90 --cache DIR`` builds all of them into a kernel cache
 ahead of time, so that a GPU machine without TVM or nvcc runs the tests from that cache
@@ -70,9 +70,30 @@ schedule tr on cuda {{ stage G in shared at {transposed_loop} }}
 """
 
 
+# (format, dtype, token tile) of the tensor-core kernels
+TENSOR_CORES = [
+    ("BSR(16, 16)", "f16", 64),
+    ("BSR(32, 16)", "f16", 64),
+    ("BSR(16, 32)", "bf16", 32),
+    ("BSR(32, 32)", "f16", 128),
+]
+
+
+def tensor_core_source(fmt: str, dtype: str, tile: int) -> str:
+    """A linear layer with bias and GELU on ``fmt`` blocks, on tensor cores."""
+    return f"""
+kernel lin(X: {dtype}[M, K], W: {dtype}[N, K] @ {fmt}, b: {dtype}[N]) -> (Y: {dtype}[M, N]) {{
+    Y[m, n] = gelu(sum(k) X[m, k] * W[n, k] + b[n])
+}}
+schedule lin on cuda {{ tile m by {tile}; tensorize }}
+"""
+
+
 def scheduled_programs(**options) -> list[sd.Program]:
-    """The programs with GPU schedules that the GPU tests run (staging, cross-thread sums)."""
+    """The programs with GPU schedules that the GPU tests run (staging, cross-thread sums, tensor
+    cores)."""
     sources = [staged_source(*case) for case in STAGED] + [warp_schedule(t) for t in WARP_THREADS]
+    sources += [tensor_core_source(*case) for case in TENSOR_CORES]
     return [sd.compile(source, target="cuda", **options) for source in sources]
 
 

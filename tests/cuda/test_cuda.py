@@ -12,7 +12,7 @@ import torch
 
 import sparsedsl as sd
 from sparsedsl.cli import main as cli
-from tests.cuda.gpu_cases import SDDMM, STAGED, staged_source, warp_schedule
+from tests.cuda.gpu_cases import SDDMM, STAGED, TENSOR_CORES, staged_source, tensor_core_source, warp_schedule
 from tests.strategies import FORMATS
 
 HERE = Path(__file__).parent
@@ -101,7 +101,7 @@ def _emulate(source) -> sd.Program:
     """A CPU program whose kernels are those of ``source`` compiled for CUDA (default mapping and
     ``on cuda`` schedules) with their grid and thread loops run serially: checks the GPU mapping
     (lanes to threads, accumulators, guards, cross-thread sums) numerically without a GPU."""
-    from sparsedsl.ir.staging import serial_equivalent
+    from sparsedsl.ir.emulate import serial_equivalent
 
     gpu = sd.compile(source, target="cuda", arch="sm_80", cache_dir="off")
     prog = sd.compile(source, cache_dir="off")
@@ -275,3 +275,44 @@ def test_staging_belongs_to_gpu_schedules_in_shared_memory():
     ]:
         with pytest.raises(sd.SdslError, match=message):
             sd.compile(SDDMM + schedule, target="cuda")
+
+
+@pytest.mark.parametrize("fmt, dtype, tile", [case for case in TENSOR_CORES if case[1] == "f16"])
+@pytest.mark.parametrize("m", [1, 70, 130])
+def test_tensor_core_mapping_keeps_the_numbers(fmt, dtype, tile, m):
+    """The wmma tiles, the staged activations and the write-out through shared memory, run
+    serially: products of the rounded operands summed in float32 (f16: TVM has no bf16 CPU code
+    generator here; bf16 compiles below and runs in the GPU tests)."""
+    torch_dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    prog = _emulate(tensor_core_source(fmt, dtype, tile))
+    gen = torch.Generator().manual_seed(m)
+    w = sd.prune(torch.randn(64, 96, generator=gen), prog.format(fmt), 0.6).to(torch_dtype)
+    x, b = torch.randn(m, 96, generator=gen).to(torch_dtype), torch.randn(64, generator=gen).to(torch_dtype)
+    expected = torch.nn.functional.gelu(x.float() @ w.float().T + b.float())
+    actual = prog.lin(x, prog.pack(fmt, w), b).float()
+    assert ((actual - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_tensor_core_kernels_compile_to_wmma(arch, tmp_path):
+    for case in TENSOR_CORES:
+        source = sd.compile(tensor_core_source(*case), target="cuda", arch=arch, cache_dir="off").lin.source("cuda")
+        assert "wmma::mma_sync" in source and "wmma::load_matrix_sync" in source
+        _nvcc(source, arch, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "fmt, dtype, tile, message",
+    [
+        ("BSR(16, 16)", "f32", 64, "float16 or bfloat16"),
+        ("BSR(4, 1)", "f16", 64, "blocks must be multiples of 16"),
+        ("BSR(16, 16)", "f16", 16, "the token tile of 32"),
+        ("BSR(64, 16)", "f16", 128, "more than 16 fragments"),
+        ("CSR", "f16", 64, "no block product"),
+    ],
+)
+def test_tensorize_refuses_what_tensor_cores_cannot_do(fmt, dtype, tile, message):
+    with pytest.raises(sd.ScheduleError, match=message) as err:
+        sd.compile(tensor_core_source(fmt, dtype, tile), target="cuda")
+    assert "tensorize" in err.value.render()

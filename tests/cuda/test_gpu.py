@@ -16,9 +16,11 @@ from tests.cuda.gpu_cases import (
     KERNELS,
     MODEL_FORMATS,
     STAGED,
+    TENSOR_CORES,
     WARP_THREADS,
     program,
     staged_source,
+    tensor_core_source,
     warp_schedule,
 )
 from tests.strategies import FORMATS, sparse_case
@@ -143,3 +145,14 @@ def test_cross_thread_sums_on_the_gpu(threads):
     b, bf = rand(1000, 80)
     pattern = S.cpu().with_values(torch.ones(S.nnz)).to_dense()
     _close(prog.sddmm(a, b, S).cpu().to_dense(), (af.T @ bf) * pattern, "f32")
+
+
+@pytest.mark.parametrize("fmt, dtype, tile", TENSOR_CORES)
+@pytest.mark.parametrize("m", [1, 64, 301])
+def test_tensor_cores_on_the_gpu(fmt, dtype, tile, m):
+    prog = sd.compile(tensor_core_source(fmt, dtype, tile), target="cuda")
+    prog.dtype_name = dtype
+    w, W, rand = _operands(prog, fmt, 128, 256, m, 0.7, m)
+    x, xf = rand(m, 256)
+    b, bf = rand(128)
+    _close(prog.lin(x, W, b), F.gelu(xf @ w.T + bf), dtype)

@@ -13,8 +13,12 @@ def generate(funcs: list[L.LoopFunc], arch: str) -> tuple[str, str]:
     """The CUDA C of GPU-mapped loop functions for ``arch``, and their TIR (for ``emit``)."""
     prims = {f.name: to_tir(f) for f in funcs}
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
+    # TVM's storage rewrite would let the accumulator spill reuse the staged tile's shared memory,
+    # under wmma pointers typed for the tile
+    config = {"tirx.disable_storage_rewrite": any(f.meta.get("tensor_cores") for f in funcs)}
     try:
-        source = tvm.compile(tvm.IRModule(prims), target=target).mod.imports[0].inspect_source()
+        with tvm.transform.PassContext(config=config):
+            source = tvm.compile(tvm.IRModule(prims), target=target).mod.imports[0].inspect_source()
     except Exception as err:  # noqa: BLE001 - TVM raises its own internal error types
         raise BackendError(f"CUDA build of '{funcs[0].name}' failed: {str(err).strip().splitlines()[-1]}") from None
     return str(source), "\n\n".join(p.script() for p in prims.values())

@@ -114,8 +114,27 @@ class _Emitter:
             case L.If(cond, then):
                 with T.If(self.expr(cond)), T.Then():
                     self.stmt(then)
+            case L.TileFill(frag, tile):
+                T.evaluate(T.tvm_fill_fragment(self.bufs[frag.name].data, *_WMMA, self.tile(frag, tile), T.float32(0)))
+            case L.TileLoad(frag, tile, src, offset, ld):
+                ptr = self.bufs[src.name].access_ptr("r", ptr_type=src.dtype, offset=self.expr(offset))
+                index, stride = self.tile(frag, tile), tirx.Cast("int32", self.expr(ld))
+                T.evaluate(T.tvm_load_matrix_sync(self.bufs[frag.name].data, *_WMMA, index, ptr, stride, "row_major"))
+            case L.TileStore(frag, tile, dst, offset, ld):
+                ptr = self.bufs[dst.name].access_ptr("w", ptr_type=dst.dtype, offset=self.expr(offset))
+                index, stride = self.tile(frag, tile), tirx.Cast("int32", self.expr(ld))
+                T.evaluate(T.tvm_store_matrix_sync(self.bufs[frag.name].data, *_WMMA, index, ptr, stride, "row_major"))
+            case L.TileMma(c, c_tile, a, a_tile, b, b_tile):
+                acc, at = self.bufs[c.name].data, self.tile(c, c_tile)
+                args = (self.bufs[a.name].data, self.tile(a, a_tile), self.bufs[b.name].data, self.tile(b, b_tile))
+                T.evaluate(T.tvm_mma_sync(acc, at, *args, acc, at))
             case _:
                 raise TypeError(s)
+
+    def tile(self, frag: L.Buffer, tile: tuple[L.Expr, L.Expr]):
+        """The number of a fragment buffer's 16 x 16 tile (row-major over its tiles)."""
+        per_row = frag.shape[1].value // L.TILE
+        return tirx.Cast("int32", self.expr(L.add(L.mul(tile[0], L.const(per_row)), tile[1])))
 
     def thread_body(self, body: L.Stmt, thread) -> None:
         """The body of a ``threadIdx.x`` loop. Sums into local buffers declared outside it (checked
@@ -142,6 +161,9 @@ class _Emitter:
                 with T.attr(reducer, "reduce_scope", T.reinterpret("handle", T.uint64(0))):
                     T.evaluate(T.tvm_thread_allreduce(T.uint32(1), parts[name][idx], True, total[0], thread))
                 T.buffer_store(acc, acc[idx] + total[0], idx)
+
+
+_WMMA = (L.TILE, L.TILE, L.TILE)  # the m, n, k of a tensor-core step
 
 
 def _own(buf: L.Buffer, indices: tuple) -> tuple:

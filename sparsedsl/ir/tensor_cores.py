@@ -1,0 +1,158 @@
+"""Tensor cores for block formats: ``schedule K on cuda { tensorize }``.
+
+A gathering kernel whose sparse input stores dense row-major blocks (BSR(bm, bn), bm and bn
+multiples of 16) in 16-bit floats multiplies, per stored block, ``W_blk[bm, bn] @ X_T[bn, tile]``
+into a ``[bm, tile]`` accumulator: exactly what a warp's tensor cores do in 16 x 16 x 16 steps.
+``tensorize`` finds that nest in the lowered loop IR,
+
+    for n_i in [0, bm): for k_i in [0, bn): for m_i in [0, tile):
+        acc[n_i, m_i] += X_T[kbase + k_i, clamp(mbase + m_i)] * W_vals[wbase + n_i * bn + k_i]
+
+and maps the kernel onto one warp per (row block, token tile): the accumulator becomes
+``wmma.accumulator`` fragments, the activation tile is staged in shared memory by the warp (zero
+beyond the tensor, ``staging.copy_box``), each stored block's 16 x 16 tiles load straight from
+``W_vals`` and multiply with the staged tiles, and the write-out reads the accumulator back
+through shared memory, a token per thread. Every step is loop IR with a serial meaning
+(``ir/emulate.py``), so the mapping is checked on the CPU; ``backends/tvm/tir.py`` emits wmma.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from sparsedsl.errors import ScheduleError, Span
+from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir.gpu import map_buffer, rebind, split_lanes, transpose_operands
+from sparsedsl.ir.schedule import loops, rewrite_loops
+from sparsedsl.ir.staging import affine, box_of, copy_box, unwrap
+
+WARP = 32
+MAX_ACC_TILES = 16  # accumulator fragments per warp: 8 registers each
+DTYPES = ("float16", "bfloat16")
+T = L.TILE
+
+
+def _uncast(e: L.Expr) -> L.Expr:
+    return e.value if isinstance(e, L.Cast) else e
+
+
+def _corner(row: L.Expr, col: L.Expr, ld: int, base: L.Expr | None = None) -> L.Expr:
+    """The flat offset of tile (``row``, ``col``) of a row-major matrix with ``ld`` columns."""
+    return L.add(base or L.const(0), L.add(L.mul(L.mul(row, L.const(T)), L.const(ld)), L.mul(col, L.const(T))))
+
+
+def _update_nest(s: L.Stmt) -> L.For | None:
+    """The first ``for a: for b: for c: acc[a, c] = acc[a, c] + P * Q`` nest."""
+    for loop in loops(s):
+        mid = loop.body
+        inner = mid.body if isinstance(mid, L.For) else None
+        store = inner.body if isinstance(inner, L.For) else None
+        if isinstance(store, L.Store) and store.buffer.name == "acc" and store.indices == (loop.var, inner.var):
+            match store.value:
+                case L.Bin("+", L.Load(buf, idx), L.Bin("*", _, _)) if buf.name == "acc" and idx == store.indices:
+                    return loop
+    return None
+
+
+def tensorize(func: L.LoopFunc, token_major: frozenset[str], span: Span | None = None) -> L.LoopFunc:
+    """The kernel on tensor cores (see the module docstring); ScheduleError where it does not fit."""
+
+    def refuse(why: str) -> ScheduleError:
+        return ScheduleError(f"cannot tensorize '{func.name}': {why}", span)
+
+    meta = func.meta
+    token, tile, rows = meta.get("token"), meta.get("tile", 1), meta.get("rows", [])
+    if meta.get("mode") != "gather" or token is None or not rows:
+        raise refuse("tensor cores need a gathering kernel over row blocks with a token index (a linear layer)")
+    func = transpose_operands(func, set(token_major))
+    nest = _update_nest(func.body)
+    if nest is None:
+        raise refuse("no block product 'acc[n_i, m_i] += X[..] * W[..]' in it")
+    row, col, lane = nest, nest.body, nest.body.body
+    extents = {f.var.name: f.extent.value for f in (row, col, lane) if isinstance(f.extent, L.Const)}
+    if len(extents) < 3 or any(v % T for v in extents.values()) or tile % WARP:
+        sizes = " x ".join(L.expr_str(f.extent) for f in (row, col, lane))
+        raise refuse(f"its block product is {sizes}: blocks must be multiples of 16, the token tile of 32")
+    bm, bn = extents[row.var.name], extents[col.var.name]
+    if bm // T * (tile // T) > MAX_ACC_TILES:
+        raise refuse(f"a {bm} x {tile} accumulator takes more than {MAX_ACC_TILES} fragments: use a smaller 'tile m'")
+    product = lane.body.value.b
+    factors = [_uncast(product.a), _uncast(product.b)]
+    if not all(isinstance(f, L.Load) for f in factors):
+        raise refuse("the product's factors must be tensor reads")
+    w_read = next((f for f in factors if not any(L.uses(i, lane.var.name) for i in f.indices)), None)
+    x_read = next((f for f in factors if f is not w_read), None)
+    if (
+        w_read is None
+        or x_read is None
+        or w_read.buffer.dtype not in DTYPES
+        or x_read.buffer.dtype != w_read.buffer.dtype
+    ):
+        raise refuse("tensor cores multiply float16 or bfloat16 operands of the same type")
+    block = {row.var.name: bm, col.var.name: bn}
+    w_part = affine(w_read.indices[0], block) if len(w_read.indices) == 1 else None
+    if w_part is None or w_part[1] != {row.var.name: bn, col.var.name: 1}:
+        raise refuse(f"'{w_read.buffer.name}' does not store row-major {bm} x {bn} blocks")
+    x_inner = {col.var.name: bn, lane.var.name: tile}
+    x_parts = [affine(unwrap(i, x_inner)[1], x_inner) for i in x_read.indices]
+    if (
+        len(x_parts) != 2
+        or any(p is None for p in x_parts)
+        or [p[1] for p in x_parts] != [{col.var.name: 1}, {lane.var.name: 1}]
+    ):
+        raise refuse(f"'{x_read.buffer.name}' is not read as [k, token] tiles")
+    box, box_extents, _ = box_of(x_read.buffer, nest, span)
+    if box_extents != [bn, tile]:
+        raise refuse(f"'{x_read.buffer.name}' is read over a {box_extents} box, not [{bn}, {tile}]")
+
+    a = L.Buffer(f"{w_read.buffer.name}_frag", w_read.buffer.dtype, (L.const(bm), L.const(T)), "wmma.matrix_a")
+    b = L.Buffer(f"{x_read.buffer.name}_frag", x_read.buffer.dtype, (L.const(T), L.const(tile)), "wmma.matrix_b")
+    acc = L.Buffer("acc", "float32", (L.const(bm), L.const(tile)), "wmma.accumulator")
+    x_s = L.Buffer(f"{x_read.buffer.name}_s", x_read.buffer.dtype, (L.const(bn), L.const(tile)), "shared")
+    out = L.Buffer("acc_s", "float32", (L.const(bm), L.const(tile)), "shared")
+    t, lane_j = L.Var(f"{token}_t"), L.Var(f"{token}_j")
+    i, j, k = L.Var("tile_i"), L.Var("tile_j"), L.Var("tile_k")
+    warp = L.For(t, L.const(0), L.const(WARP), None, L.LoopKind.THREAD_X)
+
+    def each_tile(body_of, rows_of=bm, cols_of=tile) -> L.Stmt:
+        inner = L.For(j, L.const(0), L.const(cols_of // T), body_of(i, j), L.LoopKind.UNROLLED)
+        return L.For(i, L.const(0), L.const(rows_of // T), inner, L.LoopKind.UNROLLED)
+
+    zero = L.const(0)
+    step = L.seq(
+        L.For(
+            i,
+            zero,
+            L.const(bm // T),
+            L.TileLoad(a, (i, zero), w_read.buffer, _corner(i, k, bn, w_part[0]), L.const(bn)),
+        ),
+        L.For(j, zero, L.const(tile // T), L.TileLoad(b, (zero, j), x_s, _corner(k, j, tile), L.const(tile))),
+        each_tile(lambda ti, tj: L.TileMma(acc, (ti, tj), a, (ti, zero), b, (zero, tj))),
+    )
+    products = L.seq(copy_box(x_read.buffer, x_s, box, box_extents, warp), L.For(k, zero, L.const(bn // T), step))
+    lanes = L.Var(f"{token}_i")
+
+    def rewrite(s: L.Stmt) -> L.Stmt:
+        """One statement of the row block's body, on tensor cores."""
+        if isinstance(s, L.Alloc) and s.buffer.name == "acc":
+            return L.seq(*(L.Alloc(buf) for buf in (acc, a, b, x_s, out)))
+        stored = {st.buffer.name for st in L.stores(s)}
+        read = any(isinstance(e, L.Load) and e.buffer.name == "acc" for x in L.stmt_exprs(s) for e in L.subexprs(x))
+        if stored == {"acc"} and not read:  # zeroing
+            return each_tile(lambda ti, tj: L.TileFill(acc, (ti, tj)))
+        if read and "acc" not in stored:  # write-out: through shared memory, a token per thread
+            spill = each_tile(lambda ti, tj: L.TileStore(acc, (ti, tj), out, _corner(ti, tj, tile), L.const(tile)))
+            threads = split_lanes(map_buffer(s, "acc", out, lambda idx: idx), lanes.name, lane_j, tile // WARP, t)
+            return L.seq(spill, replace(warp, body=threads))
+        return rewrite_loops(s, lambda f: products if f == nest else None)
+
+    def row_block(loop: L.For) -> L.Stmt | None:
+        if loop.var.name != rows[0]:
+            return None
+        stmts = loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,)
+        return replace(loop, body=L.seq(*(rewrite(s) for s in stmts)))
+
+    body = rewrite_loops(func.body, row_block)
+    body, _ = rebind(body, rows[0], L.LoopKind.BLOCK_X)
+    body, _ = rebind(body, f"{token}_o", L.LoopKind.BLOCK_Y)
+    return replace(func, body=body, meta={**func.meta, "tensor_cores": True})
