@@ -9,9 +9,10 @@ into a ``[bm, tile]`` accumulator: exactly what a warp's tensor cores do in 16 x
         acc[n_i, m_i] += X_T[kbase + k_i, clamp(mbase + m_i)] * W_vals[wbase + n_i * bn + k_i]
 
 and maps the kernel onto one warp per (row block, token tile): the accumulator becomes
-``wmma.accumulator`` fragments, the activation tile is staged in shared memory by the warp (zero
-beyond the tensor, ``staging.copy_box``), each stored block's 16 x 16 tiles load straight from
-``W_vals`` and multiply with the staged tiles, and the write-out reads the accumulator back
+``wmma.accumulator`` fragments, each stored block's 16 x 16 tiles load straight from ``W_vals``,
+the activation tiles straight from ``X_T`` where they are whole and aligned (else from a copy the
+warp stages in shared memory, zero beyond the tensor: ``staging.copy_box``), they multiply, and
+the write-out reads the accumulator back
 through shared memory, a token per thread. Every step is loop IR with a serial meaning
 (``ir/emulate.py``), so the mapping is checked on the CPU; ``backends/tvm/tir.py`` emits wmma.
 """
@@ -102,7 +103,7 @@ def tensorize(func: L.LoopFunc, token_major: frozenset[str], span: Span | None =
     ):
         raise refuse(f"'{x_read.buffer.name}' is not read as [k, token] tiles")
     box, box_extents, _ = box_of(x_read.buffer, nest, span)
-    if box_extents != [bn, tile]:
+    if box_extents != [bn, tile] or box[0][0]:
         raise refuse(f"'{x_read.buffer.name}' is read over a {box_extents} box, not [{bn}, {tile}]")
 
     a = L.Buffer(f"{w_read.buffer.name}_frag", w_read.buffer.dtype, (L.const(bm), L.const(T)), "wmma.matrix_a")
@@ -114,11 +115,21 @@ def tensorize(func: L.LoopFunc, token_major: frozenset[str], span: Span | None =
     i, j, k = L.Var("tile_i"), L.Var("tile_j"), L.Var("tile_k")
     warp = L.For(t, L.const(0), L.const(WARP), None, L.LoopKind.THREAD_X)
 
-    def each_tile(body_of, rows_of=bm, cols_of=tile) -> L.Stmt:
-        inner = L.For(j, L.const(0), L.const(cols_of // T), body_of(i, j), L.LoopKind.UNROLLED)
-        return L.For(i, L.const(0), L.const(rows_of // T), inner, L.LoopKind.UNROLLED)
+    def each_tile(body_of) -> L.Stmt:
+        inner = L.For(j, L.const(0), L.const(tile // T), body_of(i, j), L.LoopKind.UNROLLED)
+        return L.For(i, L.const(0), L.const(bm // T), inner, L.LoopKind.UNROLLED)
 
-    zero = L.const(0)
+    # Activation tiles load straight from X_T when they are whole and 32-byte aligned (the token
+    # count a multiple of 16); otherwise from the staged copy, zero beyond the tensor.
+    x, zero = x_read.buffer, L.const(0)
+    tokens, ((_, k_base), (_, m_base)) = x.shape[1], box
+    flag = L.Buffer("direct", "int32", (L.const(1),), "local")  # a let would be inlined, then hoisted
+    direct = L.Load(flag, (zero,))
+    aligned = L.Bin("==", L.mod(tokens, L.const(T)), zero)
+    whole = L.Bin("<=", L.add(m_base, L.const(tile)), tokens)
+    row = L.add(k_base, L.mul(k, L.const(T)))
+    from_x = L.TileLoad(b, (zero, j), x, L.add(L.mul(row, tokens), L.add(m_base, L.mul(j, L.const(T)))), tokens)
+    from_copy = L.TileLoad(b, (zero, j), x_s, _corner(k, j, tile), L.const(tile))
     step = L.seq(
         L.For(
             i,
@@ -126,10 +137,16 @@ def tensorize(func: L.LoopFunc, token_major: frozenset[str], span: Span | None =
             L.const(bm // T),
             L.TileLoad(a, (i, zero), w_read.buffer, _corner(i, k, bn, w_part[0]), L.const(bn)),
         ),
-        L.For(j, zero, L.const(tile // T), L.TileLoad(b, (zero, j), x_s, _corner(k, j, tile), L.const(tile))),
+        L.If(L.Bin("==", direct, L.const(1, "int32")), L.For(j, zero, L.const(tile // T), from_x)),
+        L.If(L.Bin("==", direct, L.const(0, "int32")), L.For(j, zero, L.const(tile // T), from_copy)),
         each_tile(lambda ti, tj: L.TileMma(acc, (ti, tj), a, (ti, zero), b, (zero, tj))),
     )
-    products = L.seq(copy_box(x_read.buffer, x_s, box, box_extents, warp), L.For(k, zero, L.const(bn // T), step))
+    products = L.seq(
+        L.Alloc(flag),
+        L.Store(flag, (zero,), L.Select(L.Bin("and", aligned, whole), L.const(1, "int32"), L.const(0, "int32"))),
+        L.If(L.Bin("==", direct, L.const(0, "int32")), copy_box(x, x_s, box, box_extents, warp)),
+        L.For(k, zero, L.const(bn // T), step),
+    )
     lanes = L.Var(f"{token}_i")
 
     def rewrite(s: L.Stmt) -> L.Stmt:

@@ -278,10 +278,11 @@ def test_staging_belongs_to_gpu_schedules_in_shared_memory():
 
 
 @pytest.mark.parametrize("fmt, dtype, tile", [case for case in TENSOR_CORES if case[1] == "f16"])
-@pytest.mark.parametrize("m", [1, 70, 130])
+@pytest.mark.parametrize("m", [1, 70, 128, 130])
 def test_tensor_core_mapping_keeps_the_numbers(fmt, dtype, tile, m):
-    """The wmma tiles, the staged activations and the write-out through shared memory, run
-    serially: products of the rounded operands summed in float32 (f16: TVM has no bf16 CPU code
+    """The wmma tiles, the activation tiles (from X_T when whole and aligned: 128 tokens; else
+    staged) and the write-out through shared memory, run serially: products of the rounded operands
+    summed in float32 (f16: TVM has no bf16 CPU code
     generator here; bf16 compiles below and runs in the GPU tests)."""
     torch_dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[dtype]
     prog = _emulate(tensor_core_source(fmt, dtype, tile))

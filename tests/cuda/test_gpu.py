@@ -148,7 +148,7 @@ def test_cross_thread_sums_on_the_gpu(threads):
 
 
 @pytest.mark.parametrize("fmt, dtype, tile", TENSOR_CORES)
-@pytest.mark.parametrize("m", [1, 64, 301])
+@pytest.mark.parametrize("m", [1, 64, 256, 301])
 def test_tensor_cores_on_the_gpu(fmt, dtype, tile, m):
     prog = sd.compile(tensor_core_source(fmt, dtype, tile), target="cuda")
     prog.dtype_name = dtype

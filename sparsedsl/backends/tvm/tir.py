@@ -117,12 +117,18 @@ class _Emitter:
             case L.TileFill(frag, tile):
                 T.evaluate(T.tvm_fill_fragment(self.bufs[frag.name].data, *_WMMA, self.tile(frag, tile), T.float32(0)))
             case L.TileLoad(frag, tile, src, offset, ld):
-                ptr = self.bufs[src.name].access_ptr("r", ptr_type=src.dtype, offset=self.expr(offset))
-                index, stride = self.tile(frag, tile), tirx.Cast("int32", self.expr(ld))
+                index, stride, ptr = (
+                    self.tile(frag, tile),
+                    tirx.Cast("int32", self.expr(ld)),
+                    self.span(src, "r", offset, ld),
+                )
                 T.evaluate(T.tvm_load_matrix_sync(self.bufs[frag.name].data, *_WMMA, index, ptr, stride, "row_major"))
             case L.TileStore(frag, tile, dst, offset, ld):
-                ptr = self.bufs[dst.name].access_ptr("w", ptr_type=dst.dtype, offset=self.expr(offset))
-                index, stride = self.tile(frag, tile), tirx.Cast("int32", self.expr(ld))
+                index, stride, ptr = (
+                    self.tile(frag, tile),
+                    tirx.Cast("int32", self.expr(ld)),
+                    self.span(dst, "w", offset, ld),
+                )
                 T.evaluate(T.tvm_store_matrix_sync(self.bufs[frag.name].data, *_WMMA, index, ptr, stride, "row_major"))
             case L.TileMma(c, c_tile, a, a_tile, b, b_tile):
                 acc, at = self.bufs[c.name].data, self.tile(c, c_tile)
@@ -130,6 +136,12 @@ class _Emitter:
                 T.evaluate(T.tvm_mma_sync(acc, at, *args, acc, at))
             case _:
                 raise TypeError(s)
+
+    def span(self, buf: L.Buffer, access: str, offset: L.Expr, ld: L.Expr):
+        """A pointer to the 16 x 16 block of ``buf`` at ``offset`` (rows ``ld`` apart), with the
+        block's own extent (the buffer's would be a size expression TVM hoists to the host)."""
+        extent = self.expr(L.add(L.mul(ld, L.const(L.TILE - 1)), L.const(L.TILE)))
+        return self.bufs[buf.name].access_ptr(access, ptr_type=buf.dtype, offset=self.expr(offset), extent=extent)
 
     def tile(self, frag: L.Buffer, tile: tuple[L.Expr, L.Expr]):
         """The number of a fragment buffer's 16 x 16 tile (row-major over its tiles)."""
