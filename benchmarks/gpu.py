@@ -2,7 +2,9 @@
 
 4096 x 4096 weights, 4096 tokens: sparsedsl's CUDA kernels against F.linear (cuBLAS), torch.sparse.mm
 with CSR / BSR weights (cuSPARSE) and, for 2:4, to_sparse_semi_structured (cuSPARSELt), all on the
-same pruned weight. Ratio = time / cuBLAS time, lower is better. Times are CUDA-event medians.
+same pruned weight (a BSR row also on tensor cores: `tensorize`); then the two gradients of a sparse
+layer against the dense products. Ratio = time / cuBLAS time, lower is better. Times are CUDA-event
+medians.
 `--prebuild sm_90 --cache DIR` only builds the kernels into a cache (on a machine without a GPU), so
 that the GPU machine needs neither TVM nor nvcc.
 """
@@ -26,16 +28,24 @@ import sparsedsl as sd  # noqa: E402
 SOURCE = """
 kernel lin32(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }
 kernel lin16(X: f16[M, K], W: f16[N, K] @ CSR) -> (Y: f16[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }
+kernel lin16_tc(X: f16[M, K], W: f16[N, K] @ BSR(32, 32)) -> (Y: f16[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }
+schedule lin16_tc on cuda { tensorize }
+kernel grad_input(G: f32[M, N], W: f32[N, K] @ CSR) -> (D: f32[M, K]) { D[m, k] = sum(n) G[m, n] * W[n, k] }
+kernel grad_weight(G: f32[M, N], X: f32[M, K], W: f32[N, K] @ CSR) -> (D: f32[N, K] @ W) {
+    D[n, k] = sum(m) G[m, n] * X[m, k]
+}
 """
-KERNELS = {torch.float32: "lin32", torch.float16: "lin16"}
+# (kernel, format, sparsity, dtype): the forward table
 CASES = [
-    ("BSR(32, 32)", 0.9, torch.float16),
-    ("BSR(32, 32)", 0.9, torch.float32),
-    ("CSR", 0.9, torch.float32),
-    ("CSR", 0.9, torch.float16),
-    ("NM(2, 4)", None, torch.float16),
-    ("NM(2, 4)", None, torch.float32),
+    ("lin16", "BSR(32, 32)", 0.9, torch.float16),
+    ("lin16_tc", "BSR(32, 32)", 0.9, torch.float16),
+    ("lin32", "BSR(32, 32)", 0.9, torch.float32),
+    ("lin32", "CSR", 0.9, torch.float32),
+    ("lin16", "CSR", 0.9, torch.float16),
+    ("lin16", "NM(2, 4)", None, torch.float16),
+    ("lin32", "NM(2, 4)", None, torch.float32),
 ]
+BACKWARD = [("CSR", 0.9), ("BSR(32, 32)", 0.9)]  # the gradients of a f32 sparse layer
 
 
 def cuda_time(fn, reps: int = 20) -> float:
@@ -62,17 +72,18 @@ def _peer(convert, call, dense: float) -> float | str:
         return f"n/a: {str(err).splitlines()[0][:80]}"
 
 
-def measure(prog, fmt: str, sparsity: float | None, dtype: torch.dtype, n: int, k: int, tokens: int) -> dict:
+def measure(prog, name: str, fmt: str, sparsity: float | None, dtype: torch.dtype, n: int, k: int, tokens: int) -> dict:
     """One row: sparsedsl and the torch peers as ratios to cuBLAS on the same pruned weight."""
     weight = sd.prune(torch.randn(n, k), prog.format(fmt), sparsity).to(dtype)
     packed = prog.pack(fmt, weight).cuda()
     w, x = weight.cuda(), torch.randn(tokens, k, dtype=dtype, device="cuda")
-    kernel = prog.kernels[KERNELS[dtype]]
+    kernel = prog.kernels[name]
     ref = F.linear(x.float(), w.float())
     err = ((kernel(x, packed).float() - ref).norm() / ref.norm()).item()
     dense = cuda_time(lambda: F.linear(x, w))
     ours = cuda_time(lambda: kernel(x, packed))
-    row = {"format": fmt, "sparsity": sparsity, "dtype": str(dtype).removeprefix("torch."), "dense_ms": dense * 1e3}
+    row = {"kernel": name, "format": fmt, "sparsity": sparsity, "dtype": str(dtype).removeprefix("torch.")}
+    row["dense_ms"] = dense * 1e3
     row.update({"sparsedsl_ms": ours * 1e3, "sparsedsl": ours / dense, "rel_error": err})
     row["torch_csr"] = _peer(w.to_sparse_csr, lambda csr: torch.sparse.mm(csr, x.t()).t(), dense)
     if fmt.startswith("BSR"):
@@ -80,6 +91,24 @@ def measure(prog, fmt: str, sparsity: float | None, dtype: torch.dtype, n: int, 
     if fmt == "NM(2, 4)":
         semi = torch.sparse.to_sparse_semi_structured
         row["cusparselt"] = _peer(lambda: semi(w), lambda s: F.linear(x, s), dense)
+    return row
+
+
+def measure_backward(prog, fmt: str, sparsity: float, n: int, k: int, tokens: int) -> dict:
+    """The two gradients of a f32 sparse layer (input: transposed product; weight: SDDMM on the
+    pattern) as ratios to the dense products cuBLAS computes for them."""
+    weight = sd.prune(torch.randn(n, k), prog.format(fmt), sparsity)
+    packed, w = prog.pack(fmt, weight).cuda(), weight.cuda()
+    g, x = torch.randn(tokens, n, device="cuda"), torch.randn(tokens, k, device="cuda")
+    row = {"format": fmt, "sparsity": sparsity}
+    for name, ours, dense, ref in [
+        ("grad_input", lambda: prog.grad_input(g, packed), lambda: g @ w, lambda: g @ w),
+        ("grad_weight", lambda: prog.grad_weight(g, x, packed).values, lambda: g.t() @ x, None),
+    ]:
+        base = cuda_time(dense)
+        row[f"{name}_dense_ms"], row[name] = base * 1e3, cuda_time(ours) / base
+        if ref is not None:
+            row[f"{name}_rel_error"] = ((ours() - ref()).norm() / ref().norm()).item()
     return row
 
 
@@ -94,17 +123,23 @@ def run(out: Path, n: int = 4096, k: int = 4096, tokens: int = 4096) -> None:
         print("compiled with nvcc by the tests)")
         return
     prog = sd.compile(SOURCE, target="cuda")
-    rows = [measure(prog, fmt, sparsity, dtype, n, k, tokens) for fmt, sparsity, dtype in CASES]
+    rows = [measure(prog, *case, n, k, tokens) for case in CASES]
     device = torch.cuda.get_device_name()
     print(f"\n{device}: {n}x{k} weight, {tokens} tokens; ratio = time / cuBLAS (F.linear) time, lower is better")
-    header = f"{'format':<12} {'dtype':<8} {'cuBLAS ms':>9} {'sparsedsl':>9} {'torch CSR':>9} {'torch BSR':>9}"
-    print(header + f" {'cuSPARSELt':>10} {'rel err':>8}")
+    header = f"{'kernel':<9} {'format':<12} {'dtype':<8} {'cuBLAS ms':>9} {'sparsedsl':>9} {'torch CSR':>9}"
+    print(header + f" {'torch BSR':>9} {'cuSPARSELt':>10} {'rel err':>8}")
     for r in rows:
+        peers = f"{_cell(r['torch_csr'])} {_cell(r.get('torch_bsr'))} {_cell(r.get('cusparselt')):>10}"
         print(
-            f"{r['format']:<12} {r['dtype']:<8} {r['dense_ms']:9.3f} {r['sparsedsl']:9.3f} {_cell(r['torch_csr'])} "
-            f"{_cell(r.get('torch_bsr'))} {_cell(r.get('cusparselt')):>10} {r['rel_error']:8.1e}"
+            f"{r['kernel']:<9} {r['format']:<12} {r['dtype']:<8} {r['dense_ms']:9.3f} {r['sparsedsl']:9.3f} "
+            f"{peers} {r['rel_error']:8.1e}"
         )
+    backward = [measure_backward(prog, fmt, sparsity, n, k, tokens) for fmt, sparsity in BACKWARD]
+    print("\nbackward, f32: ratio = time / the dense product's cuBLAS time (G @ W, G^T @ X)")
+    for r in backward:
+        print(f"{r['format']:<12} grad_input {r['grad_input']:7.3f}   grad_weight (SDDMM) {r['grad_weight']:7.3f}")
     report = {"device": device, "torch": torch.__version__, "shape": [n, k, tokens], "rows": rows}
+    report["backward"] = backward
     out.write_text(json.dumps(report, indent=1))
     print(f"results written to {out}")
 
@@ -113,8 +148,11 @@ def prebuild(arch: str, cache: Path) -> None:
     """Build the table's kernels for ``arch`` into ``cache`` (no GPU needed)."""
     os.environ["SPARSEDSL_CACHE_DIR"] = str(cache)
     prog = sd.compile(SOURCE, target="cuda", arch=arch)
-    for fmt, _, dtype in CASES:
-        prog.kernels[KERNELS[dtype]].instance(prog.format(fmt))
+    for name, fmt, _, _ in CASES:
+        prog.kernels[name].instance(prog.format(fmt))
+    for fmt, _ in BACKWARD:
+        for name in ("grad_input", "grad_weight"):
+            prog.kernels[name].instance(prog.format(fmt))
 
 
 def main() -> None:
