@@ -6,7 +6,8 @@
   body wrapped in one thread loop, so each thread runs the sparse iteration for its token with its
   accumulator in registers (the tile dimension of ``acc`` is dropped);
 * a scattering kernel (the transposed product) accumulates straight into its own row of the output,
-  zeroed first and guarded by ``m < M`` (each thread owns one token: no races); the output is
+  zeroed first and guarded by ``m < M`` (each thread owns one token: no races; a 16-bit output
+  sums in a float32 scratch the runtime passes, ``meta["scratch"]``, cast once at the end); it is
   written transposed (``Y_T[k, m]``: a warp's updates coalesced) and its inputs read transposed.
 * a kernel without tokens (SDDMM) runs one output row per block, a warp per block: its dense
   reduction (over the tokens) is split across the warp's threads, whose partial sums the warp adds
@@ -243,8 +244,12 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
             ),
         )
         return transpose_operands(replace(func, body=registers_for(body, "acc")), set(token_major))
-    # scatter: accumulate in the thread's own output row
+    # scatter: accumulate in the thread's own output row (a float32 scratch for 16-bit outputs)
     out = next(p for p in func.params if isinstance(p, L.Buffer) and p.name == output)
+    target = out
+    if out.dtype != acc.dtype:
+        target = L.Buffer("acc", acc.dtype, out.shape)
+        func = replace(func, params=(*func.params, target), meta={**meta, "scratch": ("acc",)})
     m = L.add(L.mul(L.Var(tiles), L.const(tile)), lane)
     order = meta["out_indices"]
     others = [i for i in order if i != token]
@@ -254,7 +259,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         named[token] = m
         return tuple(named[i] for i in order)
 
-    body = _drop_copies(map_buffer(body, "acc", out, to_output))
+    body = _drop_copies(map_buffer(body, "acc", target, to_output))
     body, _ = rebind(body, tiles, L.LoopKind.BLOCK_X)
     guard = L.Bin("<", m, meta["token_extent"])
     body = _thread_body(
@@ -263,7 +268,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         lambda b: L.For(lane, L.const(0), L.const(tile), L.If(guard, _without_lane(b, lane.name)), L.LoopKind.THREAD_X),
     )
     # the output accumulates once per stored value: [other, token] keeps a warp's updates coalesced
-    flip = {output} if len(order) == 2 and order[0] == token else set()
+    flip = {output, target.name} if len(order) == 2 and order[0] == token else set()
     return transpose_operands(replace(func, body=body), set(token_major) | flip)
 
 

@@ -47,6 +47,11 @@ class Instance:
         return next(iter(self.variants.values())).params
 
     @property
+    def scratch(self) -> tuple[str, ...]:
+        """Float32 work buffers the compiled code takes besides the arguments (shaped like the output)."""
+        return next(iter(self.variants.values())).meta.get("scratch", ())
+
+    @property
     def transposed(self) -> tuple[str, ...]:
         """The arguments (and output) the compiled code takes transposed (GPU kernels: coalesced
         reads and writes)."""
@@ -55,7 +60,8 @@ class Instance:
     def plan(self, kernel: K.Kernel) -> list[tuple[str, str | None]]:
         """Where each argument of the compiled function comes from: ``("arg", name)`` a call
         argument, ``("size", name)`` a shape size, ``("sparse", key)`` a buffer of the sparse input,
-        ``("out", None)`` the output, ``("transposed", name)`` a 2-D call argument transposed.
+        ``("out", None)`` the output, ``("transposed", name)`` a 2-D call argument transposed,
+        ``("scratch", shape names)`` a float32 work buffer.
         Worked out once; calls only look it up."""
         if not self.plans:
             out = kernel.output.name
@@ -64,6 +70,8 @@ class Instance:
             for p in self.params:
                 if p.name in (out, f"{out}_vals"):
                     self.plans.append(("out", None))
+                elif p.name in self.scratch:
+                    self.plans.append(("scratch", tuple(d.name for d in p.shape)))
                 elif p.name in self.transposed:
                     self.plans.append(("transposed", p.name))
                 elif p.name in dense:
@@ -247,7 +255,14 @@ class CompiledKernel:
             "size": sizes,
             "sparse": sparse.buffers if sparse else {},
         }
-        flat = [result if kind == "out" else sources[kind][key] for kind, key in inst.plan(kernel)]
+        flat = [
+            result
+            if kind == "out"
+            else torch.empty([sizes[d] for d in key], dtype=torch.float32, device=device)
+            if kind == "scratch"
+            else sources[kind][key]
+            for kind, key in inst.plan(kernel)
+        ]
         inst.function(sizes)(*flat)
         if out.pattern_of:
             return sparse.with_values(result)

@@ -317,3 +317,17 @@ def test_tensorize_refuses_what_tensor_cores_cannot_do(fmt, dtype, tile, message
     with pytest.raises(sd.ScheduleError, match=message) as err:
         sd.compile(tensor_core_source(fmt, dtype, tile), target="cuda")
     assert "tensorize" in err.value.render()
+
+
+def test_half_precision_scatter_sums_in_float32():
+    """The transposed product in f16 accumulates a thousand terms per output in a float32 scratch:
+    the error is the output's rounding, not the sum's (f16 sums would be ~10x worse)."""
+    prog = _emulate(
+        "kernel tr(G: f16[M, N], W: f16[N, K] @ CSR) -> (Y: f16[M, K]) { Y[m, k] = sum(n) G[m, n] * W[n, k] }"
+    )
+    gen = torch.Generator().manual_seed(3)
+    w = sd.prune(torch.randn(2048, 8, generator=gen), "CSR", 0.5).half()
+    g = torch.randn(3, 2048, generator=gen).half()
+    expected = g.float() @ w.float()
+    actual = prog.tr(g, prog.pack("CSR", w)).float()
+    assert ((actual - expected).norm() / expected.norm()).item() < 1e-3
