@@ -63,12 +63,11 @@ def _expand_tiles(s: L.Stmt) -> L.Stmt:
             return L.Seq(tuple(_expand_tiles(st) for st in stmts))
         case L.TileFill(frag, tile):
             return grid(L.Store(frag, element(tile, r, c), L.const(0.0, frag.dtype)), r, c)
-        case L.TileLoad(frag, tile, src, offset, ld):
-            flat = L.add(offset, L.add(L.mul(r, ld), c))
-            return grid(L.Store(frag, element(tile, r, c), L.Load(src, _at(src, flat))), r, c)
-        case L.TileStore(frag, tile, dst, offset, ld):
-            flat = L.add(offset, L.add(L.mul(r, ld), c))
-            return grid(L.Store(dst, _at(dst, flat), L.Load(frag, element(tile, r, c))), r, c)
+        case L.TileCopy(frag, tile, memory, offset, ld, load):
+            fragment, block = element(tile, r, c), _at(memory, L.add(offset, L.add(L.mul(r, ld), c)))
+            if load:
+                return grid(L.Store(frag, fragment, L.Load(memory, block)), r, c)
+            return grid(L.Store(memory, block, L.Load(frag, fragment)), r, c)
         case L.TileMma(acc, acc_tile, a, a_tile, b, b_tile):
             target = element(acc_tile, r, c)
             product = L.mul(

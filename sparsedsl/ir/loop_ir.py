@@ -156,27 +156,17 @@ class TileFill:
 
 
 @dataclass(frozen=True)
-class TileLoad:
-    """Tile ``tile`` of fragment ``frag`` (``wmma.matrix_a`` / ``wmma.matrix_b``) = the 16 x 16
-    row-major block of ``src`` at flat element ``offset`` with row stride ``ld``."""
+class TileCopy:
+    """Between tile ``tile`` of a fragment and the 16 x 16 row-major block of ``memory`` at flat
+    element ``offset`` with row stride ``ld``: ``load`` fills a ``wmma.matrix_a`` / ``matrix_b``
+    tile from memory, else an accumulator tile is stored to memory."""
 
     frag: Buffer
     tile: tuple[Expr, Expr]
-    src: Buffer
+    memory: Buffer
     offset: Expr
     ld: Expr
-
-
-@dataclass(frozen=True)
-class TileStore:
-    """The 16 x 16 row-major block of ``dst`` at flat element ``offset`` (row stride ``ld``) =
-    tile ``tile`` of accumulator ``frag``."""
-
-    frag: Buffer
-    tile: tuple[Expr, Expr]
-    dst: Buffer
-    offset: Expr
-    ld: Expr
+    load: bool
 
 
 @dataclass(frozen=True)
@@ -191,7 +181,7 @@ class TileMma:
     b_tile: tuple[Expr, Expr]
 
 
-Tile = TileFill | TileLoad | TileStore | TileMma
+Tile = TileFill | TileCopy | TileMma
 Stmt = For | Seq | Store | Let | Alloc | If | Tile
 
 
@@ -419,10 +409,10 @@ def stmt_lines(s: Stmt, indent: int = 0) -> list[str]:
             return [f"{pad}if {expr_str(cond)}:", *stmt_lines(then, indent + 1)]
         case TileFill(frag, tile):
             return [f"{pad}{_tile_str(frag, tile)} = 0"]
-        case TileLoad(frag, tile, src, offset, ld):
-            return [f"{pad}{_tile_str(frag, tile)} = tile({src.name}, {expr_str(offset)}, ld={expr_str(ld)})"]
-        case TileStore(frag, tile, dst, offset, ld):
-            return [f"{pad}tile({dst.name}, {expr_str(offset)}, ld={expr_str(ld)}) = {_tile_str(frag, tile)}"]
+        case TileCopy(frag, tile, memory, offset, ld, load):
+            block = f"tile({memory.name}, {expr_str(offset)}, ld={expr_str(ld)})"
+            target, source = (_tile_str(frag, tile), block) if load else (block, _tile_str(frag, tile))
+            return [f"{pad}{target} = {source}"]
         case TileMma(c, c_tile, a, a_tile, b, b_tile):
             return [f"{pad}{_tile_str(c, c_tile)} += {_tile_str(a, a_tile)} @ {_tile_str(b, b_tile)}"]
     raise TypeError(s)

@@ -128,14 +128,16 @@ def tensorize(func: L.LoopFunc, token_major: frozenset[str], span: Span | None =
     aligned = L.Bin("==", L.mod(tokens, L.const(T)), zero)
     whole = L.Bin("<=", L.add(m_base, L.const(tile)), tokens)
     row = L.add(k_base, L.mul(k, L.const(T)))
-    from_x = L.TileLoad(b, (zero, j), x, L.add(L.mul(row, tokens), L.add(m_base, L.mul(j, L.const(T)))), tokens)
-    from_copy = L.TileLoad(b, (zero, j), x_s, _corner(k, j, tile), L.const(tile))
+    from_x = L.TileCopy(
+        b, (zero, j), x, L.add(L.mul(row, tokens), L.add(m_base, L.mul(j, L.const(T)))), tokens, load=True
+    )
+    from_copy = L.TileCopy(b, (zero, j), x_s, _corner(k, j, tile), L.const(tile), load=True)
     step = L.seq(
         L.For(
             i,
             zero,
             L.const(bm // T),
-            L.TileLoad(a, (i, zero), w_read.buffer, _corner(i, k, bn, w_part[0]), L.const(bn)),
+            L.TileCopy(a, (i, zero), w_read.buffer, _corner(i, k, bn, w_part[0]), L.const(bn), load=True),
         ),
         L.If(L.Bin("==", direct, L.const(1, "int32")), L.For(j, zero, L.const(tile // T), from_x)),
         L.If(L.Bin("==", direct, L.const(0, "int32")), L.For(j, zero, L.const(tile // T), from_copy)),
@@ -158,7 +160,9 @@ def tensorize(func: L.LoopFunc, token_major: frozenset[str], span: Span | None =
         if stored == {"acc"} and not read:  # zeroing
             return each_tile(lambda ti, tj: L.TileFill(acc, (ti, tj)))
         if read and "acc" not in stored:  # write-out: through shared memory, a token per thread
-            spill = each_tile(lambda ti, tj: L.TileStore(acc, (ti, tj), out, _corner(ti, tj, tile), L.const(tile)))
+            spill = each_tile(
+                lambda ti, tj: L.TileCopy(acc, (ti, tj), out, _corner(ti, tj, tile), L.const(tile), load=False)
+            )
             threads = split_lanes(map_buffer(s, "acc", out, lambda idx: idx), lanes.name, lane_j, tile // WARP, t)
             return L.seq(spill, replace(warp, body=threads))
         return rewrite_loops(s, lambda f: products if f == nest else None)

@@ -116,20 +116,10 @@ class _Emitter:
                     self.stmt(then)
             case L.TileFill(frag, tile):
                 T.evaluate(T.tvm_fill_fragment(self.bufs[frag.name].data, *_WMMA, self.tile(frag, tile), T.float32(0)))
-            case L.TileLoad(frag, tile, src, offset, ld):
-                index, stride, ptr = (
-                    self.tile(frag, tile),
-                    tirx.Cast("int32", self.expr(ld)),
-                    self.span(src, "r", offset, ld),
-                )
-                T.evaluate(T.tvm_load_matrix_sync(self.bufs[frag.name].data, *_WMMA, index, ptr, stride, "row_major"))
-            case L.TileStore(frag, tile, dst, offset, ld):
-                index, stride, ptr = (
-                    self.tile(frag, tile),
-                    tirx.Cast("int32", self.expr(ld)),
-                    self.span(dst, "w", offset, ld),
-                )
-                T.evaluate(T.tvm_store_matrix_sync(self.bufs[frag.name].data, *_WMMA, index, ptr, stride, "row_major"))
+            case L.TileCopy(frag, tile, memory, offset, ld, load):
+                copy = T.tvm_load_matrix_sync if load else T.tvm_store_matrix_sync
+                ptr, stride = self.span(memory, "r" if load else "w", offset, ld), tirx.Cast("int32", self.expr(ld))
+                T.evaluate(copy(self.bufs[frag.name].data, *_WMMA, self.tile(frag, tile), ptr, stride, "row_major"))
             case L.TileMma(c, c_tile, a, a_tile, b, b_tile):
                 acc, at = self.bufs[c.name].data, self.tile(c, c_tile)
                 args = (self.bufs[a.name].data, self.tile(a, a_tile), self.bufs[b.name].data, self.tile(b, b_tile))
