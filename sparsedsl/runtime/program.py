@@ -47,15 +47,20 @@ class Instance:
         return next(iter(self.variants.values())).params
 
     @property
+    def meta(self) -> dict:
+        """What the lowering and the GPU mapping recorded about the compiled code."""
+        return next(iter(self.variants.values())).meta
+
+    @property
     def scratch(self) -> tuple[str, ...]:
         """Float32 work buffers the compiled code takes besides the arguments (shaped like the output)."""
-        return next(iter(self.variants.values())).meta.get("scratch", ())
+        return self.meta.get("scratch", ())
 
     @property
     def transposed(self) -> tuple[str, ...]:
         """The arguments (and output) the compiled code takes transposed (GPU kernels: coalesced
         reads and writes)."""
-        return next(iter(self.variants.values())).meta.get("transposed", ())
+        return self.meta.get("transposed", ())
 
     def plan(self, kernel: K.Kernel) -> list[tuple[str, str | None]]:
         """Where each argument of the compiled function comes from: ``("arg", name)`` a call
@@ -84,8 +89,7 @@ class Instance:
 
     def function(self, sizes: dict[str, int]):
         """The compiled variant for a call whose shape names have ``sizes``."""
-        meta = next(iter(self.variants.values())).meta
-        name = sched.pick(self.variants, sizes.get(meta.get("token_size")), num_threads())
+        name = sched.pick(self.variants, sizes.get(self.meta.get("token_size")), num_threads())
         return self.built.functions[self.variants[name].name]
 
 
@@ -249,11 +253,12 @@ class CompiledKernel:
             shape = tuple(sizes[d] for d in out.shape)
             flipped = out.name in inst.transposed  # written [N, M] by the kernel, returned [M, N]
             result = torch.empty(shape[::-1] if flipped else shape, dtype=TORCH_DTYPES[out.dtype], device=device)
+        buffers = sparse.buffers if sparse else {}
         sources = {
             "arg": call_args,
             "transposed": {name: call_args[name].t().contiguous() for name in inst.transposed if name in call_args},
             "size": sizes,
-            "sparse": sparse.buffers if sparse else {},
+            "sparse": _aligned(buffers) if inst.meta.get("tensor_cores") else buffers,
         }
         flat = [
             result
@@ -267,6 +272,14 @@ class CompiledKernel:
         if out.pattern_of:
             return sparse.with_values(result)
         return result.t().contiguous() if out.name in inst.transposed else result
+
+
+WMMA_ALIGN = 32  # bytes: tensor-core tiles load from 256-bit aligned addresses
+
+
+def _aligned(buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sparse buffers, copied where a view starts off the alignment tensor cores load from."""
+    return {k: v if v.data_ptr() % WMMA_ALIGN == 0 else v.clone() for k, v in buffers.items()}
 
 
 def _bind(kernel: K.Kernel, args, device: str = "cpu") -> tuple[dict, dict[str, int], SparseTensor | None]:

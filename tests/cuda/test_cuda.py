@@ -331,3 +331,13 @@ def test_half_precision_scatter_sums_in_float32():
     expected = g.float() @ w.float()
     actual = prog.tr(g, prog.pack("CSR", w)).float()
     assert ((actual - expected).norm() / expected.norm()).item() < 1e-3
+
+
+def test_tensor_cores_get_aligned_weight_values():
+    """A values view that starts off 32 bytes is copied before wmma loads from it."""
+    from sparsedsl.runtime.program import _aligned
+
+    values = torch.zeros(40, dtype=torch.float16)
+    views = _aligned({"vals": values[3:], "pos": values[:16]})
+    assert views["vals"].data_ptr() % 32 == 0 and torch.equal(views["vals"], values[3:])
+    assert views["pos"].data_ptr() == values.data_ptr()
