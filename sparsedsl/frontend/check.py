@@ -243,7 +243,33 @@ def _check_tensor(
     return K.TensorParam(decl.name.text, dtype, shape, fmt, True, None, decl.span)
 
 
+RESERVED = ("acc", "acc_s", "direct")  # buffers the compiler declares in every kernel
+DERIVED = ("_t", "_s", "_frag", "_vals")  # a tensor's staged copies, fragments, stored values
+
+
+def _check_names(tensors: list[ast.TensorDecl]) -> None:
+    """Tensor names must not be ones the compiler gives its own buffers: ``acc``, a copy of another
+    tensor (``X_t``, ``X_s``, ``X_frag``), or a level buffer of another (``W_vals``, ``W_1_pos``)."""
+    names = [t.name.text for t in tensors]
+    for t in tensors:
+        name = t.name.text
+        owner = next(
+            (
+                n
+                for n in names
+                if n != name
+                and name.startswith(n + "_")
+                and (name[len(n) :] in DERIVED or name[len(n) + 1 : len(n) + 2].isdigit())
+            ),
+            None,
+        )
+        if name in RESERVED or owner is not None:
+            whose = f"'{owner}'" if owner else "the compiler"
+            raise SdslSemanticError(f"tensor name '{name}' is reserved for a buffer of {whose}: rename it", t.name.span)
+
+
 def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
+    _check_names([*decl.inputs, *decl.outputs])
     params: dict[str, K.TensorParam] = {}
     for t in decl.inputs:
         if t.name.text in params:

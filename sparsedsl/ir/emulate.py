@@ -44,7 +44,7 @@ def _at(buf: L.Buffer, flat: L.Expr) -> tuple[L.Expr, ...]:
 
 def _expand_tiles(s: L.Stmt) -> L.Stmt:
     """Tile statements as loops over the tile's rows ``r`` and columns ``c`` (and ``k`` for mma)."""
-    r, c, k = L.Var("tile_r"), L.Var("tile_c"), L.Var("tile_k")
+    r, c, k = L.Var("in_tile_r"), L.Var("in_tile_c"), L.Var("in_tile_k")
 
     def element(tile, row, col):
         return (L.add(L.mul(tile[0], L.const(L.TILE)), row), L.add(L.mul(tile[1], L.const(L.TILE)), col))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from sparsedsl.errors import BackendError
+from sparsedsl.errors import BackendError, ScheduleError
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.schedule import loops, reorder, rewrite_loops, set_kind, split, substitute
 
@@ -193,14 +193,17 @@ WARP = 32
 def _warp_reduction(func: L.LoopFunc) -> L.LoopFunc:
     """Spread the innermost dense reduction (``m`` of SDDMM: the tokens) over a warp: thread ``t``
     sums ``m = t, t + 32, ...`` and the warp adds the partial sums (a cross-thread reduction,
-    ``schedule.set_kind``). Left alone when a schedule has already split that loop."""
+    ``schedule.set_kind``). Left alone when a schedule has already split that loop, or where the
+    warp cannot share the sum."""
     reduced = func.meta.get("dense_reduction", ())
     if not reduced or not any(f.var.name == reduced[-1] for f in loops(func.body)):
         return func
     r = reduced[-1]
-    func = split(func, r, WARP, f"{r}_o", f"{r}_t")
-    func = reorder(func, [f"{r}_t", f"{r}_o"])
-    return set_kind(func, f"{r}_t", L.LoopKind.THREAD_X)
+    split_func = reorder(split(func, r, WARP, f"{r}_o", f"{r}_t"), [f"{r}_t", f"{r}_o"])
+    try:
+        return set_kind(split_func, f"{r}_t", L.LoopKind.THREAD_X)
+    except ScheduleError:  # the sum does not fit a warp (a dense output's whole row): serial in the block
+        return func
 
 
 def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = frozenset()) -> L.LoopFunc:

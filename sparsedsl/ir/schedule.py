@@ -116,16 +116,17 @@ def _check_thread_loop(func: L.LoopFunc, loop: L.For, span: Span | None) -> None
         if nested and other.kind is L.LoopKind.THREAD_X:
             raise ScheduleError(f"{what}: loop '{other.var.name}' around or inside it is bound to threadIdx.x", span)
     private = {b.name for b in L.allocs(loop.body)}
-    params = {p.name for p in func.params}
+    summed = set(cross_thread_sums(loop.body))
     sums: dict[str, int] = {}
     for store, lets in _stores(loop.body, {}):
         buf = store.buffer.name
-        if buf in private or any(_distinct(i, name, lets) for i in store.indices):
+        if buf in private or (buf not in summed and any(_distinct(i, name, lets) for i in store.indices)):
             continue
-        if buf in params or not _is_sum(store, name):
+        if buf not in summed or not _is_sum(store, name):
             raise ScheduleError(
-                f"{what}: its iterations all write '{buf}' at the same place, and not as a sum "
-                f"'{buf}[...] = {buf}[...] + ...' into an accumulator declared outside the loop",
+                f"{what}: its iterations all write '{buf}' at the same place, or write a register buffer "
+                f"declared outside the loop (every thread has its own), and not as a sum "
+                f"'{buf}[...] = {buf}[...] + ...' into such an accumulator",
                 span,
             )
         sums[buf] = sums.get(buf, 0) + 1
@@ -138,6 +139,14 @@ def _check_thread_loop(func: L.LoopFunc, loop: L.For, span: Span | None) -> None
     for buf, count in sums.items():
         if sum(e.buffer.name == buf for e in loads) != count:
             raise ScheduleError(f"{what}: the accumulator '{buf}' is read inside it, not only added to", span)
+
+
+def cross_thread_sums(body: L.Stmt) -> list[str]:
+    """The register (``local``) buffers declared outside a thread loop that its ``body`` writes:
+    each thread has its own copy, so ``_check_thread_loop`` admits only sums into them, which the
+    code generator combines across the threads."""
+    inside = {b.name for b in L.allocs(body)}
+    return sorted({s.buffer.name for s in L.stores(body) if s.buffer.scope == "local"} - inside)
 
 
 def _is_sum(store: L.Store, thread: str) -> bool:

@@ -29,7 +29,7 @@ from sparsedsl.ir.gpu import map_buffer
 from sparsedsl.ir.schedule import loops, rewrite_loops
 
 SHARED_BYTES = 48 * 1024  # static shared memory a CUDA block may declare
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int32": 4, "int64": 8}  # per element
 
 
 def _thread_loop(stmts: tuple[L.Stmt, ...]) -> L.For | None:
@@ -229,7 +229,7 @@ def stage_shared(func: L.LoopFunc, tensor: str, name: str, span: Span | None = N
         if _thread_loop(rest) is None:
             raise ScheduleError(f"cannot stage at loop '{name}': no thread loop inside it to share the copy", span)
         box, extents, offsets = box_of(param, L.seq(*rest), span)
-        size = math.prod(extents) * _BYTES[param.dtype]
+        size = math.prod(extents) * BYTES[param.dtype]
         if size > SHARED_BYTES:
             raise ScheduleError(
                 f"cannot stage '{tensor}' at loop '{name}': its box {extents} takes {size} bytes of shared "

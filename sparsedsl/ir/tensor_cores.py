@@ -23,11 +23,10 @@ from dataclasses import replace
 
 from sparsedsl.errors import ScheduleError, Span
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.gpu import map_buffer, rebind, split_lanes, transpose_operands
+from sparsedsl.ir.gpu import WARP, map_buffer, rebind, split_lanes, transpose_operands
 from sparsedsl.ir.schedule import loops, rewrite_loops
-from sparsedsl.ir.staging import affine, box_of, copy_box, unwrap
+from sparsedsl.ir.staging import BYTES, SHARED_BYTES, affine, box_of, copy_box, unwrap
 
-WARP = 32
 MAX_ACC_TILES = 16  # accumulator fragments per warp: 8 registers each
 DTYPES = ("float16", "bfloat16")
 T = L.TILE
@@ -69,19 +68,19 @@ def tensorize(func: L.LoopFunc, token_major: frozenset[str], span: Span | None =
     nest = _update_nest(func.body)
     if nest is None:
         raise refuse("no block product 'acc[n_i, m_i] += X[..] * W[..]' in it")
-    row, col, lane = nest, nest.body, nest.body.body
-    extents = {f.var.name: f.extent.value for f in (row, col, lane) if isinstance(f.extent, L.Const)}
+    n_loop, k_loop, m_loop = nest, nest.body, nest.body.body
+    extents = {f.var.name: f.extent.value for f in (n_loop, k_loop, m_loop) if isinstance(f.extent, L.Const)}
     if len(extents) < 3 or any(v % T for v in extents.values()) or tile % WARP:
-        sizes = " x ".join(L.expr_str(f.extent) for f in (row, col, lane))
+        sizes = " x ".join(L.expr_str(f.extent) for f in (n_loop, k_loop, m_loop))
         raise refuse(f"its block product is {sizes}: blocks must be multiples of 16, the token tile of 32")
-    bm, bn = extents[row.var.name], extents[col.var.name]
+    bm, bn = extents[n_loop.var.name], extents[k_loop.var.name]
     if bm // T * (tile // T) > MAX_ACC_TILES:
         raise refuse(f"a {bm} x {tile} accumulator takes more than {MAX_ACC_TILES} fragments: use a smaller 'tile m'")
-    product = lane.body.value.b
+    product = m_loop.body.value.b
     factors = [_uncast(product.a), _uncast(product.b)]
     if not all(isinstance(f, L.Load) for f in factors):
         raise refuse("the product's factors must be tensor reads")
-    w_read = next((f for f in factors if not any(L.uses(i, lane.var.name) for i in f.indices)), None)
+    w_read = next((f for f in factors if not any(L.uses(i, m_loop.var.name) for i in f.indices)), None)
     x_read = next((f for f in factors if f is not w_read), None)
     if (
         w_read is None
@@ -90,22 +89,25 @@ def tensorize(func: L.LoopFunc, token_major: frozenset[str], span: Span | None =
         or x_read.buffer.dtype != w_read.buffer.dtype
     ):
         raise refuse("tensor cores multiply float16 or bfloat16 operands of the same type")
-    block = {row.var.name: bm, col.var.name: bn}
+    block = {n_loop.var.name: bm, k_loop.var.name: bn}
     w_part = affine(w_read.indices[0], block) if len(w_read.indices) == 1 else None
-    if w_part is None or w_part[1] != {row.var.name: bn, col.var.name: 1}:
+    if w_part is None or w_part[1] != {n_loop.var.name: bn, k_loop.var.name: 1}:
         raise refuse(f"'{w_read.buffer.name}' does not store row-major {bm} x {bn} blocks")
-    x_inner = {col.var.name: bn, lane.var.name: tile}
+    x_inner = {k_loop.var.name: bn, m_loop.var.name: tile}
     x_parts = [affine(unwrap(i, x_inner)[1], x_inner) for i in x_read.indices]
     if (
         len(x_parts) != 2
         or any(p is None for p in x_parts)
-        or [p[1] for p in x_parts] != [{col.var.name: 1}, {lane.var.name: 1}]
+        or [p[1] for p in x_parts] != [{k_loop.var.name: 1}, {m_loop.var.name: 1}]
     ):
         raise refuse(f"'{x_read.buffer.name}' is not read as [k, token] tiles")
     box, box_extents, _ = box_of(x_read.buffer, nest, span)
     if box_extents != [bn, tile] or box[0][0]:
         raise refuse(f"'{x_read.buffer.name}' is read over a {box_extents} box, not [{bn}, {tile}]")
 
+    shared = bn * tile * BYTES[x_read.buffer.dtype] + bm * tile * BYTES["float32"]
+    if shared > SHARED_BYTES:
+        raise refuse(f"its staged tile and accumulator take {shared} bytes of shared memory, more than {SHARED_BYTES}")
     a = L.Buffer(f"{w_read.buffer.name}_frag", w_read.buffer.dtype, (L.const(bm), L.const(T)), "wmma.matrix_a")
     b = L.Buffer(f"{x_read.buffer.name}_frag", x_read.buffer.dtype, (L.const(T), L.const(tile)), "wmma.matrix_b")
     acc = L.Buffer("acc", "float32", (L.const(bm), L.const(tile)), "wmma.accumulator")

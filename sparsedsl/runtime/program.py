@@ -207,6 +207,11 @@ class CompiledKernel:
         loop_directives = [d for d in directives if d.verb not in ("tile", "layout", "bind", "stage", "tensorize")]
         func = sched.apply(func, loop_directives)
         if tensorize:
+            after = next((d for d in directives if d.verb in ("bind", "stage")), None)
+            if after is not None:
+                raise ScheduleError(
+                    f"'{after.verb}' cannot follow 'tensorize', which maps the kernel itself", after.span
+                )
             func = tensor_cores.tensorize(func, _token_major(kernel), tensorize.span)
         else:
             func = map_to_gpu(func, kernel.output.name, _token_major(kernel))

@@ -179,6 +179,11 @@ def test_cross_thread_reductions_compile_to_shuffles(tmp_path):
         (SDDMM, "split k by 32 into ko, kt; bind kt to threadIdx.x", "'m_t' around or inside it"),
         (SDDMM, "split m by 32 into mo, mt; bind mo to blockIdx.y", "cannot bind to blockIdx.y loop 'mo'"),
         (
+            SDDMM,
+            "split m by 1 into mo, mt; reorder mt, mo; bind mt to threadIdx.x; bind z0 to threadIdx.x",
+            "write a register buffer declared outside the loop",
+        ),
+        (
             "kernel lin(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }",
             "split k by 4 into ko, ki; bind ki to threadIdx.x",
             "'m_t' around or inside it",
@@ -311,6 +316,7 @@ def test_tensor_core_kernels_compile_to_wmma(arch, tmp_path):
         ("BSR(16, 16)", "f16", 16, "the token tile of 32"),
         ("BSR(64, 16)", "f16", 128, "more than 16 fragments"),
         ("CSR", "f16", 64, "no block product"),
+        ("BSR(16, 512)", "f16", 64, "more than 49152"),
     ],
 )
 def test_tensorize_refuses_what_tensor_cores_cannot_do(fmt, dtype, tile, message):
@@ -341,3 +347,12 @@ def test_tensor_cores_get_aligned_weight_values():
     views = _aligned({"vals": values[3:], "pos": values[:16]})
     assert views["vals"].data_ptr() % 32 == 0 and torch.equal(views["vals"], values[3:])
     assert views["pos"].data_ptr() == values.data_ptr()
+
+
+def test_tensorize_maps_the_kernel_alone():
+    """Tile statements are warp-wide: no thread binding or staging may follow them."""
+    source = tensor_core_source("BSR(16, 16)", "f16", 64).replace(
+        "tensorize }", "tensorize; bind tile_k to threadIdx.x }"
+    )
+    with pytest.raises(sd.ScheduleError, match="'bind' cannot follow 'tensorize'"):
+        sd.compile(source, target="cuda")

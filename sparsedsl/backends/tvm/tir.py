@@ -9,6 +9,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
 from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir.schedule import cross_thread_sums
 
 
 def _bound(tag: str):
@@ -127,25 +128,23 @@ class _Emitter:
             case _:
                 raise TypeError(s)
 
-    def span(self, buf: L.Buffer, access: str, offset: L.Expr, ld: L.Expr):
+    def span(self, buf: L.Buffer, access: str, offset: L.Expr, ld: L.Expr) -> tirx.PrimExpr:
         """A pointer to the 16 x 16 block of ``buf`` at ``offset`` (rows ``ld`` apart), with the
         block's own extent (the buffer's would be a size expression TVM hoists to the host)."""
         extent = self.expr(L.add(L.mul(ld, L.const(L.TILE - 1)), L.const(L.TILE)))
         return self.bufs[buf.name].access_ptr(access, ptr_type=buf.dtype, offset=self.expr(offset), extent=extent)
 
-    def tile(self, frag: L.Buffer, tile: tuple[L.Expr, L.Expr]):
+    def tile(self, frag: L.Buffer, tile: tuple[L.Expr, L.Expr]) -> tirx.PrimExpr:
         """The number of a fragment buffer's 16 x 16 tile (row-major over its tiles)."""
         per_row = frag.shape[1].value // L.TILE
         return tirx.Cast("int32", self.expr(L.add(L.mul(tile[0], L.const(per_row)), tile[1])))
 
-    def thread_body(self, body: L.Stmt, thread) -> None:
-        """The body of a ``threadIdx.x`` loop. Sums into local buffers declared outside it (checked
-        by ``schedule.set_kind``) become a cross-thread reduction: each thread adds into its own
-        zeroed copy, then ``tvm_thread_allreduce`` (warp shuffles) combines the copies and every
-        thread adds the total to the accumulator."""
-        inside = {b.name for b in L.allocs(body)}
-        reduced = sorted({s.buffer.name for s in L.stores(body) if s.buffer.scope == "local"} - inside)
-        outer = {n: self.bufs[n] for n in reduced}
+    def thread_body(self, body: L.Stmt, thread: tirx.Var) -> None:
+        """The body of a ``threadIdx.x`` loop. Sums into local buffers declared outside it
+        (``schedule.cross_thread_sums``, checked by ``schedule.set_kind``) become a cross-thread
+        reduction: each thread adds into its own zeroed copy, then ``tvm_thread_allreduce`` (warp
+        shuffles) combines the copies and every thread adds the total to the accumulator."""
+        outer = {n: self.bufs[n] for n in cross_thread_sums(body)}
         parts = {}
         for name, acc in outer.items():
             parts[name] = T.alloc_buffer(acc.shape, acc.dtype, scope="local")
