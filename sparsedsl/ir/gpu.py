@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from sparsedsl.errors import BackendError, ScheduleError
@@ -58,7 +59,7 @@ def tokens_per_thread(acc: L.Buffer, tile: int) -> int:
     return per
 
 
-def map_buffer(s, old: str, new: L.Buffer, index):
+def map_buffer(s: L.Stmt, old: str, new: L.Buffer, index: Callable[[tuple], tuple]) -> L.Stmt:
     """Rewrite every access to buffer ``old`` as an access to ``new`` at ``index(indices)``; the
     declaration of ``old`` stays only when ``new`` is a local buffer (a parameter, or a buffer
     declared elsewhere, needs none)."""
@@ -98,13 +99,17 @@ def map_buffer(s, old: str, new: L.Buffer, index):
     return s
 
 
-def rebind(s: L.Stmt, name: str, kind: L.LoopKind) -> tuple[L.Stmt, bool]:
+def rebind(s: L.Stmt, name: str, kind: L.LoopKind) -> L.Stmt:
     """Give the first loop called ``name`` the kind ``kind``."""
+    return _rebind_first(s, name, kind)[0]
+
+
+def _rebind_first(s: L.Stmt, name: str, kind: L.LoopKind) -> tuple[L.Stmt, bool]:
     match s:
         case L.For(var, start, extent, body, k):
             if var.name == name:
                 return L.For(var, start, extent, body, kind), True
-            inner, done = rebind(body, name, kind)
+            inner, done = _rebind_first(body, name, kind)
             return L.For(var, start, extent, inner, k), done
         case L.Seq(stmts):
             out, done = [], False
@@ -112,7 +117,7 @@ def rebind(s: L.Stmt, name: str, kind: L.LoopKind) -> tuple[L.Stmt, bool]:
                 if done:
                     out.append(st)
                 else:
-                    rebound, done = rebind(st, name, kind)
+                    rebound, done = _rebind_first(st, name, kind)
                     out.append(rebound)
             return L.Seq(tuple(out)), done
     return s, False
@@ -222,7 +227,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         body = map_buffer(body, "acc", local, lambda idx: idx)
         row = next((f for f in loops(body) if rows and f.var.name == rows[0]), None)
         if row is not None and _on_host(row.start) and _on_host(row.extent):
-            body, _ = rebind(body, rows[0], L.LoopKind.BLOCK_X)
+            body = rebind(body, rows[0], L.LoopKind.BLOCK_X)
         else:  # bounds read from the tensor (a compressed root level): one block walks them
             body = L.For(L.Var("block"), L.const(0), L.const(1), body, L.LoopKind.BLOCK_X)
         return transpose_operands(_warp_reduction(replace(func, body=body)), set(token_major))
@@ -233,11 +238,11 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         local = replace(acc, shape=(*acc.shape[:-1], L.const(per)), scope="local")
         body = map_buffer(body, "acc", local, lambda idx: (*idx[:-1], j))
         if rows:
-            body, _ = rebind(body, rows[0], L.LoopKind.BLOCK_X)
-            body, _ = rebind(body, tiles, L.LoopKind.BLOCK_Y)
+            body = rebind(body, rows[0], L.LoopKind.BLOCK_X)
+            body = rebind(body, tiles, L.LoopKind.BLOCK_Y)
             host = rows[0]
         else:
-            body, _ = rebind(body, tiles, L.LoopKind.BLOCK_X)
+            body = rebind(body, tiles, L.LoopKind.BLOCK_X)
             host = tiles
         body = _thread_body(
             body,
@@ -263,7 +268,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
         return tuple(named[i] for i in order)
 
     body = _drop_copies(map_buffer(body, "acc", target, to_output))
-    body, _ = rebind(body, tiles, L.LoopKind.BLOCK_X)
+    body = rebind(body, tiles, L.LoopKind.BLOCK_X)
     guard = L.Bin("<", m, meta["token_extent"])
     body = _thread_body(
         body,

@@ -21,6 +21,7 @@ reads, and before the next iteration's copy.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 from sparsedsl.errors import ScheduleError, Span
@@ -123,7 +124,10 @@ def _rewrap(wraps, e: L.Expr) -> L.Expr:
     return e
 
 
-def box_of(tensor: L.Buffer, body: L.Stmt, span: Span | None):
+Box = list[tuple[tuple[tuple[str, L.Expr], ...], L.Expr]]  # per dimension: clamps, base
+
+
+def box_of(tensor: L.Buffer, body: L.Stmt, span: Span | None) -> tuple[Box, list[int], Callable[[tuple], tuple]]:
     """Per dimension of ``tensor``: the clamps, the base and the extent of what ``body`` reads,
     and a function from a read's indices to its offsets in the box."""
     inner: dict[str, int] = {}
@@ -181,7 +185,7 @@ def _lets(s: L.Stmt) -> list[L.Let]:
     return []
 
 
-def copy_box(tensor: L.Buffer, staged: L.Buffer, box, extents: list[int], thread: L.For) -> L.Stmt:
+def copy_box(tensor: L.Buffer, staged: L.Buffer, box: Box, extents: list[int], thread: L.For) -> L.Stmt:
     """The block's threads copy the box into ``staged``, element ``e`` by thread ``e % threads``."""
     threads, total = thread.extent.value, math.prod(extents)
     step, t = L.Var(f"{staged.name}_c"), thread.var

@@ -176,6 +176,6 @@ def tensorize(func: L.LoopFunc, token_major: frozenset[str], span: Span | None =
         return replace(loop, body=L.seq(*(rewrite(s) for s in stmts)))
 
     body = rewrite_loops(func.body, row_block)
-    body, _ = rebind(body, rows[0], L.LoopKind.BLOCK_X)
-    body, _ = rebind(body, f"{token}_o", L.LoopKind.BLOCK_Y)
+    body = rebind(body, rows[0], L.LoopKind.BLOCK_X)
+    body = rebind(body, f"{token}_o", L.LoopKind.BLOCK_Y)
     return replace(func, body=body, meta={**func.meta, "tensor_cores": True})

@@ -265,14 +265,13 @@ class CompiledKernel:
             "size": sizes,
             "sparse": _aligned(buffers) if inst.meta.get("tensor_cores") else buffers,
         }
-        flat = [
-            result
-            if kind == "out"
-            else torch.empty([sizes[d] for d in key], dtype=torch.float32, device=device)
-            if kind == "scratch"
-            else sources[kind][key]
+        sources["out"] = {None: result}
+        sources["scratch"] = {
+            key: torch.empty([sizes[d] for d in key], dtype=torch.float32, device=device)
             for kind, key in inst.plan(kernel)
-        ]
+            if kind == "scratch"
+        }
+        flat = [sources[kind][key] for kind, key in inst.plan(kernel)]
         inst.function(sizes)(*flat)
         if out.pattern_of:
             return sparse.with_values(result)
