@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-model lint
+.PHONY: install test demo bench bench-model lint gpu-cache
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ bench-model: install
 	test -x .venv-deepsparse/bin/python || ($(PY) -m venv .venv-deepsparse && \
 	  .venv-deepsparse/bin/pip install --quiet --disable-pip-version-check deepsparse==1.8.0 onnx)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/model.py
+
+# What a GPU machine without TVM, nvcc or lark needs to run tests/cuda/test_gpu.py and benchmarks/gpu.py
+# (docs/ARCHITECTURE.md, "Running on a GPU machine without TVM"): the kernels, prebuilt for ARCH, and lark
+ARCH ?= sm_90
+gpu-cache: install
+	$(BIN)/python -m tests.cuda.gpu_cases --arch $(ARCH) --cache .gpucache
+	$(BIN)/python benchmarks/gpu.py --prebuild $(ARCH) --cache .gpucache
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: -d .whl "lark>=1.1"
 
 lint: install
 	$(BIN)/ruff check sparsedsl tests benchmarks examples
