@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sparsedsl as sd
 from sparsedsl.cli import main as cli
 from tests.cuda.gpu_cases import SDDMM, STAGED, TENSOR_CORES, staged_source, tensor_core_source, warp_schedule
-from tests.strategies import FORMATS
+from tests.strategies import FORMATS, sparse_case
 
 HERE = Path(__file__).parent
 KERNELS = HERE.parent / "kernels" / "epilogues.sdsl"
@@ -126,6 +128,24 @@ def test_gpu_mapping_computes_the_right_numbers(emulated, fmt, m):
     w = sd.prune(torch.randn(32, 64, generator=gen), emulated.format(fmt), 0.7)
     W = emulated.pack(fmt, w)
     x, b, g = torch.randn(m, 64, generator=gen), torch.randn(32, generator=gen), torch.randn(m, 32, generator=gen)
+    torch.testing.assert_close(emulated.bias_gelu(x, W, b), torch.nn.functional.gelu(x @ w.T + b), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(emulated.transposed(g, W), g @ w, rtol=1e-4, atol=1e-4)
+    pattern = W.with_values(torch.ones_like(W.values)).to_dense()
+    torch.testing.assert_close(emulated.sddmm(g, x, W).to_dense(), (g.T @ x) * pattern, rtol=1e-4, atol=1e-4)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(case=sparse_case(), m=st.integers(1, 300))
+def test_gpu_mapping_matches_dense_on_random_cases(emulated, case, m):
+    """The default GPU mapping of the three kernels, run serially, over random formats, shapes
+    (token counts across the 128-token tiles) and sparsities."""
+    fmt, n, k, _, sparsity, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    w = sd.prune(torch.randn(n, k, generator=gen), emulated.format(fmt), sparsity)
+    W = emulated.pack(fmt, w)
+    x, b, g = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen), torch.randn(m, n, generator=gen)
     torch.testing.assert_close(emulated.bias_gelu(x, W, b), torch.nn.functional.gelu(x @ w.T + b), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(emulated.transposed(g, W), g @ w, rtol=1e-4, atol=1e-4)
     pattern = W.with_values(torch.ones_like(W.values)).to_dense()
