@@ -319,6 +319,27 @@ def test_tensor_core_mapping_keeps_the_numbers(fmt, dtype, tile, m):
     assert ((actual - expected).norm() / expected.norm()).item() < 1e-2
 
 
+@pytest.fixture(scope="module")
+def tensor_core_programs():
+    return {case: _emulate(tensor_core_source(*case)) for case in TENSOR_CORES if case[1] == "f16"}
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_tensor_cores_match_dense_on_random_cases(tensor_core_programs, data):
+    """Random block counts, token counts (aligned, partial and unaligned tiles) and sparsities."""
+    (fmt, dtype, tile), prog = data.draw(st.sampled_from(sorted(tensor_core_programs.items())))
+    bm, bn = (int(v) for v in fmt[4:-1].split(", "))
+    n, k = bm * data.draw(st.integers(1, 4)), bn * data.draw(st.integers(1, 4))
+    m, sparsity = data.draw(st.integers(1, 200)), data.draw(st.floats(0.0, 0.95))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    w = sd.prune(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity).half()
+    x, b = torch.randn(m, k, generator=gen).half(), torch.randn(n, generator=gen).half()
+    expected = torch.nn.functional.gelu(x.float() @ w.float().T + b.float())
+    actual = prog.lin(x, prog.pack(fmt, w), b).float()
+    assert ((actual - expected).norm() / max(expected.norm().item(), 1e-6)).item() < 1e-2
+
+
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_tensor_core_kernels_compile_to_wmma(arch, tmp_path):
