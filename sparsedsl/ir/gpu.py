@@ -211,9 +211,9 @@ def _warp_reduction(func: L.LoopFunc) -> L.LoopFunc:
         return func
 
 
-def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = frozenset()) -> L.LoopFunc:
+def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
     """The kernel bound to CUDA blocks and threads (see the module docstring); the gathered inputs
-    ``token_major`` (indexed [token, reduction]) are taken transposed."""
+    ``meta["thread_major"]`` (indexed [token, reduction]) are taken transposed."""
     meta = func.meta
     token, tile = meta.get("token"), meta.get("tile", 1)
     rows = meta.get("rows", [])
@@ -230,7 +230,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
             body = rebind(body, rows[0], L.LoopKind.BLOCK_X)
         else:  # bounds read from the tensor (a compressed root level): one block walks them
             body = L.For(L.Var("block"), L.const(0), L.const(1), body, L.LoopKind.BLOCK_X)
-        return transpose_operands(_warp_reduction(replace(func, body=body)), set(token_major))
+        return transpose_operands(_warp_reduction(replace(func, body=body)), set(func.meta["thread_major"]))
     tiles = f"{token}_o"
     if meta.get("mode") == "gather":
         per = tokens_per_thread(acc, tile)
@@ -251,7 +251,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
                 tx, L.const(0), L.const(threads), split_lanes(b, lane.name, j, per, tx), L.LoopKind.THREAD_X
             ),
         )
-        return transpose_operands(replace(func, body=registers_for(body, "acc")), set(token_major))
+        return transpose_operands(replace(func, body=registers_for(body, "acc")), set(func.meta["thread_major"]))
     # scatter: accumulate in the thread's own output row (a float32 scratch for 16-bit outputs)
     out = next(p for p in func.params if isinstance(p, L.Buffer) and p.name == output)
     target = out
@@ -277,7 +277,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, token_major: frozenset[str] = froz
     )
     # the output accumulates once per stored value: [other, token] keeps a warp's updates coalesced
     flip = {output, target.name} if len(order) == 2 and order[0] == token else set()
-    return transpose_operands(replace(func, body=body), set(token_major) | flip)
+    return transpose_operands(replace(func, body=body), set(func.meta["thread_major"]) | flip)
 
 
 def _drop_copies(s: L.Stmt) -> L.Stmt:

@@ -225,8 +225,27 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         out_indices=kernel.indices,
         token_extent=extents[token] if token else None,
         dense_reduction=dense_red,
+        thread_major=_thread_major(body if reduction else None, sparse, s_idx, red_idx, token),
     )
     return func
+
+
+def _thread_major(body, sparse, s_idx, red_idx, token: str | None) -> tuple[str, ...]:
+    """The dense inputs a GPU mapping reads transposed, so that a warp's threads read consecutive
+    addresses (``gpu.transpose_operands``): those indexed ``[thread index, other]``, the threads
+    running along the token (``X[m, k]`` of a gathering product, ``k`` summed over the sparse
+    input) or, in a kernel without tokens, along its dense reduction (``A[m, n]`` of SDDMM)."""
+    if body is None or sparse is None:
+        return ()
+    stored, summed = set(s_idx), set(red_idx)
+
+    def along_threads(first: str, second: str) -> bool:
+        if token is not None:
+            return first not in stored and second in stored & summed
+        return first in summed - stored and second not in summed - stored
+
+    reads = [a for a in K.accesses(body) if a.tensor != sparse.name and len(a.indices) == 2]
+    return tuple(sorted({a.tensor for a in reads if along_threads(*a.indices)}))
 
 
 def _part_name(index: str, m) -> str:

@@ -54,7 +54,7 @@ def _update_nest(s: L.Stmt) -> L.For | None:
     return None
 
 
-def tensorize(func: L.LoopFunc, token_major: frozenset[str], span: Span | None = None) -> L.LoopFunc:
+def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
     """The kernel on tensor cores (see the module docstring); ScheduleError where it does not fit."""
 
     def refuse(why: str) -> ScheduleError:
@@ -64,7 +64,7 @@ def tensorize(func: L.LoopFunc, token_major: frozenset[str], span: Span | None =
     token, tile, rows = meta.get("token"), meta.get("tile", 1), meta.get("rows", [])
     if meta.get("mode") != "gather" or token is None or not rows:
         raise refuse("tensor cores need a gathering kernel over row blocks with a token index (a linear layer)")
-    func = transpose_operands(func, set(token_major))
+    func = transpose_operands(func, set(meta["thread_major"]))
     nest = _update_nest(func.body)
     if nest is None:
         raise refuse("no block product 'acc[n_i, m_i] += X[..] * W[..]' in it")

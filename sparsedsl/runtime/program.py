@@ -98,30 +98,6 @@ def _sparse_indices(kernel: K.Kernel) -> set[str]:
     return {i for a in K.accesses(kernel.value) if sparse and a.tensor == sparse.name for i in a.indices}
 
 
-def _token_major(kernel: K.Kernel) -> frozenset[str]:
-    """The dense inputs a GPU kernel reads transposed, so that a warp's threads read consecutive
-    addresses: those indexed ``[thread index, other]`` where the threads run along the token (``X[m,
-    k]`` of a gathering product, ``k`` summed over the sparse input) or, in a kernel without tokens,
-    along its dense reduction (``A[m, n]`` of SDDMM)."""
-    total, _ = K.split_reduction(kernel.value)
-    if total is None or kernel.sparse_input is None:
-        return frozenset()
-    sparse = _sparse_indices(kernel) or set(kernel.indices)  # a sparse output's pattern covers its indices
-    summed = set(total.indices)
-    tokens = any(i not in sparse for i in kernel.indices)
-
-    def along_threads(first: str, second: str) -> bool:
-        if tokens:
-            return first not in sparse and second in sparse & summed
-        return first in summed - sparse and second not in summed - sparse
-
-    return frozenset(
-        a.tensor
-        for a in K.accesses(total.body)
-        if a.tensor != kernel.sparse_input.name and len(a.indices) == 2 and along_threads(*a.indices)
-    )
-
-
 def _lower_options(directives, kernel: K.Kernel) -> LowerOptions:
     tile, stage, no_stage = LowerOptions.tile, set(), set()
     explicit = False
@@ -212,9 +188,9 @@ class CompiledKernel:
                 raise ScheduleError(
                     f"'{after.verb}' cannot follow 'tensorize', which maps the kernel itself", after.span
                 )
-            func = tensor_cores.tensorize(func, _token_major(kernel), tensorize.span)
+            func = tensor_cores.tensorize(func, tensorize.span)
         else:
-            func = map_to_gpu(func, kernel.output.name, _token_major(kernel))
+            func = map_to_gpu(func, kernel.output.name)
         for d in directives:
             if d.verb == "bind":
                 func = sched.set_kind(func, d.loops[0].text, L.LoopKind(d.target), d.span)
