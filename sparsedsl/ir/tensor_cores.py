@@ -19,13 +19,14 @@ through shared memory, a token per thread. Every step is loop IR with a serial m
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from sparsedsl.errors import ScheduleError, Span
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.gpu import WARP, map_buffer, rebind, split_lanes, transpose_operands
 from sparsedsl.ir.schedule import loops, rewrite_loops
-from sparsedsl.ir.staging import BYTES, SHARED_BYTES, affine, box_of, copy_box, unwrap
+from sparsedsl.ir.staging import BYTES, SHARED_BYTES, Box, affine, box_of, copy_box, unwrap
 
 MAX_ACC_TILES = 16  # accumulator fragments per warp: 8 registers each
 DTYPES = ("float16", "bfloat16")
@@ -54,17 +55,21 @@ def _update_nest(s: L.Stmt) -> L.For | None:
     return None
 
 
-def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
-    """The kernel on tensor cores (see the module docstring); ScheduleError where it does not fit."""
+@dataclass(frozen=True)
+class _BlockProduct:
+    """The matched nest: ``acc[n_i, m_i] += X_T[k rows, token columns] * W[w_base + n_i * bn + k_i]``."""
 
-    def refuse(why: str) -> ScheduleError:
-        return ScheduleError(f"cannot tensorize '{func.name}': {why}", span)
+    nest: L.For
+    bm: int
+    bn: int
+    w: L.Buffer
+    w_base: L.Expr
+    x: L.Buffer
+    box: Box
 
-    meta = func.meta
-    token, tile, rows = meta.get("token"), meta.get("tile", 1), meta.get("rows", [])
-    if meta.get("mode") != "gather" or token is None or not rows:
-        raise refuse("tensor cores need a gathering kernel over row blocks with a token index (a linear layer)")
-    func = transpose_operands(func, set(meta["thread_major"]))
+
+def _match(func: L.LoopFunc, tile: int, refuse: Callable[[str], ScheduleError], span: Span | None) -> _BlockProduct:
+    """Find the block product in a (transposed) gathering kernel and check it fits tensor cores."""
     nest = _update_nest(func.body)
     if nest is None:
         raise refuse("no block product 'acc[n_i, m_i] += X[..] * W[..]' in it")
@@ -82,36 +87,43 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
         raise refuse("the product's factors must be tensor reads")
     w_read = next((f for f in factors if not any(L.uses(i, m_loop.var.name) for i in f.indices)), None)
     x_read = next((f for f in factors if f is not w_read), None)
-    if (
-        w_read is None
-        or x_read is None
-        or w_read.buffer.dtype not in DTYPES
-        or x_read.buffer.dtype != w_read.buffer.dtype
-    ):
+    dtypes = {f.buffer.dtype for f in factors}
+    if w_read is None or x_read is None or len(dtypes) != 1 or not dtypes <= set(DTYPES):
         raise refuse("tensor cores multiply float16 or bfloat16 operands of the same type")
     block = {n_loop.var.name: bm, k_loop.var.name: bn}
     w_part = affine(w_read.indices[0], block) if len(w_read.indices) == 1 else None
     if w_part is None or w_part[1] != {n_loop.var.name: bn, k_loop.var.name: 1}:
         raise refuse(f"'{w_read.buffer.name}' does not store row-major {bm} x {bn} blocks")
     x_inner = {k_loop.var.name: bn, m_loop.var.name: tile}
-    x_parts = [affine(unwrap(i, x_inner)[1], x_inner) for i in x_read.indices]
-    if (
-        len(x_parts) != 2
-        or any(p is None for p in x_parts)
-        or [p[1] for p in x_parts] != [{k_loop.var.name: 1}, {m_loop.var.name: 1}]
-    ):
+    strides = [(p[1] if p else None) for p in (affine(unwrap(i, x_inner)[1], x_inner) for i in x_read.indices)]
+    if strides != [{k_loop.var.name: 1}, {m_loop.var.name: 1}]:
         raise refuse(f"'{x_read.buffer.name}' is not read as [k, token] tiles")
     box, box_extents, _ = box_of(x_read.buffer, nest, span)
     if box_extents != [bn, tile] or box[0][0]:
         raise refuse(f"'{x_read.buffer.name}' is read over a {box_extents} box, not [{bn}, {tile}]")
+    return _BlockProduct(nest, bm, bn, w_read.buffer, w_part[0], x_read.buffer, box)
 
-    shared = bn * tile * BYTES[x_read.buffer.dtype] + bm * tile * BYTES["float32"]
+
+def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
+    """The kernel on tensor cores (see the module docstring); ScheduleError where it does not fit."""
+
+    def refuse(why: str) -> ScheduleError:
+        return ScheduleError(f"cannot tensorize '{func.name}': {why}", span)
+
+    meta = func.meta
+    token, tile, rows = meta.get("token"), meta.get("tile", 1), meta.get("rows", [])
+    if meta.get("mode") != "gather" or token is None or not rows:
+        raise refuse("tensor cores need a gathering kernel over row blocks with a token index (a linear layer)")
+    func = transpose_operands(func, set(meta["thread_major"]))
+    match = _match(func, tile, refuse, span)
+    nest, bm, bn, x, box = match.nest, match.bm, match.bn, match.x, match.box
+    shared = bn * tile * BYTES[x.dtype] + bm * tile * BYTES["float32"]
     if shared > SHARED_BYTES:
         raise refuse(f"its staged tile and accumulator take {shared} bytes of shared memory, more than {SHARED_BYTES}")
-    a = L.Buffer(f"{w_read.buffer.name}_frag", w_read.buffer.dtype, (L.const(bm), L.const(T)), "wmma.matrix_a")
-    b = L.Buffer(f"{x_read.buffer.name}_frag", x_read.buffer.dtype, (L.const(T), L.const(tile)), "wmma.matrix_b")
+    a = L.Buffer(f"{match.w.name}_frag", match.w.dtype, (L.const(bm), L.const(T)), "wmma.matrix_a")
+    b = L.Buffer(f"{x.name}_frag", x.dtype, (L.const(T), L.const(tile)), "wmma.matrix_b")
     acc = L.Buffer("acc", "float32", (L.const(bm), L.const(tile)), "wmma.accumulator")
-    x_s = L.Buffer(f"{x_read.buffer.name}_s", x_read.buffer.dtype, (L.const(bn), L.const(tile)), "shared")
+    x_s = L.Buffer(f"{x.name}_s", x.dtype, (L.const(bn), L.const(tile)), "shared")
     out = L.Buffer("acc_s", "float32", (L.const(bm), L.const(tile)), "shared")
     t, lane_j = L.Var(f"{token}_t"), L.Var(f"{token}_j")
     i, j, k = L.Var("tile_i"), L.Var("tile_j"), L.Var("tile_k")
@@ -123,7 +135,7 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
 
     # Activation tiles load straight from X_T when they are whole and 32-byte aligned (the token
     # count a multiple of 16); otherwise from the staged copy, zero beyond the tensor.
-    x, zero = x_read.buffer, L.const(0)
+    zero = L.const(0)
     tokens, ((_, k_base), (_, m_base)) = x.shape[1], box
     flag = L.Buffer("direct", "int32", (L.const(1),), "local")  # a let would be inlined, then hoisted
     direct = L.Load(flag, (zero,))
@@ -139,7 +151,7 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
             i,
             zero,
             L.const(bm // T),
-            L.TileCopy(a, (i, zero), w_read.buffer, _corner(i, k, bn, w_part[0]), L.const(bn), load=True),
+            L.TileCopy(a, (i, zero), match.w, _corner(i, k, bn, match.w_base), L.const(bn), load=True),
         ),
         L.If(L.Bin("==", direct, L.const(1, "int32")), L.For(j, zero, L.const(tile // T), from_x)),
         L.If(L.Bin("==", direct, L.const(0, "int32")), L.For(j, zero, L.const(tile // T), from_copy)),
@@ -148,7 +160,7 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
     products = L.seq(
         L.Alloc(flag),
         L.Store(flag, (zero,), L.Select(L.Bin("and", aligned, whole), L.const(1, "int32"), L.const(0, "int32"))),
-        L.If(L.Bin("==", direct, L.const(0, "int32")), copy_box(x, x_s, box, box_extents, warp)),
+        L.If(L.Bin("==", direct, L.const(0, "int32")), copy_box(x, x_s, box, [bn, tile], warp)),
         L.For(k, zero, L.const(bn // T), step),
     )
     lanes = L.Var(f"{token}_i")
