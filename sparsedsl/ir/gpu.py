@@ -9,7 +9,8 @@
   zeroed first and guarded by ``m < M`` (each thread owns one token: no races; a 16-bit output
   sums in a float32 scratch the runtime passes, ``meta["scratch"]``, cast once at the end); it is
   written transposed (``Y_T[k, m]``: a warp's updates coalesced) and its inputs read transposed.
-* a kernel without tokens (SDDMM) runs one output row per block, a warp per block: its dense
+* a kernel without tokens (SDDMM) runs one output row per block (COO: one stored position per
+  block, over the coordinate buffer's length), a warp per block: its dense
   reduction (over the tokens) is split across the warp's threads, whose partial sums the warp adds
   (``tvm_thread_allreduce``: shuffles), and its inputs indexed ``[token, ...]`` are read transposed.
 """
@@ -226,9 +227,12 @@ def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
         local = replace(acc, scope="local")
         body = map_buffer(body, "acc", local, lambda idx: idx)
         row = next((f for f in loops(body) if rows and f.var.name == rows[0]), None)
+        spread = _over_positions(row) if row is not None else None
         if row is not None and _on_host(row.start) and _on_host(row.extent):
             body = rebind(body, rows[0], L.LoopKind.BLOCK_X)
-        else:  # bounds read from the tensor (a compressed root level): one block walks them
+        elif spread is not None:
+            body = rewrite_loops(body, lambda f: spread if f == row else None)
+        else:  # bounds read from the tensor, nothing on the host to size a grid: one block walks them
             body = L.For(L.Var("block"), L.const(0), L.const(1), body, L.LoopKind.BLOCK_X)
         return transpose_operands(_warp_reduction(replace(func, body=body)), set(func.meta["thread_major"]))
     tiles = f"{token}_o"
@@ -295,6 +299,20 @@ def _drop_copies(s: L.Stmt) -> L.Stmt:
         case L.Seq(stmts):
             return L.seq(*(_drop_copies(st) for st in stmts))
     return s
+
+
+def _over_positions(loop: L.For) -> L.For | None:
+    """A position loop whose bounds are read from the tensor (``for p in [pos[0], pos[1])`` of a
+    compressed root level, COO) as a grid over every position of the coordinate buffer its first
+    ``let`` reads (``let n_c = crd[p]``: the level's positions all lie in ``[0, len(crd))``), each
+    block running only if its position is in the loop's range."""
+    first = loop.body.stmts[0] if isinstance(loop.body, L.Seq) else loop.body
+    reads = [e for e in L.subexprs(first.value) if isinstance(e, L.Load)] if isinstance(first, L.Let) else []
+    crd = next((e.buffer for e in reads if e.indices == (loop.var,) and isinstance(e.buffer.shape[0], L.SizeVar)), None)
+    if crd is None:
+        return None
+    inside = L.Bin("and", L.Bin("<=", loop.start, loop.var), L.Bin("<", loop.var, L.add(loop.start, loop.extent)))
+    return L.For(loop.var, L.const(0), crd.shape[0], L.If(inside, loop.body), L.LoopKind.BLOCK_X)
 
 
 def _on_host(e: L.Expr) -> bool:

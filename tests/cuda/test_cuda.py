@@ -397,3 +397,16 @@ def test_tensorize_maps_the_kernel_alone():
     )
     with pytest.raises(sd.ScheduleError, match="'bind' cannot follow 'tensorize'"):
         sd.compile(source, target="cuda")
+
+
+@needs_nvcc
+def test_coo_sddmm_spreads_its_positions_over_blocks():
+    """A compressed root level (COO) has no row count on the host: a block per stored position."""
+    prog = sd.compile(SDDMM.replace("@ CSR", "@ COO"), target="cuda", arch="sm_80", cache_dir="off")
+    inst = prog.sddmm.instance(prog.format("COO"))
+    S = prog.pack("COO", sd.prune(torch.randn(16, 24), "COO", 0.7))
+    a, b = torch.randn(24, 16), torch.randn(24, 24)  # passed transposed ([N, M], [K, M])
+    sources = {"transposed": {"A": a, "B": b}, "out": {None: torch.empty(S.nnz)}, "sparse": S.buffers}
+    flat = [sources[kind][key] for kind, key in inst.plan(prog.sddmm.kernel)]
+    grid, block = next(iter(inst.built.launches.values())).dims(flat)
+    assert grid == (S.nnz, 1, 1) and block == (32, 1, 1)
