@@ -2,7 +2,7 @@
 
 4096 x 4096 weights, 4096 tokens: sparsedsl's CUDA kernels against F.linear (cuBLAS), torch.sparse.mm
 with CSR / BSR weights (cuSPARSE) and, for 2:4, to_sparse_semi_structured (cuSPARSELt), all on the
-same pruned weight (a BSR row also on tensor cores: `tensorize`); then the two gradients of a sparse
+same pruned weight (a BSR and an N:M row also on tensor cores: `tensorize`); then the two gradients of a sparse
 layer against the dense products. Ratio = time / cuBLAS time, lower is better. Times are CUDA-event
 medians.
 `--prebuild sm_90 --cache DIR` only builds the kernels into a cache (on a machine without a GPU), so
@@ -30,6 +30,8 @@ kernel lin32(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) { Y[m, n] = sum
 kernel lin16(X: f16[M, K], W: f16[N, K] @ CSR) -> (Y: f16[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }
 kernel lin16_tc(X: f16[M, K], W: f16[N, K] @ BSR(32, 32)) -> (Y: f16[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }
 schedule lin16_tc on cuda { tensorize }
+kernel lin16_nm_tc(X: f16[M, K], W: f16[N, K] @ NM(2, 4)) -> (Y: f16[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }
+schedule lin16_nm_tc on cuda { tensorize }
 kernel grad_input(G: f32[M, N], W: f32[N, K] @ CSR) -> (D: f32[M, K]) { D[m, k] = sum(n) G[m, n] * W[n, k] }
 kernel grad_weight(G: f32[M, N], X: f32[M, K], W: f32[N, K] @ CSR) -> (D: f32[N, K] @ W) {
     D[n, k] = sum(m) G[m, n] * X[m, k]
@@ -43,6 +45,7 @@ CASES = [
     ("lin32", "CSR", 0.9, torch.float32),
     ("lin16", "CSR", 0.9, torch.float16),
     ("lin16", "NM(2, 4)", None, torch.float16),
+    ("lin16_nm_tc", "NM(2, 4)", None, torch.float16),
     ("lin32", "NM(2, 4)", None, torch.float32),
 ]
 BACKWARD = [("CSR", 0.9), ("BSR(32, 32)", 0.9)]  # the gradients of a f32 sparse layer

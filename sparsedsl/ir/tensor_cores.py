@@ -1,4 +1,4 @@
-"""Tensor cores for block formats: ``schedule K on cuda { tensorize }``.
+"""Tensor cores for block and N:M formats: ``schedule K on cuda { tensorize }``.
 
 A gathering kernel whose sparse input stores dense row-major blocks (BSR(bm, bn), bm and bn
 multiples of 16) in 16-bit floats multiplies, per stored block, ``W_blk[bm, bn] @ X_T[bn, tile]``
@@ -12,9 +12,14 @@ and maps the kernel onto one warp per (row block, token tile): the accumulator b
 ``wmma.accumulator`` fragments, each stored block's 16 x 16 tiles load straight from ``W_vals``,
 the activation tiles straight from ``X_T`` where they are whole and aligned (else from a copy the
 warp stages in shared memory, zero beyond the tensor: ``staging.copy_box``), they multiply, and
-the write-out reads the accumulator back
-through shared memory, a token per thread. Every step is loop IR with a serial meaning
-(``ir/emulate.py``), so the mapping is checked on the CPU; ``backends/tvm/tir.py`` emits wmma.
+the write-out reads the accumulator back through shared memory, a token per thread.
+
+An N:M layer (``_tensorize_slots``) stores no dense blocks: per 16-row block and 16-column step
+the warp decompresses the weight tile into shared memory (each column the sum of its group's slots
+stored there) and multiplies it the same way: the dense amount of tensor-core work, no ``mma.sp``.
+
+Every step is loop IR with a serial meaning (``ir/emulate.py``), so the mapping is checked on the
+CPU; ``backends/tvm/tir.py`` emits wmma.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, replace
 from sparsedsl.errors import ScheduleError, Span
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.gpu import WARP, map_buffer, rebind, split_lanes, transpose_operands
-from sparsedsl.ir.schedule import loops, rewrite_loops
+from sparsedsl.ir.schedule import loops, rewrite_loops, substitute
 from sparsedsl.ir.staging import BYTES, SHARED_BYTES, Box, affine, box_of, copy_box, unwrap
 
 MAX_ACC_TILES = 16  # accumulator fragments per warp: 8 registers each
@@ -104,6 +109,44 @@ def _match(func: L.LoopFunc, tile: int, refuse: Callable[[str], ScheduleError], 
     return _BlockProduct(nest, bm, bn, w_read.buffer, w_part[0], x_read.buffer, box)
 
 
+def _activation_tiles(
+    x: L.Buffer, x_s: L.Buffer, b: L.Buffer, box: Box, rows: int, k: L.Var, j: L.Var, warp: L.For
+) -> tuple[L.Stmt, L.Stmt]:
+    """The activation tiles of a ``rows x tile`` box of ``X_T`` (``x_s``'s shape): a prologue that
+    decides, per box, to load them straight from ``X_T`` (whole and 32-byte aligned: the token
+    count a multiple of 16) or else stages the box (zero beyond the tensor), and the loads of
+    k-step ``k``'s tiles ``j`` into fragment ``b``."""
+    zero, tile = L.const(0), x_s.shape[1].value
+    tokens, ((_, k_base), (_, m_base)) = x.shape[1], box
+    flag = L.Buffer("direct", "int32", (L.const(1),), "local")  # a let would be inlined, then hoisted
+    direct = L.Load(flag, (zero,))
+    fits = L.Bin(
+        "and",
+        L.Bin("==", L.mod(tokens, L.const(T)), zero),
+        L.Bin(
+            "and",
+            L.Bin("<=", L.add(m_base, L.const(tile)), tokens),
+            L.Bin("<=", L.add(k_base, L.const(rows)), x.shape[0]),
+        ),
+    )
+    row = L.add(k_base, L.mul(k, L.const(T)))
+    from_x = L.TileCopy(
+        b, (zero, j), x, L.add(L.mul(row, tokens), L.add(m_base, L.mul(j, L.const(T)))), tokens, load=True
+    )
+    from_copy = L.TileCopy(b, (zero, j), x_s, _corner(k, j, tile), L.const(tile), load=True)
+    is_direct, is_staged = L.Bin("==", direct, L.const(1, "int32")), L.Bin("==", direct, L.const(0, "int32"))
+    prologue = L.seq(
+        L.Alloc(flag),
+        L.Store(flag, (zero,), L.Select(fits, L.const(1, "int32"), L.const(0, "int32"))),
+        L.If(is_staged, copy_box(x, x_s, box, [rows, tile], warp)),
+    )
+    loads = L.seq(
+        L.If(is_direct, L.For(j, zero, L.const(tile // T), from_x)),
+        L.If(is_staged, L.For(j, zero, L.const(tile // T), from_copy)),
+    )
+    return prologue, loads
+
+
 def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
     """The kernel on tensor cores (see the module docstring); ScheduleError where it does not fit."""
 
@@ -115,6 +158,8 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
     if meta.get("mode") != "gather" or token is None or not rows:
         raise refuse("tensor cores need a gathering kernel over row blocks with a token index (a linear layer)")
     func = transpose_operands(func, set(meta["thread_major"]))
+    if _update_nest(func.body) is None:
+        return _tensorize_slots(func, refuse)
     match = _match(func, tile, refuse, span)
     nest, bm, bn, x, box = match.nest, match.bm, match.bn, match.x, match.box
     shared = bn * tile * BYTES[x.dtype] + bm * tile * BYTES["float32"]
@@ -133,19 +178,8 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
         inner = L.For(j, L.const(0), L.const(tile // T), body_of(i, j), L.LoopKind.UNROLLED)
         return L.For(i, L.const(0), L.const(bm // T), inner, L.LoopKind.UNROLLED)
 
-    # Activation tiles load straight from X_T when they are whole and 32-byte aligned (the token
-    # count a multiple of 16); otherwise from the staged copy, zero beyond the tensor.
     zero = L.const(0)
-    tokens, ((_, k_base), (_, m_base)) = x.shape[1], box
-    flag = L.Buffer("direct", "int32", (L.const(1),), "local")  # a let would be inlined, then hoisted
-    direct = L.Load(flag, (zero,))
-    aligned = L.Bin("==", L.mod(tokens, L.const(T)), zero)
-    whole = L.Bin("<=", L.add(m_base, L.const(tile)), tokens)
-    row = L.add(k_base, L.mul(k, L.const(T)))
-    from_x = L.TileCopy(
-        b, (zero, j), x, L.add(L.mul(row, tokens), L.add(m_base, L.mul(j, L.const(T)))), tokens, load=True
-    )
-    from_copy = L.TileCopy(b, (zero, j), x_s, _corner(k, j, tile), L.const(tile), load=True)
+    prologue, b_tiles = _activation_tiles(x, x_s, b, box, bn, k, j, warp)
     step = L.seq(
         L.For(
             i,
@@ -153,16 +187,10 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
             L.const(bm // T),
             L.TileCopy(a, (i, zero), match.w, _corner(i, k, bn, match.w_base), L.const(bn), load=True),
         ),
-        L.If(L.Bin("==", direct, L.const(1, "int32")), L.For(j, zero, L.const(tile // T), from_x)),
-        L.If(L.Bin("==", direct, L.const(0, "int32")), L.For(j, zero, L.const(tile // T), from_copy)),
+        b_tiles,
         each_tile(lambda ti, tj: L.TileMma(acc, (ti, tj), a, (ti, zero), b, (zero, tj))),
     )
-    products = L.seq(
-        L.Alloc(flag),
-        L.Store(flag, (zero,), L.Select(L.Bin("and", aligned, whole), L.const(1, "int32"), L.const(0, "int32"))),
-        L.If(L.Bin("==", direct, L.const(0, "int32")), copy_box(x, x_s, box, [bn, tile], warp)),
-        L.For(k, zero, L.const(bn // T), step),
-    )
+    products = L.seq(prologue, L.For(k, zero, L.const(bn // T), step))
     lanes = L.Var(f"{token}_i")
 
     def rewrite(s: L.Stmt) -> L.Stmt:
@@ -191,3 +219,159 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
     body = rebind(body, rows[0], L.LoopKind.BLOCK_X)
     body = rebind(body, f"{token}_o", L.LoopKind.BLOCK_Y)
     return replace(func, body=body, meta={**func.meta, "tensor_cores": True})
+
+
+@dataclass(frozen=True)
+class _SlotProduct:
+    """The matched N:M nest of one output row ``n``: over groups ``k_o`` of ``group`` columns, over
+    ``slots`` stored slots ``k_i``, ``let c = crd[...]``, ``acc[m_i] += X_T[k_o * group + c, token]
+    * W_vals[...]``."""
+
+    row: L.For
+    groups: L.For
+    slots: L.For
+    coordinate: L.Let
+    value: L.Load
+    x: L.Buffer
+    token_index: L.Expr
+    group: int
+
+
+def _match_slots(func: L.LoopFunc, row: str, tile: int, refuse: Callable[[str], ScheduleError]) -> _SlotProduct:
+    """Find an N:M product: a dense row loop whose groups hold a few stored slots each."""
+    row_loop = next((f for f in loops(func.body) if f.var.name == row), None)
+    for groups in loops(row_loop.body) if row_loop else []:
+        slots = groups.body
+        inner = slots.body if isinstance(slots, L.For) else None
+        if not (isinstance(inner, L.Seq) and len(inner.stmts) == 2 and isinstance(inner.stmts[0], L.Let)):
+            continue
+        coordinate, lanes = inner.stmts
+        store = lanes.body if isinstance(lanes, L.For) else None
+        if not (isinstance(store, L.Store) and store.buffer.name == "acc" and store.indices == (lanes.var,)):
+            continue
+        factors = [_uncast(f) for f in (store.value.b.a, store.value.b.b)] if isinstance(store.value.b, L.Bin) else []
+        x_read = next((f for f in factors if isinstance(f, L.Load) and len(f.indices) == 2), None)
+        w_read = next((f for f in factors if isinstance(f, L.Load) and f is not x_read), None)
+        if x_read is None or w_read is None:
+            break
+        dtypes = {x_read.buffer.dtype, w_read.buffer.dtype}
+        if len(dtypes) != 1 or not dtypes <= set(DTYPES):
+            raise refuse("tensor cores multiply float16 or bfloat16 operands of the same type")
+        names = {groups.var.name: 1, coordinate.var.name: 1}
+        k_part = affine(x_read.indices[0], names)
+        group = k_part[1].get(groups.var.name) if k_part else None
+        if k_part is None or k_part[0] != L.const(0) or k_part[1] != {groups.var.name: group, coordinate.var.name: 1}:
+            raise refuse(f"'{x_read.buffer.name}' is not read at group * width + stored slot")
+        if T % group or not isinstance(slots.extent, L.Const) or tile % WARP:
+            raise refuse(f"groups of {group} columns must divide 16 (and the token tile be a multiple of 32)")
+        return _SlotProduct(row_loop, groups, slots, coordinate, w_read, x_read.buffer, x_read.indices[1], group)
+    raise refuse("no block product 'acc[n_i, m_i] += X[..] * W[..]' and no N:M product in it")
+
+
+def _tensorize_slots(func: L.LoopFunc, refuse: Callable[[str], ScheduleError]) -> L.LoopFunc:
+    """An N:M linear layer on tensor cores: per 16-row block and 16-column step, the warp
+    decompresses the weight tile into shared memory (zeros, then each group's stored slots at
+    their coordinates) and multiplies it with the activation tiles like ``tensorize``'s blocks."""
+    meta = func.meta
+    token, tile, rows = meta["token"], meta["tile"], meta["rows"]
+    match = _match_slots(func, rows[0], tile, refuse)
+    x, per_step = match.x, T // match.group
+    if T * tile * (BYTES[x.dtype] + BYTES["float32"]) + T * T * BYTES[x.dtype] > SHARED_BYTES:
+        raise refuse(f"a {tile}-token tile takes more than {SHARED_BYTES} bytes of shared memory")
+    t, lane_j, j = L.Var(f"{token}_t"), L.Var(f"{token}_j"), L.Var("tile_j")
+    block, step, r, g = L.Var(f"{rows[0]}_t"), L.Var("k_step"), L.Var("tile_r"), L.Var("tile_g")
+    pair, slot, col = L.Var("tile_pair"), L.Var("tile_slot"), L.Var("tile_col")
+    warp = L.For(t, L.const(0), L.const(WARP), None, L.LoopKind.THREAD_X)
+    zero, ones = L.const(0), L.const(T)
+    w_s = L.Buffer(f"{match.value.buffer.name}_s", x.dtype, (ones, ones), "shared")
+    x_s = L.Buffer(f"{x.name}_s", x.dtype, (ones, L.const(tile)), "shared")
+    a = L.Buffer(f"{match.value.buffer.name}_frag", x.dtype, (ones, ones), "wmma.matrix_a")
+    b = L.Buffer(f"{x.name}_frag", x.dtype, (ones, L.const(tile)), "wmma.matrix_b")
+    acc = L.Buffer("acc", "float32", (ones, L.const(tile)), "wmma.accumulator")
+    out = L.Buffer("acc_s", "float32", (ones, L.const(tile)), "shared")
+    row = L.add(L.mul(block, ones), r)
+    group = L.add(L.mul(step, L.const(per_step)), g)
+
+    def at(e: L.Expr) -> L.Expr:
+        """An index of the original nest at this thread's row, group and slot."""
+        for var, value in ((match.row.var, row), (match.groups.var, group), (match.slots.var, slot)):
+            e = substitute(e, var.name, value)
+        return e
+
+    def slot_value(k: int, column: L.Expr) -> L.Expr:
+        """Stored slot ``k``'s value if its coordinate is ``column``, else 0."""
+        here = substitute(at(match.coordinate.value), slot.name, L.const(k))
+        value = substitute(at(match.value), slot.name, L.const(k))
+        return L.Select(L.Bin("==", here, column), value, L.const(0.0, x.dtype))
+
+    # each column of the group sums the slots stored at it (a padding slot may repeat a stored
+    # coordinate with a zero value); written once, never read back by the warp before the sync
+    dense = L.add(L.mul(g, L.const(match.group)), col)
+    total = slot_value(0, col)
+    for k in range(1, match.slots.extent.value):
+        total = L.add(total, slot_value(k, col))
+    stored = L.For(col, zero, L.const(match.group), L.Store(w_s, (r, dense), total))
+    in_range = L.Bin("and", L.Bin("<", row, match.row.extent), L.Bin("<", group, match.groups.extent))
+    unpack = L.seq(
+        L.Let(r, L.floordiv(pair, L.const(per_step))),
+        L.Let(g, L.mod(pair, L.const(per_step))),
+        L.For(
+            col,
+            zero,
+            L.const(match.group),
+            L.Store(w_s, (r, L.add(L.mul(g, L.const(match.group)), col)), L.const(0.0, x.dtype)),
+        ),
+        L.If(in_range, stored),
+    )
+    pairs = T * per_step
+    decompress = L.For(
+        L.Var("tile_q"),
+        zero,
+        L.const(-(-pairs // WARP)),
+        replace(
+            warp,
+            body=L.seq(
+                L.Let(pair, L.add(L.mul(L.Var("tile_q"), L.const(WARP)), t)),
+                L.If(L.Bin("<", pair, L.const(pairs)), unpack),
+            ),
+        ),
+    )
+    wraps, core = unwrap(match.token_index, {"": 0})
+    m_inner = next(f.var.name for f in loops(match.slots.body))
+    m_base = affine(core, {m_inner: tile})[0]
+    box = [((), L.mul(step, ones)), (wraps, m_base)]
+    prologue, b_tiles = _activation_tiles(x, x_s, b, box, T, zero, j, warp)
+    each = L.For(
+        j, zero, L.const(tile // T), L.TileMma(acc, (zero, j), a, (zero, zero), b, (zero, j)), L.LoopKind.UNROLLED
+    )
+    steps = L.For(
+        step,
+        zero,
+        L.floordiv(L.add(x.shape[0], L.const(T - 1)), ones),
+        L.seq(decompress, L.TileCopy(a, (zero, zero), w_s, zero, ones, load=True), prologue, b_tiles, each),
+    )
+    stmts = match.row.body.stmts
+    writeout = next(
+        s
+        for s in stmts
+        if any(isinstance(e, L.Load) and e.buffer.name == "acc" for x_ in L.stmt_exprs(s) for e in L.subexprs(x_))
+        and "acc" not in {st.buffer.name for st in L.stores(s)}
+    )
+    tokens = map_buffer(substitute(writeout, match.row.var.name, row), "acc", out, lambda idx: (r, *idx))
+    spill = L.For(
+        j, zero, L.const(tile // T), L.TileCopy(acc, (zero, j), out, L.mul(j, ones), L.const(tile), load=False)
+    )
+    lanes = split_lanes(
+        L.For(r, zero, ones, L.If(L.Bin("<", row, match.row.extent), tokens)), f"{token}_i", lane_j, tile // WARP, t
+    )
+    body = L.seq(
+        *(L.Alloc(buf) for buf in (acc, a, b, w_s, x_s, out)),
+        L.For(j, zero, L.const(tile // T), L.TileFill(acc, (zero, j)), L.LoopKind.UNROLLED),
+        steps,
+        spill,
+        replace(warp, body=lanes),
+    )
+    blocks = L.For(block, zero, L.floordiv(L.add(match.row.extent, L.const(T - 1)), ones), body, L.LoopKind.BLOCK_X)
+    new = rewrite_loops(func.body, lambda f: blocks if f.var.name == rows[0] else None)
+    new = rebind(new, f"{token}_o", L.LoopKind.BLOCK_Y)
+    return replace(func, body=new, meta={**func.meta, "tensor_cores": True})

@@ -79,8 +79,16 @@ TENSOR_CORES = [
 ]
 
 
+# N:M kernels on tensor cores (weight tiles decompressed in shared memory)
+TENSOR_CORES_NM = [
+    ("NM(2, 4)", "f16", 64),
+    ("NM(1, 4)", "f16", 128),
+    ("NM(2, 8)", "bf16", 64),
+]
+
+
 def tensor_core_source(fmt: str, dtype: str, tile: int) -> str:
-    """A linear layer with bias and GELU on ``fmt`` blocks, on tensor cores."""
+    """A linear layer with bias and GELU on ``fmt`` (blocks or N:M), on tensor cores."""
     return f"""
 kernel lin(X: {dtype}[M, K], W: {dtype}[N, K] @ {fmt}, b: {dtype}[N]) -> (Y: {dtype}[M, N]) {{
     Y[m, n] = gelu(sum(k) X[m, k] * W[n, k] + b[n])
@@ -93,7 +101,7 @@ def scheduled_programs(**options) -> list[sd.Program]:
     """The programs with GPU schedules that the GPU tests run (staging, cross-thread sums, tensor
     cores)."""
     sources = [staged_source(*case) for case in STAGED] + [warp_schedule(t) for t in WARP_THREADS]
-    sources += [tensor_core_source(*case) for case in TENSOR_CORES]
+    sources += [tensor_core_source(*case) for case in TENSOR_CORES + TENSOR_CORES_NM]
     return [sd.compile(source, target="cuda", **options) for source in sources]
 
 

@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 
 import sparsedsl as sd
 from sparsedsl.cli import main as cli
-from tests.cuda.gpu_cases import SDDMM, STAGED, TENSOR_CORES, staged_source, tensor_core_source, warp_schedule
+from tests.cuda.gpu_cases import (
+    SDDMM,
+    STAGED,
+    TENSOR_CORES,
+    TENSOR_CORES_NM,
+    staged_source,
+    tensor_core_source,
+    warp_schedule,
+)
 from tests.strategies import FORMATS, sparse_case
 
 HERE = Path(__file__).parent
@@ -343,7 +351,7 @@ def test_tensor_cores_match_dense_on_random_cases(tensor_core_programs, data):
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_tensor_core_kernels_compile_to_wmma(arch, tmp_path):
-    for case in TENSOR_CORES:
+    for case in TENSOR_CORES + TENSOR_CORES_NM:
         source = sd.compile(tensor_core_source(*case), target="cuda", arch=arch, cache_dir="off").lin.source("cuda")
         assert "wmma::mma_sync" in source and "wmma::load_matrix_sync" in source
         _nvcc(source, arch, tmp_path)
@@ -410,3 +418,17 @@ def test_coo_sddmm_spreads_its_positions_over_blocks():
     flat = [sources[kind][key] for kind, key in inst.plan(prog.sddmm.kernel)]
     grid, block = next(iter(inst.built.launches.values())).dims(flat)
     assert grid == (S.nnz, 1, 1) and block == (32, 1, 1)
+
+
+@pytest.mark.parametrize("fmt, n, k", [("NM(2, 4)", 40, 24), ("NM(1, 4)", 32, 64), ("NM(2, 8)", 48, 40)])
+@pytest.mark.parametrize("m", [1, 70, 128])
+def test_tensor_cores_for_n_m_decompress_each_tile(fmt, n, k, m):
+    """N:M on tensor cores: each 16 x 16 weight tile decompressed in shared memory, run serially
+    (rows and columns that are not multiples of 16 included)."""
+    prog = _emulate(tensor_core_source(fmt, "f16", 64))
+    gen = torch.Generator().manual_seed(m + n)
+    w = sd.prune(torch.randn(n, k, generator=gen), prog.format(fmt)).half()
+    x, b = torch.randn(m, k, generator=gen).half(), torch.randn(n, generator=gen).half()
+    expected = torch.nn.functional.gelu(x.float() @ w.float().T + b.float())
+    actual = prog.lin(x, prog.pack(fmt, w), b).float()
+    assert ((actual - expected).norm() / expected.norm()).item() < 1e-2

@@ -17,6 +17,7 @@ from tests.cuda.gpu_cases import (
     MODEL_FORMATS,
     STAGED,
     TENSOR_CORES,
+    TENSOR_CORES_NM,
     WARP_THREADS,
     program,
     staged_source,
@@ -147,7 +148,7 @@ def test_cross_thread_sums_on_the_gpu(threads):
     _close(prog.sddmm(a, b, S).cpu().to_dense(), (af.T @ bf) * pattern, "f32")
 
 
-@pytest.mark.parametrize("fmt, dtype, tile", TENSOR_CORES)
+@pytest.mark.parametrize("fmt, dtype, tile", TENSOR_CORES + TENSOR_CORES_NM)
 @pytest.mark.parametrize("m", [1, 64, 256, 301])
 def test_tensor_cores_on_the_gpu(fmt, dtype, tile, m):
     prog = sd.compile(tensor_core_source(fmt, dtype, tile), target="cuda")
