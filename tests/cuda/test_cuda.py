@@ -366,6 +366,8 @@ def test_tensor_core_kernels_compile_to_wmma(arch, tmp_path):
         ("BSR(64, 16)", "f16", 128, "more than 16 fragments"),
         ("CSR", "f16", 64, "no block product"),
         ("BSR(16, 512)", "f16", 64, "more than 49152"),
+        ("NM(1, 3)", "f16", 64, "groups of 3 columns must divide 16"),
+        ("ELL(3)", "f16", 64, "no N:M product"),
     ],
 )
 def test_tensorize_refuses_what_tensor_cores_cannot_do(fmt, dtype, tile, message):
