@@ -270,17 +270,16 @@ def _match_slots(func: L.LoopFunc, row: str, tile: int, refuse: Callable[[str], 
 
 def _tensorize_slots(func: L.LoopFunc, refuse: Callable[[str], ScheduleError]) -> L.LoopFunc:
     """An N:M linear layer on tensor cores: per 16-row block and 16-column step, the warp
-    decompresses the weight tile into shared memory (zeros, then each group's stored slots at
-    their coordinates) and multiplies it with the activation tiles like ``tensorize``'s blocks."""
+    decompresses the weight tile into shared memory (``_decompress``) and multiplies it with the
+    activation tiles like ``tensorize``'s blocks."""
     meta = func.meta
     token, tile, rows = meta["token"], meta["tile"], meta["rows"]
     match = _match_slots(func, rows[0], tile, refuse)
-    x, per_step = match.x, T // match.group
+    x = match.x
     if T * tile * (BYTES[x.dtype] + BYTES["float32"]) + T * T * BYTES[x.dtype] > SHARED_BYTES:
         raise refuse(f"a {tile}-token tile takes more than {SHARED_BYTES} bytes of shared memory")
     t, lane_j, j = L.Var(f"{token}_t"), L.Var(f"{token}_j"), L.Var("tile_j")
-    block, step, r, g = L.Var(f"{rows[0]}_t"), L.Var("k_step"), L.Var("tile_r"), L.Var("tile_g")
-    pair, slot, col = L.Var("tile_pair"), L.Var("tile_slot"), L.Var("tile_col")
+    block, step, r = L.Var(f"{rows[0]}_t"), L.Var("k_step"), L.Var("tile_r")
     warp = L.For(t, L.const(0), L.const(WARP), None, L.LoopKind.THREAD_X)
     zero, ones = L.const(0), L.const(T)
     w_s = L.Buffer(f"{match.value.buffer.name}_s", x.dtype, (ones, ones), "shared")
@@ -290,53 +289,8 @@ def _tensorize_slots(func: L.LoopFunc, refuse: Callable[[str], ScheduleError]) -
     acc = L.Buffer("acc", "float32", (ones, L.const(tile)), "wmma.accumulator")
     out = L.Buffer("acc_s", "float32", (ones, L.const(tile)), "shared")
     row = L.add(L.mul(block, ones), r)
-    group = L.add(L.mul(step, L.const(per_step)), g)
-
-    def at(e: L.Expr) -> L.Expr:
-        """An index of the original nest at this thread's row, group and slot."""
-        for var, value in ((match.row.var, row), (match.groups.var, group), (match.slots.var, slot)):
-            e = substitute(e, var.name, value)
-        return e
-
-    def slot_value(k: int, column: L.Expr) -> L.Expr:
-        """Stored slot ``k``'s value if its coordinate is ``column``, else 0."""
-        here = substitute(at(match.coordinate.value), slot.name, L.const(k))
-        value = substitute(at(match.value), slot.name, L.const(k))
-        return L.Select(L.Bin("==", here, column), value, L.const(0.0, x.dtype))
-
-    # each column of the group sums the slots stored at it (a padding slot may repeat a stored
-    # coordinate with a zero value); written once, never read back by the warp before the sync
-    dense = L.add(L.mul(g, L.const(match.group)), col)
-    total = slot_value(0, col)
-    for k in range(1, match.slots.extent.value):
-        total = L.add(total, slot_value(k, col))
-    stored = L.For(col, zero, L.const(match.group), L.Store(w_s, (r, dense), total))
-    in_range = L.Bin("and", L.Bin("<", row, match.row.extent), L.Bin("<", group, match.groups.extent))
-    unpack = L.seq(
-        L.Let(r, L.floordiv(pair, L.const(per_step))),
-        L.Let(g, L.mod(pair, L.const(per_step))),
-        L.For(
-            col,
-            zero,
-            L.const(match.group),
-            L.Store(w_s, (r, L.add(L.mul(g, L.const(match.group)), col)), L.const(0.0, x.dtype)),
-        ),
-        L.If(in_range, stored),
-    )
-    pairs = T * per_step
-    decompress = L.For(
-        L.Var("tile_q"),
-        zero,
-        L.const(-(-pairs // WARP)),
-        replace(
-            warp,
-            body=L.seq(
-                L.Let(pair, L.add(L.mul(L.Var("tile_q"), L.const(WARP)), t)),
-                L.If(L.Bin("<", pair, L.const(pairs)), unpack),
-            ),
-        ),
-    )
-    wraps, core = unwrap(match.token_index, {"": 0})
+    decompress = _decompress(match, w_s, block, step, warp)
+    wraps, core = unwrap(match.token_index, {})
     m_inner = next(f.var.name for f in loops(match.slots.body))
     m_base = affine(core, {m_inner: tile})[0]
     box = [((), L.mul(step, ones)), (wraps, m_base)]
@@ -375,3 +329,38 @@ def _tensorize_slots(func: L.LoopFunc, refuse: Callable[[str], ScheduleError]) -
     new = rewrite_loops(func.body, lambda f: blocks if f.var.name == rows[0] else None)
     new = rebind(new, f"{token}_o", L.LoopKind.BLOCK_Y)
     return replace(func, body=new, meta={**func.meta, "tensor_cores": True})
+
+
+def _decompress(match: _SlotProduct, w_s: L.Buffer, block: L.Var, step: L.Var, warp: L.For) -> L.Stmt:
+    """The warp writes weight tile (``block``, ``step``) densely into ``w_s``: a thread per (row,
+    group), each column of the group the sum of the slots stored at it (a padding slot may repeat
+    a stored coordinate with a zero value), zero outside the tensor. Every element is written by
+    one thread and never read back before the barrier TVM puts ahead of the tile load."""
+    per_step, width = T // match.group, match.group
+    r, g, pair, col, q = (L.Var(n) for n in ("tile_r", "tile_g", "tile_pair", "tile_col", "tile_q"))
+    row, group = L.add(L.mul(block, L.const(T)), r), L.add(L.mul(step, L.const(per_step)), g)
+
+    def stored(k: int) -> L.Expr:
+        """Slot ``k``'s value if its coordinate is ``col``, else 0."""
+        at = {match.row.var.name: row, match.groups.var.name: group, match.slots.var.name: L.const(k)}
+        coordinate, value = match.coordinate.value, match.value
+        for name, v in at.items():
+            coordinate, value = substitute(coordinate, name, v), substitute(value, name, v)
+        return L.Select(L.Bin("==", coordinate, col), value, L.const(0.0, w_s.dtype))
+
+    total = stored(0)
+    for k in range(1, match.slots.extent.value):
+        total = L.add(total, stored(k))
+    column = (r, L.add(L.mul(g, L.const(width)), col))
+    in_range = L.Bin("and", L.Bin("<", row, match.row.extent), L.Bin("<", group, match.groups.extent))
+    unpack = L.seq(
+        L.Let(r, L.floordiv(pair, L.const(per_step))),
+        L.Let(g, L.mod(pair, L.const(per_step))),
+        L.For(col, L.const(0), L.const(width), L.Store(w_s, column, L.const(0.0, w_s.dtype))),
+        L.If(in_range, L.For(col, L.const(0), L.const(width), L.Store(w_s, column, total))),
+    )
+    pairs = T * per_step
+    thread = L.seq(
+        L.Let(pair, L.add(L.mul(q, L.const(WARP)), warp.var)), L.If(L.Bin("<", pair, L.const(pairs)), unpack)
+    )
+    return L.For(q, L.const(0), L.const(-(-pairs // WARP)), replace(warp, body=thread))
