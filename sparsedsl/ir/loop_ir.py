@@ -311,7 +311,9 @@ def subexprs(e: Expr) -> list[Expr]:
 
 
 def stmt_exprs(s: Stmt) -> list[Expr]:
-    """The expressions a statement tree evaluates: loop bounds, indices, values, conditions."""
+    """The expressions a statement tree evaluates: loop bounds, indices, values, conditions.
+    Like ``stores`` and ``allocs``, it does not look into tile statements: they appear only once
+    ``tensorize`` has mapped a kernel, and no checked rewrite may follow it."""
     match s:
         case For(_, start, extent, body, _):
             return [start, extent, *stmt_exprs(body)]
