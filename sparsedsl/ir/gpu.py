@@ -130,30 +130,10 @@ def _thread_body(s: L.Stmt, name: str, wrap) -> L.Stmt:
 
 
 def _indexes(s: L.Stmt, buffer: str, var: str) -> bool:
-    """Whether ``var`` appears in an index of ``buffer`` in ``s``."""
-    match s:
-        case L.For(body=body) | L.If(then=body):
-            return _indexes(body, buffer, var)
-        case L.Seq(stmts):
-            return any(_indexes(st, buffer, var) for st in stmts)
-        case L.Store(buf, idx, value):
-            return (buf.name == buffer and any(L.uses(i, var) for i in idx)) or _loads_index(value, buffer, var)
-    return False
-
-
-def _loads_index(e: L.Expr, buffer: str, var: str) -> bool:
-    match e:
-        case L.Load(buf, idx):
-            return buf.name == buffer and any(L.uses(i, var) for i in idx)
-        case L.Bin(_, a, b):
-            return _loads_index(a, buffer, var) or _loads_index(b, buffer, var)
-        case L.Call(_, args, _):
-            return any(_loads_index(a, buffer, var) for a in args)
-        case L.Cast(_, v):
-            return _loads_index(v, buffer, var)
-        case L.Select(c, t, o):
-            return any(_loads_index(x, buffer, var) for x in (c, t, o))
-    return False
+    """Whether ``var`` appears in an index of ``buffer`` in ``s`` (a store or a load)."""
+    loads = [e for x in L.stmt_exprs(s) for e in L.subexprs(x) if isinstance(e, L.Load)]
+    accesses = [(a.buffer, a.indices) for a in (*L.stores(s), *loads)]
+    return any(buf.name == buffer and any(L.uses(i, var) for i in idx) for buf, idx in accesses)
 
 
 MAX_UNROLL = 64

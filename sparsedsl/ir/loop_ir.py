@@ -328,28 +328,25 @@ def stmt_exprs(s: Stmt) -> list[Expr]:
     return []
 
 
+def leaves(s: Stmt) -> list[Stmt]:
+    """Every statement of a tree that holds no other (stores, lets, allocs, tile statements), in
+    order; ``allocs``, ``stores`` and the passes filter it."""
+    match s:
+        case For(body=body) | If(then=body):
+            return leaves(body)
+        case Seq(stmts):
+            return [x for st in stmts for x in leaves(st)]
+    return [s]
+
+
 def allocs(s: Stmt) -> list[Buffer]:
     """The local buffers a statement tree declares."""
-    match s:
-        case Alloc(buf):
-            return [buf]
-        case For(body=body) | If(then=body):
-            return allocs(body)
-        case Seq(stmts):
-            return [x for st in stmts for x in allocs(st)]
-    return []
+    return [x.buffer for x in leaves(s) if isinstance(x, Alloc)]
 
 
 def stores(s: Stmt) -> list[Store]:
-    """Every store in a statement tree."""
-    match s:
-        case Store():
-            return [s]
-        case For(body=body) | If(then=body):
-            return stores(body)
-        case Seq(stmts):
-            return [x for st in stmts for x in stores(st)]
-    return []
+    """Every store in a statement tree (tile statements are not stores: see ``stmt_exprs``)."""
+    return [x for x in leaves(s) if isinstance(x, Store)]
 
 
 def dtype_of(e: Expr) -> str:

@@ -137,7 +137,7 @@ def box_of(tensor: L.Buffer, body: L.Stmt, span: Span | None) -> tuple[Box, list
             inner[f.var.name] = f.extent.value
         else:
             unbounded.add(f.var.name)
-    unbounded |= {s.var.name for s in _lets(body)}
+    unbounded |= {s.var.name for s in L.leaves(body) if isinstance(s, L.Let)}
     reads = [e for x in L.stmt_exprs(body) for e in L.subexprs(x) if isinstance(e, L.Load) and e.buffer == tensor]
     if not reads:
         raise ScheduleError(f"cannot stage '{tensor.name}': the loop does not read it", span)
@@ -172,17 +172,6 @@ def box_of(tensor: L.Buffer, body: L.Stmt, span: Span | None) -> tuple[Box, list
         return tuple(out)
 
     return box, extents, offsets
-
-
-def _lets(s: L.Stmt) -> list[L.Let]:
-    match s:
-        case L.Let():
-            return [s]
-        case L.For(body=body) | L.If(then=body):
-            return _lets(body)
-        case L.Seq(stmts):
-            return [x for st in stmts for x in _lets(st)]
-    return []
 
 
 def copy_box(tensor: L.Buffer, staged: L.Buffer, box: Box, extents: list[int], thread: L.For) -> L.Stmt:

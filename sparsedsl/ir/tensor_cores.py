@@ -47,6 +47,30 @@ def _corner(row: L.Expr, col: L.Expr, ld: int, base: L.Expr | None = None) -> L.
     return L.add(base or L.const(0), L.add(L.mul(L.mul(row, L.const(T)), L.const(ld)), L.mul(col, L.const(T))))
 
 
+def _reads_acc(s: L.Stmt) -> bool:
+    return any(isinstance(e, L.Load) and e.buffer.name == "acc" for x in L.stmt_exprs(s) for e in L.subexprs(x))
+
+
+def _is_writeout(s: L.Stmt) -> bool:
+    """The statement that applies the epilogue to the accumulator (reads it, writes elsewhere)."""
+    return _reads_acc(s) and "acc" not in {st.buffer.name for st in L.stores(s)}
+
+
+def _tiles(rows: int, cols: int, body_of: Callable[[L.Var, L.Var], L.Stmt]) -> L.Stmt:
+    """``body_of(i, j)`` for every tile of a ``rows x cols`` fragment, unrolled."""
+    i, j = L.Var("tile_i"), L.Var("tile_j")
+    if rows == T:  # one row of tiles: no loop over it
+        return L.For(j, L.const(0), L.const(cols // T), body_of(L.const(0), j), L.LoopKind.UNROLLED)
+    inner = L.For(j, L.const(0), L.const(cols // T), body_of(i, j), L.LoopKind.UNROLLED)
+    return L.For(i, L.const(0), L.const(rows // T), inner, L.LoopKind.UNROLLED)
+
+
+def _spill(acc: L.Buffer, out: L.Buffer) -> L.Stmt:
+    """Store every accumulator tile to the same place of the shared ``out``."""
+    rows, cols = acc.shape[0].value, acc.shape[1].value
+    return _tiles(rows, cols, lambda i, j: L.TileCopy(acc, (i, j), out, _corner(i, j, cols), L.const(cols), load=False))
+
+
 def _update_nest(s: L.Stmt) -> L.For | None:
     """The first ``for a: for b: for c: acc[a, c] = acc[a, c] + P * Q`` nest."""
     for loop in loops(s):
@@ -64,7 +88,6 @@ def _update_nest(s: L.Stmt) -> L.For | None:
 class _BlockProduct:
     """The matched nest: ``acc[n_i, m_i] += X_T[k rows, token columns] * W[w_base + n_i * bn + k_i]``."""
 
-    nest: L.For
     bm: int
     bn: int
     w: L.Buffer
@@ -73,11 +96,8 @@ class _BlockProduct:
     box: Box
 
 
-def _match(func: L.LoopFunc, tile: int, refuse: Callable[[str], ScheduleError], span: Span | None) -> _BlockProduct:
-    """Find the block product in a (transposed) gathering kernel and check it fits tensor cores."""
-    nest = _update_nest(func.body)
-    if nest is None:
-        raise refuse("no block product 'acc[n_i, m_i] += X[..] * W[..]' in it")
+def _match(nest: L.For, tile: int, refuse: Callable[[str], ScheduleError], span: Span | None) -> _BlockProduct:
+    """Check that the block product ``nest`` of a (transposed) gathering kernel fits tensor cores."""
     n_loop, k_loop, m_loop = nest, nest.body, nest.body.body
     extents = {f.var.name: f.extent.value for f in (n_loop, k_loop, m_loop) if isinstance(f.extent, L.Const)}
     if len(extents) < 3 or any(v % T for v in extents.values()) or tile % WARP:
@@ -106,7 +126,7 @@ def _match(func: L.LoopFunc, tile: int, refuse: Callable[[str], ScheduleError], 
     box, box_extents, _ = box_of(x_read.buffer, nest, span)
     if box_extents != [bn, tile] or box[0][0]:
         raise refuse(f"'{x_read.buffer.name}' is read over a {box_extents} box, not [{bn}, {tile}]")
-    return _BlockProduct(nest, bm, bn, w_read.buffer, w_part[0], x_read.buffer, box)
+    return _BlockProduct(bm, bn, w_read.buffer, w_part[0], x_read.buffer, box)
 
 
 def _activation_tiles(
@@ -158,10 +178,11 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
     if meta.get("mode") != "gather" or token is None or not rows:
         raise refuse("tensor cores need a gathering kernel over row blocks with a token index (a linear layer)")
     func = transpose_operands(func, set(meta["thread_major"]))
-    if _update_nest(func.body) is None:
+    nest = _update_nest(func.body)
+    if nest is None:
         return _tensorize_slots(func, refuse)
-    match = _match(func, tile, refuse, span)
-    nest, bm, bn, x, box = match.nest, match.bm, match.bn, match.x, match.box
+    match = _match(nest, tile, refuse, span)
+    bm, bn, x, box = match.bm, match.bn, match.x, match.box
     shared = bn * tile * BYTES[x.dtype] + bm * tile * BYTES["float32"]
     if shared > SHARED_BYTES:
         raise refuse(f"its staged tile and accumulator take {shared} bytes of shared memory, more than {SHARED_BYTES}")
@@ -174,10 +195,6 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
     i, j, k = L.Var("tile_i"), L.Var("tile_j"), L.Var("tile_k")
     warp = L.For(t, L.const(0), L.const(WARP), None, L.LoopKind.THREAD_X)
 
-    def each_tile(body_of) -> L.Stmt:
-        inner = L.For(j, L.const(0), L.const(tile // T), body_of(i, j), L.LoopKind.UNROLLED)
-        return L.For(i, L.const(0), L.const(bm // T), inner, L.LoopKind.UNROLLED)
-
     zero = L.const(0)
     prologue, b_tiles = _activation_tiles(x, x_s, b, box, bn, k, j, warp)
     step = L.seq(
@@ -188,7 +205,7 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
             L.TileCopy(a, (i, zero), match.w, _corner(i, k, bn, match.w_base), L.const(bn), load=True),
         ),
         b_tiles,
-        each_tile(lambda ti, tj: L.TileMma(acc, (ti, tj), a, (ti, zero), b, (zero, tj))),
+        _tiles(bm, tile, lambda ti, tj: L.TileMma(acc, (ti, tj), a, (ti, zero), b, (zero, tj))),
     )
     products = L.seq(prologue, L.For(k, zero, L.const(bn // T), step))
     lanes = L.Var(f"{token}_i")
@@ -197,16 +214,11 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
         """One statement of the row block's body, on tensor cores."""
         if isinstance(s, L.Alloc) and s.buffer.name == "acc":
             return L.seq(*(L.Alloc(buf) for buf in (acc, a, b, x_s, out)))
-        stored = {st.buffer.name for st in L.stores(s)}
-        read = any(isinstance(e, L.Load) and e.buffer.name == "acc" for x in L.stmt_exprs(s) for e in L.subexprs(x))
-        if stored == {"acc"} and not read:  # zeroing
-            return each_tile(lambda ti, tj: L.TileFill(acc, (ti, tj)))
-        if read and "acc" not in stored:  # write-out: through shared memory, a token per thread
-            spill = each_tile(
-                lambda ti, tj: L.TileCopy(acc, (ti, tj), out, _corner(ti, tj, tile), L.const(tile), load=False)
-            )
+        if {st.buffer.name for st in L.stores(s)} == {"acc"} and not _reads_acc(s):  # zeroing
+            return _tiles(bm, tile, lambda ti, tj: L.TileFill(acc, (ti, tj)))
+        if _is_writeout(s):  # through shared memory, a token per thread
             threads = split_lanes(map_buffer(s, "acc", out, lambda idx: idx), lanes.name, lane_j, tile // WARP, t)
-            return L.seq(spill, replace(warp, body=threads))
+            return L.seq(_spill(acc, out), replace(warp, body=threads))
         return rewrite_loops(s, lambda f: products if f == nest else None)
 
     def row_block(loop: L.For) -> L.Stmt | None:
@@ -295,34 +307,23 @@ def _tensorize_slots(func: L.LoopFunc, refuse: Callable[[str], ScheduleError]) -
     m_base = affine(core, {m_inner: tile})[0]
     box = [((), L.mul(step, ones)), (wraps, m_base)]
     prologue, b_tiles = _activation_tiles(x, x_s, b, box, T, zero, j, warp)
-    each = L.For(
-        j, zero, L.const(tile // T), L.TileMma(acc, (zero, j), a, (zero, zero), b, (zero, j)), L.LoopKind.UNROLLED
-    )
+    each = _tiles(T, tile, lambda ti, tj: L.TileMma(acc, (ti, tj), a, (ti, zero), b, (zero, tj)))
     steps = L.For(
         step,
         zero,
         L.floordiv(L.add(x.shape[0], L.const(T - 1)), ones),
         L.seq(decompress, L.TileCopy(a, (zero, zero), w_s, zero, ones, load=True), prologue, b_tiles, each),
     )
-    stmts = match.row.body.stmts
-    writeout = next(
-        s
-        for s in stmts
-        if any(isinstance(e, L.Load) and e.buffer.name == "acc" for x_ in L.stmt_exprs(s) for e in L.subexprs(x_))
-        and "acc" not in {st.buffer.name for st in L.stores(s)}
-    )
+    writeout = next(s for s in match.row.body.stmts if _is_writeout(s))
     tokens = map_buffer(substitute(writeout, match.row.var.name, row), "acc", out, lambda idx: (r, *idx))
-    spill = L.For(
-        j, zero, L.const(tile // T), L.TileCopy(acc, (zero, j), out, L.mul(j, ones), L.const(tile), load=False)
-    )
     lanes = split_lanes(
         L.For(r, zero, ones, L.If(L.Bin("<", row, match.row.extent), tokens)), f"{token}_i", lane_j, tile // WARP, t
     )
     body = L.seq(
         *(L.Alloc(buf) for buf in (acc, a, b, w_s, x_s, out)),
-        L.For(j, zero, L.const(tile // T), L.TileFill(acc, (zero, j)), L.LoopKind.UNROLLED),
+        _tiles(T, tile, lambda ti, tj: L.TileFill(acc, (ti, tj))),
         steps,
-        spill,
+        _spill(acc, out),
         replace(warp, body=lanes),
     )
     blocks = L.For(block, zero, L.floordiv(L.add(match.row.extent, L.const(T - 1)), ones), body, L.LoopKind.BLOCK_X)

@@ -242,12 +242,13 @@ class CompiledKernel:
             "sparse": _aligned(buffers) if inst.meta.get("tensor_cores") else buffers,
         }
         sources["out"] = {None: result}
-        sources["scratch"] = {
-            key: torch.empty([sizes[d] for d in key], dtype=torch.float32, device=device)
-            for kind, key in inst.plan(kernel)
-            if kind == "scratch"
-        }
-        flat = [sources[kind][key] for kind, key in inst.plan(kernel)]
+
+        def argument(kind: str, key):
+            if kind == "scratch":  # a float32 work buffer of these sizes
+                return torch.empty([sizes[d] for d in key], dtype=torch.float32, device=device)
+            return sources[kind][key]
+
+        flat = [argument(kind, key) for kind, key in inst.plan(kernel)]
         inst.function(sizes)(*flat)
         if out.pattern_of:
             return sparse.with_values(result)

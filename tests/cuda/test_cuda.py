@@ -216,9 +216,19 @@ def test_cross_thread_reductions_compile_to_shuffles(tmp_path):
             "split k by 4 into ko, ki; bind ki to threadIdx.x",
             "'m_t' around or inside it",
         ),
+        (SDDMM, "stage A in shared at k", "not an offset plus constant multiples"),
+        (SDDMM, "stage Y in shared at k", "not a tensor argument"),
+        (SDDMM, "stage S_vals in shared at k", "the loop does not read it"),
+        (SDDMM, "stage A in shared at nope", "has no loop 'nope'"),
+        (
+            "kernel lin(X: f32[M, K], W: f32[N, K] @ BSR(32, 32)) -> (Y: f32[M, N]) {"
+            " Y[m, n] = sum(k) X[m, k] * W[n, k] }",
+            "tile m by 512; stage X in shared at k_o",
+            "more than 49152",
+        ),
     ],
 )
-def test_illegal_gpu_bindings_are_located_errors(kernel, directives, message):
+def test_illegal_gpu_schedules_are_located_errors(kernel, directives, message):
     with pytest.raises(sd.ScheduleError, match=message) as err:
         name = kernel.split()[1].split("(")[0]
         sd.compile(f"{kernel}\nschedule {name} on cuda {{\n  {directives}\n}}", target="cuda")
@@ -272,25 +282,6 @@ def test_staged_kernels_compile(fmt, linear_loop, transposed_loop, tmp_path):
         source = kernel.source("cuda")
         assert "__shared__" in source
         _nvcc(source, "sm_90", tmp_path)
-
-
-@pytest.mark.parametrize(
-    "kernel, directives, message",
-    [
-        (SDDMM, "stage A in shared at k", "not an offset plus constant multiples"),
-        (SDDMM, "stage Y in shared at k", "not a tensor argument"),
-        (SDDMM, "stage S_vals in shared at k", "the loop does not read it"),
-        (SDDMM, "stage A in shared at nope", "has no loop 'nope'"),
-        (
-            "kernel lin(X: f32[M, K], W: f32[N, K] @ BSR(32, 32)) -> (Y: f32[M, N]) {"
-            " Y[m, n] = sum(k) X[m, k] * W[n, k] }",
-            "tile m by 512; stage X in shared at k_o",
-            "more than 49152",
-        ),
-    ],
-)
-def test_illegal_staging_is_a_located_error(kernel, directives, message):
-    test_illegal_gpu_bindings_are_located_errors(kernel, directives, message)
 
 
 def test_staging_needs_a_box_known_from_loop_bounds_and_a_place():
