@@ -132,14 +132,23 @@ def emulated():
 @pytest.mark.parametrize("fmt", [f for f, _, _ in FORMATS])
 @pytest.mark.parametrize("m", [1, 45])
 def test_gpu_mapping_computes_the_right_numbers(emulated, fmt, m):
-    gen = torch.Generator().manual_seed(m)
-    w = sd.prune(torch.randn(32, 64, generator=gen), emulated.format(fmt), 0.7)
-    W = emulated.pack(fmt, w)
-    x, b, g = torch.randn(m, 64, generator=gen), torch.randn(32, generator=gen), torch.randn(m, 32, generator=gen)
-    torch.testing.assert_close(emulated.bias_gelu(x, W, b), torch.nn.functional.gelu(x @ w.T + b), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(emulated.transposed(g, W), g @ w, rtol=1e-4, atol=1e-4)
-    pattern = W.with_values(torch.ones_like(W.values)).to_dense()
-    torch.testing.assert_close(emulated.sddmm(g, x, W).to_dense(), (g.T @ x) * pattern, rtol=1e-4, atol=1e-4)
+    _check_layer(emulated, ("bias_gelu", "transposed", "sddmm"), fmt, 32, 64, m, 0.7, m)
+
+
+def _check_layer(prog, kernels, fmt, n, k, m, sparsity, seed) -> None:
+    """A linear layer with bias and GELU, its transposed product and (if named) its SDDMM on a
+    pruned ``n x k`` weight, against dense torch."""
+    linear, transposed, sddmm = kernels
+    gen = torch.Generator().manual_seed(seed)
+    w = sd.prune(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity)
+    W = prog.pack(fmt, w)
+    x, b, g = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen), torch.randn(m, n, generator=gen)
+    close = {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(getattr(prog, linear)(x, W, b), torch.nn.functional.gelu(x @ w.T + b), **close)
+    torch.testing.assert_close(getattr(prog, transposed)(g, W), g @ w, **close)
+    if sddmm:
+        pattern = W.with_values(torch.ones_like(W.values)).to_dense()
+        torch.testing.assert_close(getattr(prog, sddmm)(g, x, W).to_dense(), (g.T @ x) * pattern, **close)
 
 
 @settings(
@@ -150,14 +159,7 @@ def test_gpu_mapping_matches_dense_on_random_cases(emulated, case, m):
     """The default GPU mapping of the three kernels, run serially, over random formats, shapes
     (token counts across the 128-token tiles) and sparsities."""
     fmt, n, k, _, sparsity, seed = case
-    gen = torch.Generator().manual_seed(seed)
-    w = sd.prune(torch.randn(n, k, generator=gen), emulated.format(fmt), sparsity)
-    W = emulated.pack(fmt, w)
-    x, b, g = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen), torch.randn(m, n, generator=gen)
-    torch.testing.assert_close(emulated.bias_gelu(x, W, b), torch.nn.functional.gelu(x @ w.T + b), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(emulated.transposed(g, W), g @ w, rtol=1e-4, atol=1e-4)
-    pattern = W.with_values(torch.ones_like(W.values)).to_dense()
-    torch.testing.assert_close(emulated.sddmm(g, x, W).to_dense(), (g.T @ x) * pattern, rtol=1e-4, atol=1e-4)
+    _check_layer(emulated, ("bias_gelu", "transposed", "sddmm"), fmt, n, k, m, sparsity, seed)
 
 
 @needs_nvcc
@@ -264,12 +266,7 @@ def test_thread_reductions_must_be_plain_sums():
 def test_staging_in_shared_memory_keeps_the_numbers(fmt, linear_loop, transposed_loop, m):
     prog = _emulate(staged_source(fmt, linear_loop, transposed_loop))
     assert "shared X_s" in sd.compile(staged_source(fmt, linear_loop, transposed_loop), target="cuda").lin.source("ir")
-    gen = torch.Generator().manual_seed(m)
-    w = sd.prune(torch.randn(32, 64, generator=gen), prog.format(fmt), 0.7)
-    W = prog.pack(fmt, w)
-    x, b, g = torch.randn(m, 64, generator=gen), torch.randn(32, generator=gen), torch.randn(m, 32, generator=gen)
-    torch.testing.assert_close(prog.lin(x, W, b), torch.nn.functional.gelu(x @ w.T + b), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(prog.tr(g, W), g @ w, rtol=1e-4, atol=1e-4)
+    _check_layer(prog, ("lin", "tr", None), fmt, 32, 64, m, 0.7, m)
 
 
 @needs_nvcc
