@@ -15,7 +15,6 @@ from sparsedsl.ir.gpu import map_buffer
 from sparsedsl.ir.schedule import rewrite_loops
 
 _GPU = (L.LoopKind.BLOCK_X, L.LoopKind.BLOCK_Y, L.LoopKind.THREAD_X)
-_ON_CHIP = ("shared", "thread", "wmma.matrix_a", "wmma.matrix_b", "wmma.accumulator")
 
 
 def serial_equivalent(func: L.LoopFunc) -> L.LoopFunc:
@@ -28,7 +27,7 @@ def serial_equivalent(func: L.LoopFunc) -> L.LoopFunc:
 
     body = rewrite_loops(_expand_tiles(func.body), serial)
     for buf in L.allocs(body):
-        if buf.scope in _ON_CHIP:
+        if buf.scope not in ("global", "local"):  # shared, thread-private, tensor-core fragments
             body = map_buffer(body, buf.name, replace(buf, scope="local"), lambda idx: idx)
     return replace(func, body=body)
 

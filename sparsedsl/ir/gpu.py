@@ -131,8 +131,7 @@ def _thread_body(s: L.Stmt, name: str, wrap) -> L.Stmt:
 
 def _indexes(s: L.Stmt, buffer: str, var: str) -> bool:
     """Whether ``var`` appears in an index of ``buffer`` in ``s`` (a store or a load)."""
-    loads = [e for x in L.stmt_exprs(s) for e in L.subexprs(x) if isinstance(e, L.Load)]
-    accesses = [(a.buffer, a.indices) for a in (*L.stores(s), *loads)]
+    accesses = [(a.buffer, a.indices) for a in (*L.stores(s), *L.loads(s))]
     return any(buf.name == buffer and any(L.uses(i, var) for i in idx) for buf, idx in accesses)
 
 

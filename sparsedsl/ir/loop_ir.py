@@ -328,6 +328,11 @@ def stmt_exprs(s: Stmt) -> list[Expr]:
     return []
 
 
+def loads(s: Stmt) -> list[Load]:
+    """Every read of a buffer in a statement tree (in bounds, indices, values and conditions)."""
+    return [e for x in stmt_exprs(s) for e in subexprs(x) if isinstance(e, Load)]
+
+
 def leaves(s: Stmt) -> list[Stmt]:
     """Every statement of a tree that holds no other (stores, lets, allocs, tile statements), in
     order; ``allocs``, ``stores`` and the passes filter it."""

@@ -135,7 +135,7 @@ def _check_thread_loop(func: L.LoopFunc, loop: L.For, span: Span | None) -> None
             size *= d.value if isinstance(d, L.Const) else MAX_REDUCED + 1
         if size > MAX_REDUCED:
             raise ScheduleError(f"{what}: its accumulator '{buf}' must hold at most {MAX_REDUCED} values", span)
-    loads = [e for x in L.stmt_exprs(loop.body) for e in L.subexprs(x) if isinstance(e, L.Load)]
+    loads = L.loads(loop.body)
     for buf, count in sums.items():
         if sum(e.buffer.name == buf for e in loads) != count:
             raise ScheduleError(f"{what}: the accumulator '{buf}' is read inside it, not only added to", span)

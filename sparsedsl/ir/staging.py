@@ -138,7 +138,7 @@ def box_of(tensor: L.Buffer, body: L.Stmt, span: Span | None) -> tuple[Box, list
         else:
             unbounded.add(f.var.name)
     unbounded |= {s.var.name for s in L.leaves(body) if isinstance(s, L.Let)}
-    reads = [e for x in L.stmt_exprs(body) for e in L.subexprs(x) if isinstance(e, L.Load) and e.buffer == tensor]
+    reads = [e for e in L.loads(body) if e.buffer == tensor]
     if not reads:
         raise ScheduleError(f"cannot stage '{tensor.name}': the loop does not read it", span)
     box = None

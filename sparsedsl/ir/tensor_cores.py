@@ -48,7 +48,7 @@ def _corner(row: L.Expr, col: L.Expr, ld: int, base: L.Expr | None = None) -> L.
 
 
 def _reads_acc(s: L.Stmt) -> bool:
-    return any(isinstance(e, L.Load) and e.buffer.name == "acc" for x in L.stmt_exprs(s) for e in L.subexprs(x))
+    return any(e.buffer.name == "acc" for e in L.loads(s))
 
 
 def _is_writeout(s: L.Stmt) -> bool:
