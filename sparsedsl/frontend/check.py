@@ -264,8 +264,8 @@ def _check_names(tensors: list[ast.TensorDecl]) -> None:
             None,
         )
         if name in RESERVED or owner is not None:
-            whose = f"'{owner}'" if owner else "the compiler"
-            raise SdslSemanticError(f"tensor name '{name}' is reserved for a buffer of {whose}: rename it", t.name.span)
+            what = f"the compiler's own copy of '{owner}'" if owner else "a buffer the compiler declares"
+            raise SdslSemanticError(f"tensor name '{name}' is reserved for {what}: rename it", t.name.span)
 
 
 def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:

@@ -101,8 +101,11 @@ def _match(nest: L.For, tile: int, refuse: Callable[[str], ScheduleError], span:
     n_loop, k_loop, m_loop = nest, nest.body, nest.body.body
     extents = {f.var.name: f.extent.value for f in (n_loop, k_loop, m_loop) if isinstance(f.extent, L.Const)}
     if len(extents) < 3 or any(v % T for v in extents.values()) or tile % WARP:
-        sizes = " x ".join(L.expr_str(f.extent) for f in (n_loop, k_loop, m_loop))
-        raise refuse(f"its block product is {sizes}: blocks must be multiples of 16, the token tile of 32")
+        rows_, cols, tokens = (L.expr_str(f.extent) for f in (n_loop, k_loop, m_loop))
+        raise refuse(
+            f"its weight blocks are {rows_} x {cols} with a {tokens}-token tile; tensor cores need block "
+            "sides that are multiples of 16 and a token tile that is a multiple of 32 ('tile m by 64')"
+        )
     bm, bn = extents[n_loop.var.name], extents[k_loop.var.name]
     if bm // T * (tile // T) > MAX_ACC_TILES:
         raise refuse(f"a {bm} x {tile} accumulator takes more than {MAX_ACC_TILES} fragments: use a smaller 'tile m'")

@@ -314,7 +314,9 @@ def _bind(kernel: K.Kernel, args, device: str = "cpu") -> tuple[dict, dict[str, 
         if a.dtype != want:
             raise ArgumentError(f"'{p.name}' must be {p.dtype}, got {a.dtype}")
         if a.device.type != device:
-            raise ArgumentError(f"'{p.name}' is on {a.device}, but this kernel was compiled for {device}")
+            raise ArgumentError(
+                f"'{p.name}' is on {a.device}, but this kernel was compiled for {device} (.to('{device}'))"
+            )
         if not a.is_contiguous():
             raise ArgumentError(f"'{p.name}' must be contiguous (call .contiguous() first)")
         bind_shape(p, tuple(a.shape))

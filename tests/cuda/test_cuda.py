@@ -349,8 +349,8 @@ def test_tensor_core_kernels_compile_to_wmma(arch, tmp_path):
     "fmt, dtype, tile, message",
     [
         ("BSR(16, 16)", "f32", 64, "float16 or bfloat16"),
-        ("BSR(4, 1)", "f16", 64, "blocks must be multiples of 16"),
-        ("BSR(16, 16)", "f16", 16, "the token tile of 32"),
+        ("BSR(4, 1)", "f16", 64, "weight blocks are 4 x 1 with a 64-token tile; tensor cores need block sides"),
+        ("BSR(16, 16)", "f16", 16, "token tile that is a multiple of 32"),
         ("BSR(64, 16)", "f16", 128, "more than 16 fragments"),
         ("CSR", "f16", 64, "no block product"),
         ("BSR(16, 512)", "f16", 64, "more than 49152"),
