@@ -12,20 +12,21 @@ from dataclasses import replace
 
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.gpu import map_buffer
-from sparsedsl.ir.schedule import rewrite_loops
+from sparsedsl.ir.schedule import rewrite_loops, rewrite_stores
 
 _GPU = (L.LoopKind.BLOCK_X, L.LoopKind.BLOCK_Y, L.LoopKind.THREAD_X)
 
 
 def serial_equivalent(func: L.LoopFunc) -> L.LoopFunc:
     """The GPU-mapped function as a CPU program with the same meaning: grid and thread loops run
-    one after another, shared, thread-private and fragment buffers are plain local arrays, and
-    tensor-core tile statements are loops."""
+    one after another, atomic adds are plain ones, shared, thread-private and fragment buffers are
+    plain local arrays, and tensor-core tile statements are loops."""
 
     def serial(s: L.Stmt) -> L.Stmt | None:
         return replace(s, kind=L.LoopKind.SERIAL) if s.kind in _GPU else None
 
     body = rewrite_loops(_expand_tiles(func.body), serial)
+    body = rewrite_stores(body, lambda st: replace(st, atomic=False))
     for buf in L.allocs(body):
         if buf.scope not in ("global", "local"):  # shared, thread-private, tensor-core fragments
             body = map_buffer(body, buf.name, replace(buf, scope="local"), lambda idx: idx)

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 from sparsedsl.errors import BackendError, ScheduleError
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.schedule import loops, reorder, rewrite_loops, set_kind, split, substitute
+from sparsedsl.ir.schedule import loops, reorder, rewrite_loops, rewrite_stores, set_kind, split, substitute
 
 
 def _without_lane(s: L.Stmt, lane: str) -> L.Stmt:
@@ -92,7 +92,7 @@ def map_buffer(s: L.Stmt, old: str, new: L.Buffer, index: Callable[[tuple], tupl
             target, where = (
                 (new, index(tuple(expr(i) for i in idx))) if buf.name == old else (buf, tuple(expr(i) for i in idx))
             )
-            return L.Store(target, tuple(where), expr(value))
+            return replace(s, buffer=target, indices=tuple(where), value=expr(value))
         case L.Let(var, value):
             return L.Let(var, expr(value))
         case L.Alloc(buf) if buf.name == old:
@@ -176,14 +176,15 @@ WARP = 32
 
 
 def _warp_reduction(func: L.LoopFunc) -> L.LoopFunc:
-    """Spread the innermost dense reduction (``m`` of SDDMM: the tokens) over a warp: thread ``t``
-    sums ``m = t, t + 32, ...`` and the warp adds the partial sums (a cross-thread reduction,
+    """Spread a reduction over a warp: the innermost dense one (``m`` of SDDMM: the tokens), else
+    the loop over the stored positions a row sums (a matrix-vector product). Thread ``t`` sums
+    iterations ``t, t + 32, ...`` and the warp adds the partial sums (a cross-thread reduction,
     ``schedule.set_kind``). Left alone when a schedule has already split that loop, or where the
     warp cannot share the sum."""
-    reduced = func.meta.get("dense_reduction", ())
-    if not reduced or not any(f.var.name == reduced[-1] for f in loops(func.body)):
+    dense, sparse = func.meta.get("dense_reduction", ()), func.meta.get("sparse_reduction")
+    r = dense[-1] if dense else sparse
+    if r is None or not any(f.var.name == r for f in loops(func.body)):
         return func
-    r = reduced[-1]
     split_func = reorder(split(func, r, WARP, f"{r}_o", f"{r}_t"), [f"{r}_t", f"{r}_o"])
     try:
         return set_kind(split_func, f"{r}_t", L.LoopKind.THREAD_X)
@@ -202,6 +203,8 @@ def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
         raise BackendError("GPU kernels take their parallelism from the grid: remove 'parallel' from the schedule")
     acc = next(b for b in L.allocs(body) if b.name == "acc")
     lane = L.Var(f"{token}_i") if token else None
+    if token is None and not all(isinstance(d, L.Const) for d in acc.shape):
+        return transpose_operands(_atomic_scatter(func, output, acc), set(func.meta["thread_major"]))
     if token is None:
         local = replace(acc, scope="local")
         body = map_buffer(body, "acc", local, lambda idx: idx)
@@ -210,10 +213,11 @@ def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
         if row is not None and _on_host(row.start) and _on_host(row.extent):
             body = rebind(body, rows[0], L.LoopKind.BLOCK_X)
         elif spread is not None:
-            body = rewrite_loops(body, lambda f: spread if f == row else None)
+            body = rewrite_loops(body, lambda f: replace(spread, kind=L.LoopKind.BLOCK_X) if f == row else None)
         else:  # bounds read from the tensor, nothing on the host to size a grid: one block walks them
             body = L.For(L.Var("block"), L.const(0), L.const(1), body, L.LoopKind.BLOCK_X)
-        return transpose_operands(_warp_reduction(replace(func, body=body)), set(func.meta["thread_major"]))
+        func = replace(func, body=registers_for(body, "acc"))
+        return transpose_operands(_warp_reduction(func), set(func.meta["thread_major"]))
     tiles = f"{token}_o"
     if meta.get("mode") == "gather":
         per = tokens_per_thread(acc, tile)
@@ -236,11 +240,7 @@ def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
         )
         return transpose_operands(replace(func, body=registers_for(body, "acc")), set(func.meta["thread_major"]))
     # scatter: accumulate in the thread's own output row (a float32 scratch for 16-bit outputs)
-    out = next(p for p in func.params if isinstance(p, L.Buffer) and p.name == output)
-    target = out
-    if out.dtype != acc.dtype:
-        target = L.Buffer("acc", acc.dtype, out.shape)
-        func = replace(func, params=(*func.params, target), meta={**meta, "scratch": ("acc",)})
+    func, target = _sum_target(func, output, acc)
     m = L.add(L.mul(L.Var(tiles), L.const(tile)), lane)
     order = meta["out_indices"]
     others = [i for i in order if i != token]
@@ -263,6 +263,73 @@ def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
     return transpose_operands(replace(func, body=body), set(func.meta["thread_major"]) | flip)
 
 
+def _sum_target(func: L.LoopFunc, output: str, acc: L.Buffer) -> tuple[L.LoopFunc, L.Buffer]:
+    """Where a scattering kernel sums: its output, or for a 16-bit output a float32 scratch of the
+    output's shape that the runtime passes (``meta["scratch"]``) and the write-out casts from."""
+    out = next(p for p in func.params if isinstance(p, L.Buffer) and p.name == output)
+    if out.dtype == acc.dtype:
+        return func, out
+    scratch = L.Buffer("acc", acc.dtype, out.shape)
+    return replace(func, params=(*func.params, scratch), meta={**func.meta, "scratch": ("acc",)}), scratch
+
+
+def _atomic_scatter(func: L.LoopFunc, output: str, acc: L.Buffer) -> L.LoopFunc:
+    """A kernel without tokens that scatters into a whole dense output (the transposed SpMV
+    ``y[k] = sum(n) W[n, k] * x[n]``, any COO product) as kernels launched in turn: the first zeroes
+    the sum (``_sum_target``), the second runs the sparse iteration a thread per outer iteration (a
+    row, a stored position) adding into the sum atomically, the last applies the epilogue a thread
+    per element (left out when there is nothing to apply)."""
+    stmts = func.body.stmts if isinstance(func.body, L.Seq) else ()
+    if len(stmts) < 4 or stmts[0] != L.Alloc(acc):
+        raise BackendError(f"'{func.name}': a schedule moved its accumulator, which the GPU mapping sums in place")
+    func, target = _sum_target(func, output, acc)
+    _, zero, *walk, writeout = (map_buffer(st, "acc", target, lambda idx: idx) for st in stmts)
+    walk = rewrite_stores(L.seq(*walk), lambda st: replace(st, atomic=True))
+    kernels = [_grid(st) for st in (zero, walk, _drop_copies(writeout)) if st != L.seq()]
+    return replace(func, body=L.seq(*kernels))
+
+
+THREADS = 128  # threads per block of a grid of independent iterations
+
+
+def _grid(s: L.Stmt) -> L.Stmt:
+    """A loop nest as a grid of ``THREADS``-thread blocks, a thread per iteration of its outer
+    loops: the leading loops from 0 with bounds known on the host, flattened (row-major:
+    consecutive threads take consecutive inner iterations), or a position loop (``_over_positions``).
+    A nest that is neither runs in one thread."""
+    nest = [s] if isinstance(s, L.For) else []
+    while nest and isinstance(nest[-1].body, L.For) and _from_host(nest[-1].body):
+        nest.append(nest[-1].body)
+    if len(nest) == 1 and _from_host(s):
+        loop = s
+    elif nest and _from_host(s):
+        flat = L.Var(f"{s.var.name}_f")
+        index: L.Expr = flat
+        lets: list[L.Stmt] = []
+        for loop in reversed(nest[1:]):
+            lets.insert(0, L.Let(loop.var, L.mod(index, loop.extent)))
+            index = L.floordiv(index, loop.extent)
+        extent = nest[0].extent
+        for loop in nest[1:]:
+            extent = L.mul(extent, loop.extent)
+        loop = L.For(flat, L.const(0), extent, L.seq(L.Let(s.var, index), *lets, nest[-1].body))
+    else:
+        loop = _over_positions(s) if isinstance(s, L.For) else None
+    if loop is None:
+        one = L.For(L.Var("thread"), L.const(0), L.const(1), s, L.LoopKind.THREAD_X)
+        return L.For(L.Var("block"), L.const(0), L.const(1), one, L.LoopKind.BLOCK_X)
+    block, thread = L.Var(f"{loop.var.name}_b"), L.Var(f"{loop.var.name}_t")
+    i = L.add(L.mul(block, L.const(THREADS)), thread)
+    body = L.If(L.Bin("<", i, loop.extent), L.seq(L.Let(loop.var, L.add(loop.start, i)), loop.body))
+    threads = L.For(thread, L.const(0), L.const(THREADS), body, L.LoopKind.THREAD_X)
+    return L.For(block, L.const(0), L.ceildiv(loop.extent, THREADS), threads, L.LoopKind.BLOCK_X)
+
+
+def _from_host(loop: L.For) -> bool:
+    """Whether a loop runs from 0 to a bound computed from sizes alone."""
+    return loop.start == L.const(0) and _on_host(loop.extent)
+
+
 def _drop_copies(s: L.Stmt) -> L.Stmt:
     """Remove stores of an element to itself (the write-out of an accumulator that already is the
     output, when the epilogue does nothing) and the loops left empty."""
@@ -282,16 +349,16 @@ def _drop_copies(s: L.Stmt) -> L.Stmt:
 
 def _over_positions(loop: L.For) -> L.For | None:
     """A position loop whose bounds are read from the tensor (``for p in [pos[0], pos[1])`` of a
-    compressed root level, COO) as a grid over every position of the coordinate buffer its first
+    compressed root level, COO) as a loop over every position of the coordinate buffer its first
     ``let`` reads (``let n_c = crd[p]``: the level's positions all lie in ``[0, len(crd))``), each
-    block running only if its position is in the loop's range."""
+    iteration running only if its position is in the loop's range."""
     first = loop.body.stmts[0] if isinstance(loop.body, L.Seq) else loop.body
     reads = [e for e in L.subexprs(first.value) if isinstance(e, L.Load)] if isinstance(first, L.Let) else []
     crd = next((e.buffer for e in reads if e.indices == (loop.var,) and isinstance(e.buffer.shape[0], L.SizeVar)), None)
     if crd is None:
         return None
     inside = L.Bin("and", L.Bin("<=", loop.start, loop.var), L.Bin("<", loop.var, L.add(loop.start, loop.extent)))
-    return L.For(loop.var, L.const(0), crd.shape[0], L.If(inside, loop.body), L.LoopKind.BLOCK_X)
+    return L.For(loop.var, L.const(0), crd.shape[0], L.If(inside, loop.body))
 
 
 def _on_host(e: L.Expr) -> bool:
@@ -304,11 +371,17 @@ def _on_host(e: L.Expr) -> bool:
     return False
 
 
-def launch_dims(func: L.LoopFunc) -> dict[L.LoopKind, L.Expr]:
-    """The grid and block sizes of a GPU-mapped function: the extent of its loop of each GPU kind."""
-    dims: dict[L.LoopKind, L.Expr] = {}
-    for loop in loops(func.body):
-        gpu = loop.kind in (L.LoopKind.BLOCK_X, L.LoopKind.BLOCK_Y, L.LoopKind.THREAD_X)
-        if gpu and dims.setdefault(loop.kind, loop.extent) != loop.extent:
-            raise BackendError(f"two loops of '{func.name}' are bound to {loop.kind.value} with different extents")
-    return dims
+def launch_dims(func: L.LoopFunc) -> list[dict[L.LoopKind, L.Expr]]:
+    """The grid and block sizes of each kernel of a GPU-mapped function, in launch order: TVM makes
+    a kernel of each top-level statement holding grid loops, sized by the extent of its loop of
+    each GPU kind."""
+    kernels = []
+    for top in func.body.stmts if isinstance(func.body, L.Seq) else (func.body,):
+        dims: dict[L.LoopKind, L.Expr] = {}
+        for loop in loops(top):
+            gpu = loop.kind in (L.LoopKind.BLOCK_X, L.LoopKind.BLOCK_Y, L.LoopKind.THREAD_X)
+            if gpu and dims.setdefault(loop.kind, loop.extent) != loop.extent:
+                raise BackendError(f"two loops of '{func.name}' are bound to {loop.kind.value} with different extents")
+        if dims:
+            kernels.append(dims)
+    return kernels

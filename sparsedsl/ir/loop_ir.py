@@ -116,9 +116,14 @@ class Seq:
 
 @dataclass(frozen=True)
 class Store:
+    """``buffer[indices] = value``. ``atomic``: the value is ``buffer[indices] + v`` and threads of a
+    GPU grid may add into the same element at once, so the add is one indivisible step (CUDA's
+    ``atomicAdd``); read serially it is the plain store."""
+
     buffer: Buffer
     indices: tuple[Expr, ...]
     value: Expr
+    atomic: bool = False
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,11 @@ def mod(a: Expr, b: Expr) -> Expr:
     if _is(b, 1):
         return Const(0)
     return Bin("%", a, b)
+
+
+def ceildiv(a: Expr, b: int) -> Expr:
+    """``a / b`` rounded up."""
+    return floordiv(add(a, const(b - 1)), const(b))
 
 
 def minimum(a: Expr, b: Expr) -> Expr:
@@ -402,8 +412,9 @@ def stmt_lines(s: Stmt, indent: int = 0) -> list[str]:
             return [head, *stmt_lines(body, indent + 1)]
         case Seq(stmts):
             return [line for st in stmts for line in stmt_lines(st, indent)]
-        case Store(buf, idx, value):
-            return [f"{pad}{buf.name}[{', '.join(expr_str(i) for i in idx)}] = {expr_str(value)}"]
+        case Store(buf, idx, value, atomic):
+            target = f"{buf.name}[{', '.join(expr_str(i) for i in idx)}]"
+            return [f"{pad}{'atomic ' if atomic else ''}{target} = {expr_str(value)}"]
         case Let(var, value):
             return [f"{pad}let {var.name} = {expr_str(value)}"]
         case Alloc(buf):

@@ -208,7 +208,7 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     for i in reversed([i for i in dense_free if i != token]):
         inner = L.For(L.Var(i), L.const(0), extents[i], inner)
     if token:
-        inner = L.For(L.Var(f"{token}_o"), L.const(0), _ceildiv(extents[token], tile), L.seq(*stage, inner))
+        inner = L.For(L.Var(f"{token}_o"), L.const(0), L.ceildiv(extents[token], tile), L.seq(*stage, inner))
     func = L.LoopFunc(kernel.name, params, inner)
     # Parallel candidates, best first: output row blocks (race-free only when gathering), token tiles.
     rows = [it.var.name for it in nest[:alloc_depth] if isinstance(it, L.For)] if gather else []
@@ -225,6 +225,9 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         out_indices=kernel.indices,
         token_extent=extents[token] if token else None,
         dense_reduction=dense_red,
+        sparse_reduction=next((it.var.name for it in nest[alloc_depth:] if isinstance(it, L.For)), None)
+        if gather and first_red < len(levels)
+        else None,
         thread_major=_thread_major(body if reduction else None, sparse, s_idx, red_idx, token),
     )
     return func
@@ -250,10 +253,6 @@ def _thread_major(body, sparse, s_idx, red_idx, token: str | None) -> tuple[str,
 
 def _part_name(index: str, m) -> str:
     return {None: index, "/": f"{index}_o", "%": f"{index}_i"}[m.op]
-
-
-def _ceildiv(a: L.Expr, b: int) -> L.Expr:
-    return L.floordiv(L.add(a, L.const(b - 1)), L.const(b))
 
 
 def _cast(e: L.Expr, dtype: str) -> L.Expr:
@@ -506,7 +505,7 @@ def _blocked(ctx: _Ctx, other: str, prefix: str, value_of, target_of, target: L.
         guard = L.Bin("and", L.Bin("<", m, ctx.extents[ctx.token]), guard)
     store = L.If(guard, L.Store(target, tuple(target_of(env)), _cast(value_of(env), target.dtype)))
     body = L.For(lane, L.const(0), L.const(tile), L.For(inner, L.const(0), L.const(BLOCK), store))
-    return L.For(outer, L.const(0), _ceildiv(ctx.extents[other], BLOCK), body)
+    return L.For(outer, L.const(0), L.ceildiv(ctx.extents[other], BLOCK), body)
 
 
 def _tile_out(ctx: _Ctx, other: str, value_of) -> L.Stmt:

@@ -47,6 +47,20 @@ def rewrite_loops(s: L.Stmt, fn: Callable[[L.For], L.Stmt | None]) -> L.Stmt:
     return s
 
 
+def rewrite_stores(s: L.Stmt, fn: Callable[[L.Store], L.Stmt]) -> L.Stmt:
+    """Replace every store by ``fn(store)``."""
+    match s:
+        case L.For(body=body):
+            return replace(s, body=rewrite_stores(body, fn))
+        case L.Seq(stmts):
+            return L.Seq(tuple(rewrite_stores(st, fn) for st in stmts))
+        case L.If(cond, then):
+            return L.If(cond, rewrite_stores(then, fn))
+        case L.Store():
+            return fn(s)
+    return s
+
+
 def _stores(s: L.Stmt, lets: dict) -> list[tuple[L.Store, dict[str, tuple[L.Expr, bool]]]]:
     """Every store with what its variables derive from: lets, and the start of inner loops (a
     position loop of a level starts where its parent's positions start, and the position ranges
@@ -230,8 +244,8 @@ def substitute(s, name: str, value: L.Expr):
             )
         case L.Seq(stmts):
             return L.Seq(tuple(substitute(st, name, value) for st in stmts))
-        case L.Store(buf, idx, v):
-            return L.Store(buf, tuple(substitute(i, name, value) for i in idx), substitute(v, name, value))
+        case L.Store(_, idx, v):
+            return replace(s, indices=tuple(substitute(i, name, value) for i in idx), value=substitute(v, name, value))
         case L.Let(var, v):
             return L.Let(var, substitute(v, name, value))
         case L.If(c, t):

@@ -21,9 +21,9 @@ from tests.strategies import FORMATS
 SOURCE = (Path(__file__).parent.parent / "kernels" / "epilogues.sdsl").read_text()
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 KERNELS = {
-    "f32": ["plain", "bias_gelu", "scaled_residual", "transposed", "sddmm", "sddmm_scaled"],
-    "f16": ["bias_gelu", "scaled_residual", "transposed", "sddmm"],
-    "bf16": ["bias_gelu", "scaled_residual", "transposed", "sddmm"],
+    "f32": ["plain", "bias_gelu", "scaled_residual", "transposed", "sddmm", "sddmm_scaled", "matvec", "matvec_t"],
+    "f16": ["bias_gelu", "scaled_residual", "transposed", "sddmm", "matvec", "matvec_t"],
+    "bf16": ["bias_gelu", "scaled_residual", "transposed", "sddmm", "matvec", "matvec_t"],
 }
 
 

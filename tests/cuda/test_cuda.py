@@ -151,6 +151,50 @@ def _check_layer(prog, kernels, fmt, n, k, m, sparsity, seed) -> None:
         torch.testing.assert_close(getattr(prog, sddmm)(g, x, W).to_dense(), (g.T @ x) * pattern, **close)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=sparse_case())
+def test_matrix_vector_products_on_the_gpu_mapping(emulated, case):
+    """Without tokens: the product a thread per row (or block row), the transposed product as a
+    zeroing kernel then a thread per row adding atomically into the output, run serially."""
+    fmt, n, k, _, sparsity, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    w = sd.prune(torch.randn(n, k, generator=gen), emulated.format(fmt), sparsity)
+    W = emulated.pack(fmt, w)
+    x, b, v = torch.randn(k, generator=gen), torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    close = {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(emulated.matvec(W, x, b), torch.relu(w @ x + b), **close)
+    torch.testing.assert_close(emulated.matvec_t(W, v), w.T @ v, **close)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("fmt", [f for f, _, _ in FORMATS])
+def test_matrix_vector_products_compile(fmt, tmp_path):
+    prog = sd.compile(KERNELS, target="cuda", arch="sm_90")
+    for kernel in (prog.matvec, prog.matvec_t):
+        _nvcc(kernel.source("cuda", fmt), "sm_90", tmp_path)
+
+
+@needs_nvcc
+def test_a_scatter_without_tokens_launches_its_kernels_in_turn():
+    """Zero the float32 sum, add into it a thread per row, apply the epilogue a thread per element."""
+    prog = sd.compile(
+        "kernel t(W: f16[N, K] @ CSR, x: f16[N], b: f16[K]) -> (y: f16[K]) {"
+        " y[k] = relu(sum(n) W[n, k] * x[n] + b[k]) }",
+        target="cuda",
+        arch="sm_80",
+        cache_dir="off",
+    )
+    inst = prog.t.instance()
+    W = prog.pack("CSR", sd.prune(torch.randn(300, 1000), "CSR", 0.5).half())
+    x, b, y, acc = torch.empty(300), torch.empty(1000), torch.empty(1000), torch.empty(1000)
+    sources = {"arg": {"x": x, "b": b}, "out": {None: y}, "sparse": W.buffers, "scratch": {("K",): acc}}
+    flat = [sources[kind][key] for kind, key in inst.plan(prog.t.kernel)]
+    assert "atomicAdd" in prog.t.source("cuda")
+    (launches,) = inst.built.launches.values()
+    grids = [la.dims(flat) for la in launches]
+    assert grids == [((8, 1, 1), (128, 1, 1)), ((3, 1, 1), (128, 1, 1)), ((8, 1, 1), (128, 1, 1))]
+
+
 @settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
@@ -176,7 +220,8 @@ def test_cuda_module_round_trips_and_sizes_its_launch(tmp_path):
     x, y = torch.randn(24, 70), torch.empty(70, 40)  # x is passed transposed ([K, M])
     sources = {"transposed": {"X": x}, "out": {None: y}, "sparse": W.buffers}
     flat = [sources[kind][key] for kind, key in inst.plan(prog.plain.kernel)]
-    grid, block = next(iter(loaded.launches.values())).dims(flat)
+    (launch,) = next(iter(loaded.launches.values()))
+    grid, block = launch.dims(flat)
     assert grid == (40, 1, 1) and block == (32, 1, 1)  # a block per row, 128 tokens: 4 a thread
 
 
@@ -364,15 +409,21 @@ def test_tensorize_refuses_what_tensor_cores_cannot_do(fmt, dtype, tile, message
     assert "tensorize" in err.value.render()
 
 
-def test_half_precision_scatter_sums_in_float32():
-    """The transposed product in f16 accumulates a thousand terms per output in a float32 scratch:
-    the error is the output's rounding, not the sum's (f16 sums would be ~10x worse)."""
-    prog = _emulate(
-        "kernel tr(G: f16[M, N], W: f16[N, K] @ CSR) -> (Y: f16[M, K]) { Y[m, k] = sum(n) G[m, n] * W[n, k] }"
-    )
+@pytest.mark.parametrize(
+    "source, tokens",
+    [
+        ("kernel tr(G: f16[M, N], W: f16[N, K] @ CSR) -> (Y: f16[M, K]) { Y[m, k] = sum(n) G[m, n] * W[n, k] }", 3),
+        ("kernel tr(G: f16[N], W: f16[N, K] @ CSR) -> (Y: f16[K]) { Y[k] = sum(n) G[n] * W[n, k] }", None),
+    ],
+)
+def test_half_precision_scatter_sums_in_float32(source, tokens):
+    """The transposed product in f16 (with tokens, and the matrix-vector one) accumulates a thousand
+    terms per output in a float32 scratch: the error is the output's rounding, not the sum's (f16
+    sums would be ~10x worse)."""
+    prog = _emulate(source)
     gen = torch.Generator().manual_seed(3)
     w = sd.prune(torch.randn(2048, 8, generator=gen), "CSR", 0.5).half()
-    g = torch.randn(3, 2048, generator=gen).half()
+    g = torch.randn(*([tokens] if tokens else []), 2048, generator=gen).half()
     expected = g.float() @ w.float()
     actual = prog.tr(g, prog.pack("CSR", w)).float()
     assert ((actual - expected).norm() / expected.norm()).item() < 1e-3
@@ -406,7 +457,8 @@ def test_coo_sddmm_spreads_its_positions_over_blocks():
     a, b = torch.randn(24, 16), torch.randn(24, 24)  # passed transposed ([N, M], [K, M])
     sources = {"transposed": {"A": a, "B": b}, "out": {None: torch.empty(S.nnz)}, "sparse": S.buffers}
     flat = [sources[kind][key] for kind, key in inst.plan(prog.sddmm.kernel)]
-    grid, block = next(iter(inst.built.launches.values())).dims(flat)
+    (launch,) = next(iter(inst.built.launches.values()))
+    grid, block = launch.dims(flat)
     assert grid == (S.nnz, 1, 1) and block == (32, 1, 1)
 
 

@@ -68,6 +68,8 @@ def _run(prog, kernel, fmt, n, k, m, sparsity, seed):
     b, bf = rand(n)
     r, rf = rand(m, n)
     g, gf = rand(m, n)
+    v, vf = rand(k)
+    u, uf = rand(n)
     pattern = W.cpu().with_values(torch.ones(W.nnz)).to_dense()
     cases = {
         "plain": (lambda: prog.plain(x, W), lambda: xf @ w.T),
@@ -76,6 +78,8 @@ def _run(prog, kernel, fmt, n, k, m, sparsity, seed):
         "transposed": (lambda: prog.transposed(g, W), lambda: gf @ w),
         "sddmm": (lambda: prog.sddmm(g, x, W).cpu().to_dense(), lambda: (gf.T @ xf) * pattern),
         "sddmm_scaled": (lambda: prog.sddmm_scaled(g, x, W).cpu().to_dense(), lambda: (gf.T @ xf) * w),
+        "matvec": (lambda: prog.matvec(W, v, b), lambda: F.relu(w @ vf + bf)),
+        "matvec_t": (lambda: prog.matvec_t(W, u), lambda: w.T @ uf),
     }
     actual, expected = cases[kernel]
     _close(actual(), expected(), prog.dtype_name)

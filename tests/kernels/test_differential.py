@@ -89,6 +89,16 @@ def test_sddmm(prog, case):
 
 @SETTINGS
 @given(case=sparse_case())
+def test_matrix_vector_products(prog, case):
+    fmt, n, k, _, sparsity, seed = case
+    w, W, gen = _case(prog, fmt, n, k, 1, sparsity, seed)
+    x, b, v = torch.randn(k, generator=gen), torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    _close(prog.matvec(W, x, b), F.relu(w @ x + b))
+    _close(prog.matvec_t(W, v), w.T @ v)
+
+
+@SETTINGS
+@given(case=sparse_case())
 def test_pack_roundtrip(prog, case):
     fmt, n, k, m, sparsity, seed = case
     w, W, _ = _case(prog, fmt, n, k, m, sparsity, seed)

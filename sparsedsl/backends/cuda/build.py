@@ -54,7 +54,7 @@ def build(funcs: list[L.LoopFunc], arch: str | None = None, cache_dir: Path | No
 
     source, tir = generate(funcs, arch)
     cubin = compile_cubin(source, arch, funcs[0].name)
-    module = CudaModule(arch, source, cubin, {f.name: Launch.of(f, source, launch_dims(f)) for f in funcs}, tir)
+    module = CudaModule(arch, source, cubin, {f.name: Launch.all_of(f, source, launch_dims(f)) for f in funcs}, tir)
     if cache_dir is not None:
         cache.store(Path(cache_dir), key, module.export)
     return module

@@ -19,7 +19,7 @@ import torch
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_ARCH = "sm_80"
 
 _SIGNATURE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\)')
@@ -107,13 +107,19 @@ class Launch:
     sizes: tuple[tuple[str, int, int], ...]
 
     @staticmethod
-    def of(func: L.LoopFunc, source: str, dims: dict[L.LoopKind, L.Expr]) -> Launch:
-        """The launch of ``func``'s kernel, read off the generated source's signature."""
-        entries = [(name, args) for name, args in _SIGNATURE.findall(source) if name.startswith(f"{func.name}_kernel")]
-        names = {name for name, _ in entries}
-        if len(names) != 1:
-            raise BackendError(f"'{func.name}' must become exactly one CUDA kernel, TVM made {len(names) or 'none'}")
-        entry, args = entries[0]
+    def all_of(func: L.LoopFunc, source: str, kernels: list[dict[L.LoopKind, L.Expr]]) -> tuple[Launch, ...]:
+        """The launches of ``func``'s kernels, in order, read off the generated source's signatures
+        (TVM names them ``<func>_kernel``, ``<func>_kernel_1``...); ``kernels``: their sizes."""
+        named = re.compile(rf"{re.escape(func.name)}_kernel(?:_(\d+))?")
+        found = {name: args for name, args in _SIGNATURE.findall(source) if named.fullmatch(name)}
+        if len(found) != len(kernels):
+            raise BackendError(f"'{func.name}' should become {len(kernels)} CUDA kernel(s), TVM made {len(found)}")
+        entries = sorted(found, key=lambda name: int(named.fullmatch(name).group(1) or 0))
+        return tuple(Launch.of(func, entry, found[entry], dims) for entry, dims in zip(entries, kernels))
+
+    @staticmethod
+    def of(func: L.LoopFunc, entry: str, args: str, dims: dict[L.LoopKind, L.Expr]) -> Launch:
+        """The launch of ``func``'s kernel ``entry`` with C parameter list ``args``."""
         index = {p.name: i for i, p in enumerate(func.params)}
         sources = _size_sources(func)
         params = []
@@ -156,26 +162,23 @@ def _ctype(kind: str, value):
 
 @dataclass
 class KernelFunction:
-    """A loop function's kernel, callable with the loop function's arguments (tensors on the GPU,
-    sizes and scalars as Python numbers)."""
+    """A loop function's kernels, launched in turn by one call with the loop function's arguments
+    (tensors on the GPU, sizes and scalars as Python numbers)."""
 
     module: CudaModule
-    launch: Launch
+    launches: tuple[Launch, ...]
 
     def __call__(self, *args) -> None:
         from sparsedsl.backends.cuda.driver import launch
 
-        grid, block = self.launch.dims(args)
-        if 0 in grid:
-            return
         device = next(a for a in args if isinstance(a, torch.Tensor)).device.index or 0
-        fn = self.module.loaded(device).function(self.launch.entry)
-        launch(
-            fn,
-            grid,
-            block,
-            [_ctype(kind, args[i] if kind == "ptr" else _value(args, i, d)) for kind, i, d in self.launch.params],
-        )
+        for la in self.launches:
+            grid, block = la.dims(args)
+            if 0 in grid:
+                continue
+            fn = self.module.loaded(device).function(la.entry)
+            values = [_ctype(kind, args[i] if kind == "ptr" else _value(args, i, d)) for kind, i, d in la.params]
+            launch(fn, grid, block, values)
 
 
 @dataclass
@@ -185,14 +188,14 @@ class CudaModule:
     arch: str
     source_text: str
     cubin: bytes
-    launches: dict[str, Launch]
+    launches: dict[str, tuple[Launch, ...]]
     tir: str = ""
     _loaded: dict = field(default_factory=dict, repr=False)
 
     @cached_property
     def functions(self) -> dict[str, KernelFunction]:
         """The launchable kernels by loop function name (made once: calls look them up)."""
-        return {name: KernelFunction(self, launch) for name, launch in self.launches.items()}
+        return {name: KernelFunction(self, launches) for name, launches in self.launches.items()}
 
     def loaded(self, device: int):
         from sparsedsl.backends.cuda.driver import LoadedModule
@@ -214,7 +217,10 @@ class CudaModule:
             "arch": self.arch,
             "source": self.source_text,
             "cubin": base64.b64encode(self.cubin).decode(),
-            "launches": {n: [la.entry, la.params, la.grid, la.block, la.sizes] for n, la in self.launches.items()},
+            "launches": {
+                n: [[la.entry, la.params, la.grid, la.block, la.sizes] for la in launches]
+                for n, launches in self.launches.items()
+            },
             "tir": self.tir,
         }
         Path(path).write_text(json.dumps(data))
@@ -225,7 +231,10 @@ class CudaModule:
         if data.get("format_version") != FORMAT_VERSION:
             raise BackendError(f"{path}: CUDA module format {data.get('format_version')}, expected {FORMAT_VERSION}")
         launches = {
-            name: Launch(entry, tuple(map(tuple, params)), tuple(grid), tuple(block), tuple(map(tuple, sizes)))
-            for name, (entry, params, grid, block, sizes) in data["launches"].items()
+            name: tuple(
+                Launch(entry, tuple(map(tuple, params)), tuple(grid), tuple(block), tuple(map(tuple, sizes)))
+                for entry, params, grid, block, sizes in kernels
+            )
+            for name, kernels in data["launches"].items()
         }
         return CudaModule(data["arch"], data["source"], base64.b64decode(data["cubin"]), launches, data["tir"])

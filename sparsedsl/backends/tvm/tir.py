@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 from tvm import tirx
+from tvm.backend.cuda.op import cuda_atomic_add
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
@@ -101,6 +102,11 @@ class _Emitter:
                         self.stmt(body)
                 if saved is not None:
                     self.vars[var.name] = saved
+            case L.Store(buf, idx, L.Bin("+", L.Load(same, at), value), True) if same == buf and at == idx:
+                target = self.bufs[buf.name][tuple(self.expr(i) for i in _own(buf, idx))]
+                T.evaluate(cuda_atomic_add(T.address_of(target), self.expr(value)))
+            case L.Store(atomic=True):
+                raise TypeError(f"an atomic store must add to its own element: {L.stmt_lines(s)[0]}")
             case L.Store(buf, idx, value):
                 T.buffer_store(self.bufs[buf.name], self.expr(value), [self.expr(i) for i in _own(buf, idx)])
             case L.Let(var, value):
@@ -155,10 +161,10 @@ class _Emitter:
         self.stmt(body)
         self.bufs.update(outer)
         for name, acc in outer.items():
-            total = T.alloc_buffer([1], acc.dtype, scope="local")
-            IRBuilder.name(f"{name}_total", total)
             reducer = T.comm_reducer(lambda x, y: x + y, [tirx.const(0, acc.dtype)])
-            for idx in _elements(acc):
+            for idx in _elements(acc):  # a total buffer each: TVM lowers one reduction per buffer
+                total = T.alloc_buffer([1], acc.dtype, scope="local")
+                IRBuilder.name(f"{name}_total", total)
                 with T.attr(reducer, "reduce_scope", T.reinterpret("handle", T.uint64(0))):
                     T.evaluate(T.tvm_thread_allreduce(T.uint32(1), parts[name][idx], True, total[0], thread))
                 T.buffer_store(acc, acc[idx] + total[0], idx)
