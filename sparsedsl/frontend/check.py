@@ -15,6 +15,7 @@ from sparsedsl.errors import SdslError, SdslSemanticError, Source, Span
 from sparsedsl.frontend import ast
 from sparsedsl.frontend.parser import parse
 from sparsedsl.ir import kernel_ir as K
+from sparsedsl.ir.buffer_names import DERIVED, RESERVED
 from sparsedsl.ir.formats import Format, FormatDef, LevelTemplate, make_level
 
 LEVEL_ARITY = {"dense": (0,), "compressed": (0, 1), "singleton": (0,), "nm": (2,), "fixed": (1,)}
@@ -241,10 +242,6 @@ def _check_tensor(
             f"format {fmt.label} stores {fmt.rank}-d tensors, but '{decl.name.text}' has rank {len(shape)}", ref.span
         )
     return K.TensorParam(decl.name.text, dtype, shape, fmt, True, None, decl.span)
-
-
-RESERVED = ("acc", "acc_s", "direct")  # buffers the compiler declares in every kernel
-DERIVED = ("_t", "_s", "_frag", "_vals")  # a tensor's staged copies, fragments, stored values
 
 
 def _check_names(tensors: list[ast.TensorDecl]) -> None:

@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from sparsedsl.errors import BackendError, ScheduleError
 from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir.buffer_names import ACC
 from sparsedsl.ir.schedule import loops, reorder, rewrite_loops, rewrite_stores, set_kind, split, substitute
 
 
@@ -201,13 +202,13 @@ def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
     body = func.body
     if any(f.kind is L.LoopKind.PARALLEL for f in loops(body)):
         raise BackendError("GPU kernels take their parallelism from the grid: remove 'parallel' from the schedule")
-    acc = next(b for b in L.allocs(body) if b.name == "acc")
+    acc = next(b for b in L.allocs(body) if b.name == ACC)
     lane = L.Var(f"{token}_i") if token else None
     if token is None and not all(isinstance(d, L.Const) for d in acc.shape):
         return transpose_operands(_atomic_scatter(func, output, acc), set(func.meta["thread_major"]))
     if token is None:
         local = replace(acc, scope="local")
-        body = map_buffer(body, "acc", local, lambda idx: idx)
+        body = map_buffer(body, ACC, local, lambda idx: idx)
         row = next((f for f in loops(body) if rows and f.var.name == rows[0]), None)
         spread = _over_positions(row) if row is not None else None
         if row is not None and _on_host(row.start) and _on_host(row.extent):
@@ -216,14 +217,14 @@ def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
             body = rewrite_loops(body, lambda f: replace(spread, kind=L.LoopKind.BLOCK_X) if f == row else None)
         else:  # bounds read from the tensor, nothing on the host to size a grid: one block walks them
             body = L.For(L.Var("block"), L.const(0), L.const(1), body, L.LoopKind.BLOCK_X)
-        func = replace(func, body=registers_for(body, "acc"))
+        func = replace(func, body=registers_for(body, ACC))
         return transpose_operands(_warp_reduction(func), set(func.meta["thread_major"]))
     tiles = f"{token}_o"
     if meta.get("mode") == "gather":
         per = tokens_per_thread(acc, tile)
         threads, j, tx = tile // per, L.Var(f"{token}_j"), L.Var(f"{token}_t")
         local = replace(acc, shape=(*acc.shape[:-1], L.const(per)), scope="local")
-        body = map_buffer(body, "acc", local, lambda idx: (*idx[:-1], j))
+        body = map_buffer(body, ACC, local, lambda idx: (*idx[:-1], j))
         if rows:
             body = rebind(body, rows[0], L.LoopKind.BLOCK_X)
             body = rebind(body, tiles, L.LoopKind.BLOCK_Y)
@@ -238,7 +239,7 @@ def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
                 tx, L.const(0), L.const(threads), split_lanes(b, lane.name, j, per, tx), L.LoopKind.THREAD_X
             ),
         )
-        return transpose_operands(replace(func, body=registers_for(body, "acc")), set(func.meta["thread_major"]))
+        return transpose_operands(replace(func, body=registers_for(body, ACC)), set(func.meta["thread_major"]))
     # scatter: accumulate in the thread's own output row (a float32 scratch for 16-bit outputs)
     func, target = _sum_target(func, output, acc)
     m = L.add(L.mul(L.Var(tiles), L.const(tile)), lane)
@@ -250,7 +251,7 @@ def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
         named[token] = m
         return tuple(named[i] for i in order)
 
-    body = _drop_copies(map_buffer(body, "acc", target, to_output))
+    body = _drop_copies(map_buffer(body, ACC, target, to_output))
     body = rebind(body, tiles, L.LoopKind.BLOCK_X)
     guard = L.Bin("<", m, meta["token_extent"])
     body = _thread_body(
@@ -269,8 +270,8 @@ def _sum_target(func: L.LoopFunc, output: str, acc: L.Buffer) -> tuple[L.LoopFun
     out = next(p for p in func.params if isinstance(p, L.Buffer) and p.name == output)
     if out.dtype == acc.dtype:
         return func, out
-    scratch = L.Buffer("acc", acc.dtype, out.shape)
-    return replace(func, params=(*func.params, scratch), meta={**func.meta, "scratch": ("acc",)}), scratch
+    scratch = L.Buffer(ACC, acc.dtype, out.shape)
+    return replace(func, params=(*func.params, scratch), meta={**func.meta, "scratch": (ACC,)}), scratch
 
 
 def _atomic_scatter(func: L.LoopFunc, output: str, acc: L.Buffer) -> L.LoopFunc:
@@ -283,7 +284,7 @@ def _atomic_scatter(func: L.LoopFunc, output: str, acc: L.Buffer) -> L.LoopFunc:
     if len(stmts) < 4 or stmts[0] != L.Alloc(acc):
         raise BackendError(f"'{func.name}': a schedule moved its accumulator, which the GPU mapping sums in place")
     func, target = _sum_target(func, output, acc)
-    _, zero, *walk, writeout = (map_buffer(st, "acc", target, lambda idx: idx) for st in stmts)
+    _, zero, *walk, writeout = (map_buffer(st, ACC, target, lambda idx: idx) for st in stmts)
     walk = rewrite_stores(L.seq(*walk), lambda st: replace(st, atomic=True))
     kernels = [_grid(st) for st in (zero, walk, _drop_copies(writeout)) if st != L.seq()]
     return replace(func, body=L.seq(*kernels))

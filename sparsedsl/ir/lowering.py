@@ -30,6 +30,7 @@ from sparsedsl.errors import SdslSemanticError
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir.buffer_names import ACC, VALUES, stored_values, tile_copy
 from sparsedsl.ir.formats import Format
 
 ACC_DTYPE = "float32"
@@ -125,7 +126,7 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         acc_names = [i for i in kernel.indices if i != token]
     # TVM's LLVM backend puts small constant-size "global" allocations on the stack (LLVM then
     # keeps them in registers); "local" ones go through TVMBackendAllocWorkspace on every entry.
-    acc = L.Buffer("acc", ACC_DTYPE, (*acc_dims, L.const(tile)) if token else tuple(acc_dims) or (L.const(1),))
+    acc = L.Buffer(ACC, ACC_DTYPE, (*acc_dims, L.const(tile)) if token else tuple(acc_dims) or (L.const(1),))
 
     # Level loops: build the nest from the outside in, remembering coordinates and positions.
     coord_env: dict[int, L.Expr] = {}
@@ -175,7 +176,7 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     other = [i for i in kernel.indices if i != token]
     blocked = token is not None and not pattern and len(other) == 1 and not opts.gpu
     if blocked and gather:
-        ctx.out_tile = L.Buffer(f"{out.name}_t", ACC_DTYPE, (extents[other[0]], L.const(tile)))
+        ctx.out_tile = L.Buffer(tile_copy(out.name), ACC_DTYPE, (extents[other[0]], L.const(tile)))
     zero = _fill(acc, L.const(0.0, ACC_DTYPE), lane[0] if token else None)
     writeout = _writeout(
         ctx,
@@ -295,13 +296,13 @@ def _params(ctx: _Ctx) -> tuple[L.Buffer | L.Var, ...]:
             ctx.buffers[p.name] = buf
             params.append(buf)
         elif p.pattern_of:
-            src = ctx.buffers[f"{p.pattern_of}_vals"]
-            buf = L.Buffer(f"{p.name}_vals", p.dtype, src.shape)
+            src = ctx.buffers[stored_values(p.pattern_of)]
+            buf = L.Buffer(stored_values(p.name), p.dtype, src.shape)
             ctx.buffers[buf.name] = buf
             params.append(buf)
         else:
             for name in p.format.buffer_names(p.name):
-                dtype = p.dtype if name.endswith("_vals") else "int32"
+                dtype = p.dtype if name.endswith(VALUES) else "int32"
                 buf = L.Buffer(name, dtype, (_sym(f"{name}_len"),))
                 ctx.buffers[name] = buf
                 params.append(buf)
@@ -342,7 +343,7 @@ def _stage(ctx: _Ctx, body: K.KExpr, lane: L.Var) -> list[L.Stmt]:
             continue
         src = ctx.buffers[access.tensor]
         others = [i for i in access.indices if i != ctx.token]
-        staged = L.Buffer(f"{access.tensor}_t", src.dtype, (*[ctx.extents[i] for i in others], L.const(tile)))
+        staged = L.Buffer(tile_copy(access.tensor), src.dtype, (*[ctx.extents[i] for i in others], L.const(tile)))
         ctx.staged[access.tensor] = staged
         if len(others) == 1:
             indices, other = access.indices, others[0]
@@ -394,7 +395,7 @@ def _expr(
             return _cast(ctx.scalars[name], ACC_DTYPE)
         case K.KAccess(t, indices):
             if sparse is not None and t == sparse.name:
-                return _cast(L.load(ctx.buffers[f"{t}_vals"], leaf), ACC_DTYPE)
+                return _cast(L.load(ctx.buffers[stored_values(t)], leaf), ACC_DTYPE)
             if t in ctx.staged:
                 idx = [env[i] for i in indices if i != ctx.token]
                 return _cast(L.load(ctx.staged[t], *idx, lane[0]), ACC_DTYPE)
@@ -550,7 +551,7 @@ def _writeout(
     clamp = ctx.out_tile is not None
     value = _cast(_expr(epilogue, ctx, env, position, lane, clamp=clamp, acc=acc_value), out.dtype)
     if out.pattern_of:
-        store: L.Stmt = L.Store(ctx.buffers[f"{out.name}_vals"], (position,), value)
+        store: L.Stmt = L.Store(ctx.buffers[stored_values(out.name)], (position,), value)
     elif ctx.out_tile is not None:
         other = next(i for i in kernel.indices if i != token)
         store = L.Store(ctx.out_tile, (env[other], lane[0]), _cast(value, ACC_DTYPE))

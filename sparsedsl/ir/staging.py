@@ -26,6 +26,7 @@ from dataclasses import replace
 
 from sparsedsl.errors import ScheduleError, Span
 from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir.buffer_names import shared_copy
 from sparsedsl.ir.gpu import map_buffer
 from sparsedsl.ir.schedule import loops, rewrite_loops
 
@@ -209,7 +210,7 @@ def stage_shared(func: L.LoopFunc, tensor: str, name: str, span: Span | None = N
     inside_threads = [f for f in loops(func.body) if f.kind is L.LoopKind.THREAD_X and targets[0] in loops(f.body)]
     if inside_threads:
         func = sink_threads(func, name, span)
-    staged = L.Buffer(f"{tensor}_s", param.dtype, (), "shared")
+    staged = L.Buffer(shared_copy(tensor), param.dtype, (), "shared")
 
     def stage(loop: L.For) -> L.Stmt | None:
         if loop.var.name != name:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 from sparsedsl.errors import ScheduleError, Span
 from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir.buffer_names import ACC, ACC_SHARED, DIRECT, fragment, shared_copy
 from sparsedsl.ir.gpu import WARP, map_buffer, rebind, split_lanes, transpose_operands
 from sparsedsl.ir.schedule import loops, rewrite_loops, substitute
 from sparsedsl.ir.staging import BYTES, SHARED_BYTES, Box, affine, box_of, copy_box, unwrap
@@ -48,12 +49,12 @@ def _corner(row: L.Expr, col: L.Expr, ld: int, base: L.Expr | None = None) -> L.
 
 
 def _reads_acc(s: L.Stmt) -> bool:
-    return any(e.buffer.name == "acc" for e in L.loads(s))
+    return any(e.buffer.name == ACC for e in L.loads(s))
 
 
 def _is_writeout(s: L.Stmt) -> bool:
     """The statement that applies the epilogue to the accumulator (reads it, writes elsewhere)."""
-    return _reads_acc(s) and "acc" not in {st.buffer.name for st in L.stores(s)}
+    return _reads_acc(s) and ACC not in {st.buffer.name for st in L.stores(s)}
 
 
 def _tiles(rows: int, cols: int, body_of: Callable[[L.Var, L.Var], L.Stmt]) -> L.Stmt:
@@ -77,9 +78,9 @@ def _update_nest(s: L.Stmt) -> L.For | None:
         mid = loop.body
         inner = mid.body if isinstance(mid, L.For) else None
         store = inner.body if isinstance(inner, L.For) else None
-        if isinstance(store, L.Store) and store.buffer.name == "acc" and store.indices == (loop.var, inner.var):
+        if isinstance(store, L.Store) and store.buffer.name == ACC and store.indices == (loop.var, inner.var):
             match store.value:
-                case L.Bin("+", L.Load(buf, idx), L.Bin("*", _, _)) if buf.name == "acc" and idx == store.indices:
+                case L.Bin("+", L.Load(buf, idx), L.Bin("*", _, _)) if buf.name == ACC and idx == store.indices:
                     return loop
     return None
 
@@ -141,7 +142,7 @@ def _activation_tiles(
     k-step ``k``'s tiles ``j`` into fragment ``b``."""
     zero, tile = L.const(0), x_s.shape[1].value
     tokens, ((_, k_base), (_, m_base)) = x.shape[1], box
-    flag = L.Buffer("direct", "int32", (L.const(1),), "local")  # a let would be inlined, then hoisted
+    flag = L.Buffer(DIRECT, "int32", (L.const(1),), "local")  # a let would be inlined, then hoisted
     direct = L.Load(flag, (zero,))
     fits = L.Bin(
         "and",
@@ -189,11 +190,11 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
     shared = bn * tile * BYTES[x.dtype] + bm * tile * BYTES["float32"]
     if shared > SHARED_BYTES:
         raise refuse(f"its staged tile and accumulator take {shared} bytes of shared memory, more than {SHARED_BYTES}")
-    a = L.Buffer(f"{match.w.name}_frag", match.w.dtype, (L.const(bm), L.const(T)), "wmma.matrix_a")
-    b = L.Buffer(f"{x.name}_frag", x.dtype, (L.const(T), L.const(tile)), "wmma.matrix_b")
-    acc = L.Buffer("acc", "float32", (L.const(bm), L.const(tile)), "wmma.accumulator")
-    x_s = L.Buffer(f"{x.name}_s", x.dtype, (L.const(bn), L.const(tile)), "shared")
-    out = L.Buffer("acc_s", "float32", (L.const(bm), L.const(tile)), "shared")
+    a = L.Buffer(fragment(match.w.name), match.w.dtype, (L.const(bm), L.const(T)), "wmma.matrix_a")
+    b = L.Buffer(fragment(x.name), x.dtype, (L.const(T), L.const(tile)), "wmma.matrix_b")
+    acc = L.Buffer(ACC, "float32", (L.const(bm), L.const(tile)), "wmma.accumulator")
+    x_s = L.Buffer(shared_copy(x.name), x.dtype, (L.const(bn), L.const(tile)), "shared")
+    out = L.Buffer(ACC_SHARED, "float32", (L.const(bm), L.const(tile)), "shared")
     t, lane_j = L.Var(f"{token}_t"), L.Var(f"{token}_j")
     i, j, k = L.Var("tile_i"), L.Var("tile_j"), L.Var("tile_k")
     warp = L.For(t, L.const(0), L.const(WARP), None, L.LoopKind.THREAD_X)
@@ -215,12 +216,12 @@ def tensorize(func: L.LoopFunc, span: Span | None = None) -> L.LoopFunc:
 
     def rewrite(s: L.Stmt) -> L.Stmt:
         """One statement of the row block's body, on tensor cores."""
-        if isinstance(s, L.Alloc) and s.buffer.name == "acc":
+        if isinstance(s, L.Alloc) and s.buffer.name == ACC:
             return L.seq(*(L.Alloc(buf) for buf in (acc, a, b, x_s, out)))
-        if {st.buffer.name for st in L.stores(s)} == {"acc"} and not _reads_acc(s):  # zeroing
+        if {st.buffer.name for st in L.stores(s)} == {ACC} and not _reads_acc(s):  # zeroing
             return _tiles(bm, tile, lambda ti, tj: L.TileFill(acc, (ti, tj)))
         if _is_writeout(s):  # through shared memory, a token per thread
-            threads = split_lanes(map_buffer(s, "acc", out, lambda idx: idx), lanes.name, lane_j, tile // WARP, t)
+            threads = split_lanes(map_buffer(s, ACC, out, lambda idx: idx), lanes.name, lane_j, tile // WARP, t)
             return L.seq(_spill(acc, out), replace(warp, body=threads))
         return rewrite_loops(s, lambda f: products if f == nest else None)
 
@@ -262,7 +263,7 @@ def _match_slots(func: L.LoopFunc, row: str, tile: int, refuse: Callable[[str], 
             continue
         coordinate, lanes = inner.stmts
         store = lanes.body if isinstance(lanes, L.For) else None
-        if not (isinstance(store, L.Store) and store.buffer.name == "acc" and store.indices == (lanes.var,)):
+        if not (isinstance(store, L.Store) and store.buffer.name == ACC and store.indices == (lanes.var,)):
             continue
         factors = [_uncast(f) for f in (store.value.b.a, store.value.b.b)] if isinstance(store.value.b, L.Bin) else []
         x_read = next((f for f in factors if isinstance(f, L.Load) and len(f.indices) == 2), None)
@@ -297,12 +298,12 @@ def _tensorize_slots(func: L.LoopFunc, refuse: Callable[[str], ScheduleError]) -
     block, step, r = L.Var(f"{rows[0]}_t"), L.Var("k_step"), L.Var("tile_r")
     warp = L.For(t, L.const(0), L.const(WARP), None, L.LoopKind.THREAD_X)
     zero, ones = L.const(0), L.const(T)
-    w_s = L.Buffer(f"{match.value.buffer.name}_s", x.dtype, (ones, ones), "shared")
-    x_s = L.Buffer(f"{x.name}_s", x.dtype, (ones, L.const(tile)), "shared")
+    w_s = L.Buffer(shared_copy(match.value.buffer.name), x.dtype, (ones, ones), "shared")
+    x_s = L.Buffer(shared_copy(x.name), x.dtype, (ones, L.const(tile)), "shared")
     a = L.Buffer(f"{match.value.buffer.name}_frag", x.dtype, (ones, ones), "wmma.matrix_a")
-    b = L.Buffer(f"{x.name}_frag", x.dtype, (ones, L.const(tile)), "wmma.matrix_b")
-    acc = L.Buffer("acc", "float32", (ones, L.const(tile)), "wmma.accumulator")
-    out = L.Buffer("acc_s", "float32", (ones, L.const(tile)), "shared")
+    b = L.Buffer(fragment(x.name), x.dtype, (ones, L.const(tile)), "wmma.matrix_b")
+    acc = L.Buffer(ACC, "float32", (ones, L.const(tile)), "wmma.accumulator")
+    out = L.Buffer(ACC_SHARED, "float32", (ones, L.const(tile)), "shared")
     row = L.add(L.mul(block, ones), r)
     decompress = _decompress(match, w_s, block, step, warp)
     wraps, core = unwrap(match.token_index, {})
@@ -318,7 +319,7 @@ def _tensorize_slots(func: L.LoopFunc, refuse: Callable[[str], ScheduleError]) -
         L.seq(decompress, L.TileCopy(a, (zero, zero), w_s, zero, ones, load=True), prologue, b_tiles, each),
     )
     writeout = next(s for s in match.row.body.stmts if _is_writeout(s))
-    tokens = map_buffer(substitute(writeout, match.row.var.name, row), "acc", out, lambda idx: (r, *idx))
+    tokens = map_buffer(substitute(writeout, match.row.var.name, row), ACC, out, lambda idx: (r, *idx))
     lanes = split_lanes(
         L.For(r, zero, ones, L.If(L.Bin("<", row, match.row.extent), tokens)), f"{token}_i", lane_j, tile // WARP, t
     )

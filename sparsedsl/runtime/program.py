@@ -16,6 +16,7 @@ from sparsedsl.frontend.check import check
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir import schedule as sched
+from sparsedsl.ir.buffer_names import stored_values
 from sparsedsl.ir.formats import Format
 from sparsedsl.ir.lowering import LowerOptions, lower
 from sparsedsl.runtime.sparse_tensor import SparseTensor
@@ -73,7 +74,7 @@ class Instance:
             dense = {p.name for p in kernel.inputs if not p.sparse}
             prefix = f"{kernel.sparse_input.name}_" if kernel.sparse_input else ""
             for p in self.params:
-                if p.name in (out, f"{out}_vals"):
+                if p.name in (out, stored_values(out)):
                     self.plans.append(("out", None))
                 elif p.name in self.scratch:
                     self.plans.append(("scratch", tuple(d.name for d in p.shape)))

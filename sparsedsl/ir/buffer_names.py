@@ -1,0 +1,32 @@
+"""The names the compiler gives its own buffers, in one place: lowering and the GPU passes build
+them here, and the checker (``frontend/check.py``) refuses tensor names that would collide."""
+
+from __future__ import annotations
+
+ACC = "acc"  # the accumulator; a GPU scatter's float32 sum of a 16-bit output
+ACC_SHARED = "acc_s"  # tensor cores: the accumulator tiles spilled to shared memory
+DIRECT = "direct"  # tensor cores: whether an activation tile loads straight from memory
+RESERVED = (ACC, ACC_SHARED, DIRECT)
+
+TILE_COPY, SHARED_COPY, FRAGMENT, VALUES = "_t", "_s", "_frag", "_vals"
+DERIVED = (TILE_COPY, SHARED_COPY, FRAGMENT, VALUES)  # suffixes of buffers derived from a tensor
+
+
+def tile_copy(tensor: str) -> str:
+    """A tensor's token-tile copy (a CPU kernel's staged input, its output tile)."""
+    return tensor + TILE_COPY
+
+
+def shared_copy(tensor: str) -> str:
+    """A tensor's copy in a CUDA block's shared memory."""
+    return tensor + SHARED_COPY
+
+
+def fragment(tensor: str) -> str:
+    """A tensor's tensor-core fragment."""
+    return tensor + FRAGMENT
+
+
+def stored_values(tensor: str) -> str:
+    """A sparse tensor's stored values."""
+    return tensor + VALUES
