@@ -32,6 +32,12 @@ kernel lin16_tc(X: f16[M, K], W: f16[N, K] @ BSR(32, 32)) -> (Y: f16[M, N]) { Y[
 schedule lin16_tc on cuda { tensorize }
 kernel lin16_nm_tc(X: f16[M, K], W: f16[N, K] @ NM(2, 4)) -> (Y: f16[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }
 schedule lin16_nm_tc on cuda { tensorize }
+kernel lin32_vec(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }
+schedule lin32_vec on cuda { vectorize m_j }
+kernel lin16_vec(X: f16[M, K], W: f16[N, K] @ CSR) -> (Y: f16[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }
+schedule lin16_vec on cuda { vectorize m_j }
+kernel mv(W: f32[N, K] @ CSR, x: f32[K]) -> (y: f32[N]) { y[n] = sum(k) W[n, k] * x[k] }
+kernel mv_t(W: f32[N, K] @ CSR, x: f32[N]) -> (y: f32[K]) { y[k] = sum(n) W[n, k] * x[n] }
 kernel grad_input(G: f32[M, N], W: f32[N, K] @ CSR) -> (D: f32[M, K]) { D[m, k] = sum(n) G[m, n] * W[n, k] }
 kernel grad_weight(G: f32[M, N], X: f32[M, K], W: f32[N, K] @ CSR) -> (D: f32[N, K] @ W) {
     D[n, k] = sum(m) G[m, n] * X[m, k]
@@ -43,12 +49,15 @@ CASES = [
     ("lin16_tc", "BSR(32, 32)", 0.9, torch.float16),
     ("lin32", "BSR(32, 32)", 0.9, torch.float32),
     ("lin32", "CSR", 0.9, torch.float32),
+    ("lin32_vec", "CSR", 0.9, torch.float32),
     ("lin16", "CSR", 0.9, torch.float16),
+    ("lin16_vec", "NM(2, 4)", None, torch.float16),
     ("lin16", "NM(2, 4)", None, torch.float16),
     ("lin16_nm_tc", "NM(2, 4)", None, torch.float16),
     ("lin32", "NM(2, 4)", None, torch.float32),
 ]
 BACKWARD = [("CSR", 0.9), ("BSR(32, 32)", 0.9)]  # the gradients of a f32 sparse layer
+VECTORS = [("CSR", 0.9), ("COO", 0.9), ("BSR(32, 32)", 0.9)]  # matrix-vector products, f32
 
 
 def cuda_time(fn, reps: int = 20) -> float:
@@ -115,6 +124,24 @@ def measure_backward(prog, fmt: str, sparsity: float, n: int, k: int, tokens: in
     return row
 
 
+def measure_vectors(prog, fmt: str, sparsity: float, n: int, k: int) -> dict:
+    """The matrix-vector products W x and W^T x as ratios to cuBLAS's dense ones, and torch CSR's."""
+    weight = sd.prune(torch.randn(n, k), prog.format(fmt), sparsity)
+    packed, w = prog.pack(fmt, weight).cuda(), weight.cuda()
+    x, xt = torch.randn(k, device="cuda"), torch.randn(n, device="cuda")
+    csr = w.to_sparse_csr()
+    row = {"format": fmt, "sparsity": sparsity}
+    for name, ours, dense, peer in [
+        ("mv", lambda: prog.mv(packed, x), lambda: w @ x, lambda: torch.mv(csr, x)),
+        ("mv_t", lambda: prog.mv_t(packed, xt), lambda: w.t() @ xt, lambda: torch.mv(csr.t(), xt)),
+    ]:
+        base = cuda_time(dense)
+        row[name] = cuda_time(ours) / base
+        row[f"{name}_torch_csr"] = _peer(lambda: None, lambda _, call=peer: call(), base)
+        row[f"{name}_rel_error"] = ((ours() - dense()).norm() / dense().norm()).item()
+    return row
+
+
 def _cell(value) -> str:
     return f"{value:9.3f}" if isinstance(value, float) else f"{'n/a':>9}"
 
@@ -129,20 +156,27 @@ def run(out: Path, n: int = 4096, k: int = 4096, tokens: int = 4096) -> None:
     rows = [measure(prog, *case, n, k, tokens) for case in CASES]
     device = torch.cuda.get_device_name()
     print(f"\n{device}: {n}x{k} weight, {tokens} tokens; ratio = time / cuBLAS (F.linear) time, lower is better")
-    header = f"{'kernel':<9} {'format':<12} {'dtype':<8} {'cuBLAS ms':>9} {'sparsedsl':>9} {'torch CSR':>9}"
+    header = f"{'kernel':<12} {'format':<12} {'dtype':<8} {'cuBLAS ms':>9} {'sparsedsl':>9} {'torch CSR':>9}"
     print(header + f" {'torch BSR':>9} {'cuSPARSELt':>10} {'rel err':>8}")
     for r in rows:
         peers = f"{_cell(r['torch_csr'])} {_cell(r.get('torch_bsr'))} {_cell(r.get('cusparselt')):>10}"
         print(
-            f"{r['kernel']:<9} {r['format']:<12} {r['dtype']:<8} {r['dense_ms']:9.3f} {r['sparsedsl']:9.3f} "
+            f"{r['kernel']:<12} {r['format']:<12} {r['dtype']:<8} {r['dense_ms']:9.3f} {r['sparsedsl']:9.3f} "
             f"{peers} {r['rel_error']:8.1e}"
         )
     backward = [measure_backward(prog, fmt, sparsity, n, k, tokens) for fmt, sparsity in BACKWARD]
     print("\nbackward, f32: ratio = time / the dense product's cuBLAS time (G @ W, G^T @ X)")
     for r in backward:
         print(f"{r['format']:<12} grad_input {r['grad_input']:7.3f}   grad_weight (SDDMM) {r['grad_weight']:7.3f}")
+    vectors = [measure_vectors(prog, fmt, sparsity, n, k) for fmt, sparsity in VECTORS]
+    print("\nmatrix-vector, f32: ratio = time / cuBLAS's dense product time (torch CSR alongside)")
+    for r in vectors:
+        print(
+            f"{r['format']:<12} W x {r['mv']:7.3f} (torch CSR {_cell(r['mv_torch_csr'])})   "
+            f"W^T x {r['mv_t']:7.3f} (torch CSR {_cell(r['mv_t_torch_csr'])})"
+        )
     report = {"device": device, "torch": torch.__version__, "shape": [n, k, tokens], "rows": rows}
-    report["backward"] = backward
+    report.update(backward=backward, vectors=vectors)
     out.write_text(json.dumps(report, indent=1))
     print(f"results written to {out}")
 
@@ -155,6 +189,9 @@ def prebuild(arch: str, cache: Path) -> None:
         prog.kernels[name].instance(prog.format(fmt))
     for fmt, _ in BACKWARD:
         for name in ("grad_input", "grad_weight"):
+            prog.kernels[name].instance(prog.format(fmt))
+    for fmt, _ in VECTORS:
+        for name in ("mv", "mv_t"):
             prog.kernels[name].instance(prog.format(fmt))
 
 

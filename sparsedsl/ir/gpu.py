@@ -31,15 +31,21 @@ def _without_lane(s: L.Stmt, lane: str) -> L.Stmt:
     return rewrite_loops(s, lambda loop: loop.body if loop.var.name == lane else None)
 
 
-def split_lanes(s: L.Stmt, lane: str, j: L.Var, per: int, tx: L.Var) -> L.Stmt:
+def split_lanes(s: L.Stmt, lane: str, j: L.Var, per: int, tx: L.Var, adjacent: bool = False) -> L.Stmt:
     """Each lane loop becomes an unrolled loop over the thread's ``per`` tokens: lane
-    ``j * threads + tx`` (a warp reads consecutive tokens at each ``j``)."""
+    ``j * threads + tx`` (a warp reads consecutive tokens at each ``j``), or with ``adjacent``
+    lane ``tx * per + j`` (a thread's tokens side by side, read as one vector: a vectorised lane
+    loop stays vectorised)."""
 
     def split(loop: L.For) -> L.Stmt | None:
         if loop.var.name != lane:
             return None
-        token = L.add(L.mul(j, L.floordiv(loop.extent, L.const(per))), tx)
-        return L.For(j, L.const(0), L.const(per), substitute(loop.body, lane, token), L.LoopKind.UNROLLED)
+        if adjacent:
+            token = L.add(L.mul(tx, L.const(per)), j)
+            kind = L.LoopKind.VECTORIZED if loop.kind is L.LoopKind.VECTORIZED else L.LoopKind.UNROLLED
+        else:
+            token, kind = L.add(L.mul(j, L.floordiv(loop.extent, L.const(per))), tx), L.LoopKind.UNROLLED
+        return L.For(j, L.const(0), L.const(per), substitute(loop.body, lane, token), kind)
 
     return rewrite_loops(s, split)
 
@@ -59,6 +65,29 @@ def tokens_per_thread(acc: L.Buffer, tile: int) -> int:
     while tile % per:
         per -= 1
     return per
+
+
+def vector_lanes(func: L.LoopFunc, directives) -> object | None:
+    """The directive ``vectorize <token>_j`` of a GPU schedule, if any: the loop over each thread's
+    tokens, which the mapping makes (``map_to_gpu(vector_tokens=True)``), so it is checked here,
+    before mapping: a gathering kernel with tokens, more than one token a thread."""
+    token = func.meta.get("token")
+    found = next((d for d in directives if d.verb == "vectorize" and d.loops[0].text.endswith("_j")), None)
+    if found is None or (token is not None and found.loops[0].text != f"{token}_j"):
+        return None
+    what = f"cannot vectorize '{found.loops[0].text}'"
+    if token is None or func.meta.get("mode") != "gather":
+        raise ScheduleError(
+            f"{what}: only a kernel that gathers along its tokens gives each thread several", found.span
+        )
+    acc = next(b for b in L.allocs(func.body) if b.name == ACC)
+    if tokens_per_thread(acc, func.meta["tile"]) == 1:
+        raise ScheduleError(
+            f"{what}: each thread computes one token with a {func.meta['tile']}-token tile "
+            f"(a larger 'tile {token} by ...' gives each thread up to {MAX_TOKENS_PER_THREAD})",
+            found.span,
+        )
+    return found
 
 
 def map_buffer(s: L.Stmt, old: str, new: L.Buffer, index: Callable[[tuple], tuple]) -> L.Stmt:
@@ -139,15 +168,17 @@ def _indexes(s: L.Stmt, buffer: str, var: str) -> bool:
 MAX_UNROLL = 64
 
 
-def registers_for(s: L.Stmt, acc: str) -> L.Stmt:
+def registers_for(s: L.Stmt, acc: str, vector: str | None = None) -> L.Stmt:
     """Keep a per-thread accumulator array in registers: every small constant loop that indexes it
     is unrolled (constant indices), and where such a loop wraps a loop that does not index it
     (``for n_i: for k_i: acc[n_i] += X[k_i] * W[n_i, k_i]``) the two are interchanged, so that each
-    operand load is reused across the unrolled accumulators (each element's sum keeps its order)."""
+    operand load is reused across the unrolled accumulators (each element's sum keeps its order).
+    Vectorised loops called ``vector`` (a thread's adjacent tokens) stay vectorised."""
 
     def unroll(loop: L.For) -> L.Stmt | None:
         small = isinstance(loop.extent, L.Const) and loop.extent.value <= MAX_UNROLL
-        if not (small and _indexes(loop.body, acc, loop.var.name)):
+        kept = loop.kind is L.LoopKind.VECTORIZED and loop.var.name == vector
+        if kept or not (small and _indexes(loop.body, acc, loop.var.name)):
             return None
         inner = loop.body
         if isinstance(inner, L.For) and not _indexes(inner, acc, inner.var.name):
@@ -157,20 +188,44 @@ def registers_for(s: L.Stmt, acc: str) -> L.Stmt:
     return rewrite_loops(s, unroll)
 
 
-def transpose_operands(func: L.LoopFunc, names: set[str]) -> L.LoopFunc:
+def transpose_operands(func: L.LoopFunc, names: set[str], pad: int | None = None) -> L.LoopFunc:
     """Take the 2-D inputs ``names`` transposed (``X[m, k]`` read as ``X_T[k, m]``): consecutive
     threads (tokens) then read consecutive addresses. The caller passes the transposed tensors
-    (``meta["transposed"]``)."""
-    params, body = [], func.body
+    (``meta["transposed"]``). With ``pad`` (the token tile) their rows are padded with zeros to a
+    whole number of tiles, ``pad * M_tiles`` (``meta["padded"]``: the new size's name, the token
+    size it counts tiles of, the tile): reads need no clamp past the last token, and every row
+    starts aligned, which TVM can prove, so a thread's adjacent tokens load as one vector."""
+    params, body, padded = [], func.body, {}
     for p in func.params:
-        if isinstance(p, L.Buffer) and p.name in names:
+        if not (isinstance(p, L.Buffer) and p.name in names):
+            params.append(p)
+            continue
+        if pad is None:
             flipped = replace(p, shape=p.shape[::-1])
             body = map_buffer(body, p.name, flipped, lambda idx: idx[::-1])
-            params.append(flipped)
         else:
-            params.append(p)
+            tokens, tiles = p.shape[0], L.Var(f"{p.shape[0].name}_tiles")
+            flipped = replace(p, shape=(p.shape[1], L.mul(L.const(pad), tiles)))
+            body = map_buffer(body, p.name, flipped, _unclamped_transpose(L.sub(tokens, L.const(1))))
+            padded[p.name] = (tiles.name, tokens.name, pad)
+            if tiles not in params:
+                params.append(tiles)
+        params.append(flipped)
     done = tuple(sorted(n for n in names if any(p.name == n for p in func.params)))
-    return replace(func, params=tuple(params), body=body, meta={**func.meta, "transposed": done})
+    meta = {**func.meta, "transposed": done, **({"padded": padded} if padded else {})}
+    return replace(func, params=tuple(params), body=body, meta=meta)
+
+
+def _unclamped_transpose(end: L.Expr) -> Callable[[tuple], tuple]:
+    """``[m, k] -> [k, m]`` with the token index's clamp to the last token (``min(m, end)``) dropped."""
+
+    def index(idx: tuple) -> tuple:
+        match idx[0]:
+            case L.Bin("min", m, bound) if bound == end:
+                return (idx[1], m)
+        return (idx[1], idx[0])
+
+    return index
 
 
 WARP = 32
@@ -193,9 +248,11 @@ def _warp_reduction(func: L.LoopFunc) -> L.LoopFunc:
         return func
 
 
-def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
+def map_to_gpu(func: L.LoopFunc, output: str, vector_tokens: bool = False) -> L.LoopFunc:
     """The kernel bound to CUDA blocks and threads (see the module docstring); the gathered inputs
-    ``meta["thread_major"]`` (indexed [token, reduction]) are taken transposed."""
+    ``meta["thread_major"]`` (indexed [token, reduction]) are taken transposed. ``vector_tokens``
+    (a gathering kernel with tokens): each thread's tokens are adjacent and its reads of the
+    transposed inputs, padded to whole tiles, are vector loads."""
     meta = func.meta
     token, tile = meta.get("token"), meta.get("tile", 1)
     rows = meta.get("rows", [])
@@ -236,10 +293,15 @@ def map_to_gpu(func: L.LoopFunc, output: str) -> L.LoopFunc:
             body,
             host,
             lambda b: L.For(
-                tx, L.const(0), L.const(threads), split_lanes(b, lane.name, j, per, tx), L.LoopKind.THREAD_X
+                tx,
+                L.const(0),
+                L.const(threads),
+                split_lanes(b, lane.name, j, per, tx, vector_tokens),
+                L.LoopKind.THREAD_X,
             ),
         )
-        return transpose_operands(replace(func, body=registers_for(body, ACC)), set(func.meta["thread_major"]))
+        func = replace(func, body=registers_for(body, ACC, j.name if vector_tokens else None))
+        return transpose_operands(func, set(func.meta["thread_major"]), tile if vector_tokens else None)
     # scatter: accumulate in the thread's own output row (a float32 scratch for 16-bit outputs)
     func, target = _sum_target(func, output, acc)
     m = L.add(L.mul(L.Var(tiles), L.const(tile)), lane)

@@ -175,23 +175,25 @@ class CompiledKernel:
     def _gpu(self, kernel: K.Kernel, opts: LowerOptions, directives) -> L.LoopFunc:
         """The kernel mapped to a CUDA grid; ``bind`` and ``stage`` directives act after mapping."""
         from sparsedsl.ir import tensor_cores
-        from sparsedsl.ir.gpu import map_to_gpu
+        from sparsedsl.ir.gpu import map_to_gpu, vector_lanes
         from sparsedsl.ir.staging import stage_shared
 
         tensorize = next((d for d in directives if d.verb == "tensorize"), None)
         tile = opts.tile if any(d.verb == "tile" for d in directives) else TENSOR_TILE if tensorize else GPU_TILE
         func = lower(kernel, replace(opts, tile=tile, gpu=True))
-        loop_directives = [d for d in directives if d.verb not in ("tile", "layout", "bind", "stage", "tensorize")]
+        vector = vector_lanes(func, directives)
+        mapped = ("tile", "layout", "bind", "stage", "tensorize")
+        loop_directives = [d for d in directives if d.verb not in mapped and d is not vector]
         func = sched.apply(func, loop_directives)
         if tensorize:
-            after = next((d for d in directives if d.verb in ("bind", "stage")), None)
+            after = next((d for d in directives if d.verb in ("bind", "stage") or d is vector), None)
             if after is not None:
                 raise ScheduleError(
                     f"'{after.verb}' cannot follow 'tensorize', which maps the kernel itself", after.span
                 )
             func = tensor_cores.tensorize(func, tensorize.span)
         else:
-            func = map_to_gpu(func, kernel.output.name)
+            func = map_to_gpu(func, kernel.output.name, vector_tokens=vector is not None)
         for d in directives:
             if d.verb == "bind":
                 func = sched.set_kind(func, d.loops[0].text, L.LoopKind(d.target), d.span)
@@ -236,9 +238,12 @@ class CompiledKernel:
             flipped = out.name in inst.transposed  # written [N, M] by the kernel, returned [M, N]
             result = torch.empty(shape[::-1] if flipped else shape, dtype=TORCH_DTYPES[out.dtype], device=device)
         buffers = sparse.buffers if sparse else {}
+        padded = inst.meta.get("padded", {})
+        sizes = {**sizes, **{tiles: -(-sizes[dim] // tile) for tiles, dim, tile in padded.values()}}
+        transposed = [name for name in inst.transposed if name in call_args]
         sources = {
             "arg": call_args,
-            "transposed": {name: call_args[name].t().contiguous() for name in inst.transposed if name in call_args},
+            "transposed": {name: _transpose(call_args[name], padded.get(name)) for name in transposed},
             "size": sizes,
             "sparse": _aligned(buffers) if inst.meta.get("tensor_cores") else buffers,
         }
@@ -254,6 +259,17 @@ class CompiledKernel:
         if out.pattern_of:
             return sparse.with_values(result)
         return result.t().contiguous() if out.name in inst.transposed else result
+
+
+def _transpose(t: torch.Tensor, padded: tuple[str, str, int] | None) -> torch.Tensor:
+    """A 2-D argument transposed, its rows padded with zeros to whole token tiles if ``padded``
+    (``gpu.transpose_operands``)."""
+    if padded is None:
+        return t.t().contiguous()
+    tile = padded[2]
+    out = t.new_zeros((t.shape[1], -(-t.shape[0] // tile) * tile))
+    out[:, : t.shape[0]] = t.t()
+    return out
 
 
 WMMA_ALIGN = 32  # bytes: tensor-core tiles load from 256-bit aligned addresses

@@ -97,11 +97,29 @@ schedule lin on cuda {{ tile m by {tile}; tensorize }}
 """
 
 
+# (format, dtype) of linear layers whose threads read their tokens as vectors
+VECTOR_TOKENS = [("CSR", "f32"), ("BSR(4, 4)", "f32"), ("NM(2, 4)", "f16"), ("BSR(16, 16)", "bf16"), ("ELL(3)", "f32")]
+# the prelude formats whose linear layer gathers (CSC and COO scatter: no tokens to share out)
+GATHERING = [case for case in FORMATS if case[0] not in ("CSC", "COO", "VNM")]
+
+
+def vector_source(fmt: str, dtype: str) -> str:
+    """A linear layer with bias and GELU on ``fmt`` whose threads each take adjacent tokens, read
+    from the (padded, transposed) activations as one vector."""
+    return f"""
+kernel lin(X: {dtype}[M, K], W: {dtype}[N, K] @ {fmt}, b: {dtype}[N]) -> (Y: {dtype}[M, N]) {{
+    Y[m, n] = gelu(sum(k) X[m, k] * W[n, k] + b[n])
+}}
+schedule lin on cuda {{ vectorize m_j }}
+"""
+
+
 def scheduled_programs(**options) -> list[sd.Program]:
     """The programs with GPU schedules that the GPU tests run (staging, cross-thread sums, tensor
-    cores)."""
+    cores, vector loads)."""
     sources = [staged_source(*case) for case in STAGED] + [warp_schedule(t) for t in WARP_THREADS]
     sources += [tensor_core_source(*case) for case in TENSOR_CORES + TENSOR_CORES_NM]
+    sources += [vector_source(*case) for case in VECTOR_TOKENS]
     return [sd.compile(source, target="cuda", **options) for source in sources]
 
 

@@ -3,6 +3,8 @@ for sm_80 and sm_90 (no GPU needed); on a machine with a GPU the differential te
 
 from __future__ import annotations
 
+import functools
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,12 +17,15 @@ from hypothesis import strategies as st
 import sparsedsl as sd
 from sparsedsl.cli import main as cli
 from tests.cuda.gpu_cases import (
+    GATHERING,
     SDDMM,
     STAGED,
     TENSOR_CORES,
     TENSOR_CORES_NM,
+    VECTOR_TOKENS,
     staged_source,
     tensor_core_source,
+    vector_source,
     warp_schedule,
 )
 from tests.strategies import FORMATS, sparse_case
@@ -474,3 +479,45 @@ def test_tensor_cores_for_n_m_decompress_each_tile(fmt, n, k, m):
     expected = torch.nn.functional.gelu(x.float() @ w.float().T + b.float())
     actual = prog.lin(x, prog.pack(fmt, w), b).float()
     assert ((actual - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=sparse_case(GATHERING), m=st.integers(1, 300))
+def test_vector_tokens_keep_the_numbers(case, m):
+    """``vectorize m_j``: each thread's tokens adjacent, read from activations padded to whole
+    tiles without clamps, run serially over random formats, shapes and token counts."""
+    fmt, n, k, _, sparsity, seed = case
+    prog = _vector_programs(fmt)
+    gen = torch.Generator().manual_seed(seed)
+    w = sd.prune(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity)
+    x, b = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    expected = torch.nn.functional.gelu(x @ w.T + b)
+    torch.testing.assert_close(prog.lin(x, prog.pack(fmt, w), b), expected, rtol=1e-4, atol=1e-4)
+
+
+@functools.cache
+def _vector_programs(fmt: str) -> sd.Program:
+    return _emulate(vector_source(fmt, "f32"))
+
+
+@needs_nvcc
+def test_vector_tokens_compile_to_vector_loads(tmp_path):
+    for fmt, dtype in VECTOR_TOKENS:
+        source = sd.compile(vector_source(fmt, dtype), target="cuda", arch="sm_90", cache_dir="off").lin.source("cuda")
+        assert re.search(r"\*\(\w+4\*\)\(X_ptr", source), (fmt, dtype)  # float4, half4...: 4 tokens a load
+        _nvcc(source, "sm_90", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        ("schedule tr on cuda { vectorize m_j }", "only a kernel that gathers along its tokens"),
+        ("schedule lin on cuda { tile m by 32; vectorize m_j }", "each thread computes one token"),
+    ],
+)
+def test_vector_tokens_need_several_gathered_tokens_a_thread(schedule, message):
+    source = vector_source("CSR", "f32").replace("schedule lin on cuda { vectorize m_j }", "")
+    source += "kernel tr(G: f32[M, N], W: f32[N, K] @ CSR) -> (Y: f32[M, K]) { Y[m, k] = sum(n) G[m, n] * W[n, k] }\n"
+    with pytest.raises(sd.ScheduleError, match=message) as err:
+        sd.compile(source + schedule, target="cuda")
+    assert "vectorize" in err.value.render()

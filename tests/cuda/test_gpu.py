@@ -18,10 +18,12 @@ from tests.cuda.gpu_cases import (
     STAGED,
     TENSOR_CORES,
     TENSOR_CORES_NM,
+    VECTOR_TOKENS,
     WARP_THREADS,
     program,
     staged_source,
     tensor_core_source,
+    vector_source,
     warp_schedule,
 )
 from tests.strategies import FORMATS, sparse_case
@@ -160,4 +162,15 @@ def test_tensor_cores_on_the_gpu(fmt, dtype, tile, m):
     w, W, rand = _operands(prog, fmt, 128, 256, m, 0.7, m)
     x, xf = rand(m, 256)
     b, bf = rand(128)
+    _close(prog.lin(x, W, b), F.gelu(xf @ w.T + bf), dtype)
+
+
+@pytest.mark.parametrize("fmt, dtype", VECTOR_TOKENS)
+@pytest.mark.parametrize("m", [1, 130, 301])
+def test_vector_tokens_on_the_gpu(fmt, dtype, m):
+    prog = sd.compile(vector_source(fmt, dtype), target="cuda")
+    prog.dtype_name = dtype
+    w, W, rand = _operands(prog, fmt, 64, 128, m, 0.7, m)
+    x, xf = rand(m, 128)
+    b, bf = rand(64)
     _close(prog.lin(x, W, b), F.gelu(xf @ w.T + bf), dtype)
