@@ -9,10 +9,14 @@
   zeroed first and guarded by ``m < M`` (each thread owns one token: no races; a 16-bit output
   sums in a float32 scratch the runtime passes, ``meta["scratch"]``, cast once at the end); it is
   written transposed (``Y_T[k, m]``: a warp's updates coalesced) and its inputs read transposed.
-* a kernel without tokens (SDDMM) runs one output row per block (COO: one stored position per
-  block, over the coordinate buffer's length), a warp per block: its dense
-  reduction (over the tokens) is split across the warp's threads, whose partial sums the warp adds
-  (``tvm_thread_allreduce``: shuffles), and its inputs indexed ``[token, ...]`` are read transposed.
+* a kernel without tokens that gathers (SDDMM, a matrix-vector product) runs one output row per
+  block (COO: one stored position per block, over the coordinate buffer's length), a warp per
+  block: its dense reduction (SDDMM's tokens), else its row's stored positions, is split across the
+  warp's threads, whose partial sums the warp adds (``tvm_thread_allreduce``: shuffles), and its
+  inputs indexed ``[token, ...]`` are read transposed;
+* a kernel without tokens that scatters into a dense output (a transposed matrix-vector product,
+  any COO product) runs as kernels launched in turn: zero, add atomically a thread per row (or
+  stored position), apply the epilogue (``_atomic_scatter``).
 """
 
 from __future__ import annotations

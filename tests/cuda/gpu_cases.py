@@ -98,7 +98,7 @@ schedule lin on cuda {{ tile m by {tile}; tensorize }}
 
 
 # (format, dtype) of linear layers whose threads read their tokens as vectors
-VECTOR_TOKENS = [("CSR", "f32"), ("BSR(4, 4)", "f32"), ("NM(2, 4)", "f16"), ("BSR(16, 16)", "bf16"), ("ELL(3)", "f32")]
+VECTOR_TOKENS = [("CSR", "f32"), ("BSR(4, 4)", "f32"), ("NM(2, 4)", "f16"), ("ELL(3)", "f32"), ("BSR(16, 16)", "bf16")]
 # the prelude formats whose linear layer gathers (CSC and COO scatter: no tokens to share out)
 GATHERING = [case for case in FORMATS if case[0] not in ("CSC", "COO", "VNM")]
 
