@@ -36,6 +36,12 @@ FORMATS_90 = ["CSR", "BSR(4, 1)", "BSR(16, 16)", "BSR(32, 32)"]
 STRUCTURED = ["NM(2, 4)", "NM(1, 4)", "NM(2, 8)"]
 
 
+def decode_cases() -> list[dict]:
+    """A few tokens (decoding) through a 4096 x 4096 weight: 90% unstructured and blocked, and N:M."""
+    formats = [("CSR", 0.9), ("BSR(4, 1)", 0.9)] + [(f, None) for f in STRUCTURED]
+    return [{"tokens": t, "n": 4096, "k": 4096, "fmt": f, "sparsity": s} for t in (16, 4, 1) for f, s in formats]
+
+
 def cases(quick: bool) -> list[dict]:
     """(tokens, N, K, format, sparsity) rows of the main table."""
     rows = []
@@ -46,8 +52,7 @@ def cases(quick: bool) -> list[dict]:
     if not quick:
         for n, k in [(1536, 384), (384, 1536)]:
             rows += [{"tokens": 1024, "n": n, "k": k, "fmt": f, "sparsity": 0.9} for f in ("CSR", "BSR(4, 1)")]
-        for tokens in (16, 1):
-            rows += [{"tokens": tokens, "n": 4096, "k": 4096, "fmt": f, "sparsity": 0.9} for f in ("CSR", "BSR(4, 1)")]
+        rows += decode_cases()
     return rows
 
 
@@ -144,6 +149,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="one shape, no sweep")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--decode", action="store_true", help="only the few-token rows, no sweep")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "speedup.png")
     parser.add_argument(
@@ -164,7 +170,8 @@ def main() -> None:
     os.environ["SPARSEDSL_NUM_THREADS"] = str(args.threads)
     progs = {b: sd.compile(ROOT / "examples" / "linear.sdsl", backend=b) for b in ["tvm", *(args.backend or [])]}
     warm_up(progs["tvm"])
-    rows = [measure(progs, c, args.reps) for c in tqdm(cases(args.quick), desc="kernels")]
+    table = decode_cases() if args.decode else cases(args.quick)
+    rows = [measure(progs, c, args.reps) for c in tqdm(table, desc="kernels")]
     header = (
         f"{'tokens':>6} {'N x K':>11} {'format':<12} {'sparsity':>8} {'limit':>6} {'sparsedsl':>9} "
         f"{'torch CSR':>9} {'torch BSR':>9} {'scipy':>6} {'vs torch':>8} {'max err':>8}"
@@ -191,7 +198,7 @@ def main() -> None:
         },
         "rows": rows,
     }
-    if not (args.quick or args.no_sweep):
+    if not (args.quick or args.no_sweep or args.decode):
         curves = sweep({"tvm": progs["tvm"]}, args.reps)
         plot(curves, args.plot, f"3072x768 weight, 128 tokens, {args.threads} threads ({host_cpu()})")
         report["sweep"] = curves

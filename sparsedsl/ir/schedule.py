@@ -367,7 +367,7 @@ def pick(variants: dict[str, L.LoopFunc], tokens: int | None, threads: int) -> s
     mine = {name: f for name, f in variants.items() if f.meta.get("tile", 1) == tile}
     enough = -(-tokens // tile) >= threads
     for kind in ("tiles", "rows") if enough else ("rows", "tiles"):
-        for name, f in mine.items():
-            if f.name.endswith(kind):
+        for name in mine:
+            if name.split("_")[0] == kind:  # "rows", "rows_small"...
                 return name
     return next(iter(mine))

@@ -161,9 +161,13 @@ class CompiledKernel:
                 return {"scheduled": sched.apply(func, loop_directives)}
             variants = sched.default(func)
             if func.meta.get("token") and not any(d.verb == "tile" for d in directives):
-                # a small token tile for decode-sized calls (a few tokens waste most of a big one)
-                small = lower(kernel, replace(opts, tile=SMALL_TILE))
-                variants.update({f"{k}_small": v for k, v in sched.default(small).items()})
+                # decode-sized calls: a 16-token tile for a few tokens, a 1-token tile for one (a big
+                # tile wastes most of its work); one tile has only its rows to share out
+                keep = "tiles" if self.program.backend == "llvm" else "rows"
+                for suffix, tile in (("small", SMALL_TILE), ("one", 1)):
+                    few = sched.default(lower(kernel, replace(opts, tile=tile)))
+                    kind = keep if keep in few else next(iter(few))
+                    variants[f"{kind}_{suffix}"] = few[kind]
                 variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}
             if self.program.backend == "llvm":
                 # the llvm backend runs only an outermost parallel loop in parallel

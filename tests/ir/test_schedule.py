@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsedsl as sd
+from sparsedsl.ir import loop_ir as L
 from sparsedsl.runtime.prune import prune
 
 LINEAR = """
@@ -124,3 +125,20 @@ def test_illegal_schedules_are_located_errors(schedule, line, message):
     first = rendered.splitlines()[0]
     assert f"<string>:{LINEAR.count(chr(10)) + 1 + line}:" in first and message in first
     assert "^" in rendered
+
+
+def test_decode_sized_calls_pick_a_small_tile_with_its_rows_in_parallel():
+    """One token runs a one-token tile, a few a 16-token tile, each with its output rows shared
+    among the threads (a single tile has nothing else to share: the tile-parallel variant of a
+    small tile would run on one thread); many tokens share out their tiles."""
+    from sparsedsl.ir.schedule import loops, pick
+
+    prog = sd.compile(
+        "kernel lin(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }"
+    )
+    variants = prog.lin.instance().variants
+    chosen = {tokens: pick(variants, tokens, 2) for tokens in (1, 8, 16, 17, 65, 500)}
+    assert chosen == {1: "rows_one", 8: "rows_small", 16: "rows_small", 17: "rows", 65: "tiles", 500: "tiles"}
+    for name in set(chosen.values()):
+        parallel = [f.var.name for f in loops(variants[name].body) if f.kind is L.LoopKind.PARALLEL]
+        assert parallel and (name == "tiles") == (parallel == ["m_o"]), (name, parallel)
