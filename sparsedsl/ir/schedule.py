@@ -280,6 +280,80 @@ def split(func: L.LoopFunc, name: str, factor: int, outer: str, inner: str, span
     return replace(func, body=rewrite_loops(func.body, rewrite))
 
 
+def _without_unit_loops(s: L.Stmt) -> L.Stmt:
+    """Loops of one iteration replaced by their body (the variable bound to the start)."""
+    return rewrite_loops(s, lambda f: substitute(f.body, f.var.name, f.start) if f.extent == L.const(1) else None)
+
+
+def vector_sums(func: L.LoopFunc, name: str, lanes: int) -> L.LoopFunc:
+    """Sum reduction loop ``name`` in vector lanes: its iterations (with the constant-extent loops
+    nested in it, flattened) in groups of ``lanes``, one a lane, each lane adding into its own
+    partial sum; the iterations left over and then the lanes' partial sums are added into the
+    accumulator. For a sum whose every add would otherwise wait on the one before (one token's
+    dot product: a scalar dependency chain, a gathered operand). Left alone unless the loop, once
+    flattened, holds no other loop and only sums ``acc[i] = acc[i] + e`` into one small
+    constant-shaped accumulator read nowhere else in it."""
+    loop = next((f for f in loops(func.body) if f.var.name == name), None)
+    if loop is None:
+        return func
+    body, extent = _without_unit_loops(loop.body), loop.extent
+    index: dict[str, L.Expr] = {}
+    flat = L.Var(f"{name}_f")
+    inner: list[L.For] = []
+    while isinstance(body, L.For) and isinstance(body.extent, L.Const) and body.start == L.const(0):
+        inner.append(body)
+        body = body.body
+    rest: L.Expr = flat
+    for f in reversed(inner):
+        index[f.var.name], rest = L.mod(rest, f.extent), L.floordiv(rest, f.extent)
+        extent = L.mul(extent, f.extent)
+    index[name] = L.add(loop.start, rest)
+    for var, value in index.items():
+        body = substitute(body, var, value)
+    sums = L.stores(body)
+    accs = {st.buffer for st in sums}
+    if loops(body) or len(accs) != 1 or not all(_is_sum(st, flat.name) for st in sums):
+        return func
+    (acc,) = accs
+    size = lanes
+    for d in acc.shape:
+        size *= d.value if isinstance(d, L.Const) else MAX_REDUCED + 1
+    if size > MAX_REDUCED or sum(e.buffer == acc for e in L.loads(body)) != len(sums):
+        return func
+    part = L.Buffer(f"{acc.name}_v", acc.dtype, (*acc.shape, L.const(lanes)), acc.scope)
+    group, lane = L.Var(f"{name}_g"), L.Var(f"{name}_v")
+    in_lanes = rewrite_stores(
+        substitute(body, flat.name, L.add(L.mul(group, L.const(lanes)), lane)),
+        lambda st: L.Store(part, (*st.indices, lane), L.add(L.Load(part, (*st.indices, lane)), st.value.b)),
+    )
+    whole = L.floordiv(extent, L.const(lanes))
+    done = L.mul(whole, L.const(lanes))
+    elements = [L.Var(f"{name}_e{d}") for d in range(len(acc.shape))]
+    zero = L.For(
+        lane,
+        L.const(0),
+        L.const(lanes),
+        L.Store(part, (*elements, lane), L.const(0.0, acc.dtype)),
+        L.LoopKind.VECTORIZED,
+    )
+    total = L.For(
+        lane,
+        L.const(0),
+        L.const(lanes),
+        L.Store(acc, tuple(elements), L.add(L.Load(acc, tuple(elements)), L.Load(part, (*elements, lane)))),
+    )
+    for e, d in reversed(list(zip(elements, acc.shape))):
+        zero, total = (L.For(e, L.const(0), d, st, L.LoopKind.UNROLLED) for st in (zero, total))
+    new = L.seq(
+        L.Alloc(part),
+        zero,
+        L.For(group, L.const(0), whole, L.For(lane, L.const(0), L.const(lanes), in_lanes, L.LoopKind.VECTORIZED)),
+        L.For(flat, done, L.sub(extent, done), body),
+        total,
+    )
+    return replace(func, body=rewrite_loops(func.body, lambda f: new if f == loop else None))
+
+
 def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.LoopFunc:
     """Permute a perfectly nested chain of loops into the order given (outermost first)."""
     for n in names:

@@ -32,6 +32,7 @@ GPU_TILE = 128  # tokens per CUDA block (a warp of threads, up to 4 tokens each:
 TENSOR_TILE = 64  # tokens per warp on tensor cores (ir/tensor_cores.py)
 BACKENDS = ("tvm", "llvm")
 SMALL_TILE = 16
+ONE_TOKEN_LANES = 8  # stored values a vector of partial sums takes at once (one token)
 
 
 @dataclass
@@ -168,6 +169,9 @@ class CompiledKernel:
                     few = sched.default(lower(kernel, replace(opts, tile=tile)))
                     kind = keep if keep in few else next(iter(few))
                     variants[f"{kind}_{suffix}"] = few[kind]
+                if self.program.backend == "tvm" and variants["rows_one"].meta.get("sparse_reduction"):
+                    one = variants["rows_one"]  # one token: its sum over the stored values in vector lanes
+                    variants["rows_one"] = sched.vector_sums(one, one.meta["sparse_reduction"], ONE_TOKEN_LANES)
                 variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}
             if self.program.backend == "llvm":
                 # the llvm backend runs only an outermost parallel loop in parallel

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import sparsedsl as sd
 from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir.schedule import loops
 from sparsedsl.runtime.prune import prune
 
 LINEAR = """
@@ -131,7 +132,7 @@ def test_decode_sized_calls_pick_a_small_tile_with_its_rows_in_parallel():
     """One token runs a one-token tile, a few a 16-token tile, each with its output rows shared
     among the threads (a single tile has nothing else to share: the tile-parallel variant of a
     small tile would run on one thread); many tokens share out their tiles."""
-    from sparsedsl.ir.schedule import loops, pick
+    from sparsedsl.ir.schedule import pick
 
     prog = sd.compile(
         "kernel lin(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }"
@@ -142,3 +143,30 @@ def test_decode_sized_calls_pick_a_small_tile_with_its_rows_in_parallel():
     for name in set(chosen.values()):
         parallel = [f.var.name for f in loops(variants[name].body) if f.kind is L.LoopKind.PARALLEL]
         assert parallel and (name == "tiles") == (parallel == ["m_o"]), (name, parallel)
+
+
+@pytest.mark.parametrize("fmt", ["CSR", "NM(2, 4)", "ELL(3)"])
+def test_one_token_sums_its_stored_values_in_vector_lanes(fmt):
+    """One token: the row's stored values go 8 at a time into vector lanes of partial sums (a
+    scalar dependency chain otherwise), the leftover ones and the lanes then into the sum."""
+    prog = sd.compile(
+        f"kernel lin(X: f32[M, K], W: f32[N, K] @ {fmt}) -> (Y: f32[M, N]) {{ Y[m, n] = sum(k) X[m, k] * W[n, k] }}"
+    )
+    one = prog.lin.instance().variants["rows_one"]
+    lanes = [f for f in loops(one.body) if f.kind is L.LoopKind.VECTORIZED and f.extent == L.const(8)]
+    assert lanes and "acc_v" in L.func_str(one)
+    gen = torch.Generator().manual_seed(5)
+    for k in (4, 12, 100):  # fewer stored values a row than lanes, and a leftover
+        w = prune(torch.randn(24, k, generator=gen), prog.format(fmt), 0.5)
+        x = torch.randn(1, k, generator=gen)
+        torch.testing.assert_close(prog.lin(x, prog.pack(fmt, w)), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_vector_sums_leave_a_loop_that_is_not_a_plain_sum_alone():
+    from sparsedsl.ir.schedule import vector_sums
+
+    acc, x = L.Buffer("acc", "float32", (L.const(1),)), L.Buffer("x", "float32", (L.SizeVar("K"),))
+    k, zero = L.Var("k"), L.const(0)
+    scaled = L.Store(acc, (zero,), L.mul(L.load(acc, zero), L.load(x, k)))
+    func = L.LoopFunc("f", (x,), L.seq(L.Alloc(acc), L.For(k, zero, L.SizeVar("K"), scaled)))
+    assert vector_sums(func, "k", 8) == func
