@@ -168,10 +168,7 @@ class CompiledKernel:
                 for suffix, tile in (("small", SMALL_TILE), ("one", 1)):
                     few = sched.default(lower(kernel, replace(opts, tile=tile)))
                     kind = keep if keep in few else next(iter(few))
-                    variants[f"{kind}_{suffix}"] = few[kind]
-                if self.program.backend == "tvm" and variants["rows_one"].meta.get("sparse_reduction"):
-                    one = variants["rows_one"]  # one token: its sum over the stored values in vector lanes
-                    variants["rows_one"] = sched.vector_sums(one, one.meta["sparse_reduction"], ONE_TOKEN_LANES)
+                    variants[f"{kind}_{suffix}"] = _one_token(few[kind]) if tile == 1 else few[kind]
                 variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}
             if self.program.backend == "llvm":
                 # the llvm backend runs only an outermost parallel loop in parallel
@@ -267,6 +264,13 @@ class CompiledKernel:
         if out.pattern_of:
             return sparse.with_values(result)
         return result.t().contiguous() if out.name in inst.transposed else result
+
+
+def _one_token(func: L.LoopFunc) -> L.LoopFunc:
+    """A one-token variant with its sum over a row's stored values in vector lanes (without tokens
+    to vectorise over, each add would wait on the one before): ``sched.vector_sums``."""
+    reduction = func.meta.get("sparse_reduction")
+    return func if reduction is None else sched.vector_sums(func, reduction, ONE_TOKEN_LANES)
 
 
 def _transpose(t: torch.Tensor, padded: tuple[str, str, int] | None) -> torch.Tensor:
