@@ -46,7 +46,7 @@ REFERENCES = {
 
 
 @pytest.mark.parametrize("kernel", sorted(REFERENCES))
-@SETTINGS
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # x 5 kernels
 @given(case=sparse_case())
 def test_linear_epilogues(prog, kernel, case):
     fmt, n, k, m, sparsity, seed = case
