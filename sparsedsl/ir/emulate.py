@@ -33,15 +33,6 @@ def serial_equivalent(func: L.LoopFunc) -> L.LoopFunc:
     return replace(func, body=body)
 
 
-def _at(buf: L.Buffer, flat: L.Expr) -> tuple[L.Expr, ...]:
-    """The indices of flat element ``flat`` of a row-major buffer."""
-    idx = []
-    for d in reversed(buf.shape[1:]):
-        idx.insert(0, L.mod(flat, d))
-        flat = L.floordiv(flat, d)
-    return (flat, *idx)
-
-
 def _expand_tiles(s: L.Stmt) -> L.Stmt:
     """Tile statements as loops over the tile's rows ``r`` and columns ``c`` (and ``k`` for mma)."""
     r, c, k = L.Var("in_tile_r"), L.Var("in_tile_c"), L.Var("in_tile_k")
@@ -64,7 +55,7 @@ def _expand_tiles(s: L.Stmt) -> L.Stmt:
         case L.TileFill(frag, tile):
             return grid(L.Store(frag, element(tile, r, c), L.const(0.0, frag.dtype)), r, c)
         case L.TileCopy(frag, tile, memory, offset, ld, load):
-            fragment, block = element(tile, r, c), _at(memory, L.add(offset, L.add(L.mul(r, ld), c)))
+            fragment, block = element(tile, r, c), L.unflatten(L.add(offset, L.add(L.mul(r, ld), c)), memory.shape)
             if load:
                 return grid(L.Store(frag, fragment, L.Load(memory, block)), r, c)
             return grid(L.Store(memory, block, L.Load(frag, fragment)), r, c)

@@ -21,13 +21,18 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from sparsedsl.errors import BackendError, ScheduleError
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.buffer_names import ACC
 from sparsedsl.ir.schedule import loops, reorder, rewrite_loops, rewrite_stores, set_kind, split, substitute
+
+if TYPE_CHECKING:  # the IR does not depend on the frontend; directives only pass through
+    from sparsedsl.frontend import ast
 
 
 def _without_lane(s: L.Stmt, lane: str) -> L.Stmt:
@@ -71,16 +76,18 @@ def tokens_per_thread(acc: L.Buffer, tile: int) -> int:
     return per
 
 
-def vector_lanes(func: L.LoopFunc, directives) -> object | None:
+def vector_lanes(func: L.LoopFunc, directives: list[ast.Directive]) -> ast.Directive | None:
     """The directive ``vectorize <token>_j`` of a GPU schedule, if any: the loop over each thread's
     tokens, which the mapping makes (``map_to_gpu(vector_tokens=True)``), so it is checked here,
-    before mapping: a gathering kernel with tokens, more than one token a thread."""
+    before mapping: a gathering kernel, more than one token a thread. (A kernel without tokens has
+    no such loop: the schedule's own check names its loops.)"""
     token = func.meta.get("token")
-    found = next((d for d in directives if d.verb == "vectorize" and d.loops[0].text.endswith("_j")), None)
-    if found is None or (token is not None and found.loops[0].text != f"{token}_j"):
+    lanes = f"{token}_j" if token else None
+    found = next((d for d in directives if d.verb == "vectorize" and d.loops[0].text == lanes), None)
+    if found is None:
         return None
-    what = f"cannot vectorize '{found.loops[0].text}'"
-    if token is None or func.meta.get("mode") != "gather":
+    what = f"cannot vectorize '{lanes}'"
+    if func.meta.get("mode") != "gather":
         raise ScheduleError(
             f"{what}: only a kernel that gathers along its tokens gives each thread several", found.span
         )
@@ -277,7 +284,7 @@ def map_to_gpu(func: L.LoopFunc, output: str, vector_tokens: bool = False) -> L.
         elif spread is not None:
             body = rewrite_loops(body, lambda f: replace(spread, kind=L.LoopKind.BLOCK_X) if f == row else None)
         else:  # bounds read from the tensor, nothing on the host to size a grid: one block walks them
-            body = L.For(L.Var("block"), L.const(0), L.const(1), body, L.LoopKind.BLOCK_X)
+            body = _one_block(body)
         func = replace(func, body=registers_for(body, ACC))
         return transpose_operands(_warp_reduction(func), set(func.meta["thread_major"]))
     tiles = f"{token}_o"
@@ -371,25 +378,22 @@ def _grid(s: L.Stmt) -> L.Stmt:
         loop = s
     elif nest and _from_host(s):
         flat = L.Var(f"{s.var.name}_f")
-        index: L.Expr = flat
-        lets: list[L.Stmt] = []
-        for loop in reversed(nest[1:]):
-            lets.insert(0, L.Let(loop.var, L.mod(index, loop.extent)))
-            index = L.floordiv(index, loop.extent)
-        extent = nest[0].extent
-        for loop in nest[1:]:
-            extent = L.mul(extent, loop.extent)
-        loop = L.For(flat, L.const(0), extent, L.seq(L.Let(s.var, index), *lets, nest[-1].body))
+        lets = [L.Let(f.var, i) for f, i in zip(nest, L.unflatten(flat, [f.extent for f in nest]))]
+        loop = L.For(flat, L.const(0), functools.reduce(L.mul, (f.extent for f in nest)), L.seq(*lets, nest[-1].body))
     else:
         loop = _over_positions(s) if isinstance(s, L.For) else None
     if loop is None:
-        one = L.For(L.Var("thread"), L.const(0), L.const(1), s, L.LoopKind.THREAD_X)
-        return L.For(L.Var("block"), L.const(0), L.const(1), one, L.LoopKind.BLOCK_X)
+        return _one_block(s)
     block, thread = L.Var(f"{loop.var.name}_b"), L.Var(f"{loop.var.name}_t")
     i = L.add(L.mul(block, L.const(THREADS)), thread)
     body = L.If(L.Bin("<", i, loop.extent), L.seq(L.Let(loop.var, L.add(loop.start, i)), loop.body))
     threads = L.For(thread, L.const(0), L.const(THREADS), body, L.LoopKind.THREAD_X)
     return L.For(block, L.const(0), L.ceildiv(loop.extent, THREADS), threads, L.LoopKind.BLOCK_X)
+
+
+def _one_block(s: L.Stmt) -> L.For:
+    """``s`` run by a grid of one block of one thread."""
+    return L.For(L.Var("block"), L.const(0), L.const(1), s, L.LoopKind.BLOCK_X)
 
 
 def _from_host(loop: L.For) -> bool:

@@ -260,6 +260,16 @@ def ceildiv(a: Expr, b: int) -> Expr:
     return floordiv(add(a, const(b - 1)), const(b))
 
 
+def unflatten(flat: Expr, extents: tuple[Expr, ...] | list[Expr]) -> tuple[Expr, ...]:
+    """The indices, outermost first, of row-major element ``flat`` of a nest (or an array) of these
+    extents (the outermost extent is not needed)."""
+    indices: list[Expr] = []
+    for extent in reversed(extents[1:]):
+        indices.insert(0, mod(flat, extent))
+        flat = floordiv(flat, extent)
+    return (flat, *indices)
+
+
 def minimum(a: Expr, b: Expr) -> Expr:
     return Bin("min", a, b)
 

@@ -6,6 +6,8 @@ them). Every primitive validates first and raises ScheduleError at the directive
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -144,15 +146,22 @@ def _check_thread_loop(func: L.LoopFunc, loop: L.For, span: Span | None) -> None
                 span,
             )
         sums[buf] = sums.get(buf, 0) + 1
-        size = 1
-        for d in store.buffer.shape:
-            size *= d.value if isinstance(d, L.Const) else MAX_REDUCED + 1
-        if size > MAX_REDUCED:
+        if _values(store.buffer) > MAX_REDUCED:
             raise ScheduleError(f"{what}: its accumulator '{buf}' must hold at most {MAX_REDUCED} values", span)
-    loads = L.loads(loop.body)
     for buf, count in sums.items():
-        if sum(e.buffer.name == buf for e in loads) != count:
+        if not _only_added_to(loop.body, buf, count):
             raise ScheduleError(f"{what}: the accumulator '{buf}' is read inside it, not only added to", span)
+
+
+def _values(buf: L.Buffer) -> int:
+    """How many values a buffer holds; a dimension of unknown size counts as more than any
+    accumulator may hold (``MAX_REDUCED``)."""
+    return math.prod(d.value if isinstance(d, L.Const) else MAX_REDUCED + 1 for d in buf.shape)
+
+
+def _only_added_to(body: L.Stmt, buffer: str, sums: int) -> bool:
+    """Whether ``body`` reads ``buffer`` only in its ``sums`` sums ``buffer[i] = buffer[i] + e``."""
+    return sum(e.buffer.name == buffer for e in L.loads(body)) == sums
 
 
 def cross_thread_sums(body: L.Stmt) -> list[str]:
@@ -296,29 +305,20 @@ def vector_sums(func: L.LoopFunc, name: str, lanes: int) -> L.LoopFunc:
     loop = next((f for f in loops(func.body) if f.var.name == name), None)
     if loop is None:
         return func
-    body, extent = _without_unit_loops(loop.body), loop.extent
-    index: dict[str, L.Expr] = {}
-    flat = L.Var(f"{name}_f")
-    inner: list[L.For] = []
+    nest, body = [loop], _without_unit_loops(loop.body)
     while isinstance(body, L.For) and isinstance(body.extent, L.Const) and body.start == L.const(0):
-        inner.append(body)
+        nest.append(body)
         body = body.body
-    rest: L.Expr = flat
-    for f in reversed(inner):
-        index[f.var.name], rest = L.mod(rest, f.extent), L.floordiv(rest, f.extent)
-        extent = L.mul(extent, f.extent)
-    index[name] = L.add(loop.start, rest)
-    for var, value in index.items():
-        body = substitute(body, var, value)
+    flat = L.Var(f"{name}_f")
+    extent = functools.reduce(L.mul, (f.extent for f in nest))
+    for f, index in zip(nest, L.unflatten(flat, [f.extent for f in nest])):
+        body = substitute(body, f.var.name, L.add(f.start, index))
     sums = L.stores(body)
     accs = {st.buffer for st in sums}
     if loops(body) or len(accs) != 1 or not all(_is_sum(st, flat.name) for st in sums):
         return func
     (acc,) = accs
-    size = lanes
-    for d in acc.shape:
-        size *= d.value if isinstance(d, L.Const) else MAX_REDUCED + 1
-    if size > MAX_REDUCED or sum(e.buffer == acc for e in L.loads(body)) != len(sums):
+    if lanes * _values(acc) > MAX_REDUCED or not _only_added_to(body, acc.name, len(sums)):
         return func
     part = L.Buffer(f"{acc.name}_v", acc.dtype, (*acc.shape, L.const(lanes)), acc.scope)
     group, lane = L.Var(f"{name}_g"), L.Var(f"{name}_v")

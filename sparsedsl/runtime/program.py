@@ -243,12 +243,14 @@ class CompiledKernel:
             flipped = out.name in inst.transposed  # written [N, M] by the kernel, returned [M, N]
             result = torch.empty(shape[::-1] if flipped else shape, dtype=TORCH_DTYPES[out.dtype], device=device)
         buffers = sparse.buffers if sparse else {}
-        padded = inst.meta.get("padded", {})
-        sizes = {**sizes, **{tiles: -(-sizes[dim] // tile) for tiles, dim, tile in padded.values()}}
+        rows = {}  # a transposed argument padded to whole token tiles: its row length
+        for name, (tiles, dim, tile) in inst.meta.get("padded", {}).items():
+            sizes[tiles] = -(-sizes[dim] // tile)
+            rows[name] = sizes[tiles] * tile
         transposed = [name for name in inst.transposed if name in call_args]
         sources = {
             "arg": call_args,
-            "transposed": {name: _transpose(call_args[name], padded.get(name)) for name in transposed},
+            "transposed": {name: _transpose(call_args[name], rows.get(name)) for name in transposed},
             "size": sizes,
             "sparse": _aligned(buffers) if inst.meta.get("tensor_cores") else buffers,
         }
@@ -273,13 +275,12 @@ def _one_token(func: L.LoopFunc) -> L.LoopFunc:
     return func if reduction is None else sched.vector_sums(func, reduction, ONE_TOKEN_LANES)
 
 
-def _transpose(t: torch.Tensor, padded: tuple[str, str, int] | None) -> torch.Tensor:
-    """A 2-D argument transposed, its rows padded with zeros to whole token tiles if ``padded``
-    (``gpu.transpose_operands``)."""
-    if padded is None:
+def _transpose(t: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """A 2-D argument transposed, its rows padded with zeros to length ``rows`` if given (whole
+    token tiles: ``gpu.transpose_operands``)."""
+    if rows is None:
         return t.t().contiguous()
-    tile = padded[2]
-    out = t.new_zeros((t.shape[1], -(-t.shape[0] // tile) * tile))
+    out = t.new_zeros((t.shape[1], rows))
     out[:, : t.shape[0]] = t.t()
     return out
 

@@ -519,10 +519,11 @@ def test_vector_tokens_compile_to_vector_loads(tmp_path):
     [
         ("schedule tr on cuda { vectorize m_j }", "only a kernel that gathers along its tokens"),
         ("schedule lin on cuda { tile m by 32; vectorize m_j }", "each thread computes one token"),
+        ("schedule sddmm on cuda { vectorize m_j }", "has no loop 'm_j'"),  # no tokens: no such loop
     ],
 )
 def test_vector_tokens_need_several_gathered_tokens_a_thread(schedule, message):
-    source = vector_source("CSR", "f32").replace("schedule lin on cuda { vectorize m_j }", "")
+    source = vector_source("CSR", "f32").replace("schedule lin on cuda { vectorize m_j }", "") + SDDMM
     source += "kernel tr(G: f32[M, N], W: f32[N, K] @ CSR) -> (Y: f32[M, K]) { Y[m, k] = sum(n) G[m, n] * W[n, k] }\n"
     with pytest.raises(sd.ScheduleError, match=message) as err:
         sd.compile(source + schedule, target="cuda")
