@@ -306,7 +306,8 @@ def _bind(kernel: K.Kernel, args, device: str = "cpu") -> tuple[dict, dict[str, 
     def bind_shape(p: K.TensorParam, shape: tuple[int, ...]) -> None:
         if len(shape) != len(p.shape):
             raise ArgumentError(
-                f"'{p.name}' must have {len(p.shape)} dimensions [{', '.join(p.shape)}], got shape {tuple(shape)}"
+                f"'{p.name}' must have {len(p.shape)} dimension{'s' * (len(p.shape) != 1)} "
+                f"[{', '.join(p.shape)}], got shape {tuple(shape)}"
             )
         for dim, size in zip(p.shape, shape):
             if dim in sizes and sizes[dim] != size:
