@@ -13,11 +13,14 @@ STAGES = ("ir", "tir", "llvm", "asm", "cuda")
 
 
 def _check(args) -> int:
-    program = Program(check(read_source(args.file)))
-    for kernel in program.kernels.values():
-        fmt = kernel._default_format()
-        if fmt is not None or kernel.kernel.sparse_input is None:
-            kernel.lowered(fmt)  # what only lowering can tell: schedules, kernel structure
+    checked = check(read_source(args.file))
+    targets = {"cpu"} | {target for _, target in checked.schedules}  # a cuda schedule is checked on cuda
+    for target in sorted(targets):
+        program = Program(checked, target=target)
+        for kernel in program.kernels.values():
+            fmt = kernel._default_format()
+            if fmt is not None or kernel.kernel.sparse_input is None:
+                kernel.lowered(fmt)  # what only lowering can tell: schedules, kernel structure
     kernels = ", ".join(program.kernels) or "none"
     print(f"{args.file}: ok ({len(program.kernels)} kernels: {kernels})")
     return 0

@@ -1,4 +1,5 @@
-"""`sparsedsl check` reports what only lowering can tell, located, with exit status 1."""
+"""`sparsedsl check` reports what only lowering can tell, for every target the file schedules,
+located, with exit status 1."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ CASES = [
         "kernel f(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) {\n    Y[m, n] = sum(k) X[m, k] * W[n, k]\n}\n"
         "schedule f on cpu {\n    unroll q\n}\n",
         "5:5: error: kernel 'f' has no loop 'q'",
+    ),
+    (  # a GPU schedule is checked as the GPU mapping sees it (no TVM or nvcc needed)
+        "kernel f(W: f32[N, K] @ CSR, x: f32[K]) -> (y: f32[N]) {\n    y[n] = sum(k) W[n, k] * x[k]\n}\n"
+        "schedule f on cuda { stage x in shared at nope }\n",
+        "4:22: error: kernel 'f' has no loop 'nope'",
     ),
 ]
 
