@@ -28,6 +28,7 @@ from sparsedsl.runtime.model import prune_to as prune  # noqa: E402
 from sparsedsl.runtime.modules import SparseLinear  # noqa: E402
 from sparsedsl.runtime.program import Program, compile  # noqa: E402
 from sparsedsl.runtime.sparse_tensor import SparseTensor  # noqa: E402
+from sparsedsl.version import __version__ as __version__  # noqa: E402
 
 __all__ = [
     "ArgumentError",
@@ -46,4 +47,3 @@ __all__ = [
     "prune",
     "report",
 ]
-__version__ = "0.1.0"

@@ -24,15 +24,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
-from sparsedsl.errors import BackendError, ScheduleError
+from sparsedsl.errors import BackendError, ScheduleError, Span
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.buffer_names import ACC
 from sparsedsl.ir.schedule import loops, reorder, rewrite_loops, rewrite_stores, set_kind, split, substitute
-
-if TYPE_CHECKING:  # the IR does not depend on the frontend; directives only pass through
-    from sparsedsl.frontend import ast
 
 
 def _without_lane(s: L.Stmt, lane: str) -> L.Stmt:
@@ -76,29 +72,27 @@ def tokens_per_thread(acc: L.Buffer, tile: int) -> int:
     return per
 
 
-def vector_lanes(func: L.LoopFunc, directives: list[ast.Directive]) -> ast.Directive | None:
-    """The directive ``vectorize <token>_j`` of a GPU schedule, if any: the loop over each thread's
-    tokens, which the mapping makes (``map_to_gpu(vector_tokens=True)``), so it is checked here,
-    before mapping: a gathering kernel, more than one token a thread. (A kernel without tokens has
-    no such loop: the schedule's own check names its loops.)"""
+def lane_loop(func: L.LoopFunc) -> str | None:
+    """The loop over each thread's tokens that the mapping makes (``map_to_gpu(vector_tokens=True)``),
+    ``<token>_j``, which a GPU schedule may vectorise; None for a kernel without tokens (the
+    schedule's own check names its loops)."""
     token = func.meta.get("token")
-    lanes = f"{token}_j" if token else None
-    found = next((d for d in directives if d.verb == "vectorize" and d.loops[0].text == lanes), None)
-    if found is None:
-        return None
-    what = f"cannot vectorize '{lanes}'"
+    return f"{token}_j" if token else None
+
+
+def check_vector_lanes(func: L.LoopFunc, span: Span) -> None:
+    """``vectorize <token>_j`` (at ``span``), checked before mapping, which makes the loop: a kernel
+    that gathers along its tokens, more than one token a thread."""
+    what = f"cannot vectorize '{lane_loop(func)}'"
     if func.meta.get("mode") != "gather":
-        raise ScheduleError(
-            f"{what}: only a kernel that gathers along its tokens gives each thread several", found.span
-        )
+        raise ScheduleError(f"{what}: only a kernel that gathers along its tokens gives each thread several", span)
     acc = next(b for b in L.allocs(func.body) if b.name == ACC)
     if tokens_per_thread(acc, func.meta["tile"]) == 1:
         raise ScheduleError(
             f"{what}: each thread computes one token with a {func.meta['tile']}-token tile "
-            f"(a larger 'tile {token} by ...' gives each thread up to {MAX_TOKENS_PER_THREAD})",
-            found.span,
+            f"(a larger 'tile {func.meta['token']} by ...' gives each thread up to {MAX_TOKENS_PER_THREAD})",
+            span,
         )
-    return found
 
 
 def map_buffer(s: L.Stmt, old: str, new: L.Buffer, index: Callable[[tuple], tuple]) -> L.Stmt:

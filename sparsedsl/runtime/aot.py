@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from sparsedsl import cache
 from sparsedsl.backends.cuda.module import CudaModule, default_arch
 from sparsedsl.errors import SdslError, Source
 from sparsedsl.frontend.check import check
 from sparsedsl.ir.formats import Format
-from sparsedsl.runtime import cache
-from sparsedsl.runtime.model import Rule, rules_of
 from sparsedsl.runtime.program import Instance, Program, read_source
+from sparsedsl.runtime.rules import Rule, rules_of
+from sparsedsl.version import __version__
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -36,8 +37,6 @@ class AotError(SdslError):
 
 def _versions(backend: str, target: str = "cpu") -> dict[str, str]:
     """What a build must be loaded with: a CUDA build (a cubin and launch data) needs only sparsedsl."""
-    from sparsedsl import __version__
-
     if target == "cuda":
         return {"sparsedsl": __version__}
     versions = {"sparsedsl": __version__, "torch": torch.__version__}

@@ -17,21 +17,11 @@ from sparsedsl.ir.formats import Format
 from sparsedsl.runtime import ops
 from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import Program, compile
+from sparsedsl.runtime.rules import Rule, rules_of
 
 # Above this density a sparse layer is not expected to beat dense F.linear on a CPU
 # (docs/BENCHMARKS.md): such layers are kept dense and the report says so.
 MAX_SPARSE_DENSITY = 0.55
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Layers whose qualified name matches ``pattern`` use ``kernel`` with ``format``."""
-
-    pattern: str
-    format: str
-    sparsity: float | None = None
-    kernel: str | None = None
-    fuse: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,15 +45,6 @@ def _rules_from_source(
         raise SdslError(f"no model '{model_name}' in the rules (models: {', '.join(models)})")
     decl: ast.ModelDecl = models[model_name] if model_name else next(iter(models.values()))
     return program, rules_of(program, decl)
-
-
-def rules_of(program: Program, decl: ast.ModelDecl) -> list[Rule]:
-    """The rules of a checked ``model`` block, formats resolved (the kernel's own when unnamed)."""
-    out = []
-    for r in decl.rules:
-        fmt = program.checked.format(r.format) if r.format else program.kernels[r.kernel.text]._default_format()
-        out.append(Rule(r.pattern, fmt.label, r.sparsity, r.kernel.text, r.fuse))
-    return out
 
 
 def _rules_from_dict(rules: dict) -> list[Rule]:

@@ -180,13 +180,16 @@ class CompiledKernel:
     def _gpu(self, kernel: K.Kernel, opts: LowerOptions, directives) -> L.LoopFunc:
         """The kernel mapped to a CUDA grid; ``bind`` and ``stage`` directives act after mapping."""
         from sparsedsl.ir import tensor_cores
-        from sparsedsl.ir.gpu import map_to_gpu, vector_lanes
+        from sparsedsl.ir.gpu import check_vector_lanes, lane_loop, map_to_gpu
         from sparsedsl.ir.staging import stage_shared
 
         tensorize = next((d for d in directives if d.verb == "tensorize"), None)
         tile = opts.tile if any(d.verb == "tile" for d in directives) else TENSOR_TILE if tensorize else GPU_TILE
         func = lower(kernel, replace(opts, tile=tile, gpu=True))
-        vector = vector_lanes(func, directives)
+        lanes = lane_loop(func)
+        vector = next((d for d in directives if d.verb == "vectorize" and d.loops[0].text == lanes), None)
+        if vector is not None:
+            check_vector_lanes(func, vector.span)
         mapped = ("tile", "layout", "bind", "stage", "tensorize")
         loop_directives = [d for d in directives if d.verb not in mapped and d is not vector]
         func = sched.apply(func, loop_directives)
@@ -382,7 +385,7 @@ class Program:
         self.cache_dir = cache_path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._formats: dict[str, Format] = {}
         self.aot: Path | None = None  # the build directory of a program from ``sd.load``
-        self.rules: list = []  # and its model rules (``sparsedsl.runtime.model.Rule``)
+        self.rules: list = []  # and its model rules (``sparsedsl.runtime.rules.Rule``)
         self.kernels = {name: CompiledKernel(self, k) for name, k in checked.kernels.items()}
         for name, kernel in self.kernels.items():
             if self.schedule_directives(name) and (kernel.kernel.sparse_input is None or kernel._default_format()):

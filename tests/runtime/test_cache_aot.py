@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -46,20 +47,20 @@ def _call(prog, fmt="BSR(4, 1)"):
 
 def test_cache_hit_compiles_nothing(tmp_path, monkeypatch):
     _call(sd.compile(SOURCE, cache_dir=tmp_path))
-    assert len(list(tmp_path.glob("*.so"))) == 1
+    assert len(list(tmp_path.glob("*.kernel"))) == 1
     monkeypatch.setattr(tvm, "compile", lambda *a, **k: pytest.fail("compiled despite the cache"))
     _call(sd.compile(SOURCE, cache_dir=tmp_path))
 
 
-def test_corrupt_entry_is_rebuilt(tmp_path):
+@pytest.mark.parametrize("damage", [lambda data: data[:1000], lambda data: data[:64] + b"junk" + data[68:]])
+def test_corrupt_entry_is_rebuilt(tmp_path, damage):
     _call(sd.compile(SOURCE, cache_dir=tmp_path))
-    (lib,) = tmp_path.glob("*.so")
-    lib.write_bytes(lib.read_bytes()[:1000])
+    (entry,) = tmp_path.glob("*.kernel")
+    whole = entry.read_bytes()
+    entry.write_bytes(damage(whole))
     _call(sd.compile(SOURCE, cache_dir=tmp_path))
-    (check,) = tmp_path.glob("*.sha256")
-    from sparsedsl.runtime.cache import digest
-
-    assert check.read_text() == digest(lib)
+    head, _, payload = entry.read_bytes().partition(b"\n")
+    assert head == hashlib.sha256(payload).hexdigest().encode()
 
 
 def test_two_processes_fill_one_cache(tmp_path):
@@ -72,7 +73,7 @@ def test_two_processes_fill_one_cache(tmp_path):
     )
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)]) for _ in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    assert len(list(tmp_path.glob("*.so"))) == 1 and not list(tmp_path.glob(".*"))
+    assert len(list(tmp_path.glob("*.kernel"))) == 1 and not list(tmp_path.glob(".*"))
     _call(sd.compile(SOURCE, cache_dir=tmp_path))
 
 

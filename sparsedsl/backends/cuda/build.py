@@ -11,11 +11,11 @@ import tempfile
 from functools import cache as memoize
 from pathlib import Path
 
+from sparsedsl import cache
 from sparsedsl.backends.cuda.module import CudaModule, Launch, default_arch
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.gpu import launch_dims
-from sparsedsl.runtime import cache
 
 _GENERATOR = ("backends/tvm/tir.py", "backends/tvm/cuda.py", "backends/cuda/module.py", "backends/cuda/build.py")
 
@@ -47,7 +47,7 @@ def build(funcs: list[L.LoopFunc], arch: str | None = None, cache_dir: Path | No
     arch = arch or default_arch()
     key = cache.key_of(*(L.func_str(f) for f in funcs), "cuda", arch, _generator_digest())
     if cache_dir is not None:
-        module = cache.lookup(Path(cache_dir), key, CudaModule.load)
+        module = cache.lookup(Path(cache_dir), key, CudaModule.load, ".json")
         if module is not None:
             return module
     from sparsedsl.backends.tvm.cuda import generate
@@ -56,5 +56,5 @@ def build(funcs: list[L.LoopFunc], arch: str | None = None, cache_dir: Path | No
     cubin = compile_cubin(source, arch, funcs[0].name)
     module = CudaModule(arch, source, cubin, {f.name: Launch.all_of(f, source, launch_dims(f)) for f in funcs}, tir)
     if cache_dir is not None:
-        cache.store(Path(cache_dir), key, module.export)
+        cache.store(Path(cache_dir), key, module.export, ".json")
     return module

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from functools import cache as memoize
 from pathlib import Path
 
 import tvm
 
+from sparsedsl import cache
 from sparsedsl.backends.tvm.tir import to_tir
 from sparsedsl.config import num_threads
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.runtime import cache
 
 
 @memoize
@@ -49,12 +48,12 @@ class Built:
     module: tvm.runtime.Module
     functions: dict[str, object]
     prims: dict[str, tvm.tirx.PrimFunc]
-    library: Path | None = None  # the shared library it was loaded from, if any
+    image: bytes | None = None  # the shared library it was loaded from, if any
 
     def export(self, path: Path) -> None:
         """Write the compiled code as a shared library."""
-        if self.library is not None:
-            shutil.copyfile(self.library, path)
+        if self.image is not None:
+            Path(path).write_bytes(self.image)
         else:
             self.module.export_library(str(path))
 
@@ -83,15 +82,16 @@ def build(funcs: list[L.LoopFunc], cache_dir: Path | None = None) -> Built:
     target = host_target()
     key = cache.key_of(*(p.script() for p in prims.values()), str(target), tvm.__version__)
     if cache_dir is not None:
-        module = cache.lookup(Path(cache_dir), key, load_module)
-        if module is not None:
-            return Built(module, {name: module[name] for name in prims}, prims, Path(cache_dir) / f"{key}.so")
+        hit = cache.lookup(Path(cache_dir), key, lambda path: (load_module(path), path.read_bytes()), ".so")
+        if hit is not None:
+            module, image = hit
+            return Built(module, {name: module[name] for name in prims}, prims, image)
     try:
         module = tvm.compile(tvm.IRModule(prims), target=target)
     except Exception as err:  # noqa: BLE001 - TVM raises its own internal error types
         raise BackendError(f"TVM could not compile kernel '{funcs[0].name}': {str(err).splitlines()[-1]}") from None
     if cache_dir is not None:
-        cache.store(Path(cache_dir), key, lambda path: module.export_library(str(path)))
+        cache.store(Path(cache_dir), key, lambda path: module.export_library(str(path)), ".so")
     return Built(module, {name: module[name] for name in prims}, prims)
 
 

@@ -1,0 +1,29 @@
+"""Model rules: which layers a ``model`` block (or an ahead-of-time build of one) makes sparse, with
+which kernel and format. ``compile_model`` applies them; ``sparsedsl build`` records them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparsedsl.frontend import ast
+from sparsedsl.runtime.program import Program
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Layers whose qualified name matches ``pattern`` use ``kernel`` with ``format``."""
+
+    pattern: str
+    format: str
+    sparsity: float | None = None
+    kernel: str | None = None
+    fuse: str | None = None
+
+
+def rules_of(program: Program, decl: ast.ModelDecl) -> list[Rule]:
+    """The rules of a checked ``model`` block, formats resolved (the kernel's own when unnamed)."""
+    out = []
+    for r in decl.rules:
+        fmt = program.checked.format(r.format) if r.format else program.kernels[r.kernel.text]._default_format()
+        out.append(Rule(r.pattern, fmt.label, r.sparsity, r.kernel.text, r.fuse))
+    return out
