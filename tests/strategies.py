@@ -20,14 +20,52 @@ FORMATS = [
     ("VNM", 4, 4),
 ]
 
+# Formats without a compressed level: their levels fix the density, so no sparsity is asked of them.
+FIXED_DENSITY = ("NM", "ELL", "VNM")
+
 
 @st.composite
 def sparse_case(draw, formats=FORMATS):
-    """(format text, N, K, M, sparsity, seed) with N and K fitting the format's blocks."""
+    """(format text, N, K, M, sparsity or None, seed) with N and K fitting the format's blocks."""
     fmt, rows, cols = draw(st.sampled_from(formats))
     n = rows * draw(st.integers(1, max(1, 48 // rows)))
     k = cols * draw(st.integers(1, max(1, 64 // cols)))
     m = draw(st.one_of(st.just(1), st.integers(1, 70)))
-    sparsity = draw(st.floats(0.0, 0.99))
+    sparsity = None if fmt.startswith(FIXED_DENSITY) else draw(st.floats(0.0, 0.99))
     seed = draw(st.integers(0, 2**31 - 1))
     return fmt, n, k, m, sparsity, seed
+
+
+# ---- random schedules ---------------------------------------------------------------------------
+
+LOOP_VERBS = ("split", "reorder", "parallel", "vectorize", "unroll")
+SPLIT_FACTORS = (1, 2, 3, 4, 8, 16)
+TILES = (1, 3, 8, 16, 64)
+
+
+@st.composite
+def schedule_block(draw, kernel: str, loops: list[str], token: str | None = None, layouts=()) -> str:
+    """A random ``schedule KERNEL on cpu { ... }``: maybe a ``tile`` of the token index, maybe a
+    ``layout`` (``layouts``: (tensor, its indices) pairs, any order drawn), then up to four loop
+    directives over the loop names ``loops``, the names that earlier splits made, and one name no
+    loop has. Legal or not: the compiler must either refuse it, located, or run it correctly."""
+    directives = []
+    if token is not None and draw(st.booleans()):
+        directives.append(f"tile {token} by {draw(st.sampled_from(TILES))}")
+    if layouts and draw(st.booleans()):
+        tensor, indices = draw(st.sampled_from(list(layouts)))
+        directives.append(f"layout {tensor} as [{', '.join(draw(st.permutations(indices)))}]")
+    names = [*loops, "nope"]
+    for step in range(draw(st.integers(0, 4))):
+        verb = draw(st.sampled_from(LOOP_VERBS))
+        if verb == "split":
+            loop = draw(st.sampled_from(names))
+            outer, inner = f"{loop}_a{step}", f"{loop}_b{step}"
+            directives.append(f"split {loop} by {draw(st.sampled_from(SPLIT_FACTORS))} into {outer}, {inner}")
+            names += [outer, inner]
+        elif verb == "reorder":
+            chosen = draw(st.lists(st.sampled_from(names), min_size=2, max_size=3, unique=True))
+            directives.append(f"reorder {', '.join(chosen)}")
+        else:
+            directives.append(f"{verb} {draw(st.sampled_from(names))}")
+    return f"schedule {kernel} on cpu {{\n    " + "\n    ".join(directives) + "\n}"

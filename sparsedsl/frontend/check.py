@@ -525,6 +525,19 @@ def _check_model(decl: ast.ModelDecl, program: Program) -> None:
             raise SdslSemanticError(
                 f"kernel '{rule.kernel.text}' has no sparse input to store a weight in", rule.kernel.span
             )
+        misfit = _linear_misfit(kernel)
+        if misfit is not None:
+            raise SdslSemanticError(
+                f"kernel '{kernel.name}' cannot run a linear layer, which calls it as {LINEAR_CALL}: {misfit}",
+                rule.kernel.span,
+            )
+        epilogue = K.split_reduction(kernel.value)[1]
+        if rule.fuse is not None and not any(isinstance(e, K.KCall) for e in (epilogue, *_subexprs(epilogue))):
+            raise SdslSemanticError(
+                f"fuse \"{rule.fuse}\" replaces a module by the epilogue of kernel '{kernel.name}', but it applies "
+                "no function to its sum",
+                rule.span,
+            )
         if rule.format is not None:
             fmt = program.format(rule.format)
             if fmt.rank != len(weight.shape):
@@ -540,3 +553,30 @@ def _check_model(decl: ast.ModelDecl, program: Program) -> None:
         if rule.sparsity is not None and not 0 <= rule.sparsity < 1:
             raise SdslSemanticError(f"sparsity must be in [0, 1), got {rule.sparsity}", rule.sparsity_span or rule.span)
     program.models[decl.name.text] = decl
+
+
+LINEAR_CALL = "(X: [M, K], W: [N, K] @ format[, b: [N]]) -> (Y: [M, N])"
+
+
+def _linear_misfit(kernel: K.Kernel) -> str | None:
+    """Why ``kernel`` cannot compute a linear layer, called with (input, weight[, bias]); None if it can."""
+    if len(kernel.inputs) not in (2, 3):
+        return f"it takes {len(kernel.inputs)} inputs"
+    x, w, *bias = kernel.inputs
+    out = kernel.output
+    if not w.sparse:
+        return f"its second input '{w.name}' is not the sparse weight"
+    for p, rank in ((x, 2), (w, 2), *((b, 1) for b in bias), (out, 2)):
+        if p.shape is None:
+            return f"'{p.name}' is a scalar"
+        if len(p.shape) != rank:
+            return f"'{p.name}' has rank {len(p.shape)}, not {rank}"
+        if p is not w and (p.sparse or p.pattern_of):
+            return f"'{p.name}' is sparse"
+    (m, k), (n, w_k) = x.shape, w.shape
+    if w_k != k:
+        return f"'{w.name}' is [{n}, {w_k}], but a weight is [out, in]: its last dimension is {k}, as in '{x.name}'"
+    for p, want in (*((b, (n,)) for b in bias), (out, (m, n))):
+        if p.shape != want:
+            return f"'{p.name}' is [{', '.join(p.shape)}], not [{', '.join(want)}]"
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,21 +12,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsedsl.errors import SdslError
+from sparsedsl.errors import ArgumentError, SdslError, SdslSemanticError, Source, Span
 from sparsedsl.frontend import ast
 from sparsedsl.ir.formats import Format
 from sparsedsl.runtime import ops
 from sparsedsl.runtime.modules import SparseLinear
-from sparsedsl.runtime.program import Program, compile
+from sparsedsl.runtime.program import TORCH_DTYPES, Program, compile
 from sparsedsl.runtime.rules import Rule, rules_of
 
 # Above this density a sparse layer is not expected to beat dense F.linear on a CPU
 # (docs/BENCHMARKS.md): such layers are kept dense and the report says so.
 MAX_SPARSE_DENSITY = 0.55
 
+DICT_FORMS = (
+    '{glob: format} or {glob: (format, sparsity)}, with format a string such as "BSR(4, 1)" and '
+    "sparsity None or a number in [0, 1)"
+)
+SHOWN = 3  # module names an error lists (per kind) before "..."
+
 
 @dataclass(frozen=True)
 class LayerReport:
+    """What ``compile_model`` did with one layer: ``sparse``, or kept dense (``note`` says why)."""
+
     layer: str
     format: str
     density: float
@@ -34,9 +43,34 @@ class LayerReport:
     note: str = ""
 
 
+class Report(list):
+    """``sd.report(model)``: the ``LayerReport`` of each compiled layer, a list; printed, a table."""
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The rules ``compile_model`` applies, with where each was written (for errors)."""
+
+    rules: list[Rule]
+    spans: list[Span | None]
+    source: Source | None = None
+
+    def error(self, index: int, message: str) -> SdslSemanticError:
+        """An error about rule ``index``, located at it when it was written in a .sdsl file."""
+        return SdslSemanticError(f'rule "{self.rules[index].pattern}" {message}', self.spans[index], self.source)
+
+
 def _rules_from_source(
     rules, model_name: str | None, target: str, backend: str, cache_dir
-) -> tuple[Program, list[Rule]]:
+) -> tuple[Program, RuleSet]:
+    if not isinstance(rules, str | os.PathLike):
+        raise SdslSemanticError(
+            f"compile_model takes its rules as a .sdsl path or source, or a dict {DICT_FORMS}; "
+            f"got {type(rules).__name__}"
+        )
     program = compile(rules, target, backend, cache_dir=cache_dir)
     models = program.checked.models
     if not models:
@@ -44,18 +78,32 @@ def _rules_from_source(
     if model_name is not None and model_name not in models:
         raise SdslError(f"no model '{model_name}' in the rules (models: {', '.join(models)})")
     decl: ast.ModelDecl = models[model_name] if model_name else next(iter(models.values()))
-    return program, rules_of(program, decl)
+    return program, RuleSet(rules_of(program, decl), [r.span for r in decl.rules], program.checked.source)
 
 
-def _rules_from_dict(rules: dict) -> list[Rule]:
+def _rules_from_dict(rules: dict, program: Program) -> RuleSet:
+    """Rules written as a dict, each checked as the checker checks a ``model`` block."""
     out = []
     for pattern, spec in rules.items():
-        if isinstance(spec, str):
-            out.append(Rule(pattern, spec))
-        else:
-            fmt, sparsity = spec
-            out.append(Rule(pattern, fmt, sparsity))
-    return out
+        fmt, sparsity = (spec, None) if isinstance(spec, str) else (spec if _is_pair(spec) else (None, None))
+        if not isinstance(pattern, str) or not isinstance(fmt, str):
+            raise SdslSemanticError(f"rule {pattern!r}: {spec!r} is not a rule; the rules are a dict {DICT_FORMS}")
+        if sparsity is not None and (
+            isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= sparsity < 1
+        ):
+            raise SdslSemanticError(f'rule "{pattern}": sparsity must be None or a number in [0, 1), got {sparsity!r}')
+        try:
+            rank = program.format(fmt).rank
+        except SdslError as err:
+            raise type(err)(f'rule "{pattern}": {err.message}') from None
+        if rank != 2:
+            raise SdslSemanticError(f'rule "{pattern}": format {fmt} stores {rank}-d tensors, a linear weight is 2-d')
+        out.append(Rule(pattern, fmt, None if sparsity is None else float(sparsity)))
+    return RuleSet(out, [None] * len(out))
+
+
+def _is_pair(spec) -> bool:
+    return isinstance(spec, tuple | list) and len(spec) == 2
 
 
 def compile_model(
@@ -83,24 +131,22 @@ def compile_model(
         from sparsedsl.runtime.aot import load
 
         program = load(aot)
-        rule_list = program.rules
+        rule_set = RuleSet(program.rules, [None] * len(program.rules))
     elif isinstance(rules, dict):
-        program, rule_list = None, _rules_from_dict(rules)
+        program = None
+        rule_set = _rules_from_dict(rules, ops.nn_program(None, target, backend))
     else:
-        program, rule_list = _rules_from_source(rules, model_name, target, backend, cache_dir)
+        program, rule_set = _rules_from_source(rules, model_name, target, backend, cache_dir)
     nn_prog = ops.nn_program(program, target, backend if program is None else program.backend)
     if cache_dir is not None:
         nn_prog.cache_dir = Path(cache_dir)
     result = copy.deepcopy(model)
-    report: list[LayerReport] = []
-    targets = [(name, mod) for name, mod in result.named_modules() if isinstance(mod, nn.Linear)]
-    for name, linear in _progress(targets, verbose):
-        rule = next((r for r in rule_list if fnmatch.fnmatchcase(name, r.pattern)), None)
-        if rule is None:
-            continue
+    report = Report()
+    for name, linear, rule in _progress(_layers(result, rule_set), verbose):
         kernel_prog = program if rule.kernel else nn_prog
         try:
             sparse = SparseLinear.from_linear(linear, rule.format, rule.sparsity, kernel_prog, rule.kernel)
+            _check_dtypes(sparse)
         except SdslError as err:
             raise type(err)(f"layer '{name}': {err.message}") from None
         kernel = sparse.kernel
@@ -122,23 +168,81 @@ def compile_model(
         report.append(LayerReport(name, rule.format, sparse.density, kernel, True, note))
     result._sparsedsl_report = report
     if verbose:
-        print(format_report(report))
+        print(report)
     return result
+
+
+def _layers(model: nn.Module, rule_set: RuleSet) -> list[tuple[str, nn.Linear, Rule]]:
+    """Each ``nn.Linear`` of ``model`` with the first rule matching its name. A rule that matches
+    none is an error saying what its glob does match: asking for sparsity never yields a dense
+    model silently."""
+    if not rule_set.rules:
+        raise SdslSemanticError("there are no rules: no layer would be made sparse", source=rule_set.source)
+    linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    out = []
+    for name, linear in linears:
+        rule = next((r for r in rule_set.rules if fnmatch.fnmatchcase(name, r.pattern)), None)
+        if rule is not None:
+            out.append((name, linear, rule))
+    used = {id(rule) for _, _, rule in out}
+    for index, rule in enumerate(rule_set.rules):
+        if id(rule) not in used:
+            raise rule_set.error(index, _why_unmatched(model, rule, rule_set.rules[:index], [n for n, _ in linears]))
+    return out
+
+
+def _why_unmatched(model: nn.Module, rule: Rule, earlier: list[Rule], linears: list[str]) -> str:
+    """Why a rule compiles no layer: what its glob matches, or which names exist."""
+    taken = [n for n in linears if fnmatch.fnmatchcase(n, rule.pattern)]
+    if taken:
+        first = next(r for r in earlier if any(fnmatch.fnmatchcase(n, r.pattern) for n in taken))
+        return f'matches no layer left: {_names(taken)} match the earlier rule "{first.pattern}" first'
+    matched: dict[str, list[str]] = {}
+    for name, mod in model.named_modules():
+        if name and fnmatch.fnmatchcase(name, rule.pattern):
+            matched.setdefault(type(mod).__name__, []).append(name)
+    if matched:
+        kinds = "; ".join(f"{len(names)} {kind} ({_names(names)})" for kind, names in matched.items())
+        return f"matches no nn.Linear layer, only nn.Linear layers are made sparse; the modules it matches: {kinds}"
+    present = f"the nn.Linear layers are {_names(linears)}" if linears else "the model has no nn.Linear layer"
+    return f"matches no module name (names are dotted paths, matched whole: {present})"
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
+
+
+def _check_dtypes(layer: SparseLinear) -> None:
+    """Refuse a kernel whose tensors' dtypes differ from the layer's (else the first call fails)."""
+    kernel = layer.program.kernels[layer.kernel].kernel
+    dtype = layer.values.dtype
+    wrong = [p for p in kernel.inputs if p.shape is not None and TORCH_DTYPES[p.dtype] != dtype]
+    if wrong:
+        takes = ", ".join(f"{p.name}: {p.dtype}" for p in wrong)
+        weight = str(dtype).removeprefix("torch.")
+        raise ArgumentError(f"its weight is {weight}, but kernel '{layer.kernel}' takes {takes}")
 
 
 def _fuse(model: nn.Module, layer: str, pattern: str, sparse: SparseLinear) -> str:
     """Replace by ``nn.Identity`` the one module next to ``layer`` (under its parent) that matches
     ``pattern``: the kernel's epilogue computes it, and the layer keeps it for ``to_dense``."""
     parent = layer.rpartition(".")[0]
+    prefix = f"{parent}." if parent else ""  # a layer at the top has the whole model beside it
     names = [
         n
         for n, _ in model.named_modules()
-        if n != layer and n.startswith(f"{parent}.") and fnmatch.fnmatchcase(n, pattern)
+        if n not in (layer, "") and n.startswith(prefix) and fnmatch.fnmatchcase(n, pattern)
     ]
     if len(names) != 1:
         found = ", ".join(names) or "none"
-        raise SdslError(f"layer '{layer}': fuse \"{pattern}\" must match one module next to it, found {found}")
-    sparse.fused = model.get_submodule(names[0])
+        raise SdslSemanticError(f"layer '{layer}': fuse \"{pattern}\" must match one module next to it, found {found}")
+    fused = model.get_submodule(names[0])
+    if any(True for _ in fused.parameters()):
+        raise SdslSemanticError(
+            f"layer '{layer}': fuse \"{pattern}\" matches '{names[0]}', which holds parameters: only an "
+            "activation the kernel's epilogue computes can be fused"
+        )
+    sparse.fused = fused
     _replace(model, names[0], nn.Identity())
     return names[0]
 
@@ -159,9 +263,10 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def report(model: nn.Module) -> list[LayerReport]:
-    """The per-layer report of a model returned by ``compile_model``."""
-    return list(getattr(model, "_sparsedsl_report", []))
+def report(model: nn.Module) -> Report:
+    """The per-layer report of a model returned by ``compile_model``: a list of ``LayerReport``
+    whose ``str`` is the table."""
+    return Report(getattr(model, "_sparsedsl_report", []))
 
 
 def format_report(rows: list[LayerReport]) -> str:

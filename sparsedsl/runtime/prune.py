@@ -5,7 +5,8 @@ CSR/COO/ELL, bm x bn blocks for BSR, 4-row column strips for a vector-wise N:M).
 by their L2 norm. Every slotted level (``nm(n, m)``, ``fixed(w)``) keeps, per parent, the children
 with the largest total score; then, if a sparsity is asked for and the format has a compressed level,
 the lowest-scoring units of the whole tensor are dropped until the density is ``1 - sparsity``
-(per-layer magnitude pruning). A format of only dense and slotted levels has a fixed density.
+(per-layer magnitude pruning). A format of only dense and slotted levels has a fixed density: a
+sparsity other than the one it gives is refused, never silently ignored.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import torch
 from sparsedsl.errors import PackError
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir.formats import Format
+
+# A sparsity asked of a fixed-density format is accepted if it is the format's own, rounded to a
+# percent ("NM(1, 3)" with 0.67).
+SPARSITY_ROUNDING = 0.005
 
 
 def _top(score: torch.Tensor, count: int) -> torch.Tensor:
@@ -30,6 +35,12 @@ def _top(score: torch.Tensor, count: int) -> torch.Tensor:
     return keep
 
 
+def fixed_density(fmt: Format) -> bool:
+    """Whether ``fmt``'s levels fix its density (it has no compressed level): ``prune`` then
+    accepts no sparsity but the one the format gives."""
+    return not any(isinstance(level, lv.Compressed) for level in fmt.levels)
+
+
 def prune(weight: torch.Tensor, fmt: Format, sparsity: float | None = None) -> torch.Tensor:
     """A copy of ``weight`` with the smallest units zeroed so that it fits ``fmt``."""
     if sparsity is not None and not 0 <= sparsity < 1:
@@ -38,6 +49,7 @@ def prune(weight: torch.Tensor, fmt: Format, sparsity: float | None = None) -> t
     extents = fmt.extents(tuple(w.shape))
     stored = [i for i, lvl in enumerate(fmt.levels) if not isinstance(lvl, lv.Dense)]
     if not stored:
+        _check_fixed_density(fmt, w.shape, 1.0, sparsity)
         return w.clone()
     last = stored[-1]
     grids = torch.meshgrid(*[torch.arange(s) for s in w.shape], indexing="ij")
@@ -64,9 +76,22 @@ def prune(weight: torch.Tensor, fmt: Format, sparsity: float | None = None) -> t
         kept = torch.zeros(child_score.numel() // extents[l], extents[l], dtype=torch.bool)
         kept.scatter_(1, best, True)
         keep &= kept.view(-1)[child]
-    if sparsity is not None and any(isinstance(fmt.levels[l], lv.Compressed) for l in stored):
+    if fixed_density(fmt):
+        _check_fixed_density(fmt, w.shape, int(keep.sum()) / units, sparsity)
+    elif sparsity is not None:
         budget = math.ceil((1 - sparsity) * units)
         if int(keep.sum()) > budget:
             keep = _top(torch.where(keep, score, -1.0), budget)
     mask = keep[inverse].reshape(w.shape)
     return w * mask
+
+
+def _check_fixed_density(fmt: Format, shape: torch.Size, density: float, sparsity: float | None) -> None:
+    """Refuse a sparsity that a format without compressed levels cannot give."""
+    if sparsity is not None and abs(1 - sparsity - density) > SPARSITY_ROUNDING:
+        dims = " x ".join(map(str, shape))
+        raise PackError(
+            f"{fmt.label} stores a fixed density of {density:.3g} (sparsity {1 - density:.3g}) for a {dims} "
+            f"weight: sparsity {sparsity} cannot be reached (ask for {1 - density:.3g}, or none, or use a "
+            "format with a compressed level)"
+        )

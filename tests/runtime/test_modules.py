@@ -21,7 +21,7 @@ def _masked_reference(layer: sd.SparseLinear):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_sparse_linear_forward_backward_match_dense(fmt):
     torch.manual_seed(0)
-    layer = sd.SparseLinear.from_linear(nn.Linear(32, 24), fmt, 0.5 if fmt == "NM(2, 4)" else 0.7)
+    layer = sd.SparseLinear.from_linear(nn.Linear(32, 24), fmt, {"NM(2, 4)": 0.5, "ELL(4)": 0.875}.get(fmt, 0.7))
     dense, mask = _masked_reference(layer)
     x = torch.randn(3, 5, 32, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
