@@ -2,7 +2,8 @@
 
 A build directory holds the source, one shared library per (kernel, format) and a
 ``manifest.json`` recording what was built and for what: the schema version, the versions of
-sparsedsl / TVM / torch, the target with its CPU, the source's SHA-256, each kernel's signature and
+sparsedsl / TVM / torch, the target with its CPU and the instruction-set extensions its code may use
+(``avx2``, ``fma``, ``avx512f``...), the source's SHA-256, each kernel's signature and
 each artifact's SHA-256. Loading checks all of it and never compiles.
 """
 
@@ -26,7 +27,8 @@ from sparsedsl.runtime.program import Instance, Program, read_source
 from sparsedsl.runtime.rules import Rule, rules_of
 from sparsedsl.version import __version__
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the target lists the CPU features the code needs
+CPU_ONLY = ("cpu", "features")  # where a CPU build loads, its CPU may differ; its features are checked
 MANIFEST = "manifest.json"
 SOURCE = "source.sdsl"
 
@@ -51,19 +53,42 @@ def _versions(backend: str, target: str = "cpu") -> dict[str, str]:
     return versions
 
 
-def _target(program: Program) -> dict[str, str]:
+def _target(program: Program) -> dict:
+    """What the program's code is built for here: a GPU architecture, or a CPU's name and the
+    instruction-set extensions its code may use."""
     if program.target == "cuda":
         return {"kind": "cuda", "backend": "tvm", "arch": program.arch or default_arch()}
     if program.backend == "tvm":
-        from sparsedsl.backends.tvm.cpu import host_cpu
+        from sparsedsl.backends.tvm.cpu import code_features, host_cpu
     else:
-        from sparsedsl.backends.llvm.jit import host_cpu
+        from sparsedsl.backends.llvm.jit import code_features, host_cpu
     return {
         "kind": program.target,
         "backend": program.backend,
         "mtriple": "x86_64-unknown-linux-gnu",
         "cpu": host_cpu(),
+        "features": code_features(),
     }
+
+
+def _check_target(root: Path, built: dict, here: dict) -> None:
+    """A CPU build loads on any CPU that has every extension its code may use: the name of the CPU
+    it was built on only tuned the code. Any other difference of target is a mismatch."""
+    if {k: v for k, v in built.items() if k not in CPU_ONLY} != {k: v for k, v in here.items() if k not in CPU_ONLY}:
+        raise AotError(f"{root} was built for {built}, this machine is {here}: rebuild it here")
+    if here["kind"] == "cuda":
+        return
+    features = built.get("features")
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        raise AotError(f"{root / MANIFEST} does not list the CPU features its code needs: rebuild it")
+    from sparsedsl.backends import host
+
+    missing = sorted(set(features) - host.present())
+    if missing:
+        raise AotError(
+            f"{root} was built for a CPU with {', '.join(missing)}, which this one ({here['cpu']}) lacks: "
+            "rebuild it here"
+        )
 
 
 def _slug(text: str) -> str:
@@ -125,7 +150,8 @@ def build(
     return out
 
 
-def _load_library(backend: str, lib: Path, funcs, target: str = "cpu"):
+def _load_library(backend: str, lib: Path, image: bytes, funcs, target: str = "cpu"):
+    """A built library (whose bytes, checked, are ``image``) as the backend's ``Built``."""
     if target == "cuda":
         return CudaModule.load(lib)
     if backend == "llvm":
@@ -137,48 +163,98 @@ def _load_library(backend: str, lib: Path, funcs, target: str = "cpu"):
 
     module = load_module(lib)
     prims = {f.name: to_tir(f) for f in funcs}
-    return Built(module, {name: module[name] for name in prims}, prims, lib)
+    return Built(module, {name: module[name] for name in prims}, prims, image)
+
+
+def _read_manifest(root: Path) -> dict:
+    """The manifest, its shape checked: a damaged or hand-edited one is an AotError naming what is wrong."""
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AotError(f"{root} is not a sparsedsl build: no {MANIFEST}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AotError(f"{path} is damaged: {err}") from None
+    if not isinstance(manifest, dict):
+        raise AotError(f"{path} is damaged: not a JSON object")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise AotError(f"{root}: build schema {manifest.get('schema_version')}, this sparsedsl reads {SCHEMA_VERSION}")
+    source, kernels, rules = manifest.get("source"), manifest.get("kernels"), manifest.get("rules")
+    wrong = [
+        name
+        for name, ok in (
+            ("versions", isinstance(manifest.get("versions"), dict)),
+            ("target", isinstance(manifest.get("target"), dict)),
+            ("source", isinstance(source, dict) and _strings(source, "sha256", "name")),
+            ("kernels", isinstance(kernels, list) and all(_kernel_entry(k) for k in kernels)),
+            ("rules", isinstance(rules, list) and all(_rule_entry(r) for r in rules)),
+        )
+        if not ok
+    ]
+    if wrong:
+        raise AotError(f"{path} is damaged: {', '.join(wrong)} missing or malformed")
+    return manifest
+
+
+def _strings(entry: dict, *keys: str) -> bool:
+    return all(isinstance(entry.get(k), str) for k in keys)
+
+
+def _rule_entry(entry) -> bool:
+    """A rule entry: a pattern, a format and nothing ``Rule`` does not have."""
+    fields = set(Rule.__dataclass_fields__)
+    return isinstance(entry, dict) and _strings(entry, "pattern", "format") and set(entry) <= fields
+
+
+def _kernel_entry(entry) -> bool:
+    """A kernel entry: names, a library file in the build directory itself, its variants."""
+    return (
+        isinstance(entry, dict)
+        and _strings(entry, "kernel", "file", "sha256")
+        and Path(entry["file"]).name == entry["file"]
+        and isinstance(entry.get("format"), str | None)
+        and isinstance(entry.get("variants"), list)
+    )
 
 
 def load(directory: str | os.PathLike) -> Program:
     """The Program of an AOT build, its kernels loaded from their libraries; nothing compiles.
-    A mismatched schema, version, CPU or checksum is an AotError."""
+    A mismatched schema, version, CPU feature or checksum, or a damaged manifest, is an AotError."""
     root = Path(directory)
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise AotError(f"{root} is not a sparsedsl build: no {MANIFEST}") from None
-    except json.JSONDecodeError as err:
-        raise AotError(f"{root / MANIFEST} is damaged: {err}") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise AotError(f"{root}: build schema {manifest.get('schema_version')}, this sparsedsl reads {SCHEMA_VERSION}")
-    backend = manifest.get("target", {}).get("backend", "tvm")
-    for tool, version in _versions(backend, manifest.get("target", {}).get("kind", "cpu")).items():
+    manifest = _read_manifest(root)
+    target = manifest["target"]
+    backend = target.get("backend", "tvm")
+    for tool, version in _versions(backend, target.get("kind", "cpu")).items():
         if manifest["versions"].get(tool) != version:
             raise AotError(
                 f"{root} was built with {tool} {manifest['versions'].get(tool)}, this is {version}: rebuild it"
             )
-    source_text = (root / SOURCE).read_text()
+    try:
+        source_text = (root / SOURCE).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AotError(f"{root / SOURCE} cannot be read: {err}") from None
     if hashlib.sha256(source_text.encode()).hexdigest() != manifest["source"]["sha256"]:
         raise AotError(f"{root / SOURCE} does not match the manifest's hash")
-    target = manifest["target"]
+    if target.get("kind") not in ("cpu", "cuda") or backend not in ("tvm", "llvm"):
+        raise AotError(f"{root / MANIFEST} is damaged: no target kind {target.get('kind')!r}, backend {backend!r}")
     program = Program(
         check(Source(source_text, manifest["source"]["name"])), target["kind"], backend, arch=target.get("arch")
     )
     program.cache_dir = None
-    here = _target(program)
-    if manifest["target"] != here:
-        raise AotError(f"{root} was built for {manifest['target']}, this machine is {here}: rebuild it here")
+    _check_target(root, target, _target(program))
     for entry in manifest["kernels"]:
         lib = root / entry["file"]
-        if not lib.exists() or cache.digest(lib) != entry["sha256"]:
+        image = lib.read_bytes() if lib.is_file() else None
+        if image is None or hashlib.sha256(image).hexdigest() != entry["sha256"]:
             raise AotError(f"{lib} is missing or does not match its SHA-256 in the manifest")
-        compiled = program.kernels[entry["kernel"]]
+        compiled = program.kernels.get(entry["kernel"])
+        if compiled is None:
+            raise AotError(f"{root / MANIFEST} lists a kernel '{entry['kernel']}' that {SOURCE} does not define")
         fmt = program.format(entry["format"]) if entry["format"] else None
         variants = compiled.lowered(fmt)
         if list(variants) != entry["variants"]:
             raise AotError(f"{lib}: its variants {entry['variants']} differ from this compiler's {list(variants)}")
-        built = _load_library(backend, lib, list(variants.values()), program.target)
+        built = _load_library(backend, lib, image, list(variants.values()), program.target)
         compiled.instances[fmt] = Instance(variants, built)
     program.aot = root
     program.rules = [Rule(**r) for r in manifest["rules"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ import tvm
 from torch import nn
 
 import sparsedsl as sd
+from sparsedsl.backends import host
 from sparsedsl.cli import main as cli
+from sparsedsl.runtime.aot import SCHEMA_VERSION, AotError
 
 ROOT = Path(__file__).parents[2]
 SOURCE = """
@@ -88,9 +91,10 @@ def build_dir(tmp_path_factory):
 
 def test_aot_manifest(build_dir):
     manifest = json.loads((build_dir / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == SCHEMA_VERSION
     assert set(manifest["versions"]) == {"sparsedsl", "tvm", "torch"}
     assert manifest["target"]["cpu"]
+    assert {"sse2", "cx16"} <= set(manifest["target"]["features"]) <= host.present()
     assert {(k["kernel"], k["format"]) for k in manifest["kernels"]} == {("lin", "BSR(4, 1)"), ("lin", "CSR")}
     assert all(len(k["sha256"]) == 64 and k["signature"].startswith("lin(") for k in manifest["kernels"])
 
@@ -124,22 +128,56 @@ def test_compile_model_with_aot(build_dir, no_compiler):
     "damage, message",
     [
         (lambda m, d: m["versions"].update(tvm="0.1"), "built with tvm 0.1"),
-        (lambda m, d: m["target"].update(cpu="pentium"), "this machine is"),
+        (lambda m, d: m["target"]["features"].append("sparsedsl-isa"), r"a CPU with sparsedsl-isa, which this one"),
+        (lambda m, d: m["target"].pop("features"), "does not list the CPU features its code needs"),
+        (lambda m, d: m["target"].update(backend="llvm"), "built with llvmlite None"),
+        (lambda m, d: m["target"].update(kind="tpu"), "no target kind 'tpu'"),
+        (lambda m, d: m["kernels"][0].update(file="../manifest.json"), "kernels missing or malformed"),
+        (lambda m, d: m["kernels"][0].update(kernel="nope"), "a kernel 'nope' that source.sdsl does not define"),
+        (lambda m, d: m["rules"].append({"pattern": "x"}), "rules missing or malformed"),
+        (lambda m, d: m.pop("source"), "source missing or malformed"),
         (lambda m, d: m.update(schema_version=99), "build schema 99"),
         (lambda m, d: (d / m["kernels"][0]["file"]).write_bytes(b"junk"), "does not match its SHA-256"),
         (lambda m, d: (d / "source.sdsl").write_text("# edited"), "does not match the manifest"),
     ],
 )
 def test_aot_mismatch_is_a_clear_error(build_dir, tmp_path, damage, message):
-    import shutil
-
-    copy = tmp_path / "copy"
-    shutil.copytree(build_dir, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
+    copy, manifest = _copy(build_dir, tmp_path)
     damage(manifest, copy)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(sd.SdslError, match=message):
         sd.load(copy)
+
+
+def _copy(build_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(build_dir, copy)
+    return copy, json.loads((copy / "manifest.json").read_text())
+
+
+def test_aot_loads_on_another_cpu_with_its_features(build_dir, tmp_path, no_compiler):
+    """The CPU's name only tuned the code: a build loads wherever every extension it lists is present."""
+    copy, manifest = _copy(build_dir, tmp_path)
+    manifest["target"]["cpu"] = "some-other-cpu"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    _call(sd.load(copy))
+
+
+def test_aot_refused_on_a_cpu_without_its_features(build_dir, monkeypatch):
+    needed = json.loads((build_dir / "manifest.json").read_text())["target"]["features"]
+    lacking = "avx2" if "avx2" in needed else needed[-1]
+    here = host.present()
+    monkeypatch.setattr(host, "present", lambda: here - {lacking})
+    with pytest.raises(AotError, match=f"built for a CPU with {lacking}, which this one .* lacks: rebuild it here"):
+        sd.load(build_dir)
+
+
+def test_damaged_manifest(build_dir, tmp_path):
+    copy, _ = _copy(build_dir, tmp_path)
+    for data, message in ((b"[1]", "not a JSON object"), (b"{", "is damaged"), (b"\xff", "is damaged")):
+        (copy / "manifest.json").write_bytes(data)
+        with pytest.raises(AotError, match=message):
+            sd.load(copy)
 
 
 def test_missing_build_dir(tmp_path):

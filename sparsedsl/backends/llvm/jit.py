@@ -13,6 +13,7 @@ from pathlib import Path
 
 import llvmlite.binding as llvm
 
+from sparsedsl.backends import host
 from sparsedsl.backends.llvm.codegen import TYPES, generate, parallel_on_top, size_names
 from sparsedsl.config import num_threads
 from sparsedsl.errors import BackendError
@@ -44,6 +45,11 @@ def _machine() -> llvm.TargetMachine:
 def host_cpu() -> str:
     _initialize()
     return llvm.get_host_cpu_name()
+
+
+def code_features() -> list[str]:
+    """The instruction-set extensions that code built here may use: every one this CPU has."""
+    return host.used_in_code(host.present())
 
 
 def vector_bits() -> int:
@@ -171,4 +177,4 @@ def load_library(path: Path, funcs: list[L.LoopFunc]) -> Built:
     return Built(functions, "", lib, Path(path))
 
 
-__all__ = ["TYPES", "Built", "build", "host_cpu", "load_library", "vector_bits"]
+__all__ = ["TYPES", "Built", "build", "code_features", "host_cpu", "load_library", "vector_bits"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import tvm
 
 from sparsedsl import cache
+from sparsedsl.backends import host
 from sparsedsl.backends.tvm.tir import to_tir
 from sparsedsl.config import num_threads
 from sparsedsl.errors import BackendError
@@ -20,6 +21,12 @@ from sparsedsl.ir import loop_ir as L
 def host_cpu() -> str:
     """The LLVM name of this machine's CPU (``znver4``...): kernels are built for it."""
     return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def code_features() -> list[str]:
+    """The instruction-set extensions that code built for the host target may use: those LLVM
+    enables for its ``mcpu`` (tuning flags left out)."""
+    return host.used_in_code(str(f) for f in tvm.target.codegen.llvm_get_cpu_features(host_target()))
 
 
 def _size_thread_pool() -> None:

@@ -1,0 +1,26 @@
+"""The host CPU's instruction-set extensions as LLVM names them (``avx2``, ``fma``, ``avx512f``...):
+what the CPU backends compile for, and what an ahead-of-time build checks where it is loaded."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import cache
+
+import llvmlite.binding as llvm
+
+# The extensions LLVM may use on its own in compiled arithmetic: vectors, fused multiply-adds,
+# half-precision conversions, bit manipulation. The others (mwaitx, rdpru, sha...) are used only
+# through intrinsics no kernel calls, and virtual machines often hide them from a CPU that has them.
+_USED_IN_CODE = re.compile(r"sse|ssse3|avx|fma|f16c|bmi|lzcnt|popcnt|xop|cmov|movbe|cx16")
+
+
+@cache
+def present() -> frozenset[str]:
+    """The extensions this CPU has."""
+    return frozenset(name for name, on in llvm.get_host_cpu_features().items() if on)
+
+
+def used_in_code(features: Iterable[str]) -> list[str]:
+    """Those of ``features`` that code compiled for them may contain, sorted."""
+    return sorted(f for f in features if _USED_IN_CODE.match(f))
