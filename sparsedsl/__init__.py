@@ -21,6 +21,7 @@ from sparsedsl.errors import (  # noqa: E402
     SdslError,
     SdslSemanticError,
     SdslSyntaxError,
+    SourceFileError,
 )
 from sparsedsl.runtime.aot import load  # noqa: E402
 from sparsedsl.runtime.model import compile_model, report  # noqa: E402
@@ -39,6 +40,7 @@ __all__ = [
     "SdslError",
     "SdslSemanticError",
     "SdslSyntaxError",
+    "SourceFileError",
     "SparseLinear",
     "SparseTensor",
     "compile",

@@ -1,19 +1,22 @@
-"""The ``sparsedsl`` command: ``check`` and ``emit``."""
+"""The ``sparsedsl`` command: ``check``, ``emit`` and ``build``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from sparsedsl.errors import SdslError
 from sparsedsl.frontend.check import check
 from sparsedsl.runtime.program import Program, read_source
 
+EXIT_SIGPIPE = 141  # 128 + SIGPIPE: the status of a Unix tool whose reader went away
 STAGES = ("ir", "tir", "llvm", "asm", "cuda")
 
 
 def _check(args) -> int:
-    checked = check(read_source(args.file))
+    checked = check(read_source(Path(args.file)))
     targets = {"cpu"} | {target for _, target in checked.schedules}  # a cuda schedule is checked on cuda
     for target in sorted(targets):
         program = Program(checked, target=target)
@@ -28,7 +31,7 @@ def _check(args) -> int:
 
 def _emit(args) -> int:
     target = "cuda" if args.stage == "cuda" else args.target
-    program = Program(check(read_source(args.file)), target=target, backend=args.backend, arch=args.arch)
+    program = Program(check(read_source(Path(args.file))), target=target, backend=args.backend, arch=args.arch)
     if args.kernel not in program.kernels:
         known = ", ".join(program.kernels) or "none"
         raise SdslError(f"no kernel '{args.kernel}' in {args.file} (kernels: {known})")
@@ -40,7 +43,7 @@ def _emit(args) -> int:
 def _build(args) -> int:
     from sparsedsl.runtime.aot import build
 
-    out = build(args.file, args.output, args.target, args.backend, args.arch)
+    out = build(Path(args.file), args.output, args.target, args.backend, args.arch)
     print(f"built {args.file} into {out}")
     return 0
 
@@ -70,9 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_build)
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe is reported here, not at exit
+        return status
     except SdslError as err:
         print(err.render(), file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader left (`| head -1`): stop quietly, as Unix tools do, with SIGPIPE's status.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return EXIT_SIGPIPE
+    except OSError as err:  # writing the build directory: the file system's refusal, in one line
+        where = err.filename if err.filename is not None else "sparsedsl"
+        print(f"{where}: error: {err.strerror or err}", file=sys.stderr)
         return 1
 
 

@@ -67,6 +67,11 @@ class SdslError(Exception):
         return self.render()
 
 
+class SourceFileError(SdslError):
+    """A .sdsl file cannot be read as source: missing, a directory, unreadable, binary, not UTF-8,
+    empty or too large."""
+
+
 class SdslSyntaxError(SdslError):
     """The text does not follow the grammar."""
 

@@ -5,6 +5,7 @@ Every problem is an SdslSemanticError at the span of the offending text.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -13,13 +14,20 @@ import sympy
 
 from sparsedsl.errors import SdslError, SdslSemanticError, Source, Span
 from sparsedsl.frontend import ast
-from sparsedsl.frontend.parser import parse
+from sparsedsl.frontend.parser import parse, parse_format_ref
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.ir.buffer_names import DERIVED, RESERVED
 from sparsedsl.ir.formats import Format, FormatDef, LevelTemplate, make_level
 
 LEVEL_ARITY = {"dense": (0,), "compressed": (0, 1), "singleton": (0,), "nm": (2,), "fixed": (1,)}
 TARGETS = ("cpu", "cuda")
+INT_MAX = 2**31 - 1  # every target indexes with int32: no integer literal may exceed it
+DTYPE_MAX = {  # the largest finite value of each dtype: a number literal must fit the kernel's
+    "float16": 65504.0,
+    "bfloat16": 3.3895313892515355e38,
+    "float32": 3.4028234663852886e38,
+    "float64": sys.float_info.max,
+}
 _SPELLING = {v: k for k, v in K.DTYPES.items()}  # float32 -> f32: messages use the names users write
 
 
@@ -43,6 +51,8 @@ class Program:
         if fdef is None:
             known = ", ".join(sorted(self.formats))
             raise SdslSemanticError(f"unknown format '{ref.name.text}' (known: {known})", ref.name.span)
+        for arg in ref.args:
+            _check_int(int(arg.value), arg.span, "format argument")
         fmt = fdef.instantiate(tuple(int(a.value) for a in ref.args), ref.span)
         for level_map, level in zip(fmt.maps, fmt.levels):
             m = getattr(level, "m", None)
@@ -56,12 +66,13 @@ class Program:
         return fmt
 
     def parse_format(self, text: str) -> Format:
-        """A format written as text, as users pass it to ``pack``: ``"BSR(4, 1)"``."""
+        """A format written as text, as users pass it to ``pack``: ``"BSR(4, 1)"``. An error keeps
+        its class, says ``invalid format '...'`` and is located in that text."""
+        source = Source(text, "<format>")
         try:
-            module = parse(Source(f'model m {{ linear "*" use k with {text} }}', "<format>"))
-            return self.format(module.decls[0].rules[0].format)
+            return self.format(parse_format_ref(source))
         except SdslError as err:
-            raise SdslSemanticError(f"invalid format '{text}': {err.message}") from None
+            raise type(err)(f"invalid format '{text}': {err.message}", err.span, source) from None
 
 
 @cache
@@ -112,6 +123,14 @@ def _join(a: Span, b: Span) -> Span:
     return Span(a.line, a.column, b.end_line, b.end_column)
 
 
+def _check_int(value: int, span: Span, what: str) -> None:
+    """An integer literal the generated code can hold (``INT_MAX``)."""
+    if value > INT_MAX:
+        raise SdslSemanticError(
+            f"{what} {value} is too large: the generated code indexes with int32 (at most {INT_MAX})", span
+        )
+
+
 # ---- formats -------------------------------------------------------------------------------
 
 
@@ -129,6 +148,7 @@ def _check_format(decl: ast.FormatDecl) -> FormatDef:
         if isinstance(p.value, int):
             if p.value < 1:
                 raise SdslSemanticError(f"{what} must be at least 1, got {p.value}", p.span)
+            _check_int(p.value, p.span, what)
             return p.value
         if p.value not in params:
             raise SdslSemanticError(f"unknown format parameter '{p.value}'", p.span)
@@ -307,6 +327,7 @@ def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
         raise SdslSemanticError(
             f"the value has dtype {_dt(dtype)} but the output '{output.name}' is {_dt(output.dtype)}", stmt.value.span
         )
+    _check_numbers(stmt.value, output.dtype, program.source)
     given = {d for p in params.values() for d in p.shape or ()}
     for idx, dim in zip(stmt.target.indices, output.shape):
         if dim not in given:
@@ -320,18 +341,23 @@ def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
     return kernel
 
 
+def _walk(node) -> list:
+    """An AST expression and all its subexpressions, outermost first, in source order."""
+    match node:
+        case ast.BinOp(_, lhs, rhs):
+            children = [lhs, rhs]
+        case ast.Neg(operand) | ast.Reduction(_, operand):
+            children = [operand]
+        case ast.Call(_, args):
+            children = list(args)
+        case _:
+            children = []
+    return [node, *(n for child in children for n in _walk(child))]
+
+
 def _reads(node) -> list[ast.Access]:
     """Every tensor access in an AST expression."""
-    match node:
-        case ast.Access():
-            return [node]
-        case ast.BinOp(_, lhs, rhs):
-            return _reads(lhs) + _reads(rhs)
-        case ast.Neg(operand) | ast.Reduction(_, operand):
-            return _reads(operand)
-        case ast.Call(_, args):
-            return [r for a in args for r in _reads(a)]
-    return []
+    return [n for n in _walk(node) if isinstance(n, ast.Access)]
 
 
 def _check_access(node: ast.Access, scope, extents) -> tuple[str, ...]:
@@ -429,16 +455,7 @@ def _check_expr(node, scope, extents, bound: frozenset[str], used: set[str], pro
 
 def _ast_sums(node) -> list[ast.Reduction]:
     """The sums of an expression, outermost first, in source order."""
-    match node:
-        case ast.Reduction():
-            return [node, *_ast_sums(node.body)]
-        case ast.BinOp():
-            return [*_ast_sums(node.lhs), *_ast_sums(node.rhs)]
-        case ast.Neg():
-            return _ast_sums(node.operand)
-        case ast.Call():
-            return [r for a in node.args for r in _ast_sums(a)]
-    return []
+    return [n for n in _walk(node) if isinstance(n, ast.Reduction)]
 
 
 def _check_sums(value) -> None:
@@ -476,6 +493,51 @@ def _check_structure(kernel: K.Kernel, stmt: ast.Assign) -> None:
         for a in K.accesses(kernel.value):
             if a.tensor == pattern.name and a.indices != kernel.indices:
                 raise SdslSemanticError(f"'{pattern.name}' must be indexed like the output", stmt.value.span)
+    elif sparse is not None:
+        _check_dense_output(sparse, stmt)
+
+
+def _check_dense_output(sparse: K.TensorParam, stmt: ast.Assign) -> None:
+    """A dense output is written everywhere, which a read of the sparse input can do only as a factor
+    of the summed product: the entries it does not store then contribute nothing."""
+    reads = [a for a in _reads(stmt.value) if a.tensor.text == sparse.name]
+    if not reads:
+        raise SdslSemanticError(f"sparse input '{sparse.name}' is not used", sparse.span)
+    sums = _ast_sums(stmt.value)
+    if not sums:
+        raise SdslSemanticError(
+            f"'{sparse.name}' is read without a sum into a dense output, which would be left unwritten where "
+            f"'{sparse.name}' stores nothing: make the output sparse ('@ {sparse.name}') or sum",
+            reads[0].span,
+        )
+    if not _is_factor(sums[0].body, sparse.name):
+        raise SdslSemanticError(
+            f"'{sparse.name}' must be a factor of the summed product, so that its zeros contribute nothing",
+            reads[0].span,
+        )
+
+
+def _is_factor(node, tensor: str) -> bool:
+    """Whether ``tensor`` is a factor of the product ``node`` (so its zeros annihilate it)."""
+    match node:
+        case ast.Access():
+            return node.tensor.text == tensor
+        case ast.BinOp("*", lhs, rhs):
+            return _is_factor(lhs, tensor) or _is_factor(rhs, tensor)
+        case ast.BinOp("/", lhs, _):
+            return _is_factor(lhs, tensor)
+    return False
+
+
+def _check_numbers(value, dtype: str, source: Source) -> None:
+    """Number literals the kernel's dtype can hold: 70000.0 is no f16, 1e999 no float at all."""
+    for node in _walk(value):
+        if isinstance(node, ast.Number) and not abs(node.value) <= DTYPE_MAX[dtype]:
+            span = node.span
+            text = source.line_text(span.line)[span.column - 1 : span.end_column - 1]
+            raise SdslSemanticError(
+                f"the number {text} does not fit in {_dt(dtype)} (at most {DTYPE_MAX[dtype]:g})", span
+            )
 
 
 def _subexprs(e: K.KExpr) -> list[K.KExpr]:
@@ -506,6 +568,8 @@ def _check_schedule(decl: ast.ScheduleDecl, program: Program) -> None:
             raise SdslSemanticError(
                 f"the factor of '{d.verb}' must be at least 1, got {d.factor}", d.factor_span or d.span
             )
+        if d.factor is not None:
+            _check_int(d.factor, d.factor_span or d.span, f"the factor of '{d.verb}'")
         if d.verb in ("bind", "stage", "tensorize") and decl.target.text != "cuda":
             raise SdslSemanticError(f"'{d.verb}' applies to GPU schedules only ('on cuda')", d.span)
         if d.verb == "stage" and d.loops[1].text != "shared":

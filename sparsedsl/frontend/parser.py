@@ -18,14 +18,15 @@ _TERMINAL_WORDS = {
     "DTYPE": "a dtype (f32, f16, bf16, f64)",
     "STRING": "a quoted string",
     "THREAD_AXIS": "a GPU axis such as blockIdx.x or threadIdx.x",
-    "$END": "end of file",
 }
 
 
 @cache
 def _lark() -> Lark:
     grammar = resources.files("sparsedsl.frontend").joinpath("grammar.lark").read_text()
-    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+    return Lark(
+        grammar, parser="lalr", start=["start", "format_ref"], propagate_positions=True, maybe_placeholders=False
+    )
 
 
 def _span_of(item: Token | Tree) -> Span:
@@ -188,7 +189,9 @@ class _ToAst(Transformer):
         return str(children[0])[1:-1]
 
 
-def _describe(terminal: str) -> str:
+def _describe(terminal: str, end: str) -> str:
+    if terminal == "$END":
+        return end
     if terminal in _TERMINAL_WORDS:
         return _TERMINAL_WORDS[terminal]
     for term in _lark().terminals:
@@ -197,8 +200,8 @@ def _describe(terminal: str) -> str:
     return terminal.lower()
 
 
-def _expected(names) -> str:
-    words = sorted({w for n in names for w in (("'%'", "'/'") if n == "DIMOP" else (_describe(n),))})
+def _expected(names, end: str) -> str:
+    words = sorted({w for n in names for w in (("'%'", "'/'") if n == "DIMOP" else (_describe(n, end),))})
     if len(words) == 1:
         return words[0]
     return ", ".join(words[:-1]) + " or " + words[-1]
@@ -206,7 +209,8 @@ def _expected(names) -> str:
 
 def _accepted(err: UnexpectedInput, fallback) -> set[str]:
     """The terminals that could really come next. Lark's ``expected`` is the LALR lookahead set of
-    the state, which over-approximates; trying each terminal on the parser stack is exact."""
+    the state, which over-approximates; trying each terminal on the parser stack is exact. None at
+    all: the input parsed completely (a format alone), so only its end could come next."""
     parser = getattr(err, "interactive_parser", None)
     if parser is not None:
         try:
@@ -215,15 +219,15 @@ def _accepted(err: UnexpectedInput, fallback) -> set[str]:
             accepts = None
         if accepts:
             return set(accepts)
-    return set(fallback or ())
+    return set(fallback or ()) or {"$END"}
 
 
 _DIRECTIVES = ("split", "reorder", "vectorize", "parallel", "unroll", "layout", "tile", "bind", "stage", "tensorize")
 
 
-def _unexpected_token(tok: Token, accepts: set[str], source: Source) -> tuple[str, Span]:
+def _unexpected_token(tok: Token, accepts: set[str], source: Source, end: str) -> tuple[str, Span]:
     span = Span(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
-    words = {_describe(n) for n in accepts}
+    words = {_describe(n, end) for n in accepts}
     if tok.type == "NAME" and "'split'" in words:
         return f"unknown schedule directive '{tok}' (known: {', '.join(_DIRECTIVES)})", span
     if tok.type == "NAME" and "'format'" in words and "'kernel'" in words:
@@ -238,13 +242,14 @@ def _unexpected_token(tok: Token, accepts: set[str], source: Source) -> tuple[st
             text = source.text[start : tok.end_pos]
             span = Span(tok.line, tok.column - (tok.start_pos - start), span.end_line, span.end_column)
             return f"expected an integer, found '{text}'", span
-    return f"expected {_expected(accepts)}, found '{tok}'", span
+    return f"expected {_expected(accepts, end)}, found '{tok}'", span
 
 
-def _syntax_error(err: UnexpectedInput, source: Source) -> SdslSyntaxError:
+def _syntax_error(err: UnexpectedInput, source: Source, end: str) -> SdslSyntaxError:
+    """The error in words; ``end`` names the end of the input ("end of file")."""
     line, column = max(err.line, 1), max(err.column, 1)
     if isinstance(err, UnexpectedToken) and err.token.type != "$END":
-        message, span = _unexpected_token(err.token, _accepted(err, err.expected), source)
+        message, span = _unexpected_token(err.token, _accepted(err, err.expected), source, end)
     elif isinstance(err, UnexpectedCharacters):
         span = Span(line, column, line, column + 1)
         char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
@@ -256,7 +261,7 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> SdslSyntaxError:
             message = f"unexpected character '{shown}'"
             accepts = _accepted(err, err.allowed)
             if accepts:
-                message += f"; expected {_expected(accepts)}"
+                message += f"; expected {_expected(accepts, end)}"
     else:
         # End of file: report it just after the last token, not on trailing blank or comment lines.
         tok = getattr(err, "token", None)
@@ -267,18 +272,18 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> SdslSyntaxError:
             line, column = len(lines), len(lines[-1]) + 1
         span = Span(line, column, line, column + 1)
         expected = _accepted(err, getattr(err, "expected", None))
-        message = "unexpected end of file"
+        message = f"unexpected {end}"
         if expected:
-            message += f"; expected {_expected(expected)}"
+            message += f"; expected {_expected(expected, end)}"
     return SdslSyntaxError(message, span, source)
 
 
 def parse(source: Source) -> ast.Module:
     """Parse a .sdsl source into its AST; raises SdslSyntaxError with a span."""
     try:
-        tree = _lark().parse(source.text)
+        tree = _lark().parse(source.text, start="start")
     except (UnexpectedToken, UnexpectedCharacters, UnexpectedEOF) as err:
-        raise _syntax_error(err, source) from None
+        raise _syntax_error(err, source, "end of file") from None
     decls = []
     for decl in tree.children:
         try:
@@ -287,3 +292,13 @@ def parse(source: Source) -> ast.Module:
             span = _span_of(decl)
             raise SdslSyntaxError("this declaration is nested too deeply", span, source) from None
     return ast.Module(tuple(decls))
+
+
+def parse_format_ref(source: Source) -> ast.FormatRef:
+    """Parse a format written alone, as users pass it to ``pack``: ``"BSR(4, 1)"``, nothing after it;
+    a syntax error is located in that text."""
+    try:
+        tree = _lark().parse(source.text, start="format_ref")
+    except (UnexpectedToken, UnexpectedCharacters, UnexpectedEOF) as err:
+        raise _syntax_error(err, source, "end of the format") from None
+    return _ToAst().transform(tree)

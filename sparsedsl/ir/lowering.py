@@ -73,19 +73,8 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     if sparse is not None and sparse.format is None:
         raise SdslSemanticError(f"kernel '{kernel.name}' needs a format for '{sparse.name}'", kernel.span)
     s_access = next((a for a in K.accesses(body) if sparse and a.tensor == sparse.name), None)
-    if sparse is not None and s_access is None and not kernel.output.pattern_of:
-        raise SdslSemanticError(f"sparse input '{sparse.name}' is not used", kernel.span)
-    if sparse is not None and not kernel.output.pattern_of and reduction is None:
-        raise SdslSemanticError(
-            f"'{sparse.name}' is read without a sum into a dense output, which would be left unwritten where "
-            f"'{sparse.name}' stores nothing: make the output sparse ('@ {sparse.name}') or sum",
-            kernel.span,
-        )
-    if sparse is not None and not kernel.output.pattern_of and not _is_factor(body, sparse.name):
-        raise SdslSemanticError(
-            f"'{sparse.name}' must be a factor of the summed product, so that its zeros contribute nothing",
-            kernel.span,
-        )
+    # frontend/check.py decides: a dense output reads the sparse input as a factor of its sum
+    assert sparse is None or kernel.output.pattern_of or (reduction is not None and s_access is not None)
     s_idx: tuple[str, ...] = ()
     if sparse is not None:
         s_idx = s_access.indices if s_access else kernel.indices
@@ -311,18 +300,6 @@ def _params(ctx: _Ctx) -> tuple[L.Buffer | L.Var, ...]:
                     params.append(L.Var(dim, "int64"))
                     bound.add(dim)
     return tuple(params)
-
-
-def _is_factor(body: K.KExpr, tensor: str) -> bool:
-    """Whether ``tensor`` is a factor of the product ``body`` (so its zeros annihilate it)."""
-    match body:
-        case K.KAccess(t, _):
-            return t == tensor
-        case K.KBin("*", a, b):
-            return _is_factor(a, tensor) or _is_factor(b, tensor)
-        case K.KBin("/", a, _):
-            return _is_factor(a, tensor)
-    return False
 
 
 def _stageable(ctx: _Ctx, access: K.KAccess) -> bool:

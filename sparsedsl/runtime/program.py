@@ -10,9 +10,10 @@ import torch
 
 from sparsedsl.config import cache_dir as default_cache_dir
 from sparsedsl.config import cache_path, num_threads
-from sparsedsl.errors import ArgumentError, BackendError, ScheduleError, SdslError, Source
+from sparsedsl.errors import ArgumentError, BackendError, ScheduleError, SdslError
 from sparsedsl.frontend.check import Program as CheckedProgram
 from sparsedsl.frontend.check import check
+from sparsedsl.frontend.source import read_source
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir import schedule as sched
@@ -427,17 +428,6 @@ class Program:
 
     def __dir__(self):
         return [*super().__dir__(), *self.kernels]
-
-
-def read_source(path_or_source: str | os.PathLike) -> Source:
-    """A Source from a path to a .sdsl file, or from the text itself."""
-    text = str(path_or_source)
-    if isinstance(path_or_source, os.PathLike) or ("\n" not in text and text.endswith(".sdsl")):
-        path = Path(path_or_source)
-        if not path.exists():
-            raise SdslError(f"no such file: {path}")
-        return Source(path.read_text(), str(path))
-    return Source(text, "<string>")
 
 
 def compile(
