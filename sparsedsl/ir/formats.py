@@ -148,6 +148,55 @@ class Format:
         bufs["vals"] = dense[tuple(index)].contiguous()
         return bufs
 
+    def validate(self, bufs: dict[str, torch.Tensor], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Check buffers that come from outside the packer against this format and ``shape``: the
+        buffers present, integer 1-D index buffers on the values' device, and each level's own
+        invariants (``Level.validate``), in one vectorised pass; then ``vals`` holds one value per
+        stored position. Returns the buffers with index buffers as contiguous ``INDEX_DTYPE``
+        (integers of another width are converted). Anything else is a PackError naming the level,
+        the buffer and the first offending position."""
+        if any(not isinstance(s, int) or s < 0 for s in shape):
+            raise PackError(f"a shape is a tuple of sizes >= 0, got {tuple(shape)}")
+        extents = self.extents(tuple(shape))
+        keys = self.buffer_keys()
+        missing = [k for k in (*keys, "vals") if k not in bufs]
+        extra = [k for k in bufs if k not in (*keys, "vals")]
+        if missing or extra:
+            raise PackError(
+                f"{self.label} stores buffers {', '.join(keys + ['vals'])}; "
+                + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(map(str, extra))}")
+            )
+        vals = bufs["vals"]
+        if not isinstance(vals, torch.Tensor) or not vals.is_floating_point() or vals.dim() != 1:
+            what = f"a {vals.dim()}-d {vals.dtype} tensor" if isinstance(vals, torch.Tensor) else type(vals).__name__
+            raise PackError(f"'vals' must be a 1-d floating-point tensor, got {what}")
+        if not vals.is_contiguous():
+            raise PackError("'vals' must be contiguous (call .contiguous() first)")
+        out = {}
+        for k in keys:
+            buf = bufs[k]
+            if not isinstance(buf, torch.Tensor):
+                raise PackError(f"index buffer '{k}' must be a torch.Tensor, got {type(buf).__name__}")
+            if buf.is_floating_point() or buf.is_complex() or buf.dtype == torch.bool or buf.dim() != 1:
+                raise PackError(f"index buffer '{k}' must be a 1-d integer tensor, got a {buf.dim()}-d {buf.dtype} one")
+            if buf.device != vals.device:
+                raise PackError(f"index buffer '{k}' is on {buf.device}, but 'vals' on {vals.device}")
+            out[k] = buf
+        positions = torch.zeros(1, dtype=torch.int64, device=vals.device)
+        for i, level in enumerate(self.levels):
+            mine = {s: out[f"{i}_{s}"] for s in level.buffers()}
+
+            def where(key: int, i: int = i) -> str:
+                return self._where(lv.decode(torch.tensor([key]), extents[:i])[0])
+
+            name = f"level {i} ({level.describe()}, {self.maps[i].text(self.dims)})"
+            positions = level.validate(lv.CheckState(positions, extents[i], mine, name, where))
+        if vals.numel() != positions.numel():
+            raise PackError(
+                f"'vals' must hold one value per stored position, {positions.numel()}, it has {vals.numel()}"
+            )
+        return {**{k: v.to(lv.INDEX_DTYPE).contiguous() for k, v in out.items()}, "vals": vals}
+
     def unpack(self, bufs: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         """The dense tensor stored in ``bufs`` (the inverse of ``pack``)."""
         extents = self.extents(shape)

@@ -8,16 +8,22 @@ dimension under the positions of its parent level, and knows three things, nothi
 * ``pack``: given the coordinate table of its parent positions and the nonzero entries, the
   coordinate table of its own positions and its buffers (vectorised torch, no per-nonzero loop);
 * ``unpack``: given its parent's coordinate table and its buffers, its own coordinate table;
-* ``iterate``: the loop-IR of one step of iteration (see ``sparsedsl.ir.lowering``).
+* ``iterate``: the loop-IR of one step of iteration (see ``sparsedsl.ir.lowering``);
+* ``validate``: given the keys of its parent positions and buffers handed in from outside the
+  packer, check its own invariants (lengths, bounds, monotone positions, sorted unique
+  coordinates) in one vectorised pass and return the keys of its own positions.
 
 A *coordinate table* is an int64 tensor [positions, levels so far], sorted lexicographically,
-holding for each stored position the coordinates of every level above and at it.
+holding for each stored position the coordinates of every level above and at it. Validation uses
+its mixed-radix *keys* instead (one int64 per position, ``key``): a table is sorted iff its keys
+never decrease, and holds distinct rows iff they strictly increase.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -44,6 +50,55 @@ class PackState:
     @property
     def parents(self) -> torch.Tensor:
         return self.table[:, : self.level]
+
+
+@dataclass(frozen=True)
+class CheckState:
+    """What a level sees while validating buffers that come from outside the packer."""
+
+    keys: torch.Tensor  # int64 [P], the key of each parent position; never decreasing
+    extent: int  # coordinate extent of the level
+    bufs: dict[str, torch.Tensor]  # the level's buffers (suffix -> 1-D integer tensor)
+    name: str  # the level as errors name it: "level 1 (compressed, j)"
+    where: Callable[[int], str]  # names a parent position, given its key
+
+    def fail(self, suffix: str, index: int, message: str, parent: int | None = None) -> NoReturn:
+        """A PackError naming this level, its buffer and the first offending position."""
+        place = f" ({self.where(int(self.keys[parent]))})" if parent is not None else ""
+        raise PackError(f"{self.name}: {suffix}[{index}] {message}{place}")
+
+    def buffer(self, suffix: str, length: int) -> torch.Tensor:
+        """A buffer of the level widened to int64, refused unless it has ``length`` entries."""
+        buf = self.bufs[suffix]
+        if buf.numel() != length:
+            raise PackError(f"{self.name}: '{suffix}' must have {length} entries, it has {buf.numel()}")
+        return buf.long()
+
+    def coordinates(self, suffix: str, length: int) -> torch.Tensor:
+        """A coordinate buffer of ``length`` entries, each refused unless in [0, extent)."""
+        crd = self.buffer(suffix, length)
+        outside = (crd < 0) | (crd >= self.extent)
+        if bool(outside.any()):
+            q = int(torch.argmax(outside.to(torch.uint8)))
+            self.fail(suffix, q, f"= {int(crd[q])} is outside [0, {self.extent})")
+        return crd
+
+    def ordered(self, suffix: str, keys: torch.Tensor, parent: torch.Tensor, strict: bool) -> torch.Tensor:
+        """``keys`` of this level's positions, refused unless they increase (strictly if ``strict``):
+        coordinates sorted, and distinct where the level is unique."""
+        step = keys[1:] - keys[:-1]
+        bad = step <= 0 if strict else step < 0
+        if bool(bad.any()):
+            q = int(torch.argmax(bad.to(torch.uint8))) + 1
+            what = "repeats" if bool(step[q - 1] == 0) else "is smaller than"
+            crd = self.bufs[suffix]
+            self.fail(
+                suffix,
+                q,
+                f"= {int(crd[q])} {what} the coordinate before it (they must be sorted{', distinct' * strict})",
+                int(parent[q]),
+            )
+        return keys
 
 
 @dataclass(frozen=True)
@@ -117,6 +172,10 @@ class Level:
         """One step of iteration below parent position ``parent``."""
         raise NotImplementedError
 
+    def validate(self, state: CheckState) -> torch.Tensor:
+        """The keys of this level's positions; buffers that break its invariants are a PackError."""
+        raise NotImplementedError
+
     def describe(self) -> str:
         return self.name
 
@@ -136,6 +195,10 @@ class Dense(Level):
     def iterate(self, parent, extent, bufs, var):
         c = L.Var(var)
         return LevelIter(L.For(c, L.const(0), extent), L.add(L.mul(parent, extent), c), c)
+
+    def validate(self, state):
+        coords = torch.arange(state.extent, dtype=torch.int64, device=state.keys.device)
+        return (state.keys.view(-1, 1) * state.extent + coords).view(-1)
 
 
 class Compressed(Level):
@@ -176,6 +239,19 @@ class Compressed(Level):
         stop = _index(pos, L.add(parent, L.const(1)))
         return LevelIter(L.For(q, start, L.sub(stop, start)), q, _index(bufs["crd"], q))
 
+    def validate(self, state):
+        parents = state.keys.numel()
+        pos = state.buffer("pos", parents + 1)
+        if int(pos[0]) != 0:
+            state.fail("pos", 0, f"= {int(pos[0])}, but positions start at 0")
+        counts = pos[1:] - pos[:-1]
+        if bool((counts < 0).any()):
+            p = int(torch.argmax((counts < 0).to(torch.uint8)))
+            state.fail("pos", p + 1, f"= {int(pos[p + 1])} is smaller than pos[{p}] = {int(pos[p])}", p)
+        crd = state.coordinates("crd", int(pos[-1]))
+        parent = torch.repeat_interleave(torch.arange(parents, device=crd.device), counts)
+        return state.ordered("crd", state.keys[parent] * state.extent + crd, parent, self.unique)
+
 
 class Singleton(Level):
     """Exactly one coordinate per parent position, ``crd[p]`` (the inner levels of COO)."""
@@ -193,6 +269,11 @@ class Singleton(Level):
 
     def iterate(self, parent, extent, bufs, var):
         return LevelIter(None, parent, _index(bufs["crd"], parent))
+
+    def validate(self, state):
+        crd = state.coordinates("crd", state.keys.numel())
+        parent = torch.arange(crd.numel(), device=crd.device)
+        return state.ordered("crd", state.keys * state.extent + crd, parent, self.unique)
 
 
 class Slotted(Level):
@@ -239,6 +320,12 @@ class Slotted(Level):
         q = L.add(L.mul(parent, L.const(self.slots)), s)
         return LevelIter(L.For(s, L.const(0), L.const(self.slots)), q, _index(bufs["crd"], q))
 
+    def validate(self, state):
+        parents = state.keys.numel()
+        crd = state.coordinates("crd", parents * self.slots)
+        parent = torch.arange(parents, device=crd.device).repeat_interleave(self.slots)
+        return state.ordered("crd", state.keys[parent] * state.extent + crd, parent, True)
+
 
 class NM(Slotted):
     """N:M semi-structured: ``n`` of every ``m`` consecutive coordinates, offsets as small ints."""
@@ -252,13 +339,20 @@ class NM(Slotted):
     def describe(self):
         return f"nm({self.n}, {self.m})"
 
-    def pack(self, state):
-        if state.extent != self.m:
+    def _check_extent(self, extent: int) -> None:
+        if extent != self.m:
             raise PackError(
                 f"nm({self.n}, {self.m}) must store a coordinate of extent {self.m} "
-                f"(write 'j % {self.m}: nm({self.n}, {self.m})'), but its extent is {state.extent}"
+                f"(write 'j % {self.m}: nm({self.n}, {self.m})'), but its extent is {extent}"
             )
+
+    def pack(self, state):
+        self._check_extent(state.extent)
         return super().pack(state)
+
+    def validate(self, state):
+        self._check_extent(state.extent)
+        return super().validate(state)
 
     def too_many(self, count):
         return f"{count} nonzeros in a group of {self.m}, but nm({self.n}, {self.m}) keeps at most {self.n}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsedsl.errors import ArgumentError
+from sparsedsl.errors import ArgumentError, PackError
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.runtime import ops
 from sparsedsl.runtime.program import Program
@@ -59,6 +59,7 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         for i, buf in enumerate(weight.structure()):
             self.register_buffer(f"structure_{i}", buf.clone())
+        SparseTensor.from_structure(weight.format, weight.shape, self.structure(), self.values, validate=False)
         self.kernel = kernel or ("linear_bias" if bias is not None else "linear")
         compiled = self.program.kernels[self.kernel]
         differentiable, takes_bias = _is_linear(compiled.kernel)
@@ -98,6 +99,26 @@ class SparseLinear(nn.Module):
 
     def structure(self) -> list[torch.Tensor]:
         return [getattr(self, f"structure_{i}") for i in range(len(self._buffers))]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """Validate an incoming structure before taking it (a corrupted index is a PackError naming
+        the layer, not a crash later); a structure of another pattern (another nnz) is taken too."""
+        names = [f"structure_{i}" for i in range(len(self._buffers))]
+        incoming = [state_dict.get(prefix + n) for n in (*names, "values")]
+        if all(t is not None for t in incoming):
+            *structure, values = incoming
+            try:
+                weight = SparseTensor.from_structure(
+                    self.program.format(self.format), (self.out_features, self.in_features), structure, values
+                )
+            except PackError as err:
+                raise PackError(f"state_dict of layer '{prefix.rstrip('.') or '(top)'}': {err.message}") from None
+            for n, buf in zip(names, weight.structure()):
+                if getattr(self, n).shape != buf.shape:
+                    setattr(self, n, torch.empty_like(buf))
+            if self.values.shape != values.shape:
+                self.values = nn.Parameter(self.values.new_empty(values.shape))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def sparse_weight(self) -> SparseTensor:
         """The weight as a SparseTensor (sharing this module's tensors)."""

@@ -10,7 +10,7 @@ import torch
 
 from sparsedsl.config import cache_dir as default_cache_dir
 from sparsedsl.config import cache_path, num_threads
-from sparsedsl.errors import ArgumentError, BackendError, ScheduleError, SdslError
+from sparsedsl.errors import ArgumentError, BackendError, PackError, ScheduleError, SdslError
 from sparsedsl.frontend.check import Program as CheckedProgram
 from sparsedsl.frontend.check import check
 from sparsedsl.frontend.source import read_source
@@ -341,6 +341,10 @@ def _bind(kernel: K.Kernel, args, device: str = "cpu") -> tuple[dict, dict[str, 
                 raise ArgumentError(
                     f"'{p.name}' is on {a.device}, but this kernel was compiled for {device} (W.to('{device}'))"
                 )
+            try:
+                a.check()  # O(1) unless a buffer was replaced or written in place since it was checked
+            except PackError as err:
+                raise PackError(f"'{p.name}': {err.message}") from None
             bind_shape(p, a.shape)
             sparse = a
             continue

@@ -1,22 +1,79 @@
-"""SparseTensor: a tensor stored in a format's level buffers."""
+"""SparseTensor: a tensor stored in a format's level buffers.
+
+Buffers that come from outside the packer (the constructor, ``from_structure``, a module's
+``load_state_dict``) are validated against the format (``Format.validate``) before any kernel can
+read them. A validated set of buffers is remembered by a *stamp* kept on its values tensor (an
+attribute, so it lives and dies with the tensor): the format, the shape, and the identity and
+in-place version counter (``Tensor._version``) of every index buffer. Every kernel call compares
+the stamp (a few attribute reads) and validates again if an index buffer was replaced or written in
+place, so a kernel never reads through an index that was not checked.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import InitVar, dataclass
 
 import torch
 
 from sparsedsl.errors import PackError
 from sparsedsl.ir.formats import Format
 
+STAMP = "_sparsedsl_validated"  # the attribute of a values tensor holding its buffers' stamp
+
+
+def _stamp(fmt: Format, shape: tuple[int, ...], buffers: dict[str, torch.Tensor]) -> None:
+    entries = tuple((k, weakref.ref(v), v._version) for k, v in buffers.items() if k != "vals")
+    setattr(buffers["vals"], STAMP, (fmt.text, shape, entries))
+
+
+def _unchanged(fmt: Format, shape: tuple[int, ...], buffers: dict[str, torch.Tensor]) -> bool:
+    stamp = getattr(buffers.get("vals"), STAMP, None)
+    if stamp is None:
+        return False
+    text, old_shape, entries = stamp
+    if text != fmt.text or old_shape != shape or len(entries) != len(buffers) - 1:
+        return False
+    return all(buffers.get(k) is ref() and buffers[k]._version == version for k, ref, version in entries)
+
 
 @dataclass
 class SparseTensor:
-    """The buffers of a tensor in ``format`` (keys ``{level}_{suffix}`` and ``vals``)."""
+    """The buffers of a tensor in ``format`` (keys ``{level}_{suffix}`` and ``vals``).
+
+    ``validate=False`` vouches for the buffers (the packer's output, a copy of validated buffers):
+    they are trusted until replaced or written in place, and checked again then."""
 
     format: Format
     shape: tuple[int, ...]
     buffers: dict[str, torch.Tensor]
+    validate: InitVar[bool] = True
+
+    def __post_init__(self, validate: bool) -> None:
+        if not isinstance(self.format, Format):
+            what = type(self.format).__name__
+            raise PackError(f"a SparseTensor's format is a Format (prog.format('CSR')), got {what}")
+        if not isinstance(self.shape, tuple | list):
+            raise PackError(f"a shape is a tuple of sizes, got {type(self.shape).__name__}")
+        self.shape = tuple(self.shape)
+        if not isinstance(self.buffers, dict):
+            raise PackError(f"buffers are a dict of tensors, got {type(self.buffers).__name__}")
+        self.buffers = dict(self.buffers)
+        if validate:
+            self.check()
+        else:
+            _stamp(self.format, self.shape, self.buffers)
+
+    def check(self) -> None:
+        """Validate the buffers unless they are the ones validated last and unchanged since (O(1));
+        a structure that does not fit the format is a PackError. Every kernel call runs this."""
+        if _unchanged(self.format, self.shape, self.buffers):
+            return
+        try:
+            self.buffers = self.format.validate(self.buffers, self.shape)
+        except PackError as err:
+            raise PackError(f"a {self.shape} tensor as {self.format.label}: {err.message}") from None
+        _stamp(self.format, self.shape, self.buffers)
 
     @classmethod
     def pack(cls, fmt: Format, dense: torch.Tensor) -> SparseTensor:
@@ -27,14 +84,24 @@ class SparseTensor:
             buffers = fmt.pack(dense.detach())
         except PackError as err:
             raise PackError(f"cannot store the {tuple(dense.shape)} tensor as {fmt.label}: {err.message}") from None
-        return cls(fmt, tuple(dense.shape), buffers)
+        return cls(fmt, tuple(dense.shape), buffers, validate=False)
 
     @classmethod
     def from_structure(
-        cls, fmt: Format, shape: tuple[int, ...], structure: list[torch.Tensor], values: torch.Tensor
+        cls,
+        fmt: Format,
+        shape: tuple[int, ...],
+        structure: list[torch.Tensor],
+        values: torch.Tensor,
+        validate: bool = True,
     ) -> SparseTensor:
-        """Inverse of ``structure()``: index buffers in format order, plus values."""
-        return cls(fmt, tuple(shape), {**dict(zip(fmt.buffer_keys(), structure, strict=True)), "vals": values})
+        """Inverse of ``structure()``: index buffers in format order, plus values; validated
+        unless ``validate=False`` (see the class)."""
+        keys = fmt.buffer_keys()
+        if not isinstance(structure, list | tuple) or len(structure) != len(keys):
+            got = f"{len(structure)}" if isinstance(structure, list | tuple) else f"a {type(structure).__name__}"
+            raise PackError(f"{fmt.label} has {len(keys)} index buffers ({', '.join(keys) or 'none'}), got {got}")
+        return cls(fmt, tuple(shape), {**dict(zip(keys, structure)), "vals": values}, validate)
 
     def structure(self) -> list[torch.Tensor]:
         """The index buffers, in the format's order (what a custom op or module stores)."""
@@ -61,8 +128,18 @@ class SparseTensor:
         return self.nnz / max(numel, 1)
 
     def with_values(self, values: torch.Tensor) -> SparseTensor:
-        """The same structure holding other values (the output of a pattern kernel)."""
-        return SparseTensor(self.format, self.shape, {**self.buffers, "vals": values})
+        """The same structure holding other values (the output of a pattern kernel): one per
+        stored position, 1-d, contiguous, floating point, on this tensor's device."""
+        if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+            what = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
+            raise PackError(f"values must be a floating-point tensor, got {what}")
+        if values.shape != self.values.shape or not values.is_contiguous() or values.device != self.device:
+            raise PackError(
+                f"values must be a contiguous tensor of shape {tuple(self.values.shape)} on {self.device}, "
+                f"got shape {tuple(values.shape)} on {values.device}" + ("" if values.is_contiguous() else ", strided")
+            )
+        self.check()
+        return SparseTensor(self.format, self.shape, {**self.buffers, "vals": values}, validate=False)
 
     def to_dense(self) -> torch.Tensor:
         """The dense tensor (unpacked on the CPU, returned on this tensor's device)."""
@@ -77,7 +154,8 @@ class SparseTensor:
         """Values in another dtype, or every buffer on another device (``"cuda"``)."""
         if isinstance(target, torch.dtype):
             return self.with_values(self.values.to(target))
-        return SparseTensor(self.format, self.shape, {k: v.to(target) for k, v in self.buffers.items()})
+        self.check()
+        return SparseTensor(self.format, self.shape, {k: v.to(target) for k, v in self.buffers.items()}, validate=False)
 
     def cuda(self) -> SparseTensor:
         return self.to("cuda")
