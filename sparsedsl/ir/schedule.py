@@ -262,13 +262,36 @@ def substitute(s, name: str, value: L.Expr):
     return s
 
 
+def used_names(func: L.LoopFunc) -> set[str]:
+    """Every name the function gives a variable or buffer: parameters, sizes, loops, lets, locals."""
+    exprs = [e for x in L.stmt_exprs(func.body) for e in L.subexprs(x)]
+    exprs += [d for p in func.params if isinstance(p, L.Buffer) for d in p.shape]
+    taken = {e.name for e in exprs if isinstance(e, L.Var | L.SizeVar)}
+    taken |= {p.name for p in func.params} | {b.name for b in L.allocs(func.body)}
+    taken |= {f.var.name for f in loops(func.body)}
+    return taken | {x.var.name for x in L.leaves(func.body) if isinstance(x, L.Let)}
+
+
+# The kinds the two loops of a split keep: a parallel loop shares out its outer loop, a vectorized
+# one keeps its lanes innermost, an unrolled one unrolls both (their extents are constants).
+_SPLIT_KINDS = {
+    L.LoopKind.PARALLEL: (L.LoopKind.PARALLEL, L.LoopKind.SERIAL),
+    L.LoopKind.VECTORIZED: (L.LoopKind.SERIAL, L.LoopKind.VECTORIZED),
+    L.LoopKind.UNROLLED: (L.LoopKind.UNROLLED, L.LoopKind.UNROLLED),
+}
+
+
 def split(func: L.LoopFunc, name: str, factor: int, outer: str, inner: str, span: Span | None = None) -> L.LoopFunc:
-    """``for x in [a, a+E)`` -> ``for outer in [0, ceil(E/f)): for inner in [0, f)``, guarded if needed."""
+    """``for x in [a, a+E)`` -> ``for outer in [0, ceil(E/f)): for inner in [0, f)``, guarded if
+    needed; every loop named ``x`` is split. The outer loop stays parallel, the inner one
+    vectorized (``_SPLIT_KINDS``)."""
     _find(func, name, span)
-    taken = {f.var.name for f in loops(func.body)}
+    taken = used_names(func)
     for new in (outer, inner):
         if new in taken:
-            raise ScheduleError(f"cannot split into '{new}': a loop of that name exists", span)
+            raise ScheduleError(f"cannot split into '{new}': the kernel already uses that name", span)
+    if outer == inner:
+        raise ScheduleError(f"cannot split into '{outer}' twice: the two loops need two names", span)
 
     def rewrite(loop: L.For) -> L.Stmt | None:
         if loop.var.name != name:
@@ -284,7 +307,8 @@ def split(func: L.LoopFunc, name: str, factor: int, outer: str, inner: str, span
             if exact
             else L.floordiv(L.add(loop.extent, L.const(factor - 1)), L.const(factor))
         )
-        return L.For(o, L.const(0), count, L.For(i, L.const(0), L.const(factor), body, loop.kind), loop.kind)
+        kinds = _SPLIT_KINDS.get(loop.kind, (loop.kind, L.LoopKind.SERIAL))
+        return L.For(o, L.const(0), count, L.For(i, L.const(0), L.const(factor), body, kinds[1]), kinds[0])
 
     return replace(func, body=rewrite_loops(func.body, rewrite))
 
@@ -379,6 +403,11 @@ def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.L
                     raise ScheduleError(
                         f"cannot move loop '{inner_name}' inside '{n}': the bounds of '{n}' depend on it", span
                     )
+        moved = next((by_name[n] for n in names[:-1] if by_name[n].kind is L.LoopKind.VECTORIZED), None)
+        if moved is not None:
+            raise ScheduleError(
+                f"cannot reorder: vectorized loop '{moved.var.name}' must stay innermost", span
+            )
         body = chain[-1].body
         for n in reversed(names):
             body = replace(by_name[n], body=body)
@@ -387,19 +416,32 @@ def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.L
     return replace(func, body=rewrite_loops(func.body, rewrite))
 
 
-def apply(func: L.LoopFunc, directives) -> L.LoopFunc:
+def apply(func: L.LoopFunc, directives, outermost_parallel: bool = False) -> L.LoopFunc:
     """Apply the loop directives of a ``schedule`` block in order (``tile``/``layout`` act earlier,
-    in lowering; ``bind`` belongs to GPU targets)."""
+    in lowering; ``bind`` belongs to GPU targets). ``outermost_parallel``: the backend runs a loop
+    in parallel only when it is the whole body (the llvm backend)."""
     kinds = {"parallel": L.LoopKind.PARALLEL, "vectorize": L.LoopKind.VECTORIZED, "unroll": L.LoopKind.UNROLLED}
     for d in directives:
-        names = [n.text for n in d.loops]
+        loop_names = [n.text for n in d.loops]
         if d.verb in kinds:
-            func = set_kind(func, names[0], kinds[d.verb], d.span)
+            func = set_kind(func, loop_names[0], kinds[d.verb], d.span)
         elif d.verb == "split":
-            func = split(func, names[0], d.factor, names[1], names[2], d.span)
+            func = split(func, loop_names[0], d.factor, loop_names[1], loop_names[2], d.span)
         elif d.verb == "reorder":
-            func = reorder(func, names, d.span)
+            func = reorder(func, loop_names, d.span)
+        if outermost_parallel:
+            _check_outermost_parallel(func, d.span)
     return func
+
+
+def _check_outermost_parallel(func: L.LoopFunc, span: Span | None) -> None:
+    nested = next((f for f in loops(func.body) if f.kind is L.LoopKind.PARALLEL and f is not func.body), None)
+    if nested is not None:
+        raise ScheduleError(
+            f"the llvm backend runs a loop in parallel only when it is the whole kernel: loop "
+            f"'{nested.var.name}' is not (parallelize the outermost loop, or use the tvm backend)",
+            span,
+        )
 
 
 def default(func: L.LoopFunc) -> dict[str, L.LoopFunc]:

@@ -160,7 +160,8 @@ class CompiledKernel:
             func = lower(kernel, opts)
             loop_directives = [d for d in directives if d.verb not in ("tile", "layout")]
             if loop_directives:
-                return {"scheduled": sched.apply(func, loop_directives)}
+                llvm = self.program.backend == "llvm"
+                return {"scheduled": sched.apply(func, loop_directives, outermost_parallel=llvm)}
             variants = sched.default(func)
             if func.meta.get("token") and not any(d.verb == "tile" for d in directives):
                 # decode-sized calls: a 16-token tile for a few tokens, a 1-token tile for one (a big

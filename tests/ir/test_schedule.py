@@ -114,7 +114,7 @@ def test_parallel_and_unroll_reach_tir():
         ("schedule linear on cpu {\n  vectorize n_i\n}", 2, "not innermost"),
         ("schedule linear on cpu {\n  reorder n_i, k\n}", 2, "not perfectly nested"),
         ("schedule linear_t on cpu {\n  reorder k, n\n}", 2, "the bounds of 'k' depend on it"),
-        ("schedule linear on cpu {\n  split n_o by 4 into k, x\n}", 2, "a loop of that name exists"),
+        ("schedule linear on cpu {\n  split n_o by 4 into k, x\n}", 2, "the kernel already uses that name"),
         ("schedule linear on cpu {\n  layout b as [n, m]\n}", 2, "must order its indices"),
         ("schedule linear on cpu {\n  parallel n_o; parallel m_o\n}", 2, "already parallel"),
     ],
@@ -170,3 +170,55 @@ def test_vector_sums_leave_a_loop_that_is_not_a_plain_sum_alone():
     scaled = L.Store(acc, (zero,), L.mul(L.load(acc, zero), L.load(x, k)))
     func = L.LoopFunc("f", (x,), L.seq(L.Alloc(acc), L.For(k, zero, L.SizeVar("K"), scaled)))
     assert vector_sums(func, "k", 8) == func
+
+
+def test_split_lanes_keep_the_inner_loop_vectorized_on_every_loop_of_the_name():
+    """``m_i`` names the lanes of the zeroing, the accumulation and the write-out: all are split,
+    each outer loop serial and each inner one vectorized (a vectorized loop around another one is
+    what TVM cannot compile), and the kernel still gives the dense answer."""
+    prog = _program("schedule linear on cpu { layout X as [m, k]; split m_i by 8 into m_a, m_b }")
+    func = prog.kernels["linear"].lowered(None)["scheduled"]
+    split = [f for f in loops(func.body) if f.var.name in ("m_a", "m_b")]
+    assert len(split) > 2 and {(f.var.name, f.kind) for f in split} <= {
+        ("m_a", L.LoopKind.SERIAL),
+        ("m_b", L.LoopKind.VECTORIZED),
+        ("m_a", L.LoopKind.UNROLLED),  # none today: the lanes' loops are vectorized or serial
+        ("m_b", L.LoopKind.SERIAL),
+    }
+    for m in (1, 23, 70):
+        _check(prog, "linear", "BSR(4, 1)", m)
+
+
+def test_split_of_a_parallel_loop_shares_out_its_outer_loop_only():
+    prog = _program("schedule linear on cpu { parallel n_o; split n_o by 3 into n_a, n_b }")
+    kinds = {f.var.name: f.kind for f in loops(prog.kernels["linear"].lowered(None)["scheduled"].body)}
+    assert kinds["n_a"] is L.LoopKind.PARALLEL and kinds["n_b"] is L.LoopKind.SERIAL
+    _check(prog, "linear", "BSR(4, 1)", 5)
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        ("schedule linear on cpu {\n  split n_o by 2 into N, x\n}", "cannot split into 'N': the kernel already uses"),
+        ("schedule linear on cpu {\n  split n_o by 2 into b, x\n}", "cannot split into 'b': the kernel already uses"),
+        ("schedule linear on cpu {\n  split n_o by 2 into k_c, x\n}", "cannot split into 'k_c'"),
+        ("schedule linear on cpu {\n  split n_o by 2 into x, x\n}", "cannot split into 'x' twice"),
+        ("schedule linear on cpu {\n  layout X as [m, k]; reorder m_i, z0\n}", "'m_i' must stay innermost"),
+    ],
+)
+def test_more_illegal_schedules_are_located_errors(schedule, message):
+    with pytest.raises(sd.ScheduleError) as err:
+        _program("\n" + schedule)
+    first = err.value.render().splitlines()[0]
+    assert f"<string>:{LINEAR.count(chr(10)) + 3}:" in first and message in first
+
+
+def test_llvm_refuses_a_nested_parallel_loop_when_compiling():
+    """The llvm backend runs a loop in parallel only when it is the whole kernel: any other parallel
+    loop is refused by sd.compile at its directive, not by the code generator at the first call."""
+    with pytest.raises(sd.ScheduleError) as err:
+        sd.compile(LINEAR + "schedule linear on cpu {\n  parallel n_o\n}", backend="llvm")
+    assert "runs a loop in parallel only when it is the whole kernel" in str(err.value)
+    assert f"<string>:{LINEAR.count(chr(10)) + 2}:3" in str(err.value)
+    prog = sd.compile(LINEAR + "schedule linear on cpu { parallel m_o; unroll n_i }", backend="llvm")
+    _check(prog, "linear", "BSR(4, 1)", 70)
