@@ -155,7 +155,7 @@ class Format:
         stored position. Returns the buffers with index buffers as contiguous ``INDEX_DTYPE``
         (integers of another width are converted). Anything else is a PackError naming the level,
         the buffer and the first offending position."""
-        if any(not isinstance(s, int) or s < 0 for s in shape):
+        if any(s < 0 for s in shape):
             raise PackError(f"a shape is a tuple of sizes >= 0, got {tuple(shape)}")
         extents = self.extents(tuple(shape))
         keys = self.buffer_keys()

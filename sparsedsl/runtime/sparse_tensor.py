@@ -11,6 +11,7 @@ place, so a kernel never reads through an index that was not checked.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import InitVar, dataclass
 
@@ -53,9 +54,10 @@ class SparseTensor:
         if not isinstance(self.format, Format):
             what = type(self.format).__name__
             raise PackError(f"a SparseTensor's format is a Format (prog.format('CSR')), got {what}")
-        if not isinstance(self.shape, tuple | list):
-            raise PackError(f"a shape is a tuple of sizes, got {type(self.shape).__name__}")
-        self.shape = tuple(self.shape)
+        try:
+            self.shape = tuple(operator.index(s) for s in self.shape)
+        except TypeError:
+            raise PackError(f"a shape is a tuple of integer sizes, got {self.shape!r}") from None
         if not isinstance(self.buffers, dict):
             raise PackError(f"buffers are a dict of tensors, got {type(self.buffers).__name__}")
         self.buffers = dict(self.buffers)
@@ -101,7 +103,7 @@ class SparseTensor:
         if not isinstance(structure, list | tuple) or len(structure) != len(keys):
             got = f"{len(structure)}" if isinstance(structure, list | tuple) else f"a {type(structure).__name__}"
             raise PackError(f"{fmt.label} has {len(keys)} index buffers ({', '.join(keys) or 'none'}), got {got}")
-        return cls(fmt, tuple(shape), {**dict(zip(keys, structure)), "vals": values}, validate)
+        return cls(fmt, shape, {**dict(zip(keys, structure)), "vals": values}, validate)
 
     def structure(self) -> list[torch.Tensor]:
         """The index buffers, in the format's order (what a custom op or module stores)."""
