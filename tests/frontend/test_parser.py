@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsedsl.errors import Source, Span
+from sparsedsl.errors import SdslSemanticError, SdslSyntaxError, Source, Span
 from sparsedsl.frontend import ast
 from sparsedsl.frontend.check import check
 from sparsedsl.frontend.parser import parse
@@ -202,6 +202,26 @@ def test_user_formats_check_and_instantiate():
     assert vnm.label == "VNM" and len(vnm.levels) == 4
     assert [m.op for m in vnm.maps] == ["/", "/", "%", "%"]
     assert [m.factor for m in vnm.maps] == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "column", "message"),
+    [
+        ("CSR sparsity 0.5", SdslSyntaxError, 5, "expected end of the format, found 'sparsity'"),
+        ("NM(2, 4) x", SdslSyntaxError, 10, "expected end of the format, found 'x'"),
+        ("NM(2,4", SdslSyntaxError, 7, "unexpected end of the format; expected ')' or ','"),
+        ("", SdslSyntaxError, 1, "unexpected end of the format; expected a name"),
+        ("BSR(4)", SdslSemanticError, 1, "format 'BSR' takes 2 parameters"),
+        ("ELL(4294967296)", SdslSemanticError, 5, "format argument 4294967296 is too large"),
+    ],
+)
+def test_format_text_is_a_format_alone(text, error, column, message):
+    """What users pass to ``prog.format``: nothing after the format, errors located in their text."""
+    with pytest.raises(error) as info:
+        check(Source("")).parse_format(text)
+    err = info.value
+    assert err.message.startswith(f"invalid format '{text}': {message}")
+    assert err.source.text == text and err.span.line == 1 and err.span.column == column
 
 
 def test_examples_check():
