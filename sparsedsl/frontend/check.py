@@ -602,6 +602,12 @@ def _check_model(decl: ast.ModelDecl, program: Program) -> None:
                 "no function to its sum",
                 rule.span,
             )
+        if rule.fuse is None and not _adds_only_bias(kernel, epilogue):
+            raise SdslSemanticError(
+                f"kernel '{kernel.name}' computes more than the layer's x W^T + b after its sum: the rule must "
+                "name the module that computes the rest of it in the model (fuse \"GLOB\")",
+                rule.kernel.span,
+            )
         if rule.format is not None:
             fmt = program.format(rule.format)
             if fmt.rank != len(weight.shape):
@@ -644,3 +650,9 @@ def _linear_misfit(kernel: K.Kernel) -> str | None:
         if p.shape != want:
             return f"'{p.name}' is [{', '.join(p.shape)}], not [{', '.join(want)}]"
     return None
+
+
+def _adds_only_bias(kernel: K.Kernel, epilogue: K.KExpr) -> bool:
+    """Whether a linear-layer kernel's epilogue is its sum, plus the bias if it takes one."""
+    bias = [K.KAccess(p.name, kernel.indices[1:]) for p in kernel.inputs[2:]]
+    return epilogue == K.KAcc() or any(epilogue in (K.KBin("+", K.KAcc(), b), K.KBin("+", b, K.KAcc())) for b in bias)

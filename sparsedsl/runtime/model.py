@@ -142,6 +142,7 @@ def compile_model(
         nn_prog.cache_dir = Path(cache_dir)
     result = copy.deepcopy(model)
     report = Report()
+    fused_by: dict[str, str] = {}
     for name, linear, rule in _progress(_layers(result, rule_set), verbose):
         kernel_prog = program if rule.kernel else nn_prog
         try:
@@ -164,7 +165,7 @@ def compile_model(
             continue
         sparse.program.kernels[kernel].instance(sparse.program.format(rule.format))  # compile now
         _replace(result, name, sparse)
-        note = f"fuses {_fuse(result, name, rule.fuse, sparse)}" if rule.fuse else ""
+        note = f"fuses {_fuse(result, name, rule.fuse, sparse, fused_by)}" if rule.fuse else ""
         report.append(LayerReport(name, rule.format, sparse.density, kernel, True, note))
     result._sparsedsl_report = report
     if verbose:
@@ -196,7 +197,8 @@ def _why_unmatched(model: nn.Module, rule: Rule, earlier: list[Rule], linears: l
     taken = [n for n in linears if fnmatch.fnmatchcase(n, rule.pattern)]
     if taken:
         first = next(r for r in earlier if any(fnmatch.fnmatchcase(n, r.pattern) for n in taken))
-        return f'matches no layer left: {_names(taken)} match the earlier rule "{first.pattern}" first'
+        verb = "matches" if len(taken) == 1 else "match"
+        return f'matches no layer left: {_names(taken)} {verb} the earlier rule "{first.pattern}" first'
     matched: dict[str, list[str]] = {}
     for name, mod in model.named_modules():
         if name and fnmatch.fnmatchcase(name, rule.pattern):
@@ -223,28 +225,46 @@ def _check_dtypes(layer: SparseLinear) -> None:
         raise ArgumentError(f"its weight is {weight}, but kernel '{layer.kernel}' takes {takes}")
 
 
-def _fuse(model: nn.Module, layer: str, pattern: str, sparse: SparseLinear) -> str:
-    """Replace by ``nn.Identity`` the one module next to ``layer`` (under its parent) that matches
-    ``pattern``: the kernel's epilogue computes it, and the layer keeps it for ``to_dense``."""
+def _fuse(model: nn.Module, layer: str, pattern: str, sparse: SparseLinear, fused_by: dict[str, str]) -> str:
+    """Replace by ``nn.Identity`` the one module next to ``layer`` (a child of its parent) that
+    matches ``pattern``: the kernel's epilogue computes it, and the layer keeps it for ``to_dense``.
+    ``fused_by`` maps the modules fused so far to their layer."""
+
+    def refuse(why: str) -> SdslSemanticError:
+        return SdslSemanticError(f"layer '{layer}': fuse \"{pattern}\" {why}")
+
     parent = layer.rpartition(".")[0]
-    prefix = f"{parent}." if parent else ""  # a layer at the top has the whole model beside it
     names = [
         n
         for n, _ in model.named_modules()
-        if n not in (layer, "") and n.startswith(prefix) and fnmatch.fnmatchcase(n, pattern)
+        if n not in (layer, "") and n.rpartition(".")[0] == parent and fnmatch.fnmatchcase(n, pattern)
     ]
     if len(names) != 1:
-        found = ", ".join(names) or "none"
-        raise SdslSemanticError(f"layer '{layer}': fuse \"{pattern}\" must match one module next to it, found {found}")
-    fused = model.get_submodule(names[0])
+        raise refuse(f"must match one module next to it, found {', '.join(names) or 'none'}")
+    name = names[0]
+    fused = model.get_submodule(name)
+    if name in fused_by:
+        raise refuse(f"matches '{name}', fused by layer '{fused_by[name]}' already")
     if any(True for _ in fused.parameters()):
-        raise SdslSemanticError(
-            f"layer '{layer}': fuse \"{pattern}\" matches '{names[0]}', which holds parameters: only an "
-            "activation the kernel's epilogue computes can be fused"
-        )
+        raise refuse(f"matches '{name}', which holds parameters: only an activation the kernel computes can be fused")
     sparse.fused = fused
-    _replace(model, names[0], nn.Identity())
-    return names[0]
+    if sparse.program.target == "cpu" and not _computes_fused(sparse):
+        raise refuse(
+            f"matches '{name}' ({type(fused).__name__}), but kernel '{sparse.kernel}' computes something else: "
+            "the layer and the module it replaces give other numbers"
+        )
+    _replace(model, name, nn.Identity())
+    fused_by[name] = layer
+    return name
+
+
+def _computes_fused(sparse: SparseLinear) -> bool:
+    """Whether the layer, its kernel's epilogue included, matches its dense twin followed by the
+    fused module on a random input (a relu kernel fusing a GELU module does not)."""
+    x = torch.randn(4, sparse.in_features, generator=torch.Generator().manual_seed(0)).to(sparse.values.dtype)
+    with torch.no_grad():
+        got, want = sparse(x), sparse.to_dense()(x)
+    return torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
 
 
 def _progress(items, verbose: bool):

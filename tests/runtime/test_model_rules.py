@@ -27,7 +27,7 @@ def _mlp() -> nn.Sequential:
     [
         ({"*.dense": ("BSR(4, 1)", 0.9)}, "rule \"\\*.dense\" matches no module name .* nn.Linear layers are '0', '2'"),
         ({"1": "CSR"}, 'rule "1" matches no nn.Linear layer.*modules it matches: 1 GELU'),
-        ({"*": ("CSR", 0.5), "2": "CSR"}, "rule \"2\" matches no layer left: '2' match the earlier rule \"\\*\""),
+        ({"*": ("CSR", 0.5), "2": "CSR"}, "rule \"2\" matches no layer left: '2' matches the earlier rule \"\\*\""),
     ],
 )
 def test_a_rule_that_compiles_no_layer_is_an_error(rules, message):
@@ -43,7 +43,7 @@ def test_gpt2_conv1d_layers_are_named_not_silently_skipped():
 
 
 def test_an_unmatched_rule_of_a_file_is_located():
-    source = LINEAR_GELU + 'model m {\n    linear "2" use lg sparsity 0.5\n    linear "dense" use lg sparsity 0.5\n}\n'
+    source = LINEAR_GELU.replace("gelu(", "(") + 'model m {\n    linear "2" use lg\n    linear "dense" use lg\n}\n'
     with pytest.raises(sd.SdslSemanticError) as info:
         sd.compile_model(_mlp(), source)
     assert info.value.render().startswith("<string>:7:5: error: rule \"dense\" matches no module name")
@@ -101,6 +101,11 @@ def test_fuse_works_at_the_top_of_a_sequential():
     torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_kernel_computing_more_than_the_layer_must_fuse_what_it_replaces():
+    with pytest.raises(sd.SdslSemanticError, match=r"kernel 'lg' computes more than the layer's x W\^T \+ b"):
+        sd.compile_model(_mlp(), LINEAR_GELU + 'model m { linear "0" use lg with CSR sparsity 0.5 }')
+
+
 def test_fuse_refuses_a_module_with_parameters():
     rules = LINEAR_GELU + 'model m { linear "0" use lg with CSR sparsity 0.5 fuse "2" }'
     with pytest.raises(sd.SdslSemanticError, match="matches '2', which holds parameters"):
@@ -129,3 +134,16 @@ def test_the_report_prints_as_a_table():
     lines = str(rows).splitlines()
     assert lines[0].split() == ["layer", "format", "density", "kernel", "runs"]
     assert lines[2].split()[:3] == ["0", "CSR", "0.250"] and "kept dense" in lines[3]
+
+
+def test_fuse_refuses_a_module_the_kernel_does_not_compute():
+    relu = LINEAR_GELU.replace("gelu(", "relu(")
+    with pytest.raises(sd.SdslSemanticError, match=r"matches '1' \(GELU\), but kernel 'lg' computes something else"):
+        sd.compile_model(_mlp(), relu + 'model m { linear "0" use lg with CSR sparsity 0.5 fuse "1" }')
+
+
+def test_fuse_refuses_a_module_fused_already():
+    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 8))
+    rules = LINEAR_GELU + 'model m { linear "*" use lg with CSR sparsity 0.5 fuse "1" }'
+    with pytest.raises(sd.SdslSemanticError, match="layer '2': fuse \"1\" matches '1', fused by layer '0' already"):
+        sd.compile_model(model, rules)
