@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-model lint gpu-cache
+.PHONY: install test fuzz demo bench bench-model lint gpu-cache
 
 install: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Every test named fuzz at length (make test runs a few fixed examples of each); FUZZ_EXAMPLES=1000 for longer
+FUZZ_EXAMPLES ?= 200
+fuzz: install
+	SPARSEDSL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider tests -k fuzz
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/demo.py

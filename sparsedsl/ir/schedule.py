@@ -379,22 +379,20 @@ def vector_sums(func: L.LoopFunc, name: str, lanes: int) -> L.LoopFunc:
 
 
 def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.LoopFunc:
-    """Permute a perfectly nested chain of loops into the order given (outermost first)."""
+    """Permute every perfectly nested chain of these loops (a name may cover several loops) into
+    the order given, outermost first; at least one such chain must exist."""
     for n in names:
         _find(func, n, span)
-    top = min(names, key=[f.var.name for f in loops(func.body)].index)
+    if len(set(names)) != len(names):
+        raise ScheduleError(f"cannot reorder: loops {', '.join(names)} name one loop twice", span)
+    done = []
 
     def rewrite(loop: L.For) -> L.Stmt | None:
-        if loop.var.name != top:
-            return None
         chain = [loop]
-        while len(chain) < len(names):
-            body = chain[-1].body
-            if not isinstance(body, L.For):
-                raise ScheduleError(f"cannot reorder: loops {', '.join(names)} are not perfectly nested", span)
-            chain.append(body)
+        while len(chain) < len(names) and isinstance(chain[-1].body, L.For):
+            chain.append(chain[-1].body)
         if sorted(f.var.name for f in chain) != sorted(names):
-            raise ScheduleError(f"cannot reorder: loops {', '.join(names)} are not one nest", span)
+            return None
         by_name = {f.var.name: f for f in chain}
         for pos, n in enumerate(names):
             f = by_name[n]
@@ -405,15 +403,19 @@ def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.L
                     )
         moved = next((by_name[n] for n in names[:-1] if by_name[n].kind is L.LoopKind.VECTORIZED), None)
         if moved is not None:
-            raise ScheduleError(
-                f"cannot reorder: vectorized loop '{moved.var.name}' must stay innermost", span
-            )
+            raise ScheduleError(f"cannot reorder: vectorized loop '{moved.var.name}' must stay innermost", span)
         body = chain[-1].body
         for n in reversed(names):
             body = replace(by_name[n], body=body)
+        done.append(loop)
         return body
 
-    return replace(func, body=rewrite_loops(func.body, rewrite))
+    body = rewrite_loops(func.body, rewrite)
+    if not done:
+        raise ScheduleError(
+            f"cannot reorder: loops {', '.join(names)} are not perfectly nested (no statement between them)", span
+        )
+    return replace(func, body=body)
 
 
 def apply(func: L.LoopFunc, directives, outermost_parallel: bool = False) -> L.LoopFunc:
