@@ -646,6 +646,8 @@ def _linear_misfit(kernel: K.Kernel) -> str | None:
     (m, k), (n, w_k) = x.shape, w.shape
     if w_k != k:
         return f"'{w.name}' is [{n}, {w_k}], but a weight is [out, in]: its last dimension is {k}, as in '{x.name}'"
+    if m in (n, k):
+        return f"'{x.name}' is [{m}, {k}]: its first dimension counts tokens, it needs a name of its own"
     for p, want in (*((b, (n,)) for b in bias), (out, (m, n))):
         if p.shape != want:
             return f"'{p.name}' is [{', '.join(p.shape)}], not [{', '.join(want)}]"

@@ -74,9 +74,11 @@ def _rules_from_source(
     program = compile(rules, target, backend, cache_dir=cache_dir)
     models = program.checked.models
     if not models:
-        raise SdslError("the rules file has no 'model' block")
+        raise SdslSemanticError("the rules file has no 'model' block", source=program.checked.source)
     if model_name is not None and model_name not in models:
-        raise SdslError(f"no model '{model_name}' in the rules (models: {', '.join(models)})")
+        raise SdslSemanticError(
+            f"no model '{model_name}' in the rules (models: {', '.join(models)})", source=program.checked.source
+        )
     decl: ast.ModelDecl = models[model_name] if model_name else next(iter(models.values()))
     return program, RuleSet(rules_of(program, decl), [r.span for r in decl.rules], program.checked.source)
 
@@ -147,7 +149,7 @@ def compile_model(
         kernel_prog = program if rule.kernel else nn_prog
         try:
             sparse = SparseLinear.from_linear(linear, rule.format, rule.sparsity, kernel_prog, rule.kernel)
-            _check_dtypes(sparse)
+            _check_fits(sparse)
         except SdslError as err:
             raise type(err)(f"layer '{name}': {err.message}") from None
         kernel = sparse.kernel
@@ -214,8 +216,9 @@ def _names(names: list[str]) -> str:
     return ", ".join(f"'{n}'" for n in names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
 
 
-def _check_dtypes(layer: SparseLinear) -> None:
-    """Refuse a kernel whose tensors' dtypes differ from the layer's (else the first call fails)."""
+def _check_fits(layer: SparseLinear) -> None:
+    """Refuse a kernel that cannot take this layer (else its first call fails, naming no layer):
+    tensors of another dtype, or a square weight when the layer's is not."""
     kernel = layer.program.kernels[layer.kernel].kernel
     dtype = layer.values.dtype
     wrong = [p for p in kernel.inputs if p.shape is not None and TORCH_DTYPES[p.dtype] != dtype]
@@ -223,6 +226,12 @@ def _check_dtypes(layer: SparseLinear) -> None:
         takes = ", ".join(f"{p.name}: {p.dtype}" for p in wrong)
         weight = str(dtype).removeprefix("torch.")
         raise ArgumentError(f"its weight is {weight}, but kernel '{layer.kernel}' takes {takes}")
+    n, k = kernel.sparse_input.shape
+    if n == k and layer.out_features != layer.in_features:
+        raise ArgumentError(
+            f"kernel '{layer.kernel}' takes a square weight [{n}, {k}], but this layer's is "
+            f"{layer.out_features} x {layer.in_features}"
+        )
 
 
 def _fuse(model: nn.Module, layer: str, pattern: str, sparse: SparseLinear, fused_by: dict[str, str]) -> str:

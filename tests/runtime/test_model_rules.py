@@ -147,3 +147,12 @@ def test_fuse_refuses_a_module_fused_already():
     rules = LINEAR_GELU + 'model m { linear "*" use lg with CSR sparsity 0.5 fuse "1" }'
     with pytest.raises(sd.SdslSemanticError, match="layer '2': fuse \"1\" matches '1', fused by layer '0' already"):
         sd.compile_model(model, rules)
+
+
+def test_a_square_kernel_names_the_layer_that_is_not():
+    source = """
+kernel sq(X: f32[M, K], W: f32[K, K] @ CSR, b: f32[K]) -> (Y: f32[M, K]) { Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n] }
+model m { linear "*" use sq sparsity 0.5 }
+"""
+    with pytest.raises(sd.ArgumentError, match=r"layer '0': kernel 'sq' takes a square weight \[K, K\], but this"):
+        sd.compile_model(_mlp(), source)

@@ -1,20 +1,22 @@
 """Random model-rule files against a small module tree: each is refused with a located error, or an
 error naming its rule or layer, or compiles to a model that computes what its pruned dense twin
 computes; never another exception. ``SPARSEDSL_FUZZ_EXAMPLES`` sets the number of files
-(``make fuzz``); the default keeps ``make test`` fast."""
+(``make fuzz``, random, both backends); without it ``make test`` runs a few fixed ones on the llvm
+backend, the faster to build."""
 
 from __future__ import annotations
 
 import os
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import sparsedsl as sd
 
-EXAMPLES = int(os.environ.get("SPARSEDSL_FUZZ_EXAMPLES", "10"))
+EXAMPLES = os.environ.get("SPARSEDSL_FUZZ_EXAMPLES")
+BACKENDS = ["llvm", "tvm"] if EXAMPLES else ["llvm"]
 
 KERNELS = """
 kernel lin(X: f32[M, K], W: f32[N, K] @ CSR, b: f32[N]) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n] }
@@ -81,15 +83,22 @@ def make_dense(compiled: nn.Module) -> nn.Module:
     return compiled
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(text=rule_file())
-def test_random_rule_files_are_refused_clearly_or_compile_right(text):
+@settings(
+    max_examples=int(EXAMPLES or 8),
+    derandomize=EXAMPLES is None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(text=rule_file(), backend=st.sampled_from(BACKENDS))
+def test_random_rule_files_are_refused_clearly_or_compile_right(text, backend):
     try:
-        compiled = sd.compile_model(model(), text)
+        compiled = sd.compile_model(model(), text, backend=backend)
     except sd.SdslError as err:
         located = err.span is not None and err.source is not None
         assert located or err.message.startswith(("layer '", 'rule "')), err.render()
+        event(f"refused: {type(err).__name__}")
         return
+    event("compiled")
     x = torch.randn(3, 8)
     with torch.no_grad():
         actual = compiled(x)
