@@ -22,6 +22,7 @@ from sparsedsl.ir.formats import Format, FormatDef, LevelTemplate, make_level
 LEVEL_ARITY = {"dense": (0,), "compressed": (0, 1), "singleton": (0,), "nm": (2,), "fixed": (1,)}
 TARGETS = ("cpu", "cuda")
 INT_MAX = 2**31 - 1  # every target indexes with int32: no integer literal may exceed it
+MAX_TILE = 4096  # a token tile is one vector of T lanes: TVM refuses 32768, and takes minutes past 8192
 DTYPE_MAX = {  # the largest finite value of each dtype: a number literal must fit the kernel's
     "float16": 65504.0,
     "bfloat16": 3.3895313892515355e38,
@@ -570,6 +571,11 @@ def _check_schedule(decl: ast.ScheduleDecl, program: Program) -> None:
             )
         if d.factor is not None:
             _check_int(d.factor, d.factor_span or d.span, f"the factor of '{d.verb}'")
+        if d.verb == "tile" and d.factor > MAX_TILE:
+            raise SdslSemanticError(
+                f"a token tile of {d.factor} is too large: it is one vector of that many lanes (at most {MAX_TILE})",
+                d.factor_span or d.span,
+            )
         if d.verb in ("bind", "stage", "tensorize") and decl.target.text != "cuda":
             raise SdslSemanticError(f"'{d.verb}' applies to GPU schedules only ('on cuda')", d.span)
         if d.verb == "stage" and d.loops[1].text != "shared":
