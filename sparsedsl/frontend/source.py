@@ -17,10 +17,15 @@ def read_source(path_or_source: str | os.PathLike) -> Source:
     """A Source from a path to a .sdsl file, or from the text itself. A ``PathLike`` is a path; so is
     a string without a newline that names an existing file or directory, ends in ``.sdsl``, or is
     one word with a path character (``/ \\ ~ .``) in it: no declaration is one word."""
+    if not isinstance(path_or_source, str | os.PathLike):
+        raise SourceFileError(f"expected a path or the source text, got {type(path_or_source).__name__}")
     if isinstance(path_or_source, os.PathLike) or _names_a_path(path_or_source):
         return read_file(Path(path_or_source).expanduser())
-    if len(path_or_source.encode()) > MAX_SOURCE_BYTES:
-        raise SourceFileError(f"the source text is larger than the limit of {_size(MAX_SOURCE_BYTES)}")
+    size = len(path_or_source.encode(errors="replace"))
+    if size > MAX_SOURCE_BYTES:
+        raise SourceFileError(
+            f"is {_size(size)}, larger than the limit of {_size(MAX_SOURCE_BYTES)}", None, Source("", "<string>")
+        )
     return Source(path_or_source, "<string>")
 
 
@@ -60,15 +65,15 @@ def read_file(path: Path) -> Source:
         raise error(f"cannot read: {err.strerror or err}") from None
     if len(data) > MAX_SOURCE_BYTES:  # grew since stat
         raise error(f"is larger than the limit of {_size(MAX_SOURCE_BYTES)}")
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark: not part of the text
     bad = data.find(b"\0")
     if bad >= 0:
         raise error("is a binary file, not .sdsl text (a NUL byte)", _span_at(data, bad))
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        offset = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
-        byte = data[offset : offset + 1].hex()
-        raise error(f"is not UTF-8 text (byte 0x{byte}): save it as UTF-8", _span_at(data, offset)) from None
+        byte = data[err.start : err.start + 1].hex()
+        raise error(f"is not UTF-8 text (byte 0x{byte}): save it as UTF-8", _span_at(data, err.start)) from None
     if not text.strip():
         raise error("is empty")
     return Source(text, str(path))

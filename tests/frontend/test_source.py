@@ -74,6 +74,14 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     path = tmp_path / "bom.sdsl"
     path.write_bytes(b"\xef\xbb\xbf" + KERNEL.encode())
     assert read_source(path).text == KERNEL
+    path.write_bytes(b"\xef\xbb\xbfab\xff")
+    with pytest.raises(SourceFileError, match=r":1:3: error: is not UTF-8 text \(byte 0xff\)"):
+        read_source(path)
+
+
+def test_neither_path_nor_text():
+    with pytest.raises(SourceFileError, match="expected a path or the source text, got bytes"):
+        sd.compile(KERNEL.encode())
 
 
 @pytest.mark.parametrize("text", ["/some/dir", "examples/linear", "~/kernels/linear.sdsl", "linear.sdsl", "./x"])
@@ -101,5 +109,6 @@ def test_source_text_is_text(text):
 
 
 def test_huge_source_text():
-    with pytest.raises(SourceFileError, match="larger than the limit"):
+    with pytest.raises(SourceFileError) as info:
         read_source("# " + "x" * MAX_SOURCE_BYTES + "\nformat F = (i) -> (i: dense)\n")
+    assert one_line(info.value) == "<string>: error: is 1.0 MiB, larger than the limit of 1.0 MiB"
