@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sparsedsl.cli import EXIT_SIGPIPE, main
-from tests.frontend.test_source import BAD_FILES, KERNEL, bad_path
+from tests.frontend.test_source import BAD_FILES, KERNEL, bad_path, unreadable
 
 ROOT = Path(__file__).parents[1]
 LINEAR = str(ROOT / "examples" / "linear.sdsl")
@@ -53,6 +53,13 @@ def test_bad_files(tmp_path, capsys, verb, name):
     assert out == ""
     assert len(err.splitlines()) == 1 and err.startswith(f"{path}:"), err
     assert BAD_FILES[name][1] in err, err
+
+
+@pytest.mark.parametrize("verb", ["check", "emit", "build"])
+def test_unreadable_file(tmp_path, capsys, monkeypatch, verb):
+    path = unreadable(tmp_path, monkeypatch)
+    assert main(command(verb, path, tmp_path)) == 1
+    assert capsys.readouterr().err == f"{path}: error: cannot read: Permission denied\n"
 
 
 def test_closed_pipe_ends_quietly():
