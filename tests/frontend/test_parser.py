@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sparsedsl.errors import SdslSemanticError, SdslSyntaxError, Source, Span
+from sparsedsl.errors import SdslError, SdslSemanticError, SdslSyntaxError, Source, Span
 from sparsedsl.frontend import ast
 from sparsedsl.frontend.check import check
 from sparsedsl.frontend.parser import parse
@@ -222,6 +224,18 @@ def test_format_text_is_a_format_alone(text, error, column, message):
     err = info.value
     assert err.message.startswith(f"invalid format '{text}': {message}")
     assert err.source.text == text and err.span.line == 1 and err.span.column == column
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["CSR", "BSR", "NM", "(", ")", ",", " ", "2", "4", "0.5", "sparsity", "x", "é", "\n"])))
+def test_any_format_text_is_a_format_or_an_error_located_in_it(parts):
+    text = "".join(parts)
+    try:
+        check(Source("")).parse_format(text)
+    except SdslError as err:
+        lines = text.split("\n")
+        assert err.source.text == text and 1 <= err.span.line <= len(lines), err.render()
+        assert 1 <= err.span.column <= len(lines[err.span.line - 1]) + 1, err.render()
 
 
 def test_examples_check():

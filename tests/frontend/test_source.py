@@ -7,9 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sparsedsl as sd
 from sparsedsl.errors import SdslError, SourceFileError
+from sparsedsl.frontend.check import check
 from sparsedsl.frontend.source import MAX_SOURCE_BYTES, read_source
 
 KERNEL = "kernel k(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) {\n    Y[m, n] = sum(k) X[m, k] * W[n, k]\n}\n"
@@ -120,3 +123,20 @@ def test_huge_source_text():
     with pytest.raises(SourceFileError) as info:
         read_source("# " + "x" * MAX_SOURCE_BYTES + "\nformat F = (i) -> (i: dense)\n")
     assert one_line(info.value) == "<string>: error: is 1.0 MiB, larger than the limit of 1.0 MiB"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=64), st.text(max_size=64).map(str.encode), st.just(KERNEL.encode())))
+def test_any_bytes_are_source_or_one_line(tmp_path, data):
+    """Whatever a file holds: its text, or one located line; checking that text raises only SdslError."""
+    path = tmp_path / "any.sdsl"
+    path.write_bytes(data)
+    try:
+        source = read_source(path)
+    except SourceFileError as err:
+        assert one_line(err).startswith(f"{path}:"), err.render()
+        return
+    try:
+        check(source)
+    except SdslError as err:
+        assert err.render().startswith(f"{path}:"), err.render()
