@@ -5,6 +5,7 @@ Every problem is an SdslSemanticError at the span of the offending text.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from functools import cache
@@ -628,7 +629,28 @@ def _check_model(decl: ast.ModelDecl, program: Program) -> None:
             )
         if rule.sparsity is not None and not 0 <= rule.sparsity < 1:
             raise SdslSemanticError(f"sparsity must be in [0, 1), got {rule.sparsity}", rule.sparsity_span or rule.span)
+        fmt = program.format(rule.format) if rule.format is not None else weight.format
+        density = _nm_density(fmt)
+        if rule.sparsity is not None and density is not None and abs(1 - rule.sparsity - density) > SPARSITY_ROUNDING:
+            raise SdslSemanticError(
+                f"{fmt.label} stores a fixed density of {density:.3g}: sparsity {rule.sparsity} cannot be reached "
+                f"(write {1 - density:.3g}, or none)",
+                rule.sparsity_span,
+            )
     program.models[decl.name.text] = decl
+
+
+# A sparsity asked of a fixed-density format is accepted if it is the format's own, rounded to a
+# percent ("NM(1, 3)" with 0.67).
+SPARSITY_ROUNDING = 0.005
+
+
+def _nm_density(fmt: Format) -> float | None:
+    """The density of a format of dense and ``nm`` levels only, whatever the tensor's shape; None
+    for any other format (``fixed(w)`` depends on the shape: pruning checks those)."""
+    if any(level.name not in ("dense", "nm") for level in fmt.levels):
+        return None
+    return math.prod(level.slots / level.m for level in fmt.levels if level.name == "nm")
 
 
 LINEAR_CALL = "(X: [M, K], W: [N, K] @ format[, b: [N]]) -> (Y: [M, N])"

@@ -16,12 +16,9 @@ import math
 import torch
 
 from sparsedsl.errors import PackError
+from sparsedsl.frontend.check import SPARSITY_ROUNDING
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir.formats import Format
-
-# A sparsity asked of a fixed-density format is accepted if it is the format's own, rounded to a
-# percent ("NM(1, 3)" with 0.67).
-SPARSITY_ROUNDING = 0.005
 
 
 def _top(score: torch.Tensor, count: int) -> torch.Tensor:
