@@ -124,10 +124,11 @@ def compile_model(
     ``backend`` is ``"tvm"`` or ``"llvm"``; ``aot`` a directory from ``sparsedsl build`` (then
     ``rules`` is ignored: the build's rules apply and nothing compiles).
     ``rules`` is a .sdsl path or source with a ``model`` block, or a dict ``{glob: format}`` /
-    ``{glob: (format, sparsity)}``. Layers with a sparsity are pruned by magnitude; others are
-    packed as they are (a weight that does not fit is an error naming the layer). A layer whose
-    density stays above ``keep_dense_above`` is kept dense. ``sd.report(model)`` tells what
-    happened to each layer.
+    ``{glob: (format, sparsity)}``. A rule that matches no ``nn.Linear`` is an error naming it and
+    what its glob matches. Layers with a sparsity are pruned by magnitude; others are packed as
+    they are (a weight that does not fit is an error naming the layer). A layer whose density
+    stays above ``keep_dense_above`` is kept dense. ``sd.report(model)`` tells what happened to
+    each layer.
     """
     if aot is not None:
         from sparsedsl.runtime.aot import load
