@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import sparsedsl as sd
 from sparsedsl.ir.schedule import loops
-from sparsedsl.runtime.prune import prune
+from sparsedsl.runtime.prune import fixed_density, prune
 from tests.strategies import schedule_block
 
 EXAMPLES = os.environ.get("SPARSEDSL_FUZZ_EXAMPLES")
@@ -104,7 +104,8 @@ def _arguments(prog: sd.Program, kernel: str, fmt: str, sizes: dict[str, int], s
             dense[p.name] = 0.75
             args.append(0.75)
         elif p.sparse:
-            weight = prune(torch.randn(sizes["N"], sizes["K"], generator=gen), prog.format(fmt), 0.5)
+            sparsity = None if fixed_density(prog.format(fmt)) else 0.5
+            weight = prune(torch.randn(sizes["N"], sizes["K"], generator=gen), prog.format(fmt), sparsity)
             dense[p.name] = weight
             args.append(prog.pack(fmt, weight))
         else:
