@@ -1,13 +1,14 @@
 """On-disk cache of compiled kernels, shared by threads and processes.
 
-An entry is one file, ``KEY.kernel``: the SHA-256 of its payload (64 hex digits and a newline), then
-the payload (a shared library, a CUDA module's JSON). Writers write a temporary file and rename it
-into place, so a reader sees a whole entry or none, and a checksum is never out of step with what it
-covers. A reader reads an entry once, checks it and loads a private copy of the payload, so an entry
-truncated, overwritten, replaced or deleted while it loads cannot reach the loaded code. A damaged
-entry is removed (the caller rebuilds it); temporary files that a killed process left behind are
-swept when an entry is stored. A cache that cannot be written (read-only, deleted, full) costs a
-warning, never a failed call.
+An entry is one file, ``KEY.kernel``: the SHA-256 of its key and payload (64 hex digits and a
+newline), then the payload (a shared library, a CUDA module's JSON); an entry copied under another
+key does not check. Writers write a temporary file and rename it into place, so a reader sees a
+whole entry or none, and a checksum is never out of step with what it covers. A reader reads an
+entry once, checks it and loads a private copy of the payload, so an entry truncated, overwritten,
+replaced or deleted while it loads cannot reach the loaded code. A damaged entry is removed (the
+caller rebuilds it); temporary files that a killed process left behind are swept when an entry is
+stored. A cache that cannot be written (read-only, deleted, full) costs a warning, never a failed
+call.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def lookup(directory: Path, key: str, load: Callable[[Path], T], suffix: str) ->
             data, seen = f.read(), os.fstat(f.fileno())
     except OSError:
         return None
-    head, _, payload = data.partition(b"\n")
-    if head != _checksum(payload):
+    payload = _payload(key, data)
+    if payload is None:
         _discard(entry, seen)
         return None
     try:
@@ -100,13 +101,24 @@ def store(directory: Path, key: str, export: Callable[[Path], None], suffix: str
             payload = exported.read_bytes()
         finally:
             exported.unlink(missing_ok=True)
-        atomic_write(directory / f"{key}{ENTRY}", lambda p: p.write_bytes(_checksum(payload) + b"\n" + payload))
+        atomic_write(directory / f"{key}{ENTRY}", lambda p: p.write_bytes(_checksum(key, payload) + b"\n" + payload))
     except Exception as err:  # noqa: BLE001 - the caller has its code: a cache it cannot write is no failure
         warnings.warn(f"the kernel cache {directory} could not be written: {err}", stacklevel=3)
 
 
-def _checksum(payload: bytes) -> bytes:
-    return hashlib.sha256(payload).hexdigest().encode()
+def intact(entry: Path) -> bool:
+    """Whether the entry file ``entry`` checks: its checksum matches its key and payload."""
+    return _payload(entry.name.removesuffix(ENTRY), entry.read_bytes()) is not None
+
+
+def _payload(key: str, data: bytes) -> bytes | None:
+    """The payload of an entry's ``data``, or None if it does not check."""
+    head, _, payload = data.partition(b"\n")
+    return payload if head == _checksum(key, payload) else None
+
+
+def _checksum(key: str, payload: bytes) -> bytes:
+    return hashlib.sha256(key.encode() + b"\0" + payload).hexdigest().encode()
 
 
 def _temporary(directory: Path, key: str, suffix: str, write: Callable[[Path], None]) -> Path:
