@@ -78,9 +78,8 @@ def lookup(directory: Path, key: str, load: Callable[[Path], T], suffix: str) ->
     if payload is None:
         _discard(entry, seen)
         return None
-    try:
-        private = _temporary(directory, key, suffix, lambda p: p.write_bytes(payload))
-    except OSError:
+    private = _private_copy(directory, key, suffix, payload)
+    if private is None:
         return None
     try:
         return load(private)
@@ -119,6 +118,17 @@ def _payload(key: str, data: bytes) -> bytes | None:
 
 def _checksum(key: str, payload: bytes) -> bytes:
     return hashlib.sha256(key.encode() + b"\0" + payload).hexdigest().encode()
+
+
+def _private_copy(directory: Path, key: str, suffix: str, payload: bytes) -> Path | None:
+    """A copy of ``payload`` of this process's own: beside the entry, else (a read-only cache) in the
+    system's temporary directory; None where neither can be written."""
+    for place in (directory, Path(tempfile.gettempdir())):
+        try:
+            return _temporary(place, key, suffix, lambda p: p.write_bytes(payload))
+        except OSError:
+            continue
+    return None
 
 
 def _temporary(directory: Path, key: str, suffix: str, write: Callable[[Path], None]) -> Path:

@@ -220,6 +220,21 @@ def test_an_entry_copied_under_another_key_does_not_check(tmp_path):
     assert cache.lookup(tmp_path, one, Path.read_bytes, ".bin") == b"kernel one"
 
 
+def test_a_read_only_cache_is_read(tmp_path, monkeypatch):
+    """Where the cache directory cannot be written, the private copy goes to the temporary directory."""
+    key, directory = "3" * 32, tmp_path / "cache"
+    cache.store(directory, key, lambda p: p.write_bytes(b"payload"), ".bin")
+    mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if Path(dir) == directory:
+            raise PermissionError(13, "Permission denied")
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert cache.lookup(directory, key, Path.read_bytes, ".bin") == b"payload"
+
+
 def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
