@@ -16,6 +16,7 @@ from torch import nn
 import sparsedsl as sd
 from sparsedsl import cache
 from sparsedsl.backends import host
+from sparsedsl.backends.tvm import cpu
 from sparsedsl.cli import main as cli
 from sparsedsl.runtime.aot import SCHEMA_VERSION, AotError
 
@@ -173,6 +174,20 @@ def test_aot_refused_on_a_cpu_without_its_features(build_dir, tmp_path, monkeypa
     monkeypatch.setattr(host, "present", lambda: here - {lacking})
     with pytest.raises(AotError, match=f"built for a CPU with {lacking}, which this one .* lacks: rebuild it here"):
         sd.load(copy)
+
+
+def test_features_the_cpu_hides_are_turned_off(monkeypatch):
+    """A virtual machine may hide an extension that its CPU's name implies: TVM must not use it."""
+    hide = cpu.code_features()[-1]
+    here = host.present()
+    monkeypatch.setattr(host, "present", lambda: here - {hide})
+    cpu.hidden_features.cache_clear()
+    try:
+        assert hide in cpu.hidden_features()
+        assert f"-{hide}" in cpu.host_target().attrs["mattr"]
+        assert hide not in cpu.code_features()
+    finally:
+        cpu.hidden_features.cache_clear()
 
 
 def test_damaged_manifest(build_dir, tmp_path):

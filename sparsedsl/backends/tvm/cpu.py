@@ -16,6 +16,8 @@ from sparsedsl.config import num_threads
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
 
+_CPU = {"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"}  # a host target before its CPU is named
+
 
 @memoize
 def host_cpu() -> str:
@@ -25,8 +27,20 @@ def host_cpu() -> str:
 
 def code_features() -> list[str]:
     """The instruction-set extensions that code built for the host target may use: those LLVM
-    enables for its ``mcpu`` (tuning flags left out)."""
-    return host.used_in_code(str(f) for f in tvm.target.codegen.llvm_get_cpu_features(host_target()))
+    enables for its ``mcpu``, less those this CPU hides (tuning flags left out)."""
+    return _features(host_target())
+
+
+@memoize
+def hidden_features() -> tuple[str, ...]:
+    """Extensions that LLVM assumes for this CPU's name but this CPU does not report (a virtual
+    machine may hide AVX-512 from a CPU that has it): the host target turns them off, or kernels
+    would stop at their first such instruction."""
+    return tuple(f for f in _features(tvm.target.Target({**_CPU, "mcpu": host_cpu()})) if f not in host.present())
+
+
+def _features(target: tvm.target.Target) -> list[str]:
+    return host.used_in_code(str(f) for f in tvm.target.codegen.llvm_get_cpu_features(target))
 
 
 def _size_thread_pool() -> None:
@@ -42,10 +56,10 @@ def _size_thread_pool() -> None:
 
 def host_target(threads: int | None = None) -> tvm.target.Target:
     """The dict-form LLVM target for this CPU (string targets are rejected by TVM 0.27)."""
-    cores = threads or num_threads()
-    return tvm.target.Target(
-        {"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": host_cpu(), "num-cores": cores}
-    )
+    target = {**_CPU, "mcpu": host_cpu(), "num-cores": threads or num_threads()}
+    if hidden_features():
+        target["mattr"] = [f"-{f}" for f in hidden_features()]
+    return tvm.target.Target(target)
 
 
 @dataclass
