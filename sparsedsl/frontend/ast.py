@@ -179,8 +179,9 @@ class ScheduleDecl:
 
 @dataclass(frozen=True)
 class Rule:
-    """``linear "GLOB" use KERNEL [with FORMAT] [sparsity S] [fuse "GLOB"]``: ``fuse`` names the
-    modules (an activation after the layer) that the kernel's epilogue replaces."""
+    """``linear "GLOB" use KERNEL [with FORMAT] [sparsity S] [prune METHOD] [fuse "GLOB"]``: ``prune``
+    names the pruning method; ``fuse`` the module (an activation after the layer) that the kernel's
+    epilogue replaces."""
 
     pattern: str
     kernel: Name
@@ -189,6 +190,7 @@ class Rule:
     span: Span
     sparsity_span: Span | None = None
     fuse: str | None = None
+    prune: Name | None = None
 
 
 @dataclass(frozen=True)

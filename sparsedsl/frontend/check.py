@@ -637,12 +637,20 @@ def _check_model(decl: ast.ModelDecl, program: Program) -> None:
                 f"(write {1 - density:.3g}, or none)",
                 rule.sparsity_span,
             )
+        if rule.prune is not None and rule.prune.text not in PRUNE_METHODS:
+            raise SdslSemanticError(
+                f"unknown pruning method '{rule.prune.text}' (known: {', '.join(PRUNE_METHODS)})", rule.prune.span
+            )
     program.models[decl.name.text] = decl
 
 
 # A sparsity asked of a fixed-density format is accepted if it is the format's own, rounded to a
 # percent ("NM(1, 3)" with 0.67).
 SPARSITY_ROUNDING = 0.005
+
+# The pruning methods a model rule may name (``prune METHOD``), each with whether it needs a sample
+# of the layer's inputs (``compile_model(..., calibration=)``): sparsedsl/runtime/prune.py.
+PRUNE_METHODS = {"magnitude": False, "wanda": True, "sparsegpt": True}
 
 
 def _nm_density(fmt: Format) -> float | None:

@@ -183,7 +183,13 @@ class _ToAst(Transformer):
         number = next((r for r in rest if isinstance(r, Token) and r.type == "NUMBER"), None)
         sparsity, sparsity_span = (float(number), _span_of(number)) if number is not None else (None, None)
         fuse = next((r for r in rest if isinstance(r, str) and not isinstance(r, Token)), None)
-        return ast.Rule(str(pattern)[1:-1], _name(kernel), fmt, sparsity, self._span(meta), sparsity_span, fuse)
+        method = next((r for r in rest if isinstance(r, ast.Name)), None)
+        return ast.Rule(
+            str(pattern)[1:-1], _name(kernel), fmt, sparsity, self._span(meta), sparsity_span, fuse, method
+        )
+
+    def prune(self, meta, children):
+        return _name(children[0])
 
     def fuse(self, meta, children):
         return str(children[0])[1:-1]

@@ -14,10 +14,13 @@ from torch import nn
 
 from sparsedsl.errors import ArgumentError, SdslError, SdslSemanticError, Source, Span
 from sparsedsl.frontend import ast
+from sparsedsl.frontend.check import PRUNE_METHODS
 from sparsedsl.ir.formats import Format
 from sparsedsl.runtime import ops
+from sparsedsl.runtime.calibrate import Layer, calibrate
 from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import TORCH_DTYPES, Program, compile
+from sparsedsl.runtime.prune import Gram, needs_inputs
 from sparsedsl.runtime.rules import Rule, rules_of
 
 # Above this density a sparse layer is not expected to beat dense F.linear on a CPU
@@ -25,9 +28,11 @@ from sparsedsl.runtime.rules import Rule, rules_of
 MAX_SPARSE_DENSITY = 0.55
 
 DICT_FORMS = (
-    '{glob: format} or {glob: (format, sparsity)}, with format a string such as "BSR(4, 1)" and '
-    "sparsity None or a number in [0, 1)"
+    '{glob: format}, {glob: (format, sparsity)} or {glob: {"format": format, "sparsity": sparsity, '
+    '"prune": method}}, with format a string such as "BSR(4, 1)", sparsity None or a number in [0, 1) '
+    f"and method one of {', '.join(PRUNE_METHODS)} (only format is required)"
 )
+SPEC_KEYS = ("format", "sparsity", "prune")
 SHOWN = 3  # module names an error lists (per kind) before "..."
 
 
@@ -87,25 +92,36 @@ def _rules_from_dict(rules: dict, program: Program) -> RuleSet:
     """Rules written as a dict, each checked as the checker checks a ``model`` block."""
     out = []
     for pattern, spec in rules.items():
-        fmt, sparsity = (spec, None) if isinstance(spec, str) else (spec if _is_pair(spec) else (None, None))
+        fmt, sparsity, method = _spec_fields(spec)
         if not isinstance(pattern, str) or not isinstance(fmt, str):
             raise SdslSemanticError(f"rule {pattern!r}: {spec!r} is not a rule; the rules are a dict {DICT_FORMS}")
         if sparsity is not None and (
             isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= sparsity < 1
         ):
             raise SdslSemanticError(f'rule "{pattern}": sparsity must be None or a number in [0, 1), got {sparsity!r}')
+        if method is not None and method not in PRUNE_METHODS:
+            raise SdslSemanticError(
+                f'rule "{pattern}": unknown pruning method {method!r} (known: {", ".join(PRUNE_METHODS)})'
+            )
         try:
             rank = program.format(fmt).rank
         except SdslError as err:
             raise type(err)(f'rule "{pattern}": {err.message}') from None
         if rank != 2:
             raise SdslSemanticError(f'rule "{pattern}": format {fmt} stores {rank}-d tensors, a linear weight is 2-d')
-        out.append(Rule(pattern, fmt, None if sparsity is None else float(sparsity)))
+        out.append(Rule(pattern, fmt, None if sparsity is None else float(sparsity), prune=method))
     return RuleSet(out, [None] * len(out))
 
 
-def _is_pair(spec) -> bool:
-    return isinstance(spec, tuple | list) and len(spec) == 2
+def _spec_fields(spec) -> tuple:
+    """(format, sparsity, method) of a dict rule's value; a format of None if it has none of the forms."""
+    if isinstance(spec, str):
+        return spec, None, None
+    if isinstance(spec, tuple | list) and len(spec) == 2:
+        return spec[0], spec[1], None
+    if isinstance(spec, dict) and set(spec) <= set(SPEC_KEYS):
+        return spec.get("format"), spec.get("sparsity"), spec.get("prune")
+    return None, None, None
 
 
 def compile_model(
@@ -118,17 +134,23 @@ def compile_model(
     model_name: str | None = None,
     keep_dense_above: float = MAX_SPARSE_DENSITY,
     backend: str = "tvm",
+    calibration=None,
 ) -> nn.Module:
     """A copy of ``model`` whose matching ``nn.Linear`` layers are ``SparseLinear``.
 
     ``backend`` is ``"tvm"`` or ``"llvm"``; ``aot`` a directory from ``sparsedsl build`` (then
     ``rules`` is ignored: the build's rules apply and nothing compiles).
     ``rules`` is a .sdsl path or source with a ``model`` block, or a dict ``{glob: format}`` /
-    ``{glob: (format, sparsity)}``. A rule that matches no ``nn.Linear`` is an error naming it and
-    what its glob matches. Layers with a sparsity are pruned by magnitude; others are packed as
-    they are (a weight that does not fit is an error naming the layer). A layer whose density
-    stays above ``keep_dense_above`` is kept dense. ``sd.report(model)`` tells what happened to
-    each layer.
+    ``{glob: (format, sparsity)}`` or ``{glob: {"format": ..., "sparsity": ..., "prune": method}}``.
+    A rule that matches no ``nn.Linear`` is an error naming it and what its glob matches. Layers
+    whose rule names a pruning method, or a sparsity (then by magnitude), are pruned (``sd.prune``);
+    others are packed as they are (a weight that does not fit is an error naming the layer).
+    ``calibration``, an iterable of model inputs (a dict is passed as ``model(**batch)``, a tuple or
+    list positionally, anything else as the one argument), is required by the methods that prune
+    from the layers' inputs (``wanda``, ``sparsegpt``): those layers are pruned in forward order,
+    each from the inputs it sees once the layers before it are pruned, one pass over the batches
+    per block of layers (runtime/calibrate.py). A layer whose density stays above
+    ``keep_dense_above`` is kept dense. ``sd.report(model)`` tells what happened to each layer.
     """
     if aot is not None:
         from sparsedsl.runtime.aot import load
@@ -143,37 +165,68 @@ def compile_model(
     nn_prog = ops.nn_program(program, target, backend if program is None else program.backend)
     if cache_dir is not None:
         nn_prog.cache_dir = Path(cache_dir)
-    result = copy.deepcopy(model)
-    report = Report()
-    fused_by: dict[str, str] = {}
-    for name, linear, rule in _progress(_layers(result, rule_set), verbose):
-        kernel_prog = program if rule.kernel else nn_prog
-        try:
-            sparse = SparseLinear.from_linear(linear, rule.format, rule.sparsity, kernel_prog, rule.kernel)
-            _check_fits(sparse)
-        except SdslError as err:
-            raise type(err)(f"layer '{name}': {err.message}") from None
-        kernel = sparse.kernel
-        if sparse.density > keep_dense_above:
-            report.append(
-                LayerReport(
-                    name,
-                    rule.format,
-                    sparse.density,
-                    kernel,
-                    False,
-                    f"kept dense: density {sparse.density:.2f} > {keep_dense_above}",
+    if calibration is None:
+        for index, rule in enumerate(rule_set.rules):
+            if _calibrated(rule):
+                raise rule_set.error(
+                    index,
+                    f"prunes by {rule.prune}, which measures the layers' inputs: pass calibration=, an iterable "
+                    "of model inputs (a dict is passed as model(**batch))",
                 )
-            )
-            continue
-        sparse.program.kernels[kernel].instance(sparse.program.format(rule.format))  # compile now
-        _replace(result, name, sparse)
-        note = f"fuses {_fuse(result, name, rule.fuse, sparse, fused_by)}" if rule.fuse else ""
-        report.append(LayerReport(name, rule.format, sparse.density, kernel, True, note))
+    result = copy.deepcopy(model)
+    layers = _layers(result, rule_set)
+    rows: dict[str, LayerReport] = {}
+    fused_by: dict[str, str] = {}
+
+    def build(layer: Layer, gram: Gram | None = None) -> None:
+        name, linear, rule = layer
+        rows[name] = _compile_layer(
+            result, layer, program if rule.kernel else nn_prog, gram, keep_dense_above, fused_by
+        )
+
+    for layer in _progress([la for la in layers if not _calibrated(la[2])], verbose, "sparsedsl: compiling layers"):
+        build(layer)
+    calibrated = [la for la in layers if _calibrated(la[2])]
+    if calibrated:
+        calibrate(result, calibrated, calibration, build, lambda items, desc: _progress(items, verbose, desc))
+    report = Report(rows[name] for name, _, _ in layers)
     result._sparsedsl_report = report
     if verbose:
         print(report)
     return result
+
+
+def _calibrated(rule: Rule) -> bool:
+    """Whether ``rule`` prunes from the layers' inputs."""
+    return rule.prune is not None and needs_inputs(rule.prune)
+
+
+def _compile_layer(
+    model: nn.Module,
+    layer: Layer,
+    program: Program,
+    gram: Gram | None,
+    keep_dense_above: float,
+    fused_by: dict[str, str],
+) -> LayerReport:
+    """Prune and pack one layer (from the ``Gram`` of its inputs for a calibrated method), put it in
+    ``model`` unless its density keeps it dense, and say what was done."""
+    name, linear, rule = layer
+    try:
+        sparse = SparseLinear.from_linear(
+            linear, rule.format, rule.sparsity, program, rule.kernel, method=rule.prune, inputs=gram
+        )
+        _check_fits(sparse)
+    except SdslError as err:
+        raise type(err)(f"layer '{name}': {err.message}") from None
+    kernel = sparse.kernel
+    if sparse.density > keep_dense_above:
+        note = f"kept dense: density {sparse.density:.2f} > {keep_dense_above}"
+        return LayerReport(name, rule.format, sparse.density, kernel, False, note)
+    sparse.program.kernels[kernel].instance(sparse.program.format(rule.format))  # compile now
+    _replace(model, name, sparse)
+    note = f"fuses {_fuse(model, name, rule.fuse, sparse, fused_by)}" if rule.fuse else ""
+    return LayerReport(name, rule.format, sparse.density, kernel, True, note)
 
 
 def _layers(model: nn.Module, rule_set: RuleSet) -> list[tuple[str, nn.Linear, Rule]]:
@@ -277,14 +330,14 @@ def _computes_fused(sparse: SparseLinear) -> bool:
     return torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
 
 
-def _progress(items, verbose: bool):
+def _progress(items, verbose: bool, desc: str):
     if not verbose:
         return items
     try:
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, desc="sparsedsl: compiling layers")
+    return tqdm(items, desc=desc)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -310,13 +363,20 @@ def format_report(rows: list[LayerReport]) -> str:
 
 
 def prune_to(
-    weight: torch.Tensor, format: str | Format, sparsity: float | None = None, program: Program | None = None
+    weight: torch.Tensor,
+    format: str | Format,
+    sparsity: float | None = None,
+    program: Program | None = None,
+    *,
+    method: str = "magnitude",
+    inputs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``sd.prune``: a copy of ``weight`` pruned by magnitude so that it fits ``format`` (a
-    ``Format``, or its text: a prelude format, or one of ``program``)."""
+    """``sd.prune``: a copy of ``weight`` pruned by ``method`` (``magnitude``, ``wanda`` or
+    ``sparsegpt``; the last two need ``inputs``, a ``[tokens, K]`` sample of the layer's inputs) so
+    that it fits ``format`` (a ``Format``, or its text: a prelude format, or one of ``program``)."""
     from sparsedsl.runtime.prune import prune
 
-    if isinstance(format, Format):
-        return prune(weight, format, sparsity)
-    program = program if program is not None else ops.nn_program()
-    return prune(weight, program.format(format), sparsity)
+    if not isinstance(format, Format):
+        program = program if program is not None else ops.nn_program()
+        format = program.format(format)
+    return prune(weight, format, sparsity, method=method, inputs=inputs)

@@ -9,7 +9,7 @@ from sparsedsl.errors import ArgumentError, PackError
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.runtime import ops
 from sparsedsl.runtime.program import Program
-from sparsedsl.runtime.prune import prune
+from sparsedsl.runtime.prune import Gram, prune
 from sparsedsl.runtime.sparse_tensor import SparseTensor
 
 _LINEAR = K.KSum(("k",), K.KBin("*", K.KAccess("X", ("m", "k")), K.KAccess("W", ("n", "k"))))
@@ -87,13 +87,15 @@ class SparseLinear(nn.Module):
         sparsity: float | None = None,
         program: Program | None = None,
         kernel: str | None = None,
+        method: str | None = None,
+        inputs: torch.Tensor | Gram | None = None,
     ) -> SparseLinear:
-        """Store ``linear``'s weight in ``format``, pruned by magnitude to ``sparsity`` if given
-        (otherwise it must already fit the format)."""
+        """Store ``linear``'s weight in ``format``, pruned by ``method`` (``sd.prune``; magnitude
+        when only a sparsity is given) if either is given (otherwise it must already fit the format)."""
         program = program if program is not None else ops.nn_program()
         weight = linear.weight.detach()
-        if sparsity is not None:
-            weight = prune(weight, program.format(format), sparsity)
+        if sparsity is not None or method is not None:
+            weight = prune(weight, program.format(format), sparsity, method=method or "magnitude", inputs=inputs)
         packed = program.pack(format, weight)
         return cls(packed, linear.bias, program, kernel)
 

@@ -11,13 +11,15 @@ from sparsedsl.runtime.program import Program
 
 @dataclass(frozen=True)
 class Rule:
-    """Layers whose qualified name matches ``pattern`` use ``kernel`` with ``format``."""
+    """Layers whose qualified name matches ``pattern`` use ``kernel`` with ``format``, pruned by
+    ``prune`` (a method of ``PRUNE_METHODS``; None: by magnitude if a sparsity is given, else not)."""
 
     pattern: str
     format: str
     sparsity: float | None = None
     kernel: str | None = None
     fuse: str | None = None
+    prune: str | None = None
 
 
 def rules_of(program: Program, decl: ast.ModelDecl) -> list[Rule]:
@@ -25,5 +27,5 @@ def rules_of(program: Program, decl: ast.ModelDecl) -> list[Rule]:
     out = []
     for r in decl.rules:
         fmt = program.checked.format(r.format) if r.format else program.kernels[r.kernel.text]._default_format()
-        out.append(Rule(r.pattern, fmt.label, r.sparsity, r.kernel.text, r.fuse))
+        out.append(Rule(r.pattern, fmt.label, r.sparsity, r.kernel.text, r.fuse, r.prune and r.prune.text))
     return out

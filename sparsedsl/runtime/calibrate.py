@@ -1,0 +1,135 @@
+"""Sequential calibration: prune a model's layers in forward order, each from the inputs it sees
+once the layers before it are pruned (as SparseGPT does).
+
+The layers are grouped in *blocks*: the element of an ``nn.ModuleList`` or ``nn.Sequential`` that
+holds them, deepest first (a transformer block, ``encoder.layer.3``), or the layer alone when no
+container holds it. Each block costs one pass over the calibration batches: forward hooks add the
+inputs of the block's layers to their ``Gram`` (``X^T X``), the pass stops once the block's last
+layer has run, then the block's layers are pruned and replaced before the next block's pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsedsl.errors import SdslSemanticError
+from sparsedsl.runtime.prune import Gram
+
+Layer = tuple[str, nn.Linear, Any]  # (qualified name, layer, what the caller pairs with it)
+
+
+class _BlockDone(Exception):
+    """Raised by a hook once a block's last layer has run: the rest of the pass is not needed."""
+
+
+def run(model: nn.Module, batch) -> None:
+    """One calibration batch through ``model``: a dict as keyword arguments, a tuple or list as
+    positional ones, anything else as the one argument."""
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, tuple | list):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def calibrate(
+    model: nn.Module,
+    layers: Sequence[Layer],
+    batches: Iterable,
+    prune_layer: Callable[[Layer, Gram], None],
+    progress: Callable[[Iterable, str], Iterable] = lambda items, _: items,
+) -> None:
+    """Call ``prune_layer`` on each of ``layers`` (modules of ``model``) in forward order, with the
+    ``Gram`` of the inputs it sees over ``batches`` once every layer before it is pruned."""
+    batches = list(batches)
+    if not batches:
+        raise SdslSemanticError("calibration has no batch: pruning from inputs needs at least one")
+    training = {module: module.training for module in model.modules()}
+    model.eval()  # no dropout in the inputs measured
+    try:
+        for block in progress(_blocks(model, _forward_order(model, layers, batches[0])), "sparsedsl: calibrating"):
+            grams = _capture(model, block, batches)
+            for layer in block:
+                prune_layer(layer, grams[layer[0]])
+    finally:
+        for module, mode in training.items():
+            module.training = mode
+
+
+def _forward_order(model: nn.Module, layers: Sequence[Layer], batch) -> list[Layer]:
+    """``layers`` in the order ``model`` first calls them on ``batch``; one it never calls is an error."""
+    seen: dict[str, int] = {}
+
+    def note(name: str) -> None:
+        seen.setdefault(name, len(seen))
+
+    hooks = [linear.register_forward_pre_hook(lambda *_, name=name: note(name)) for name, linear, _ in layers]
+    try:
+        _forward(model, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    unseen = [name for name, _, _ in layers if name not in seen]
+    if unseen:
+        raise SdslSemanticError(
+            f"layer '{unseen[0]}' never runs on the calibration batches: its pruning method needs its inputs"
+        )
+    return sorted(layers, key=lambda layer: seen[layer[0]])
+
+
+def _blocks(model: nn.Module, ordered: list[Layer]) -> list[list[Layer]]:
+    """Consecutive layers of one block, block by block."""
+    containers = {name for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList | nn.Sequential)}
+    blocks: list[list[Layer]] = []
+    last = None
+    for layer in ordered:
+        key = _block_of(layer[0], containers)
+        if key != last:
+            blocks.append([])
+            last = key
+        blocks[-1].append(layer)
+    return blocks
+
+
+def _block_of(name: str, containers: set[str]) -> str:
+    """The deepest container element that holds layer ``name`` (its own name if none)."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[: end - 1]) in containers:
+            return ".".join(parts[:end])
+    return name
+
+
+def _capture(model: nn.Module, block: list[Layer], batches: list) -> dict[str, Gram]:
+    """The ``Gram`` of each block layer's inputs over ``batches``, one pass each, stopped after the
+    block's last layer."""
+    grams = {name: Gram.empty(linear.in_features) for name, linear, _ in block}
+    last = block[-1][0]
+
+    def take(args: tuple, name: str) -> None:
+        grams[name].add(args[0])
+        if name == last:
+            raise _BlockDone
+
+    hooks = [
+        linear.register_forward_pre_hook(lambda _, args, name=name: take(args, name)) for name, linear, _ in block
+    ]
+    try:
+        for batch in batches:
+            with contextlib.suppress(_BlockDone):
+                _forward(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return grams
+
+
+def _forward(model: nn.Module, batch) -> None:
+    with torch.no_grad():
+        run(model, batch)
