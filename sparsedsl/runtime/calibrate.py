@@ -112,13 +112,14 @@ def _capture(model: nn.Module, block: list[Layer], batches: list) -> dict[str, G
     grams = {name: Gram.empty(linear.in_features) for name, linear, _ in block}
     last = block[-1][0]
 
-    def take(args: tuple, name: str) -> None:
-        grams[name].add(args[0])
+    def take(args: tuple, kwargs: dict, name: str) -> None:
+        grams[name].add(args[0] if args else kwargs["input"])
         if name == last:
             raise _BlockDone
 
     hooks = [
-        linear.register_forward_pre_hook(lambda _, args, name=name: take(args, name)) for name, linear, _ in block
+        linear.register_forward_pre_hook(lambda _, args, kwargs, name=name: take(args, kwargs, name), with_kwargs=True)
+        for name, linear, _ in block
     ]
     try:
         for batch in batches:

@@ -55,8 +55,9 @@ def fixed_density(fmt: Format) -> bool:
 
 
 def needs_inputs(method: str) -> bool:
-    """Whether pruning ``method`` needs a sample of the layer's inputs (its calibration)."""
-    return PRUNE_METHODS[method]
+    """Whether pruning ``method`` needs a sample of the layer's inputs (its calibration); False
+    for a name that is no method, which ``prune`` refuses."""
+    return PRUNE_METHODS.get(method, False)
 
 
 @dataclass

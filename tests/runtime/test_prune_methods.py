@@ -126,3 +126,22 @@ def test_calibrated_rules_in_a_model_block_and_their_errors(program):
 def test_dict_rule_errors(rules, message):
     with pytest.raises(sd.SdslSemanticError, match=message):
         sd.compile_model(_mlp(), rules)
+
+
+class _Skips(nn.Module):
+    """Calls its first layer by keyword and never its second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.unused = nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(input=x)
+
+
+def test_a_calibrated_layer_the_batches_never_reach_is_an_error():
+    rules = {"*": {"format": "CSR", "sparsity": 0.5, "prune": "wanda"}}
+    with pytest.raises(sd.SdslSemanticError, match=r"layer 'unused' never runs on the calibration batches"):
+        sd.compile_model(_Skips(), rules, calibration=[_inputs(8, 16)])
+    sparse = sd.compile_model(_Skips(), {"used": rules["*"]}, calibration=[_inputs(8, 16)])
+    assert isinstance(sparse.used, sd.SparseLinear)
