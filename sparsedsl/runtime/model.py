@@ -179,7 +179,7 @@ def compile_model(
     fused_by: dict[str, str] = {}
 
     def build(layer: Layer, gram: Gram | None = None) -> None:
-        name, linear, rule = layer
+        name, _, rule = layer
         rows[name] = _compile_layer(
             result, layer, program if rule.kernel else nn_prog, gram, keep_dense_above, fused_by
         )
