@@ -39,14 +39,14 @@ def sparse_case(draw, formats=FORMATS):
 # ---- random schedules ---------------------------------------------------------------------------
 
 LOOP_VERBS = ("split", "reorder", "parallel", "vectorize", "unroll")
-SPLIT_FACTORS = (1, 2, 3, 4, 8, 16)
+SPLIT_FACTORS = (1, 2, 3, 4, 8, 16, 100)
 TILES = (1, 3, 8, 16, 64)
 
 
 @st.composite
 def schedule_block(draw, kernel: str, loops: list[str], token: str | None = None, layouts=()) -> str:
     """A random ``schedule KERNEL on cpu { ... }``: maybe a ``tile`` of the token index, maybe a
-    ``layout`` (``layouts``: (tensor, its indices) pairs, any order drawn), then up to four loop
+    ``layout`` (``layouts``: (tensor, its indices) pairs, any order drawn), then up to six loop
     directives over the loop names ``loops``, the names that earlier splits made, and one name no
     loop has. Legal or not: the compiler must either refuse it, located, or run it correctly."""
     directives = []
@@ -56,7 +56,7 @@ def schedule_block(draw, kernel: str, loops: list[str], token: str | None = None
         tensor, indices = draw(st.sampled_from(list(layouts)))
         directives.append(f"layout {tensor} as [{', '.join(draw(st.permutations(indices)))}]")
     names = [*loops, "nope"]
-    for step in range(draw(st.integers(0, 4))):
+    for step in range(draw(st.integers(0, 6))):
         verb = draw(st.sampled_from(LOOP_VERBS))
         if verb == "split":
             loop = draw(st.sampled_from(names))

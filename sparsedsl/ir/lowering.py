@@ -187,16 +187,18 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         writeout = _tile_out(
             ctx, other[0], lambda env: _epilogue(ctx, epilogue, env, position, lane, acc, [env[other[0]]])
         )
-    inner = L.seq(L.Alloc(acc), zero, reduce_part, writeout)
+    plain = [L.For(L.Var(i), L.const(0), extents[i], L.seq()) for i in dense_free if i != token]
     if gather:
-        inner = _wrap(nest[:alloc_depth], inner)
+        inner = _wrap(nest[:alloc_depth], L.seq(L.Alloc(acc), zero, reduce_part, writeout))
+    else:  # the accumulator is the whole output tile: zeroed once, each plain loop sums into its part
+        inner = L.seq(L.Alloc(acc), zero, _wrap(plain, reduce_part), writeout)
     if ctx.out_tile is not None:
         tile_buf = ctx.out_tile
         inner = L.seq(
             L.Alloc(tile_buf), inner, _tile_out(ctx, other[0], lambda env: L.load(tile_buf, env[other[0]], lane[0]))
         )
-    for i in reversed([i for i in dense_free if i != token]):
-        inner = L.For(L.Var(i), L.const(0), extents[i], inner)
+    if gather:
+        inner = _wrap(plain, inner)
     if token:
         inner = L.For(L.Var(f"{token}_o"), L.const(0), L.ceildiv(extents[token], tile), L.seq(*stage, inner))
     func = L.LoopFunc(kernel.name, params, inner)

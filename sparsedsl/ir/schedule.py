@@ -213,7 +213,42 @@ def set_kind(func: L.LoopFunc, name: str, kind: L.LoopKind, span: Span | None = 
                     f"cannot parallelize loop '{name}': loop '{other}' around or inside it is already parallel", span
                 )
     ids = {id(t) for t in targets}
-    return replace(func, body=_map_loops(func.body, ids, lambda f: replace(f, kind=kind)))
+    return _check_sizes(replace(func, body=_map_loops(func.body, ids, lambda f: replace(f, kind=kind))), span)
+
+
+MAX_LANES = 4096  # a vectorized loop's extent, as a token tile's (check.MAX_TILE): wider ones crash LLVM
+MAX_UNROLLED = 1024  # copies of one statement that nested unrolled loops may make
+
+
+def _copies(s: L.Stmt) -> tuple[int, str | None]:
+    """The most copies unrolling makes of one statement of ``s``, and the outermost unrolled loop
+    that makes them."""
+    match s:
+        case L.For(var, _, L.Const(extent), body, L.LoopKind.UNROLLED):
+            inner, _ = _copies(body)
+            return int(extent) * inner, var.name
+        case L.For(body=body) | L.If(then=body):
+            return _copies(body)
+        case L.Seq(stmts) if stmts:
+            return max((_copies(st) for st in stmts), key=lambda c: c[0])
+    return 1, None
+
+
+def _check_sizes(func: L.LoopFunc, span: Span | None) -> L.LoopFunc:
+    """Vector loops of at most ``MAX_LANES`` lanes, unrolling into at most ``MAX_UNROLLED`` copies."""
+    for f in loops(func.body):
+        if f.kind is L.LoopKind.VECTORIZED and isinstance(f.extent, L.Const) and f.extent.value > MAX_LANES:
+            raise ScheduleError(
+                f"cannot vectorize loop '{f.var.name}': {f.extent.value} lanes, at most {MAX_LANES} (split it)", span
+            )
+    copies, outer = _copies(func.body)
+    if copies > MAX_UNROLLED:
+        raise ScheduleError(
+            f"cannot unroll loop '{outer}' and the unrolled loops in it: {copies} copies of their body, "
+            f"at most {MAX_UNROLLED}",
+            span,
+        )
+    return func
 
 
 def _map_loops(s: L.Stmt, ids: set[int], fn) -> L.Stmt:
@@ -310,7 +345,7 @@ def split(func: L.LoopFunc, name: str, factor: int, outer: str, inner: str, span
         kinds = _SPLIT_KINDS.get(loop.kind, (loop.kind, L.LoopKind.SERIAL))
         return L.For(o, L.const(0), count, L.For(i, L.const(0), L.const(factor), body, kinds[1]), kinds[0])
 
-    return replace(func, body=rewrite_loops(func.body, rewrite))
+    return _check_sizes(replace(func, body=rewrite_loops(func.body, rewrite)), span)
 
 
 def _without_unit_loops(s: L.Stmt) -> L.Stmt:
@@ -457,7 +492,10 @@ def default(func: L.LoopFunc) -> dict[str, L.LoopFunc]:
     """
     for loop in loops(func.body):
         if loop.kind is L.LoopKind.SERIAL and isinstance(loop.extent, L.Const) and 1 < loop.extent.value <= 8:
-            func = set_kind(func, loop.var.name, L.LoopKind.UNROLLED)
+            try:
+                func = set_kind(func, loop.var.name, L.LoopKind.UNROLLED)
+            except ScheduleError:  # nested in enough unrolled loops already
+                continue
     candidates = func.meta.get("parallel", ())
     tiles = [c for c in candidates if c == f"{func.meta.get('token')}_o"]
     rows = [c for c in candidates if c not in tiles]

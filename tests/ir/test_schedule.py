@@ -204,6 +204,9 @@ def test_split_of_a_parallel_loop_shares_out_its_outer_loop_only():
         ("schedule linear on cpu {\n  split n_o by 2 into k_c, x\n}", "cannot split into 'k_c'"),
         ("schedule linear on cpu {\n  split n_o by 2 into x, x\n}", "cannot split into 'x' twice"),
         ("schedule linear on cpu {\n  layout X as [m, k]; reorder m_i, z0\n}", "'m_i' must stay innermost"),
+        ("schedule linear on cpu {\n  split n_o by 5000 into a, c; unroll c\n}", "cannot unroll loop 'c'"),
+        ("schedule linear on cpu {\n  split n_o by 512 into a, c; unroll c; unroll n_i\n}", "2048 copies"),
+        ("schedule linear on cpu {\n  split m_i by 8192 into a, c\n}", "cannot vectorize loop 'c': 8192 lanes"),
     ],
 )
 def test_more_illegal_schedules_are_located_errors(schedule, message):
@@ -222,3 +225,21 @@ def test_llvm_refuses_a_nested_parallel_loop_when_compiling():
     assert f"<string>:{LINEAR.count(chr(10)) + 2}:3" in str(err.value)
     prog = sd.compile(LINEAR + "schedule linear on cpu { parallel m_o; unroll n_i }", backend="llvm")
     _check(prog, "linear", "BSR(4, 1)", 70)
+
+
+@pytest.mark.parametrize("backend", ["tvm", "llvm"])
+@pytest.mark.parametrize("fmt", ["CSC", "COO"])
+def test_a_scattering_kernel_with_a_plain_free_loop_keeps_every_row(backend, fmt):
+    """``Y[b, m, n]`` with ``W`` in CSC: ``b`` is the token, ``m`` a plain loop around the sum. The
+    accumulator is the whole output tile, zeroed and written out once per tile, around that loop
+    (zeroed inside it, each row of ``m`` used to wipe the rows before it)."""
+    prog = sd.compile(
+        f"kernel batched(X: f32[B, M, K], W: f32[N, K] @ {fmt}) -> (Y: f32[B, M, N]) "
+        "{ Y[b, m, n] = sum(k) X[b, m, k] * W[n, k] }",
+        backend=backend,
+    )
+    gen = torch.Generator().manual_seed(3)
+    w = prune(torch.randn(8, 12, generator=gen), prog.format(fmt), 0.5)
+    for b, m in ((1, 2), (2, 3), (1, 70)):
+        x = torch.randn(b, m, 12, generator=gen)
+        torch.testing.assert_close(prog.batched(x, prog.pack(fmt, w)), x @ w.T, rtol=1e-5, atol=1e-5)

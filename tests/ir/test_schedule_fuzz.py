@@ -36,7 +36,7 @@ format BELL(w, b) = (i, j) -> (i: dense, j / b: fixed(w), j % b: dense)
 """
 # N and K in SIZES fit every one of these
 FORMATS = ["CSR", "CSC", "COO", "BSR(4, 1)", "BSR(2, 2)", "NM(2, 4)", "NM(1, 2)", "ELL(3)", "VNM", "BELL(2, 2)"]
-SIZES = {"N": (4, 8), "K": (8, 12)}
+SIZES = {"N": (4, 8), "K": (8, 12), "B": (1, 3)}
 TOKENS = (1, 2, 5, 17, 70)
 
 # name -> (signature and statement with the weight's format as {fmt}, dense reference, layouts)
@@ -72,6 +72,16 @@ KERNELS = {
         "(W: f32[N, K] @ {fmt}, x: f32[N]) -> (y: f32[K]) {{ y[k] = sum(n) W[n, k] * x[n] }}",
         lambda a: a["W"].T @ a["x"],
         [],
+    ),
+    "batched": (
+        "(X: f32[B, M, K], W: f32[N, K] @ {fmt}) -> (Y: f32[B, M, N]) {{ Y[b, m, n] = sum(k) X[b, m, k] * W[n, k] }}",
+        lambda a: a["X"] @ a["W"].T,
+        [("X", ("b", "m", "k"))],
+    ),
+    "dense": (  # no sparse input: the format is not used
+        "(X: f32[M, K], V: f32[N, K]) -> (Y: f32[M, N]) {{ Y[m, n] = silu(sum(k) X[m, k] * V[n, k]) }}",
+        lambda a: F.silu(a["X"] @ a["V"].T),
+        [("X", ("m", "k")), ("V", ("n", "k"))],
     ),
     "sddmm": (
         "(A: f32[M, N], B: f32[M, K], S: f32[N, K] @ {fmt}) -> (D: f32[N, K] @ S) "
