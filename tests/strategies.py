@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from hypothesis import strategies as st
+
+from sparsedsl.ir.formats import Format
+from sparsedsl.runtime.prune import fixed_density, prune
 
 # Every prelude format the foundation promises, and the user-defined vector-wise N:M of
 # examples/linear.sdsl: (format text, row multiple, column multiple).
@@ -22,6 +26,12 @@ FORMATS = [
 
 # Formats without a compressed level: their levels fix the density, so no sparsity is asked of them.
 FIXED_DENSITY = ("NM", "ELL", "VNM")
+
+
+def prune_to_fit(weight: torch.Tensor, fmt: Format, sparsity: float | None) -> torch.Tensor:
+    """``weight`` pruned to fit ``fmt``, to ``sparsity`` where the format takes one (a format of
+    fixed density, N:M or ELL, takes none: it gives its own)."""
+    return prune(weight, fmt, None if fixed_density(fmt) else sparsity)
 
 
 @st.composite

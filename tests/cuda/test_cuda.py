@@ -28,7 +28,7 @@ from tests.cuda.gpu_cases import (
     vector_source,
     warp_schedule,
 )
-from tests.strategies import FORMATS, sparse_case
+from tests.strategies import FORMATS, prune_to_fit, sparse_case
 
 HERE = Path(__file__).parent
 KERNELS = HERE.parent / "kernels" / "epilogues.sdsl"
@@ -145,7 +145,7 @@ def _check_layer(prog, kernels, fmt, n, k, m, sparsity, seed) -> None:
     pruned ``n x k`` weight, against dense torch."""
     linear, transposed, sddmm = kernels
     gen = torch.Generator().manual_seed(seed)
-    w = sd.prune(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity)
+    w = prune_to_fit(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity)
     W = prog.pack(fmt, w)
     x, b, g = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen), torch.randn(m, n, generator=gen)
     close = {"rtol": 1e-4, "atol": 1e-4}
@@ -163,7 +163,7 @@ def test_matrix_vector_products_on_the_gpu_mapping(emulated, case):
     zeroing kernel then a thread per row adding atomically into the output, run serially."""
     fmt, n, k, _, sparsity, seed = case
     gen = torch.Generator().manual_seed(seed)
-    w = sd.prune(torch.randn(n, k, generator=gen), emulated.format(fmt), sparsity)
+    w = prune_to_fit(torch.randn(n, k, generator=gen), emulated.format(fmt), sparsity)
     W = emulated.pack(fmt, w)
     x, b, v = torch.randn(k, generator=gen), torch.randn(n, generator=gen), torch.randn(n, generator=gen)
     close = {"rtol": 1e-4, "atol": 1e-4}
@@ -242,7 +242,7 @@ def test_a_reduction_bound_to_threads_sums_across_them(threads, fmt):
     prog = _emulate(warp_schedule(threads))
     gen = torch.Generator().manual_seed(threads)
     a, b = torch.randn(70, 16, generator=gen), torch.randn(70, 24, generator=gen)
-    S = prog.pack(fmt, sd.prune(torch.randn(16, 24, generator=gen), prog.format(fmt), 0.6))
+    S = prog.pack(fmt, prune_to_fit(torch.randn(16, 24, generator=gen), prog.format(fmt), 0.6))
     pattern = S.with_values(torch.ones_like(S.values)).to_dense()
     torch.testing.assert_close(prog.sddmm(a, b, S).to_dense(), (a.T @ b) * pattern, rtol=1e-4, atol=1e-4)
 
@@ -363,7 +363,7 @@ def test_tensor_core_mapping_keeps_the_numbers(fmt, dtype, tile, m):
     torch_dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[dtype]
     prog = _emulate(tensor_core_source(fmt, dtype, tile))
     gen = torch.Generator().manual_seed(m)
-    w = sd.prune(torch.randn(64, 96, generator=gen), prog.format(fmt), 0.6).to(torch_dtype)
+    w = prune_to_fit(torch.randn(64, 96, generator=gen), prog.format(fmt), 0.6).to(torch_dtype)
     x, b = torch.randn(m, 96, generator=gen).to(torch_dtype), torch.randn(64, generator=gen).to(torch_dtype)
     expected = torch.nn.functional.gelu(x.float() @ w.float().T + b.float())
     actual = prog.lin(x, prog.pack(fmt, w), b).float()
@@ -384,7 +384,7 @@ def test_tensor_cores_match_dense_on_random_cases(tensor_core_programs, data):
     n, k = bm * data.draw(st.integers(1, 4)), bn * data.draw(st.integers(1, 4))
     m, sparsity = data.draw(st.integers(1, 200)), data.draw(st.floats(0.0, 0.95))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
-    w = sd.prune(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity).half()
+    w = prune_to_fit(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity).half()
     x, b = torch.randn(m, k, generator=gen).half(), torch.randn(n, generator=gen).half()
     expected = torch.nn.functional.gelu(x.float() @ w.float().T + b.float())
     actual = prog.lin(x, prog.pack(fmt, w), b).float()
@@ -495,7 +495,7 @@ def test_vector_tokens_keep_the_numbers(case, m):
     fmt, n, k, _, sparsity, seed = case
     prog = _vector_programs(fmt)
     gen = torch.Generator().manual_seed(seed)
-    w = sd.prune(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity)
+    w = prune_to_fit(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity)
     x, b = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
     expected = torch.nn.functional.gelu(x @ w.T + b)
     torch.testing.assert_close(prog.lin(x, prog.pack(fmt, w), b), expected, rtol=1e-4, atol=1e-4)

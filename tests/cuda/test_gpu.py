@@ -26,7 +26,7 @@ from tests.cuda.gpu_cases import (
     vector_source,
     warp_schedule,
 )
-from tests.strategies import FORMATS, sparse_case
+from tests.strategies import FORMATS, prune_to_fit, sparse_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -54,7 +54,7 @@ def _operands(prog, fmt, n, k, m, sparsity, seed):
     generator of random CUDA operands whose float32 twins are the reference's inputs."""
     dtype = DTYPES[prog.dtype_name]
     gen = torch.Generator().manual_seed(seed)
-    w = sd.prune(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity).to(dtype)
+    w = prune_to_fit(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity).to(dtype)
     W = prog.pack(fmt, w).cuda()
 
     def rand(*shape):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import sparsedsl as sd
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.schedule import loops
-from sparsedsl.runtime.prune import fixed_density, prune
+from tests.strategies import prune_to_fit
 
 LINEAR = """
 kernel linear(X: f32[M, K], W: f32[N, K] @ BSR(4, 1), b: f32[N]) -> (Y: f32[M, N]) {
@@ -52,7 +52,7 @@ FORMATS = {"linear": ["BSR(4, 1)", "BSR(8, 4)"], "linear_t": ["CSR", "ELL(3)"], 
 def _check(prog: sd.Program, kernel: str, fmt: str, m: int) -> None:
     gen = torch.Generator().manual_seed(m)
     n, k = 32, 48
-    w = prune(torch.randn(n, k, generator=gen), prog.format(fmt), None if fixed_density(prog.format(fmt)) else 0.6)
+    w = prune_to_fit(torch.randn(n, k, generator=gen), prog.format(fmt), 0.6)
     W = prog.pack(fmt, w)
     x, b, g = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen), torch.randn(m, n, generator=gen)
     pattern = W.with_values(torch.ones_like(W.values)).to_dense()
@@ -157,7 +157,7 @@ def test_one_token_sums_its_stored_values_in_vector_lanes(fmt):
     assert lanes and "acc_v" in L.func_str(one)
     gen = torch.Generator().manual_seed(5)
     for k in (4, 12, 100):  # fewer stored values a row than lanes, and a leftover
-        w = prune(torch.randn(24, k, generator=gen), prog.format(fmt), None if fixed_density(prog.format(fmt)) else 0.5)
+        w = prune_to_fit(torch.randn(24, k, generator=gen), prog.format(fmt), 0.5)
         x = torch.randn(1, k, generator=gen)
         torch.testing.assert_close(prog.lin(x, prog.pack(fmt, w)), x @ w.T, rtol=1e-5, atol=1e-5)
 
@@ -239,7 +239,7 @@ def test_a_scattering_kernel_with_a_plain_free_loop_keeps_every_row(backend, fmt
         backend=backend,
     )
     gen = torch.Generator().manual_seed(3)
-    w = prune(torch.randn(8, 12, generator=gen), prog.format(fmt), 0.5)
+    w = prune_to_fit(torch.randn(8, 12, generator=gen), prog.format(fmt), 0.5)
     for b, m in ((1, 2), (2, 3), (1, 70)):
         x = torch.randn(b, m, 12, generator=gen)
         torch.testing.assert_close(prog.batched(x, prog.pack(fmt, w)), x @ w.T, rtol=1e-5, atol=1e-5)

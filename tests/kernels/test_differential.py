@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 
 import sparsedsl as sd
-from sparsedsl.runtime.prune import fixed_density, prune
-from tests.strategies import FORMATS, sparse_case
+from tests.strategies import FORMATS, prune_to_fit, sparse_case
 
 HERE = Path(__file__).parent
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -27,7 +26,7 @@ def prog(request):
 
 def _case(prog, fmt, n, k, m, sparsity, seed):
     gen = torch.Generator().manual_seed(seed)
-    w = prune(torch.randn(n, k, generator=gen), prog.format(fmt), None if fixed_density(prog.format(fmt)) else sparsity)
+    w = prune_to_fit(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity)
     return w, prog.pack(fmt, w), gen
 
 
