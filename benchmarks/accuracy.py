@@ -10,7 +10,9 @@ held-out sentences against the dense model's, computed through the sparse kernel
 
     .venv/bin/python benchmarks/accuracy.py [--methods magnitude wanda sparsegpt] [--seed 0]
 
-Prints a table (methods x formats) and writes benchmarks/accuracy.json.
+Prints a table (methods x formats) and writes benchmarks/accuracy.json. With --distill STEPS, each
+pruned model is then distilled (`sd.distill`, --distill-batch sentences a step, learning rate --lr)
+on the sentences outside the held-out set, and the table gains its cosine.
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--backend", default="tvm", choices=("tvm", "llvm"))
+    parser.add_argument("--distill", type=int, default=0, metavar="STEPS")
+    parser.add_argument("--distill-batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "accuracy.json")
     args = parser.parse_args()
 
@@ -121,6 +126,8 @@ def main() -> None:
     calibration = batches(tokenizer, calibration_texts, args.batch)
     held_out = batches(tokenizer, held_out_texts, args.batch)
     reference = embed(model, held_out)
+    held = set(held_out_texts)
+    training = batches(tokenizer, [t for t in pool if t not in held], args.distill_batch)
 
     cells: dict[str, dict[str, dict]] = {}
     for method in args.methods:
@@ -133,11 +140,19 @@ def main() -> None:
             cosine = float((embed(sparse, held_out) * reference).sum(-1).mean())
             cells.setdefault(method, {})[setting] = {"cosine": cosine, "compile_model_s": seconds}
             print(f"{method:<10} {setting:<14} cosine {cosine:.3f}  ({seconds:.0f} s)", flush=True)
+            if args.distill:
+                start = time.perf_counter()
+                sd.distill(sparse, model, training, args.distill, lr=args.lr, verbose=True)
+                distilled = float((embed(sparse, held_out) * reference).sum(-1).mean())
+                cells[method][setting] |= {"distilled": distilled, "distill_s": time.perf_counter() - start}
+                print(f"{method:<10} {setting:<14} distilled {distilled:.3f}", flush=True)
 
     head = f"{'method':<10}" + "".join(f" {s:>14}" for s in args.settings)
     print("\n" + head + "\n" + "-" * len(head))
     for method, row in cells.items():
         print(f"{method:<10}" + "".join(f" {row[s]['cosine']:>14.3f}" for s in args.settings))
+        if args.distill:
+            print(f"{'+ distill':<10}" + "".join(f" {row[s]['distilled']:>14.3f}" for s in args.settings))
     result = {
         "model": "all-MiniLM-L6-v2",
         "layers": LAYERS,
@@ -147,6 +162,8 @@ def main() -> None:
         "seed": args.seed,
         "settings": {s: {"format": SETTINGS[s][0], "sparsity": SETTINGS[s][1]} for s in args.settings},
         "cosine": {m: {s: c["cosine"] for s, c in row.items()} for m, row in cells.items()},
+        "distill": {"steps": args.distill, "batch": args.distill_batch, "lr": args.lr},
+        "distilled": {m: {s: c.get("distilled") for s, c in row.items()} for m, row in cells.items()},
         "compile_model_s": {m: {s: round(c["compile_model_s"], 1) for s, c in row.items()} for m, row in cells.items()},
         "torch": torch.__version__,
         "sparsedsl": sd.__version__,

@@ -24,6 +24,7 @@ from sparsedsl.errors import (  # noqa: E402
     SourceFileError,
 )
 from sparsedsl.runtime.aot import load  # noqa: E402
+from sparsedsl.runtime.distill import distill  # noqa: E402
 from sparsedsl.runtime.model import compile_model, report  # noqa: E402
 from sparsedsl.runtime.model import prune_to as prune  # noqa: E402
 from sparsedsl.runtime.modules import SparseLinear  # noqa: E402
@@ -45,6 +46,7 @@ __all__ = [
     "SparseTensor",
     "compile",
     "compile_model",
+    "distill",
     "load",
     "prune",
     "report",

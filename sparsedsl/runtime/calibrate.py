@@ -27,15 +27,14 @@ class _BlockDone(Exception):
     """Raised by a hook once a block's last layer has run: the rest of the pass is not needed."""
 
 
-def run(model: nn.Module, batch) -> None:
-    """One calibration batch through ``model``: a dict as keyword arguments, a tuple or list as
-    positional ones, anything else as the one argument."""
+def run(model: nn.Module, batch):
+    """``model``'s output on one batch: a dict as keyword arguments, a tuple or list as positional
+    ones, anything else as the one argument."""
     if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, tuple | list):
-        model(*batch)
-    else:
-        model(batch)
+        return model(**batch)
+    if isinstance(batch, tuple | list):
+        return model(*batch)
+    return model(batch)
 
 
 def calibrate(
@@ -83,9 +82,19 @@ def _forward_order(model: nn.Module, layers: Sequence[Layer], batch) -> list[Lay
     return sorted(layers, key=lambda layer: seen[layer[0]])
 
 
+def _containers(model: nn.Module) -> set[str]:
+    return {name for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList | nn.Sequential)}
+
+
+def block_names(model: nn.Module, layers: list[str]) -> list[str]:
+    """The blocks that hold ``layers`` (qualified names), each once, in order."""
+    containers = _containers(model)
+    return list(dict.fromkeys(_block_of(name, containers) for name in layers))
+
+
 def _blocks(model: nn.Module, ordered: list[Layer]) -> list[list[Layer]]:
     """Consecutive layers of one block, block by block."""
-    containers = {name for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList | nn.Sequential)}
+    containers = _containers(model)
     blocks: list[list[Layer]] = []
     last = None
     for layer in ordered:
