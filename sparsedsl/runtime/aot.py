@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict
+import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -151,19 +152,23 @@ def build(
 
 
 def _load_library(backend: str, lib: Path, image: bytes, funcs, target: str = "cpu"):
-    """A built library (whose bytes, checked, are ``image``) as the backend's ``Built``."""
-    if target == "cuda":
-        return CudaModule.load(lib)
-    if backend == "llvm":
-        from sparsedsl.backends.llvm.jit import load_library
+    """A built library as the backend's ``Built``, loaded from a private copy of ``image``, the
+    bytes whose SHA-256 was checked: a file swapped in the build after the check is never loaded."""
+    with tempfile.TemporaryDirectory(prefix="sparsedsl-aot-") as tmp:
+        private = Path(tmp) / lib.name
+        private.write_bytes(image)
+        if target == "cuda":
+            return CudaModule.load(private)
+        if backend == "llvm":
+            from sparsedsl.backends.llvm.jit import load_library
 
-        return load_library(lib, funcs)
-    from sparsedsl.backends.tvm.cpu import Built, load_module
-    from sparsedsl.backends.tvm.tir import to_tir
+            return replace(load_library(private, funcs), library=lib)  # exported again from the build
+        from sparsedsl.backends.tvm.cpu import Built, load_module
+        from sparsedsl.backends.tvm.tir import to_tir
 
-    module = load_module(lib)
-    prims = {f.name: to_tir(f) for f in funcs}
-    return Built(module, {name: module[name] for name in prims}, prims, image)
+        module = load_module(private)
+        prims = {f.name: to_tir(f) for f in funcs}
+        return Built(module, {name: module[name] for name in prims}, prims, image)
 
 
 def _read_manifest(root: Path) -> dict:

@@ -107,6 +107,22 @@ def test_aot_load_compiles_nothing(build_dir, no_compiler):
         _call(prog, "NM(2, 4)")
 
 
+def test_aot_loads_private_copies_of_the_checked_bytes(build_dir, monkeypatch):
+    """A library swapped in the build after its SHA-256 was checked is never the one loaded."""
+    from sparsedsl.backends.tvm import cpu
+
+    loaded = []
+    load_module = cpu.load_module
+
+    def record(path):
+        loaded.append(Path(path))
+        return load_module(path)
+
+    monkeypatch.setattr(cpu, "load_module", record)
+    _call(sd.load(build_dir), "CSR")
+    assert loaded and all(build_dir not in p.parents for p in loaded)
+
+
 def test_compile_model_with_aot(build_dir, no_compiler):
     class Tiny(nn.Module):
         def __init__(self):
