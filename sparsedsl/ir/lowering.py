@@ -188,8 +188,8 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
             ctx, other[0], lambda env: _epilogue(ctx, epilogue, env, position, lane, acc, [env[other[0]]])
         )
     plain = [L.For(L.Var(i), L.const(0), extents[i], L.seq()) for i in dense_free if i != token]
-    if gather:
-        inner = _wrap(nest[:alloc_depth], L.seq(L.Alloc(acc), zero, reduce_part, writeout))
+    if gather:  # inside the gathered result's tile (a kernel without sparse input: ``for n`` is plain)
+        inner = _wrap(plain, _wrap(nest[:alloc_depth], L.seq(L.Alloc(acc), zero, reduce_part, writeout)))
     else:  # the accumulator is the whole output tile: zeroed once, each plain loop sums into its part
         inner = L.seq(L.Alloc(acc), zero, _wrap(plain, reduce_part), writeout)
     if ctx.out_tile is not None:
@@ -197,8 +197,6 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         inner = L.seq(
             L.Alloc(tile_buf), inner, _tile_out(ctx, other[0], lambda env: L.load(tile_buf, env[other[0]], lane[0]))
         )
-    if gather:
-        inner = _wrap(plain, inner)
     if token:
         inner = L.For(L.Var(f"{token}_o"), L.const(0), L.ceildiv(extents[token], tile), L.seq(*stage, inner))
     func = L.LoopFunc(kernel.name, params, inner)

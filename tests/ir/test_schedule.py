@@ -243,3 +243,18 @@ def test_a_scattering_kernel_with_a_plain_free_loop_keeps_every_row(backend, fmt
     for b, m in ((1, 2), (2, 3), (1, 70)):
         x = torch.randn(b, m, 12, generator=gen)
         torch.testing.assert_close(prog.batched(x, prog.pack(fmt, w)), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["tvm", "llvm"])
+def test_a_kernel_without_sparse_input_writes_its_whole_tile(backend):
+    """Without a sparse input, the output row loop ``n`` is a plain loop: it runs inside the
+    gathered result's tile ``Y_t``, which is written out once (allocated and written out inside
+    ``n``, every row but the last was read uninitialised: garbage with the llvm backend)."""
+    prog = sd.compile(
+        "kernel dense(X: f32[M, K], V: f32[N, K]) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * V[n, k] }",
+        backend=backend,
+    )
+    gen = torch.Generator().manual_seed(4)
+    for m in (1, 2, 70):
+        x, v = torch.randn(m, 8, generator=gen), torch.randn(5, 8, generator=gen)
+        torch.testing.assert_close(prog.dense(x, v), x @ v.T, rtol=1e-5, atol=1e-5)
