@@ -7,6 +7,15 @@ import torch
 from torch import nn
 
 import sparsedsl as sd
+from sparsedsl.runtime import ops
+from sparsedsl.runtime.sparse_tensor import SparseTensor
+
+USER = """
+format Blocks2 = (i, j) -> (i / 2: dense, j / 2: compressed, i % 2: dense, j % 2: dense)
+kernel linear_bias(X: f32[M, K], W: f32[N, K] @ CSR, b: f32[N]) -> (Y: f32[M, N]) {
+    Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n]
+}
+"""
 
 
 def _teacher() -> nn.Module:
@@ -18,6 +27,59 @@ def _teacher() -> nn.Module:
 def _loss(student: nn.Module, teacher: nn.Module, batches) -> float:
     with torch.no_grad():
         return sum(float(nn.functional.mse_loss(student(x), teacher(x))) for x in batches)
+
+
+def _padded_ell_weight() -> torch.Tensor:
+    """A 24 x 32 weight whose rows hold 1 to 4 nonzeros: ELL(4) pads most rows with explicit zeros."""
+    torch.manual_seed(3)
+    weight = torch.zeros(24, 32)
+    for row in range(24):
+        cols = torch.randperm(32)[: 1 + row % 4]
+        weight[row, cols] = torch.randn(cols.numel())
+    return weight
+
+
+def _layer(fmt: str) -> sd.SparseLinear:
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 24)
+    if fmt == "ELL(4) padded":
+        program = ops.nn_program()
+        return sd.SparseLinear(program.pack("ELL(4)", _padded_ell_weight()), linear.bias, program)
+    if fmt == "Blocks2":
+        return sd.SparseLinear.from_linear(linear, fmt, 0.6, program=sd.compile(USER))
+    sparsity = {"NM(2, 4)": None, "ELL(4)": 0.875}.get(fmt, 0.7)
+    return sd.SparseLinear.from_linear(linear, fmt, sparsity, method="magnitude")
+
+
+GRADIENT_FORMATS = ["CSR", "COO", "CSC", "BSR(4, 1)", "BSR(2, 4)", "NM(2, 4)", "ELL(4)", "ELL(4) padded", "Blocks2"]
+
+
+@pytest.mark.parametrize("fmt", GRADIENT_FORMATS)
+def test_values_gradient_is_exact(fmt):
+    """Each stored value's gradient equals dense autograd through the format's own unpacking (an
+    independent reference: padded slots and repeated coordinates included)."""
+    layer = _layer(fmt)
+    x = torch.randn(2, 7, 32)
+    g = torch.randn(2, 7, 24)
+    layer(x).backward(g)
+    weight = layer.sparse_weight()
+    values = layer.values.detach().clone().requires_grad_()
+    dense = SparseTensor.from_structure(weight.format, weight.shape, weight.structure(), values).to_dense()
+    nn.functional.linear(x, dense, layer.bias.detach()).backward(g)
+    torch.testing.assert_close(layer.values.grad, values.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_stored_positions_are_cached_per_structure():
+    """Computed once per structure; an index buffer written in place is read again."""
+    layer = _layer("CSR")
+    fmt, shape = layer.program.format("CSR"), [24, 32]
+    first = ops.stored_positions(fmt, shape, layer.structure())
+    assert ops.stored_positions(fmt, shape, layer.structure()) is first
+    with torch.no_grad():
+        crd = layer.structure()[1]
+        crd[0], crd[1] = crd[1].clone(), crd[0].clone()  # unsorted, but only the positions are read here
+    moved = ops.stored_positions(fmt, shape, layer.structure())
+    assert moved is not first and torch.equal(moved[:2], first[:2].flip(0))
 
 
 def test_distillation_lowers_the_loss_and_keeps_the_pattern():
