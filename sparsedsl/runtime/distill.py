@@ -5,6 +5,13 @@ own backward, the pattern fixed); every other parameter is frozen meanwhile. The
 squared error of the student's output against the teacher's, plus that of each block's output (the
 hidden states: the blocks are those of calibration, runtime/calibrate.py, e.g. each transformer
 layer), on the same batch.
+
+With ``gradual``, the patterns are not fixed from the start: gradual magnitude pruning (Zhu & Gupta
+2017). Each layer restarts from its teacher's dense weight pruned by magnitude to ``gradual``, and
+its sparsity rises to the one the student has now (its rule's target) along
+``s_t = s_f + (s_0 - s_f) (1 - t / T)^3``, pruned again by magnitude at ``GRADUAL_EVENTS`` evenly
+spaced steps over the first ``T`` = three quarters of the steps (the last quarter trains at the
+target). Each pruning repacks the layers (a smaller pattern) and restarts Adam.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from torch import nn
 from sparsedsl.errors import SdslSemanticError
 from sparsedsl.runtime.calibrate import block_names, run
 from sparsedsl.runtime.modules import SparseLinear
+from sparsedsl.runtime.prune import fixed_density, prune
+
+GRADUAL_EVENTS = 10  # prunings of gradual pruning after the first
 
 
 def distill(
@@ -27,11 +37,14 @@ def distill(
     steps: int,
     lr: float = 1e-4,
     verbose: bool = False,
+    gradual: float | None = None,
 ) -> nn.Module:
     """Train ``student``'s sparse layers (in place) for ``steps`` batches of ``batches`` (cycled;
     each a model input as for ``compile_model``'s ``calibration``) to match ``teacher``'s outputs
     and hidden states, with Adam at learning rate ``lr``; returns ``student``. With ``verbose``, a
-    progress bar shows the loss."""
+    progress bar shows the loss. With ``gradual``, a sparsity in [0, 1), the layers restart from the
+    teacher's weights at that sparsity and are pruned gradually to their present one (module
+    docstring)."""
     layers = {name: m for name, m in student.named_modules() if isinstance(m, SparseLinear)}
     if not layers:
         raise SdslSemanticError("the student has no SparseLinear layer: distill a model from sd.compile_model")
@@ -41,20 +54,21 @@ def distill(
     if not batches:
         raise SdslSemanticError("distill has no batch")
     in_teacher = dict(teacher.named_modules())
+    schedule = _schedule(layers, in_teacher, gradual, steps) if gradual is not None else {}
     blocks = [name for name in block_names(student, list(layers)) if name not in layers and name in in_teacher]
-    params = [p for m in layers.values() for p in (m.values, m.bias) if p is not None]
     grads = {p: p.requires_grad for p in (*student.parameters(), *teacher.parameters())}
     modes = {m: m.training for m in (*student.modules(), *teacher.modules())}
     for p in grads:
         p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     student.eval()
     teacher.eval()
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = _optimizer(layers, lr)
     bar = _bar(steps) if verbose else None
     try:
         for step in range(steps):
+            if step in schedule:
+                _prune(layers, schedule[step], step == 0)
+                optimizer = _optimizer(layers, lr)
             batch = batches[step % len(batches)]
             with torch.no_grad():
                 want = _outputs(teacher, batch, blocks)
@@ -64,7 +78,7 @@ def distill(
             loss.backward()
             optimizer.step()
             if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.4g}")
+                bar.set_postfix(loss=f"{loss.item():.4g}", sparsity=f"{_sparsity(layers):.3f}")
                 bar.update()
     finally:
         if bar is not None:
@@ -74,6 +88,61 @@ def distill(
         for m, mode in modes.items():
             m.training = mode
     return student
+
+
+def _optimizer(layers: dict[str, SparseLinear], lr: float) -> torch.optim.Adam:
+    """Adam over the layers' present values and biases, which it makes trainable."""
+    params = [p for m in layers.values() for p in (m.values, m.bias) if p is not None]
+    for p in params:
+        p.requires_grad_(True)
+    return torch.optim.Adam(params, lr=lr)
+
+
+Plan = dict[str, tuple[nn.Linear, float]]  # per layer: its dense teacher and its sparsity at a step
+
+
+def _schedule(layers: dict[str, SparseLinear], in_teacher: dict, start: float, steps: int) -> dict[int, Plan]:
+    """The steps at which gradual pruning prunes, each with every layer's sparsity then."""
+    if isinstance(start, bool) or not isinstance(start, numbers.Real) or not 0 <= start < 1:
+        raise SdslSemanticError(f"gradual is the sparsity to start from, in [0, 1), got {start!r}")
+    targets = {}
+    for name, layer in layers.items():
+        dense = in_teacher.get(name)
+        if not isinstance(dense, nn.Linear) or dense.weight.shape != (layer.out_features, layer.in_features):
+            raise SdslSemanticError(
+                f"gradual pruning restarts layer '{name}' from the teacher's, but the teacher has no such nn.Linear"
+            )
+        if fixed_density(layer.program.format(layer.format)):
+            raise SdslSemanticError(
+                f"layer '{name}' is {layer.format}, a format of fixed density: it cannot be pruned gradually "
+                "(use a format with a compressed level, or distill without gradual)"
+            )
+        targets[name] = (dense, 1 - layer.density)
+    end = 3 * steps // 4
+    events = sorted({round(end * j / GRADUAL_EVENTS) for j in range(GRADUAL_EVENTS + 1)})
+    cubic = {t: (1 - t / end) ** 3 if end else 0.0 for t in events}
+    return {t: {n: (d, s + (min(start, s) - s) * cubic[t]) for n, (d, s) in targets.items()} for t in events}
+
+
+def _prune(layers: dict[str, SparseLinear], plan: Plan, first: bool) -> None:
+    """Prune every layer by magnitude to its sparsity in ``plan``: the teacher's weight at the first
+    pruning, its own (trained) weight after; the layer takes the smaller pattern."""
+    for name, layer in layers.items():
+        dense, sparsity = plan[name]
+        weight = dense.weight.detach() if first else layer.sparse_weight().to_dense().detach()
+        fmt = layer.program.format(layer.format)
+        packed = layer.program.pack(layer.format, prune(weight, fmt, sparsity).to(layer.values.dtype))
+        state = {f"structure_{i}": b for i, b in enumerate(packed.structure())} | {"values": packed.values}
+        layer.load_state_dict(state, strict=False)
+        if first and layer.bias is not None and dense.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(dense.bias)
+
+
+def _sparsity(layers: dict[str, SparseLinear]) -> float:
+    """The layers' sparsity together."""
+    stored = sum(m.values.numel() for m in layers.values())
+    return 1 - stored / sum(m.in_features * m.out_features for m in layers.values())
 
 
 def _bar(steps: int):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import sparsedsl as sd
+from sparsedsl.runtime import distill as distill_module
 from sparsedsl.runtime import ops
 from sparsedsl.runtime.sparse_tensor import SparseTensor
 
@@ -111,3 +112,39 @@ def test_distill_errors(student, kwargs, message):
     args = {"batches": [torch.randn(4, 16)], "steps": 1} | kwargs
     with pytest.raises(sd.SdslSemanticError, match=message):
         sd.distill(student, teacher, **args)
+
+
+def test_gradual_pruning_reaches_the_target_along_the_cubic_schedule():
+    teacher = _teacher()
+    student = sd.compile_model(teacher, {"*": ("CSR", 0.8)})
+    stored = {n: m.values.numel() for n, m in student.named_modules() if isinstance(m, sd.SparseLinear)}
+    layers = {n: m for n, m in student.named_modules() if isinstance(m, sd.SparseLinear)}
+    plan = distill_module._schedule(layers, dict(teacher.named_modules()), 0.2, 40)
+    assert sorted(plan) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    first, middle = plan[0]["0.0"][1], plan[15]["0.0"][1]
+    assert first == pytest.approx(0.2) and plan[30]["0.0"][1] == pytest.approx(0.8, abs=0.01)
+    assert middle == pytest.approx(0.8 + (0.2 - 0.8) * 0.5**3, abs=0.01)
+    batches = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    one_shot = _loss(student, teacher, batches)
+    sd.distill(student, teacher, batches, steps=24, lr=3e-3, gradual=0.2)
+    after = {n: m.values.numel() for n, m in student.named_modules() if isinstance(m, sd.SparseLinear)}
+    assert after == stored
+    assert _loss(student, teacher, batches) < 0.5 * one_shot
+
+
+@pytest.mark.parametrize(
+    "rules, gradual, message",
+    [
+        ({"*": ("CSR", 0.8)}, 1.0, r"gradual is the sparsity to start from, in \[0, 1\), got 1.0"),
+        (
+            {"*": {"format": "NM(2, 4)", "sparsity": None, "prune": "magnitude"}},
+            0.0,
+            r"layer '0.0' is NM\(2, 4\), a format of fixed density",
+        ),
+    ],
+)
+def test_gradual_errors(rules, gradual, message):
+    teacher = _teacher()
+    student = sd.compile_model(teacher, rules)
+    with pytest.raises(sd.SdslSemanticError, match=message):
+        sd.distill(student, teacher, [torch.randn(4, 16)], steps=2, gradual=gradual)
