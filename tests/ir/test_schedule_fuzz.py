@@ -24,7 +24,7 @@ from tests.strategies import schedule_block
 
 EXAMPLES = os.environ.get("SPARSEDSL_FUZZ_EXAMPLES")
 SETTINGS = settings(
-    max_examples=int(EXAMPLES or 6),
+    max_examples=int(EXAMPLES or 12),
     derandomize=EXAMPLES is None,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
