@@ -266,7 +266,7 @@ class CompiledKernel:
                 return torch.empty([sizes[d] for d in key], dtype=torch.float32, device=device)
             return sources[kind][key]
 
-        flat = [argument(kind, key) for kind, key in inst.plan(kernel)]
+        flat = [_compact(argument(kind, key)) for kind, key in inst.plan(kernel)]
         inst.function(sizes)(*flat)
         if out.pattern_of:
             return sparse.with_values(result)
@@ -278,6 +278,17 @@ def _one_token(func: L.LoopFunc) -> L.LoopFunc:
     to vectorise over, each add would wait on the one before): ``sched.vector_sums``."""
     reduction = func.meta.get("sparse_reduction")
     return func if reduction is None else sched.vector_sums(func, reduction, ONE_TOKEN_LANES)
+
+
+def _compact(arg):
+    """An empty tensor with compact strides: torch calls any empty tensor contiguous, whatever its
+    strides (an empty column of a table), and the compiled code's argument check refuses those."""
+    if isinstance(arg, torch.Tensor) and arg.numel() == 0:
+        strides = [1] * arg.dim()
+        for d in range(arg.dim() - 2, -1, -1):
+            strides[d] = strides[d + 1] * arg.shape[d + 1]
+        return torch.empty_strided(arg.shape, strides, dtype=arg.dtype, device=arg.device)
+    return arg
 
 
 def _transpose(t: torch.Tensor, rows: int | None) -> torch.Tensor:

@@ -226,3 +226,14 @@ def test_fuzz_structures(prog, case):
         return
     x = torch.randn(3, k)
     torch.testing.assert_close(prog.linear(x, w, torch.zeros(n)), x @ w.to_dense().T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["tvm", "llvm"])
+@pytest.mark.parametrize("n, k, m", [(16, 32, 0), (0, 32, 2), (16, 0, 2), (16, 32, 2)])
+def test_empty_weights_and_batches(backend, n, k, m):
+    """Empty buffers (no stored value, no row, no token) run: torch calls any empty tensor
+    contiguous, whatever its strides, and the compiled code's argument check would refuse them."""
+    prog = sd.compile(EXAMPLE, backend=backend)
+    w = prog.pack("CSR", torch.zeros(n, k))
+    x = torch.randn(m, k)
+    torch.testing.assert_close(prog.linear(x, w, torch.ones(n)), torch.ones(m, n))
