@@ -7,6 +7,7 @@ integers bound (``BSR(4, 1)``). Packing, unpacking and iteration are composed fr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -157,6 +158,8 @@ class Format:
         the buffer and the first offending position."""
         if any(s < 0 for s in shape):
             raise PackError(f"a shape is a tuple of sizes >= 0, got {tuple(shape)}")
+        if math.prod(shape) >= 1 << 62:  # the coordinate keys below are int64
+            raise PackError(f"a {tuple(shape)} tensor has more entries than 64-bit indices can count")
         extents = self.extents(tuple(shape))
         keys = self.buffer_keys()
         missing = [k for k in (*keys, "vals") if k not in bufs]
@@ -183,6 +186,7 @@ class Format:
                 raise PackError(f"index buffer '{k}' is on {buf.device}, but 'vals' on {vals.device}")
             out[k] = buf
         positions = torch.zeros(1, dtype=torch.int64, device=vals.device)
+        most = max(b.numel() for b in (*out.values(), vals))
         for i, level in enumerate(self.levels):
             mine = {s: out[f"{i}_{s}"] for s in level.buffers()}
 
@@ -190,7 +194,7 @@ class Format:
                 return self._where(lv.decode(torch.tensor([key]), extents[:i])[0])
 
             name = f"level {i} ({level.describe()}, {self.maps[i].text(self.dims)})"
-            positions = level.validate(lv.CheckState(positions, extents[i], mine, name, where))
+            positions = level.validate(lv.CheckState(positions, extents[i], mine, name, where, most))
         if vals.numel() != positions.numel():
             raise PackError(
                 f"'vals' must hold one value per stored position, {positions.numel()}, it has {vals.numel()}"

@@ -61,6 +61,7 @@ class CheckState:
     bufs: dict[str, torch.Tensor]  # the level's buffers (suffix -> 1-D integer tensor)
     name: str  # the level as errors name it: "level 1 (compressed, j)"
     where: Callable[[int], str]  # names a parent position, given its key
+    most: int  # the longest buffer of the tensor: no level of a valid one has more positions
 
     def fail(self, suffix: str, index: int, message: str, parent: int | None = None) -> NoReturn:
         """A PackError naming this level, its buffer and the first offending position."""
@@ -197,6 +198,12 @@ class Dense(Level):
         return LevelIter(L.For(c, L.const(0), extent), L.add(L.mul(parent, extent), c), c)
 
     def validate(self, state):
+        positions = state.keys.numel() * state.extent
+        if positions > state.most:
+            raise PackError(
+                f"{state.name}: the shape gives it {positions} positions, but the longest buffer has "
+                f"{state.most} entries: buffers of another shape"
+            )
         coords = torch.arange(state.extent, dtype=torch.int64, device=state.keys.device)
         return (state.keys.view(-1, 1) * state.extent + coords).view(-1)
 

@@ -4,6 +4,7 @@ corruption is a PackError naming the level, the buffer and the first offending p
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,17 @@ def test_empty_weights_and_batches(backend, n, k, m):
     w = prog.pack("CSR", torch.zeros(n, k))
     x = torch.randn(m, k)
     torch.testing.assert_close(prog.linear(x, w, torch.ones(n)), torch.ones(m, n))
+
+
+@pytest.mark.parametrize(
+    "fmt, shape, message",
+    [
+        ("CSR", (2**40, 4), "the shape gives it 1099511627776 positions, but the longest buffer has"),
+        ("NM(2, 4)", (4, 2**44), "level 1 (dense, j / 4): the shape gives it"),
+        ("COO", (2**40, 2**40), "more entries than 64-bit indices can count"),
+    ],
+)
+def test_a_huge_shape_is_refused_before_anything_is_allocated(prog, fmt, shape, message):
+    small = prog.pack(fmt, sd.prune(torch.randn(4, 8), fmt, 0.5 if fmt != "NM(2, 4)" else None))
+    with pytest.raises(sd.PackError, match=re.escape(message)):
+        sd.SparseTensor.from_structure(small.format, shape, small.structure(), small.values)
