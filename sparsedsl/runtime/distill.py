@@ -35,7 +35,7 @@ def distill(
     teacher: nn.Module,
     batches: Iterable,
     steps: int,
-    lr: float = 1e-4,
+    lr: float = 1e-3,
     verbose: bool = False,
     gradual: float | None = None,
 ) -> nn.Module:
