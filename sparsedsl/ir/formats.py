@@ -201,14 +201,19 @@ class Format:
             )
         return {**{k: v.to(lv.INDEX_DTYPE).contiguous() for k, v in out.items()}, "vals": vals}
 
-    def unpack(self, bufs: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-        """The dense tensor stored in ``bufs`` (the inverse of ``pack``)."""
+    def indices(self, bufs: dict[str, torch.Tensor], shape: tuple[int, ...]) -> list[torch.Tensor]:
+        """The dimension indices of every stored position, in storage order (int64, on the CPU;
+        padded slots included: each stores a value at its coordinate)."""
         extents = self.extents(shape)
         table = torch.zeros(1, 0, dtype=torch.int64)
         for i, level in enumerate(self.levels):
-            mine = {k.split("_", 1)[1]: v for k, v in bufs.items() if k.startswith(f"{i}_")}
+            mine = {s: bufs[f"{i}_{s}"].cpu() for s in level.buffers()}
             table = level.unpack(table, extents[i], mine)
-        index = self.to_index([table[:, i] for i in range(len(self.levels))])
+        return self.to_index([table[:, i] for i in range(len(self.levels))])
+
+    def unpack(self, bufs: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """The dense tensor stored in ``bufs`` (the inverse of ``pack``)."""
+        index = self.indices(bufs, shape)
         vals = bufs["vals"]
         dense = torch.zeros(shape, dtype=vals.dtype, device=vals.device)
         return dense.index_put_(tuple(i.to(vals.device) for i in index), vals, accumulate=True)

@@ -10,7 +10,6 @@ process-wide state of the runtime, and exists only because torch's op schemas de
 from __future__ import annotations
 
 import uuid
-import weakref
 from functools import cache
 from importlib import resources
 
@@ -20,7 +19,7 @@ from sparsedsl.errors import Source
 from sparsedsl.frontend.check import check
 from sparsedsl.ir.formats import Format
 from sparsedsl.runtime.program import Program
-from sparsedsl.runtime.sparse_tensor import SparseTensor
+from sparsedsl.runtime.sparse_tensor import SparseTensor, stamp, unchanged
 
 _PROGRAMS: dict[str, Program] = {}
 _DIFFERENTIABLE: set[tuple[str, str]] = set()  # (program key, kernel) computing exactly x W^T [+ b]
@@ -132,22 +131,14 @@ def stored_positions(fmt: Format, shape: list[int], structure: list[torch.Tensor
     (padded slots included: each is a stored value at its coordinate). Cached on the first index
     buffer, keyed like the validation stamp of sparse_tensor.py (each buffer's identity and
     in-place version), so it is computed once per structure."""
-    cached = getattr(structure[0], POSITIONS, None) if structure else None
-    if cached is not None:
-        (text, old_shape, entries), positions = cached
-        same = text == fmt.text and old_shape == tuple(shape) and len(entries) == len(structure)
-        if same and all(ref() is b and version == b._version for (ref, version), b in zip(entries, structure)):
-            return positions
     named = dict(zip(fmt.buffer_keys(), structure))
-    extents = fmt.extents(tuple(shape))
-    table = torch.zeros(1, 0, dtype=torch.int64)
-    for i, level in enumerate(fmt.levels):
-        table = level.unpack(table, extents[i], {s: named[f"{i}_{s}"].cpu() for s in level.buffers()})
-    row, col = fmt.to_index([table[:, i] for i in range(len(fmt.levels))])
+    cached = getattr(structure[0], POSITIONS, None) if structure else None
+    if cached is not None and unchanged(cached[0], fmt, tuple(shape), named):
+        return cached[1]
+    row, col = fmt.indices(named, tuple(shape))
     positions = (row * shape[1] + col).to(structure[0].device if structure else "cpu")
     if structure:
-        entries = tuple((weakref.ref(b), b._version) for b in structure)
-        setattr(structure[0], POSITIONS, ((fmt.text, tuple(shape), entries), positions))
+        setattr(structure[0], POSITIONS, (stamp(fmt, tuple(shape), named), positions))
     return positions
 
 

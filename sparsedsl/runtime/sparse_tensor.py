@@ -23,17 +23,19 @@ from sparsedsl.ir.formats import Format
 STAMP = "_sparsedsl_validated"  # the attribute of a values tensor holding its buffers' stamp
 
 
-def _stamp(fmt: Format, shape: tuple[int, ...], buffers: dict[str, torch.Tensor]) -> None:
+def stamp(fmt: Format, shape: tuple[int, ...], buffers: dict[str, torch.Tensor]) -> tuple:
+    """What identifies a structure: the format, the shape, and each index buffer's identity and
+    in-place version (``vals`` is left out: values do not decide where a kernel reads)."""
     entries = tuple((k, weakref.ref(v), v._version) for k, v in buffers.items() if k != "vals")
-    setattr(buffers["vals"], STAMP, (fmt.text, shape, entries))
+    return fmt.text, tuple(shape), entries
 
 
-def _unchanged(fmt: Format, shape: tuple[int, ...], buffers: dict[str, torch.Tensor]) -> bool:
-    stamp = getattr(buffers.get("vals"), STAMP, None)
-    if stamp is None:
+def unchanged(old: tuple | None, fmt: Format, shape: tuple[int, ...], buffers: dict[str, torch.Tensor]) -> bool:
+    """Whether ``buffers`` are the very index buffers ``old`` was taken of, unwritten since."""
+    if old is None:
         return False
-    text, old_shape, entries = stamp
-    if text != fmt.text or old_shape != shape or len(entries) != len(buffers) - 1:
+    text, old_shape, entries = old
+    if text != fmt.text or old_shape != tuple(shape) or len(entries) != sum(k != "vals" for k in buffers):
         return False
     return all(buffers.get(k) is ref() and buffers[k]._version == version for k, ref, version in entries)
 
@@ -64,18 +66,18 @@ class SparseTensor:
         if validate:
             self.check()
         else:
-            _stamp(self.format, self.shape, self.buffers)
+            setattr(self.values, STAMP, stamp(self.format, self.shape, self.buffers))
 
     def check(self) -> None:
         """Validate the buffers unless they are the ones validated last and unchanged since (O(1));
         a structure that does not fit the format is a PackError. Every kernel call runs this."""
-        if _unchanged(self.format, self.shape, self.buffers):
+        if unchanged(getattr(self.buffers.get("vals"), STAMP, None), self.format, self.shape, self.buffers):
             return
         try:
             self.buffers = self.format.validate(self.buffers, self.shape)
         except PackError as err:
             raise PackError(f"a {self.shape} tensor as {self.format.label}: {err.message}") from None
-        _stamp(self.format, self.shape, self.buffers)
+        setattr(self.values, STAMP, stamp(self.format, self.shape, self.buffers))
 
     @classmethod
     def pack(cls, fmt: Format, dense: torch.Tensor) -> SparseTensor:
