@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from typing import Protocol
 
 from sparsedsl.errors import ScheduleError, Span
 from sparsedsl.ir import loop_ir as L
@@ -453,7 +454,23 @@ def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.L
     return replace(func, body=body)
 
 
-def apply(func: L.LoopFunc, directives, outermost_parallel: bool = False) -> L.LoopFunc:
+class LoopName(Protocol):
+    """A loop name as written in a directive."""
+
+    text: str
+
+
+class Directive(Protocol):
+    """What scheduling reads of a directive (the frontend's ``ast.Directive`` is one): the IR
+    depends on this shape, not on the parser."""
+
+    verb: str
+    loops: Sequence[LoopName]
+    factor: int | None
+    span: Span | None
+
+
+def apply(func: L.LoopFunc, directives: Iterable[Directive], outermost_parallel: bool = False) -> L.LoopFunc:
     """Apply the loop directives of a ``schedule`` block in order (``tile``/``layout`` act earlier,
     in lowering; ``bind`` belongs to GPU targets). ``outermost_parallel``: the backend runs a loop
     in parallel only when it is the whole body (the llvm backend)."""
