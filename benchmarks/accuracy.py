@@ -23,7 +23,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import sparsedsl as sd  # noqa: E402  (before torch: it sets OpenMP's wait policy before torch starts)
+import sparsedsl as sd  # noqa: E402
 
 # isort: split
 import argparse  # noqa: E402

@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# This script alternates torch ops and TVM kernels: torch's OpenMP workers wait passively (set
+# before torch starts; sparsedsl itself changes no environment). README, "Threads".
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -20,7 +23,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import sparsedsl as sd  # noqa: E402  (first: it sets OpenMP's wait policy before torch starts)
+import sparsedsl as sd  # noqa: E402
 from sparsedsl.timing import median_time  # noqa: E402
 
 HERE = Path(__file__).parent

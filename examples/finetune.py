@@ -11,7 +11,7 @@ import argparse
 import torch
 from torch import nn
 
-import sparsedsl as sd  # noqa: I001  (first: it sets OpenMP's wait policy before torch starts)
+import sparsedsl as sd  # noqa: I001
 
 
 def make_task(n: int = 2048, dim: int = 64, seed: int = 0):

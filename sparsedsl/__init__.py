@@ -6,14 +6,7 @@ W = prog.pack("BSR(4, 1)", dense_weight)
 Y = prog.linear(X, W, b)
 """
 
-import os
-
-# torch's OpenMP workers spin after each op and starve the kernels' own thread pool when a model
-# alternates between the two; passive waiting costs dense torch nothing measurable here. OpenMP
-# reads this when torch is first imported, so it only helps when sparsedsl is imported first.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from sparsedsl.errors import (  # noqa: E402
+from sparsedsl.errors import (
     ArgumentError,
     BackendError,
     PackError,
@@ -23,14 +16,14 @@ from sparsedsl.errors import (  # noqa: E402
     SdslSyntaxError,
     SourceFileError,
 )
-from sparsedsl.runtime.aot import load  # noqa: E402
-from sparsedsl.runtime.distill import distill  # noqa: E402
-from sparsedsl.runtime.model import compile_model, report  # noqa: E402
-from sparsedsl.runtime.model import prune_to as prune  # noqa: E402
-from sparsedsl.runtime.modules import SparseLinear  # noqa: E402
-from sparsedsl.runtime.program import Program, compile  # noqa: E402
-from sparsedsl.runtime.sparse_tensor import SparseTensor  # noqa: E402
-from sparsedsl.version import __version__ as __version__  # noqa: E402
+from sparsedsl.runtime.aot import load
+from sparsedsl.runtime.distill import distill
+from sparsedsl.runtime.model import compile_model, report
+from sparsedsl.runtime.model import prune_to as prune
+from sparsedsl.runtime.modules import SparseLinear
+from sparsedsl.runtime.program import Program, compile
+from sparsedsl.runtime.sparse_tensor import SparseTensor
+from sparsedsl.version import __version__ as __version__
 
 __all__ = [
     "ArgumentError",
