@@ -17,6 +17,7 @@ from sparsedsl.errors import SdslError, SdslSemanticError, Source, Span
 from sparsedsl.frontend import ast
 from sparsedsl.frontend.parser import parse, parse_format_ref
 from sparsedsl.ir import kernel_ir as K
+from sparsedsl.ir import levels as lv
 from sparsedsl.ir.buffer_names import DERIVED, RESERVED
 from sparsedsl.ir.formats import Format, FormatDef, LevelTemplate, make_level
 
@@ -57,12 +58,11 @@ class Program:
             _check_int(int(arg.value), arg.span, "format argument")
         fmt = fdef.instantiate(tuple(int(a.value) for a in ref.args), ref.span)
         for level_map, level in zip(fmt.maps, fmt.levels):
-            m = getattr(level, "m", None)
-            if level.name == "nm" and (level_map.op != "%" or level_map.factor != m):
+            if isinstance(level, lv.NM) and (level_map.op != "%" or level_map.factor != level.m):
                 where = level_map.text(fmt.dims)
                 raise SdslSemanticError(
                     f"{fmt.label} stores {level.describe()} on '{where}': an nm(n, m) level must store "
-                    f"'{fmt.dims[level_map.dim]} % {m}'",
+                    f"'{fmt.dims[level_map.dim]} % {level.m}'",
                     ref.span,
                 )
         return fmt
@@ -656,9 +656,9 @@ PRUNE_METHODS = {"magnitude": False, "wanda": True, "sparsegpt": True}
 def _nm_density(fmt: Format) -> float | None:
     """The density of a format of dense and ``nm`` levels only, whatever the tensor's shape; None
     for any other format (``fixed(w)`` depends on the shape: pruning checks those)."""
-    if any(level.name not in ("dense", "nm") for level in fmt.levels):
+    if not all(isinstance(level, lv.Dense | lv.NM) for level in fmt.levels):
         return None
-    return math.prod(level.slots / level.m for level in fmt.levels if level.name == "nm")
+    return math.prod(level.n / level.m for level in fmt.levels if isinstance(level, lv.NM))
 
 
 LINEAR_CALL = "(X: [M, K], W: [N, K] @ format[, b: [N]]) -> (Y: [M, N])"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsedsl as sd
-from tests.strategies import FORMATS
+from tests.strategies import FORMATS, prune_to_fit
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "linear.sdsl"
 FUZZ_EXAMPLES = int(os.environ.get("SPARSEDSL_FUZZ_EXAMPLES", "60"))
@@ -91,7 +91,7 @@ def test_corrupted_csr_is_refused(csr, buffer, edit, values, message):
     ],
 )
 def test_corrupted_levels_are_refused(prog, fmt, shape, edit, message):
-    weight = prog.pack(fmt, sd.prune(torch.randn(*shape), fmt, 0.5 if fmt in ("COO", "BSR(4, 1)") else None))
+    weight = prog.pack(fmt, prune_to_fit(torch.randn(*shape), prog.format(fmt), 0.5))
     with pytest.raises(sd.PackError) as err:
         buffer = 0 if fmt == "BSR(4, 1)" else -1
         sd.SparseTensor.from_structure(weight.format, shape, corrupted(weight, buffer, edit), weight.values)
@@ -217,8 +217,7 @@ def test_fuzz_structures(prog, case):
     fmt, n, k, kind, seed = case
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
-    sparsity = 0.6 if fmt in ("CSR", "CSC", "COO") or fmt.startswith("BSR") else None
-    weight = prog.pack(fmt, sd.prune(torch.randn(n, k), fmt, sparsity))
+    weight = prog.pack(fmt, prune_to_fit(torch.randn(n, k), prog.format(fmt), 0.6))
     structure, values = _corrupt(weight, kind, rng)
     try:
         w = sd.SparseTensor.from_structure(weight.format, (n, k), structure, values)
@@ -249,6 +248,6 @@ def test_empty_weights_and_batches(backend, n, k, m):
     ],
 )
 def test_a_huge_shape_is_refused_before_anything_is_allocated(prog, fmt, shape, message):
-    small = prog.pack(fmt, sd.prune(torch.randn(4, 8), fmt, 0.5 if fmt != "NM(2, 4)" else None))
+    small = prog.pack(fmt, prune_to_fit(torch.randn(4, 8), prog.format(fmt), 0.5))
     with pytest.raises(sd.PackError, match=re.escape(message)):
         sd.SparseTensor.from_structure(small.format, shape, small.structure(), small.values)
