@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from hypothesis import strategies as st
 
@@ -25,6 +27,13 @@ FORMATS = [
 ]
 
 # Formats without a compressed level: their levels fix the density, so no sparsity is asked of them.
+
+
+def fuzz_examples(fixed: int) -> int:
+    """Examples per fuzz test: ``fixed`` in ``make test``, ``SPARSEDSL_FUZZ_EXAMPLES`` in ``make fuzz``."""
+    return int(os.environ.get("SPARSEDSL_FUZZ_EXAMPLES") or fixed)
+
+
 FIXED_DENSITY = ("NM", "ELL", "VNM")
 
 

@@ -9,7 +9,6 @@ a few fixed ones run in ``make test``.
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
@@ -20,12 +19,10 @@ from hypothesis import strategies as st
 import sparsedsl as sd
 from sparsedsl.ir.schedule import loops
 from sparsedsl.runtime.prune import fixed_density, prune
-from tests.strategies import schedule_block
+from tests.strategies import fuzz_examples, schedule_block
 
-EXAMPLES = os.environ.get("SPARSEDSL_FUZZ_EXAMPLES")
 SETTINGS = settings(
-    max_examples=int(EXAMPLES or 12),
-    derandomize=EXAMPLES is None,
+    max_examples=fuzz_examples(12),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsedsl as sd
+from tests.strategies import fuzz_examples
 
-EXAMPLES = os.environ.get("SPARSEDSL_FUZZ_EXAMPLES")
-BACKENDS = ["llvm", "tvm"] if EXAMPLES else ["llvm"]
+BACKENDS = ["llvm", "tvm"] if os.environ.get("SPARSEDSL_FUZZ_EXAMPLES") else ["llvm"]
 
 KERNELS = """
 kernel lin(X: f32[M, K], W: f32[N, K] @ CSR, b: f32[N]) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n] }
@@ -84,8 +84,7 @@ def make_dense(compiled: nn.Module) -> nn.Module:
 
 
 @settings(
-    max_examples=int(EXAMPLES or 8),
-    derandomize=EXAMPLES is None,
+    max_examples=fuzz_examples(8),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

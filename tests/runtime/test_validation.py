@@ -3,21 +3,19 @@ corruption is a PackError naming the level, the buffer and the first offending p
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import sparsedsl as sd
-from tests.strategies import FORMATS, prune_to_fit
+from tests.strategies import FORMATS, fuzz_examples, prune_to_fit
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "linear.sdsl"
-FUZZ_EXAMPLES = int(os.environ.get("SPARSEDSL_FUZZ_EXAMPLES", "60"))
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +207,9 @@ def _corrupt(weight: sd.SparseTensor, kind: str, rng: torch.Generator) -> tuple[
     return structure, values
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=corruption())
+@example(case=("COO", 2, 2, "swap", 1))  # an unsorted top level: its error placed a key of no parent level
 def test_fuzz_structures(prog, case):
     """A random (possibly corrupted) structure of any level type is refused with a PackError, or it
     is valid and the kernel gives the dense answer: never a crash, never a wrong number."""
