@@ -4,7 +4,11 @@ Only the stored values and biases of the ``SparseLinear`` layers train (through 
 own backward, the pattern fixed); every other parameter is frozen meanwhile. The loss is the mean
 squared error of the student's output against the teacher's, plus that of each block's output (the
 hidden states: the blocks are those of calibration, runtime/calibrate.py, e.g. each transformer
-layer), on the same batch.
+layer), on the same batch. A batch that is a mapping with an ``attention_mask`` (a tokenizer's
+output) counts only the tokens it keeps: padding's hidden states are no part of what the model
+computes for its user. The teacher's outputs are computed once per batch and kept (up to
+``TEACHER_CACHE_BYTES``), so a cycled batch costs the student's forward and backward only. Adam's
+learning rate decays from ``lr`` to 0 over the steps along a half cosine.
 
 With ``gradual``, the patterns are not fixed from the start: gradual magnitude pruning (Zhu & Gupta
 2017). Each layer restarts from its teacher's dense weight pruned by magnitude to ``gradual``, and
@@ -16,6 +20,7 @@ target). Each pruning repacks the layers (a smaller pattern) and restarts Adam.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Mapping
 
@@ -28,6 +33,7 @@ from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.prune import fixed_density, prune
 
 GRADUAL_EVENTS = 10  # prunings of gradual pruning after the first
+TEACHER_CACHE_BYTES = 1 << 30  # the teacher's outputs are kept up to this size, not recomputed each cycle
 
 
 def distill(
@@ -41,10 +47,10 @@ def distill(
 ) -> nn.Module:
     """Train ``student``'s sparse layers (in place) for ``steps`` batches of ``batches`` (cycled;
     each a model input as for ``compile_model``'s ``calibration``) to match ``teacher``'s outputs
-    and hidden states, with Adam at learning rate ``lr``; returns ``student``. With ``verbose``, a
-    progress bar shows the loss. With ``gradual``, a sparsity in [0, 1), the layers restart from the
-    teacher's weights at that sparsity and are pruned gradually to their present one (module
-    docstring)."""
+    and hidden states, with Adam from learning rate ``lr`` (decayed along a half cosine); returns
+    ``student``. With ``verbose``, a progress bar shows the loss. With ``gradual``, a sparsity in
+    [0, 1), the layers restart from the teacher's weights at that sparsity and are pruned gradually
+    to their present one (module docstring)."""
     layers = {name: m for name, m in student.named_modules() if isinstance(m, SparseLinear)}
     if not layers:
         raise SdslSemanticError("the student has no SparseLinear layer: distill a model from sd.compile_model")
@@ -64,16 +70,18 @@ def distill(
     teacher.eval()
     optimizer = _optimizer(layers, lr)
     bar = _bar(steps) if verbose else None
+    targets = _Targets(teacher, blocks)
     try:
         for step in range(steps):
             if step in schedule:
                 _prune(layers, schedule[step], step == 0)
                 optimizer = _optimizer(layers, lr)
             batch = batches[step % len(batches)]
-            with torch.no_grad():
-                want = _outputs(teacher, batch, blocks)
+            want = targets(step % len(batches), batch)
             got = _outputs(student, batch, blocks)
-            loss = sum(nn.functional.mse_loss(g, w) for g, w in zip(got, want))
+            loss = _loss(got, want, _kept_tokens(batch))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -88,6 +96,47 @@ def distill(
         for m, mode in modes.items():
             m.training = mode
     return student
+
+
+class _Targets:
+    """The teacher's outputs for each batch: computed at the batch's first step and kept while
+    they fit ``TEACHER_CACHE_BYTES`` (the teacher is frozen, so they never change)."""
+
+    def __init__(self, teacher: nn.Module, blocks: list[str]) -> None:
+        self.teacher, self.blocks = teacher, blocks
+        self.kept: dict[int, list[torch.Tensor]] = {}
+        self.bytes = 0
+
+    def __call__(self, index: int, batch) -> list[torch.Tensor]:
+        if index in self.kept:
+            return self.kept[index]
+        with torch.no_grad():
+            want = _outputs(self.teacher, batch, self.blocks)
+        size = sum(t.numel() * t.element_size() for t in want)
+        if self.bytes + size <= TEACHER_CACHE_BYTES:
+            self.kept[index] = want
+            self.bytes += size
+        return want
+
+
+def _kept_tokens(batch) -> torch.Tensor | None:
+    """The [batch, tokens] 0/1 weights of the tokens a tokenizer's batch keeps, or None."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask.to(torch.float32) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def _loss(got: list[torch.Tensor], want: list[torch.Tensor], kept: torch.Tensor | None) -> torch.Tensor:
+    """Sum over the outputs of their mean squared error, over the kept tokens of those shaped
+    [batch, tokens, ...] when ``kept`` is given."""
+    total = torch.zeros(())
+    for g, w in zip(got, want):
+        if kept is None or g.shape[:2] != kept.shape:
+            total = total + nn.functional.mse_loss(g, w)
+            continue
+        weight = kept.reshape(*kept.shape, *([1] * (g.dim() - 2)))
+        per_entry = (g - w).square() * weight
+        total = total + per_entry.sum() / (weight.sum() * g[0, 0].numel()).clamp(min=1)
+    return total
 
 
 def _optimizer(layers: dict[str, SparseLinear], lr: float) -> torch.optim.Adam:
