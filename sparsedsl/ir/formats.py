@@ -7,6 +7,7 @@ integers bound (``BSR(4, 1)``). Packing, unpacking and iteration are composed fr
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -99,6 +100,23 @@ class Format:
         """Names of the index buffers of a tensor stored in this format, then its values."""
         return [*(f"{tensor}_{k}" for k in self.buffer_keys()), f"{tensor}_vals"]
 
+    def index_dtypes(self, shape: tuple[int, ...]) -> dict[str, torch.dtype]:
+        """The integer type of each index buffer (keys as ``buffer_keys``) of a ``shape`` tensor,
+        as its level chooses from its extent (``Level.dtype``): a CSR's columns over K <= 65536
+        take two bytes, an N:M level's offsets one."""
+        extents = self.extents(shape)
+        return {f"{i}_{s}": lvl.dtype(s, extents[i]) for i, lvl in enumerate(self.levels) for s in lvl.buffers()}
+
+    def index_dtype_choices(self) -> list[tuple[torch.dtype, ...]]:
+        """Every combination of index buffer types (in ``buffer_keys`` order) that tensors of some
+        shape take: one type for a level whose extent the format fixes (``j % 4``), one per
+        coordinate type for a level whose extent follows the shape (what an AOT build compiles)."""
+        choices = []
+        for m, lvl in zip(self.maps, self.levels):
+            extents = (m.factor,) if m.op == "%" else tuple(most for _, most in lv.COORDINATE_DTYPES)
+            choices += [tuple(dict.fromkeys(lvl.dtype(s, e) for e in extents)) for s in lvl.buffers()]
+        return list(itertools.product(*choices))
+
     def extents(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Concrete coordinate extent of each level; a shape that does not fit is a PackError."""
         if len(shape) != self.rank:
@@ -153,9 +171,10 @@ class Format:
         """Check buffers that come from outside the packer against this format and ``shape``: the
         buffers present, integer 1-D index buffers on the values' device, and each level's own
         invariants (``Level.validate``), in one vectorised pass; then ``vals`` holds one value per
-        stored position. Returns the buffers with index buffers as contiguous ``INDEX_DTYPE``
-        (integers of another width are converted). Anything else is a PackError naming the level,
-        the buffer and the first offending position."""
+        stored position. Returns the buffers with index buffers contiguous, each in the type its
+        level chooses (``index_dtypes``; integers of another width are converted once they are
+        known to fit). Anything else is a PackError naming the level, the buffer and the first
+        offending position."""
         if any(s < 0 for s in shape):
             raise PackError(f"a shape is a tuple of sizes >= 0, got {tuple(shape)}")
         if math.prod(shape) >= 1 << 62:  # the coordinate keys below are int64
@@ -199,7 +218,8 @@ class Format:
             raise PackError(
                 f"'vals' must hold one value per stored position, {positions.numel()}, it has {vals.numel()}"
             )
-        return {**{k: v.to(lv.INDEX_DTYPE).contiguous() for k, v in out.items()}, "vals": vals}
+        dtypes = self.index_dtypes(tuple(shape))
+        return {**{k: v.to(dtypes[k]).contiguous() for k, v in out.items()}, "vals": vals}
 
     def indices(self, bufs: dict[str, torch.Tensor], shape: tuple[int, ...]) -> list[torch.Tensor]:
         """The dimension indices of every stored position, in storage order (int64, on the CPU;

@@ -5,6 +5,9 @@ dimension under the positions of its parent level, and knows three things, nothi
 
 * its buffers and its properties (``unique``; ``padded``: stores a fixed number of slots, some
   possibly holding explicit zeros);
+* ``dtype``: the integer type of each buffer, given the level's extent: positions are int32,
+  coordinates the narrowest type that holds every coordinate of the extent (``coordinate_dtype``:
+  a byte up to 256, two up to 65536);
 * ``pack``: given the coordinate table of its parent positions and the nonzero entries, the
   coordinate table of its own positions and its buffers (vectorised torch, no per-nonzero loop);
 * ``unpack``: given its parent's coordinate table and its buffers, its own coordinate table;
@@ -30,7 +33,23 @@ import torch
 from sparsedsl.errors import PackError
 from sparsedsl.ir import loop_ir as L
 
-INDEX_DTYPE = torch.int32
+POS_DTYPE = torch.int32  # a position counts stored entries: int32, whatever the extent
+# The coordinate types, narrowest first, with the largest extent each holds. Two-byte coordinates
+# are torch.uint16: torch stores, copies, moves, concatenates, indexes, saves and hands it over by
+# DLPack, but has no arithmetic on it; everything here widens with .long() before computing, and
+# the generated code zero-extends each load to int64 (an int16 read as unsigned would show users
+# negative columns past 32767 and need a mask at every consumer).
+COORDINATE_DTYPES = ((torch.uint8, 1 << 8), (torch.uint16, 1 << 16), (torch.int32, 1 << 31))
+
+
+def type_name(dtype: torch.dtype) -> str:
+    """The loop-IR name of an index buffer's type: ``"uint16"`` for ``torch.uint16``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def coordinate_dtype(extent: int) -> torch.dtype:
+    """The narrowest integer type that holds every coordinate in ``[0, extent)``."""
+    return next((dtype for dtype, most in COORDINATE_DTYPES if extent <= most), torch.int64)
 
 
 @dataclass(frozen=True)
@@ -161,6 +180,11 @@ class Level:
         """Suffixes of the buffers this level stores (``pos``, ``crd``...)."""
         return ()
 
+    def dtype(self, suffix: str, extent: int) -> torch.dtype:
+        """The integer type of buffer ``suffix`` at coordinate extent ``extent``: ``pos`` int32,
+        coordinates the narrowest type that holds the extent."""
+        return POS_DTYPE if suffix == "pos" else coordinate_dtype(extent)
+
     def pack(self, state: PackState) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The coordinate table of this level's positions and its buffers."""
         raise NotImplementedError
@@ -232,7 +256,8 @@ class Compressed(Level):
         pos = torch.zeros(state.table.shape[0] + 1, dtype=torch.int64)
         pos[1:] = torch.cumsum(counts, 0)
         crd = children[:, state.level]
-        return children, {"pos": pos.to(INDEX_DTYPE), "crd": crd.to(INDEX_DTYPE)}
+        dtypes = {suffix: self.dtype(suffix, state.extent) for suffix in self.buffers()}
+        return children, {"pos": pos.to(dtypes["pos"]), "crd": crd.to(dtypes["crd"])}
 
     def unpack(self, table, extent, bufs):
         pos = bufs["pos"].long()
@@ -255,6 +280,8 @@ class Compressed(Level):
         if bool((counts < 0).any()):
             p = int(torch.argmax((counts < 0).to(torch.uint8)))
             state.fail("pos", p + 1, f"= {int(pos[p + 1])} is smaller than pos[{p}] = {int(pos[p])}", p)
+        if int(pos[-1]) > torch.iinfo(POS_DTYPE).max:
+            state.fail("pos", parents, f"= {int(pos[-1])} does not fit the {POS_DTYPE} of positions")
         crd = state.coordinates("crd", int(pos[-1]))
         parent = torch.repeat_interleave(torch.arange(parents, device=crd.device), counts)
         return state.ordered("crd", state.keys[parent] * state.extent + crd, parent, self.unique)
@@ -269,7 +296,7 @@ class Singleton(Level):
         return ("crd",)
 
     def pack(self, state):
-        return state.table, {"crd": state.table[:, state.level].to(INDEX_DTYPE)}
+        return state.table, {"crd": state.table[:, state.level].to(self.dtype("crd", state.extent))}
 
     def unpack(self, table, extent, bufs):
         return torch.cat([table, bufs["crd"].long().view(-1, 1)], dim=1)
@@ -317,7 +344,7 @@ class Slotted(Level):
         rank = (~present).to(torch.int64) * group + torch.arange(group)
         chosen = torch.sort(torch.topk(rank, self.slots, dim=1, largest=False).indices, dim=1).values
         coords = chosen.reshape(-1)
-        return _expand(state.parents, self.slots, coords), {"crd": coords.to(INDEX_DTYPE)}
+        return _expand(state.parents, self.slots, coords), {"crd": coords.to(self.dtype("crd", group))}
 
     def unpack(self, table, extent, bufs):
         return _expand(table, self.slots, bufs["crd"].long())

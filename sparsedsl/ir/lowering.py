@@ -30,7 +30,7 @@ from sparsedsl.errors import SdslSemanticError
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.buffer_names import ACC, VALUES, stored_values, tile_copy
+from sparsedsl.ir.buffer_names import ACC, stored_values, tile_copy
 from sparsedsl.ir.formats import Format
 
 ACC_DTYPE = "float32"
@@ -44,6 +44,8 @@ class LowerOptions:
     stage: frozenset[str] | None = None  # tensors to stage per tile; None = every eligible one
     no_stage: frozenset[str] = frozenset()
     gpu: bool = False  # no staging and no blocked write-out: ir/gpu.py maps lanes to threads
+    # the sparse input's index buffer types, in format order (``Format.index_dtypes``); None: int32
+    index_dtypes: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -290,8 +292,9 @@ def _params(ctx: _Ctx) -> tuple[L.Buffer | L.Var, ...]:
             ctx.buffers[buf.name] = buf
             params.append(buf)
         else:
-            for name in p.format.buffer_names(p.name):
-                dtype = p.dtype if name.endswith(VALUES) else "int32"
+            names = p.format.buffer_names(p.name)
+            index_dtypes = ctx.opts.index_dtypes or ("int32",) * (len(names) - 1)
+            for name, dtype in zip(names, (*index_dtypes, p.dtype)):
                 buf = L.Buffer(name, dtype, (_sym(f"{name}_len"),))
                 ctx.buffers[name] = buf
                 params.append(buf)

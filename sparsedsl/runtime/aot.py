@@ -1,10 +1,13 @@
 """Ahead-of-time builds: ``sparsedsl build FILE -o DIR`` and ``sd.load(DIR)``.
 
-A build directory holds the source, one shared library per (kernel, format) and a
-``manifest.json`` recording what was built and for what: the schema version, the versions of
+A build directory holds the source, one shared library per (kernel, format, index buffer types)
+and a ``manifest.json`` recording what was built and for what: the schema version, the versions of
 sparsedsl / TVM / torch, the target with its CPU and the instruction-set extensions its code may use
 (``avx2``, ``fma``, ``avx512f``...), the source's SHA-256, each kernel's signature and
-each artifact's SHA-256. Loading checks all of it and never compiles.
+each artifact's SHA-256. A build does not know the shapes of the weights it will meet, and a
+level's coordinate type follows its extent (``Format.index_dtypes``), so each format is built for
+every combination of index types its tensors can have (``Format.index_dtype_choices``: one for
+N:M, three for CSR, nine for COO). Loading checks all of it and never compiles.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from sparsedsl import cache
 from sparsedsl.backends.cuda.module import CudaModule, default_arch
 from sparsedsl.errors import SdslError, Source
 from sparsedsl.frontend.check import check
+from sparsedsl.ir import levels as lv
 from sparsedsl.ir.formats import Format
 from sparsedsl.runtime.program import Instance, Program, read_source
 from sparsedsl.runtime.rules import Rule, rules_of
 from sparsedsl.version import __version__
 
-SCHEMA_VERSION = 2  # 2: the target lists the CPU features the code needs
+SCHEMA_VERSION = 3  # 2: the target lists the CPU features the code needs; 3: each kernel its index types
 CPU_ONLY = ("cpu", "features")  # where a CPU build loads, its CPU may differ; its features are checked
 MANIFEST = "manifest.json"
 SOURCE = "source.sdsl"
@@ -110,6 +114,14 @@ def _formats_to_build(program: Program) -> dict[str, list[Format | None]]:
     return out
 
 
+def _index_dtypes_to_build(fmt: Format | None) -> list[tuple[str, ...] | None]:
+    """The index buffer types a format's kernels are built for: every combination its tensors can
+    have (None for a kernel without a sparse input)."""
+    if fmt is None:
+        return [None]
+    return [tuple(lv.type_name(d) for d in choice) for choice in fmt.index_dtype_choices()]
+
+
 def build(
     path_or_source, out_dir: str | os.PathLike, target: str = "cpu", backend: str = "tvm", arch: str | None = None
 ) -> Path:
@@ -124,20 +136,23 @@ def build(
     for name, formats in _formats_to_build(program).items():
         compiled = program.kernels[name]
         for fmt in formats:
-            inst = compiled.instance(fmt)
-            suffix = ".cuda.json" if target == "cuda" else ".so"
-            lib = out / f"{name}__{_slug(fmt.label) if fmt else 'dense'}{suffix}"
-            cache.atomic_write(lib, inst.built.export)
-            kernels.append(
-                {
-                    "kernel": name,
-                    "signature": compiled.signature(),
-                    "format": fmt.label if fmt else None,
-                    "variants": list(inst.variants),
-                    "file": lib.name,
-                    "sha256": cache.digest(lib),
-                }
-            )
+            for index_dtypes in _index_dtypes_to_build(fmt):
+                inst = compiled.instance(fmt, index_dtypes)
+                suffix = ".cuda.json" if target == "cuda" else ".so"
+                stem = "__".join((name, _slug(fmt.label), *index_dtypes) if fmt else (name, "dense"))
+                lib = out / f"{stem}{suffix}"
+                cache.atomic_write(lib, inst.built.export)
+                kernels.append(
+                    {
+                        "kernel": name,
+                        "signature": compiled.signature(),
+                        "format": fmt.label if fmt else None,
+                        "index_dtypes": list(index_dtypes) if fmt else None,
+                        "variants": list(inst.variants),
+                        "file": lib.name,
+                        "sha256": cache.digest(lib),
+                    }
+                )
     rules = [asdict(r) for decl in program.checked.models.values() for r in rules_of(program, decl)]
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -218,8 +233,18 @@ def _kernel_entry(entry) -> bool:
         and _strings(entry, "kernel", "file", "sha256")
         and Path(entry["file"]).name == entry["file"]
         and isinstance(entry.get("format"), str | None)
+        and _index_dtypes_entry(entry)
         and isinstance(entry.get("variants"), list)
     )
+
+
+def _index_dtypes_entry(entry: dict) -> bool:
+    """A kernel entry's index types: one known coordinate or position type per index buffer of its
+    format, or none without a format."""
+    types, known = entry.get("index_dtypes"), {lv.type_name(d) for d, _ in lv.COORDINATE_DTYPES}
+    if entry.get("format") is None:
+        return types is None
+    return isinstance(types, list) and all(t in known | {lv.type_name(lv.POS_DTYPE)} for t in types)
 
 
 def load(directory: str | os.PathLike) -> Program:
@@ -256,11 +281,14 @@ def load(directory: str | os.PathLike) -> Program:
         if compiled is None:
             raise AotError(f"{root / MANIFEST} lists a kernel '{entry['kernel']}' that {SOURCE} does not define")
         fmt = program.format(entry["format"]) if entry["format"] else None
-        variants = compiled.lowered(fmt)
+        index_dtypes = tuple(entry["index_dtypes"]) if fmt else None
+        if fmt is not None and len(index_dtypes) != len(fmt.buffer_keys()):
+            raise AotError(f"{lib}: {len(index_dtypes)} index types for the {len(fmt.buffer_keys())} of {fmt.label}")
+        variants = compiled.lowered(fmt, index_dtypes)
         if list(variants) != entry["variants"]:
             raise AotError(f"{lib}: its variants {entry['variants']} differ from this compiler's {list(variants)}")
         built = _load_library(backend, lib, image, list(variants.values()), program.target)
-        compiled.instances[fmt] = Instance(variants, built)
+        compiled.instances[(fmt, index_dtypes)] = Instance(variants, built)
     program.aot = root
     program.rules = [Rule(**r) for r in manifest["rules"]]
     return program

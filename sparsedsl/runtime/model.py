@@ -223,7 +223,7 @@ def _compile_layer(
     if sparse.density > keep_dense_above:
         note = f"kept dense: density {sparse.density:.2f} > {keep_dense_above}"
         return LayerReport(name, rule.format, sparse.density, kernel, False, note)
-    sparse.program.kernels[kernel].instance(sparse.program.format(rule.format))  # compile now
+    sparse.program.kernels[kernel].instance_for(sparse.sparse_weight())  # compile now
     _replace(model, name, sparse)
     note = f"fuses {_fuse(model, name, rule.fuse, sparse, fused_by)}" if rule.fuse else ""
     return LayerReport(name, rule.format, sparse.density, kernel, True, note)

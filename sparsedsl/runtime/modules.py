@@ -104,7 +104,9 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         """Validate an incoming structure before taking it (a corrupted index is a PackError naming
-        the layer, not a crash later); a structure of another pattern (another nnz) is taken too."""
+        the layer, not a crash later); a structure of another pattern (another nnz) is taken too,
+        and so is one of other integer widths (an int32 state dict from before narrow index
+        buffers): it is stored in the types the format's levels choose."""
         names = [f"structure_{i}" for i in range(len(self._buffers))]
         incoming = [state_dict.get(prefix + n) for n in (*names, "values")]
         if all(t is not None for t in incoming):
@@ -116,7 +118,7 @@ class SparseLinear(nn.Module):
             except PackError as err:
                 raise PackError(f"state_dict of layer '{prefix.rstrip('.') or '(top)'}': {err.message}") from None
             for n, buf in zip(names, weight.structure()):
-                if getattr(self, n).shape != buf.shape:
+                if (getattr(self, n).shape, getattr(self, n).dtype) != (buf.shape, buf.dtype):
                     setattr(self, n, torch.empty_like(buf))
             if self.values.shape != values.shape:
                 self.values = nn.Parameter(self.values.new_empty(values.shape))

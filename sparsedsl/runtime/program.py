@@ -15,6 +15,7 @@ from sparsedsl.frontend.check import Program as CheckedProgram
 from sparsedsl.frontend.check import check
 from sparsedsl.frontend.source import read_source
 from sparsedsl.ir import kernel_ir as K
+from sparsedsl.ir import levels as lv
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir import schedule as sched
 from sparsedsl.ir.buffer_names import stored_values
@@ -135,7 +136,7 @@ class CompiledKernel:
 
     program: Program
     kernel: K.Kernel
-    instances: dict[Format | None, Instance] = field(default_factory=dict)
+    instances: dict[tuple[Format | None, tuple[str, ...] | None], Instance] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -149,12 +150,13 @@ class CompiledKernel:
 
         return f"{self.name}({', '.join(one(p) for p in self.kernel.inputs)}) -> ({one(self.kernel.output)})"
 
-    def lowered(self, fmt: Format | None) -> dict[str, L.LoopFunc]:
-        """The scheduled loop IR variants of this kernel for a format (its own when None)."""
+    def lowered(self, fmt: Format | None, index_dtypes: tuple[str, ...] | None = None) -> dict[str, L.LoopFunc]:
+        """The scheduled loop IR variants of this kernel for a format (its own when None) whose
+        index buffers have types ``index_dtypes`` (format order; None: int32)."""
         kernel = self.kernel.with_format(fmt) if fmt is not None else self.kernel
         directives = self.program.schedule_directives(self.name)
         try:
-            opts = _lower_options(directives, kernel)
+            opts = replace(_lower_options(directives, kernel), index_dtypes=index_dtypes)
             if self.program.target == "cuda":
                 return {"cuda": self._gpu(kernel, opts, directives)}
             func = lower(kernel, opts)
@@ -211,18 +213,29 @@ class CompiledKernel:
                 func = stage_shared(func, d.loops[0].text, d.loops[2].text, d.span)
         return func
 
-    def instance(self, fmt: Format | None = None) -> Instance:
+    def instance(self, fmt: Format | None = None, index_dtypes: tuple[str, ...] | None = None) -> Instance:
+        """The kernel built for a format (its own when None) whose index buffers have types
+        ``index_dtypes`` (``index_types``; None: int32), built on first use."""
         fmt = fmt or (self.kernel.sparse_input.format if self.kernel.sparse_input else None)
-        if fmt not in self.instances and self.program.aot is not None:
-            label = fmt.label if fmt else "its dense form"
+        if fmt is not None and index_dtypes is None:
+            index_dtypes = ("int32",) * len(fmt.buffer_keys())
+        key = (fmt, index_dtypes)
+        if key not in self.instances and self.program.aot is not None:
+            label = f"{fmt.label} with index types {', '.join(index_dtypes) or 'none'}" if fmt else "its dense form"
             raise BackendError(
                 f"kernel '{self.name}' was not built ahead of time for {label} in "
                 f"{self.program.aot}; add a model rule for it and rebuild"
             )
-        if fmt not in self.instances:
-            variants = self.lowered(fmt)
-            self.instances[fmt] = Instance(variants, self.program.backend_build(list(variants.values())))
-        return self.instances[fmt]
+        if key not in self.instances:
+            variants = self.lowered(fmt, index_dtypes)
+            self.instances[key] = Instance(variants, self.program.backend_build(list(variants.values())))
+        return self.instances[key]
+
+    def instance_for(self, weight: SparseTensor | None) -> Instance:
+        """The kernel built for calls with this sparse argument (its format and index types)."""
+        if weight is None:
+            return self.instance()
+        return self.instance(weight.format, index_types(weight))
 
     def source(self, stage: str = "tir", format: str | Format | None = None) -> str:
         """Generated code: ``ir`` (loop IR), ``tir``, ``llvm`` (LLVM IR) or ``asm``."""
@@ -238,8 +251,7 @@ class CompiledKernel:
         kernel = self.kernel
         device = "cuda" if self.program.target == "cuda" else "cpu"
         call_args, sizes, sparse = _bind(kernel, args, device)
-        fmt = sparse.format if sparse is not None else None
-        inst = self.instance(fmt)
+        inst = self.instance_for(sparse)
         out = kernel.output
         if out.pattern_of:
             result = torch.empty_like(sparse.values, dtype=TORCH_DTYPES[out.dtype])
@@ -271,6 +283,11 @@ class CompiledKernel:
         if out.pattern_of:
             return sparse.with_values(result)
         return result.t().contiguous() if out.name in inst.transposed else result
+
+
+def index_types(weight: SparseTensor) -> tuple[str, ...]:
+    """The types of a sparse tensor's index buffers, in format order: what its kernels are built for."""
+    return tuple(lv.type_name(b.dtype) for b in weight.structure())
 
 
 def _one_token(func: L.LoopFunc) -> L.LoopFunc:

@@ -21,9 +21,18 @@ from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
 
 I1, I32, I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
-TYPES = {"float32": ir.FloatType(), "float64": ir.DoubleType(), "int32": I32, "int64": I64, "float16": ir.HalfType()}
+TYPES = {
+    "float32": ir.FloatType(),
+    "float64": ir.DoubleType(),
+    "int32": I32,
+    "int64": I64,
+    "float16": ir.HalfType(),
+    "uint8": ir.IntType(8),  # narrow coordinate buffers (ir/levels.py), zero-extended when read
+    "uint16": ir.IntType(16),
+}
 FLOATS = ("float32", "float64", "float16")
-BYTES = {"float32": 4, "float64": 8, "float16": 2, "int32": 4, "int64": 8}
+UNSIGNED = ("uint8", "uint16")
+BYTES = {"float32": 4, "float64": 8, "float16": 2, "int32": 4, "int64": 8, "uint8": 1, "uint16": 2}
 STACK_LIMIT = 1 << 14  # bytes: larger constant buffers and symbolic ones go to the heap
 
 
@@ -247,8 +256,10 @@ class Codegen:
         if src in FLOATS:
             return self.b.fptosi(v, to)
         if dtype in FLOATS:
-            return self.b.sitofp(v, to)
-        return self.b.sext(v, to) if BYTES[dtype] > BYTES[src] else self.b.trunc(v, to)
+            return self.b.uitofp(v, to) if src in UNSIGNED else self.b.sitofp(v, to)
+        if BYTES[dtype] <= BYTES[src]:
+            return self.b.trunc(v, to)
+        return self.b.zext(v, to) if src in UNSIGNED else self.b.sext(v, to)
 
     def _bin(self, op, x, y, lane, vec):
         b = self.b
