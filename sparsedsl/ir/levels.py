@@ -149,7 +149,7 @@ def decode(keys: torch.Tensor, extents: tuple[int, ...]) -> torch.Tensor:
     for extent in reversed(extents):
         cols.append(keys % extent)
         keys = torch.div(keys, extent, rounding_mode="floor")
-    return torch.stack(cols[::-1], dim=1) if cols else keys.reshape(-1, 0)
+    return torch.stack(cols[::-1], dim=1) if cols else keys.new_zeros((len(keys), 0))
 
 
 def unique_rows(table: torch.Tensor, extents: tuple[int, ...]) -> torch.Tensor:
