@@ -15,6 +15,7 @@ import importlib
 import inspect
 import random
 import re
+import sys
 import warnings
 
 import torch
@@ -36,14 +37,15 @@ WORDS = re.compile(r"^[A-Za-z][A-Za-z ,;:'()-]*[.!?]$")
 
 
 def sentences() -> list[str]:
-    """English sentences of 6 to 40 words from the docstrings of MODULES, unique, in a fixed order."""
+    """English sentences of 6 to 40 words from the docstrings of MODULES and their standard-library
+    classes and functions, unique, in a fixed order."""
     found: dict[str, None] = {}
     for name in MODULES:
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        objects = [module, *(v for _, v in sorted(vars(module).items()) if inspect.isclass(v) or inspect.isfunction(v))]
+        objects = [module, *(v for _, v in sorted(vars(module).items()) if _standard(v))]
         for obj in objects:
             with warnings.catch_warnings():  # the docstrings of deprecated members (typing.io) warn
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -53,6 +55,14 @@ def sentences() -> list[str]:
                     if WORDS.match(sentence) and 6 <= len(sentence.split()) <= 40:
                         found.setdefault(sentence, None)
     return list(found)
+
+
+def _standard(value) -> bool:
+    """A class or function of the standard library: not one another library patched in (TVM
+    replaces ``inspect.getfile`` once its parser is imported), so the sentences found do not depend
+    on what the process imported before."""
+    module = getattr(value, "__module__", None) or ""
+    return (inspect.isclass(value) or inspect.isfunction(value)) and module.split(".")[0] in sys.stdlib_module_names
 
 
 def split(all_sentences: list[str], seed: int, calibration: int, held_out: int) -> tuple[list[str], list[str]]:
