@@ -153,19 +153,23 @@ def _optimized(text: str) -> llvm.ModuleRef:
     return mod
 
 
+def optimized_engine(text: str) -> llvm.ExecutionEngine:
+    """An MCJIT engine with the LLVM IR ``text`` optimised, compiled for this CPU and linked."""
+    mod = _optimized(text)
+    engine = llvm.create_mcjit_compiler(mod, _machine())
+    engine.finalize_object()
+    return engine
+
+
 def build(funcs: list[L.LoopFunc]) -> Built:
     """Generate, optimise and JIT the functions."""
     if any(p.dtype == "bfloat16" for f in funcs for p in f.params):
         raise BackendError("bf16 kernels are not supported by the llvm backend; use f32 or f16")
-    machine = _machine()
-    module = generate(funcs, vector_bits(), llvm.get_process_triple())
-    text = str(module)
+    text = str(generate(funcs, vector_bits(), llvm.get_process_triple()))
     try:
-        mod = _optimized(text)
+        engine = optimized_engine(text)
     except RuntimeError as err:
         raise BackendError(f"LLVM rejected kernel '{funcs[0].name}': {err}") from None
-    engine = llvm.create_mcjit_compiler(mod, machine)
-    engine.finalize_object()
     functions = {f.name: Kernel(f, engine.get_function_address(f.name)) for f in funcs}
     return Built(functions, text, engine)
 
@@ -177,4 +181,4 @@ def load_library(path: Path, funcs: list[L.LoopFunc]) -> Built:
     return Built(functions, "", lib, Path(path))
 
 
-__all__ = ["TYPES", "Built", "build", "code_features", "host_cpu", "load_library", "vector_bits"]
+__all__ = ["TYPES", "Built", "build", "code_features", "host_cpu", "load_library", "optimized_engine", "vector_bits"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from functools import cache as memoize
 from pathlib import Path
@@ -11,6 +12,7 @@ import tvm
 
 from sparsedsl import cache
 from sparsedsl.backends import host
+from sparsedsl.backends.tvm import pool
 from sparsedsl.backends.tvm.tir import to_tir
 from sparsedsl.config import num_threads
 from sparsedsl.errors import BackendError
@@ -41,17 +43,6 @@ def hidden_features() -> tuple[str, ...]:
 
 def _features(target: tvm.target.Target) -> list[str]:
     return host.used_in_code(str(f) for f in tvm.target.codegen.llvm_get_cpu_features(target))
-
-
-def _size_thread_pool() -> None:
-    """TVM sizes its pool from ``TVM_NUM_THREADS`` when a kernel first runs a parallel loop; left
-    alone it may use a single worker on small machines. In a model, torch's threads run between the
-    kernels: TVM's workers must neither spin nor be pinned to cores there (measured in
-    docs/BENCHMARKS.md). A workload of back-to-back kernels may set TVM_THREAD_POOL_SPIN_COUNT
-    high. A user's settings win."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(num_threads()))
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
-    os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 def host_target(threads: int | None = None) -> tvm.target.Target:
@@ -98,25 +89,35 @@ def build(funcs: list[L.LoopFunc], cache_dir: Path | None = None) -> Built:
     dtypes = {p.dtype for f in funcs for p in f.params}
     if "bfloat16" in dtypes:
         raise BackendError("bf16 kernels are not supported by TVM's CPU code generator here; use f32 or f16")
-    _size_thread_pool()
     prims = {f.name: to_tir(f) for f in funcs}
     target = host_target()
     key = cache.key_of(*(p.script() for p in prims.values()), str(target), tvm.__version__)
     if cache_dir is not None:
-        hit = cache.lookup(Path(cache_dir), key, lambda path: (load_module(path), path.read_bytes()), ".so")
+        hit = cache.lookup(Path(cache_dir), key, lambda path: load(path, prims, path.read_bytes()), ".so")
         if hit is not None:
-            module, image = hit
-            return Built(module, {name: module[name] for name in prims}, prims, image)
+            return hit
     try:
         module = tvm.compile(tvm.IRModule(prims), target=target)
     except Exception as err:  # noqa: BLE001 - TVM raises its own internal error types
         raise BackendError(f"TVM could not compile kernel '{funcs[0].name}': {str(err).splitlines()[-1]}") from None
-    if cache_dir is not None:
-        cache.store(Path(cache_dir), key, lambda path: module.export_library(str(path)), ".so")
-    return Built(module, {name: module[name] for name in prims}, prims)
+    with tempfile.TemporaryDirectory(prefix="sparsedsl-tvm-") as tmp:
+        path = Path(tmp) / "kernels.so"
+        module.export_library(str(path))
+        if cache_dir is not None:
+            cache.store(Path(cache_dir), key, lambda entry: shutil.copyfile(path, entry), ".so")
+        return load(path, prims, path.read_bytes())
+
+
+def load(path: Path, prims: dict[str, tvm.tirx.PrimFunc], image: bytes) -> Built:
+    """The kernels ``prims`` from the library at ``path`` (whose bytes are ``image``), their
+    parallel loops run on torch's OpenMP threads (backends/tvm/pool.py)."""
+    module = load_module(path)
+    return Built(module, {name: pool.run_with_threads(module[name]) for name in prims}, prims, image)
 
 
 def load_module(path: Path) -> tvm.runtime.Module:
-    """A compiled kernel library written by ``export_library``."""
-    _size_thread_pool()
-    return tvm.runtime.load_module(str(path))
+    """A compiled kernel library written by ``export_library``, its parallel loops on torch's
+    OpenMP threads (TVM's own pool is never started)."""
+    module = tvm.runtime.load_module(str(path))
+    pool.adopt(path)
+    return module
