@@ -15,13 +15,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch, tvm, sparsedsl"
 	touch $(STAMP)
 
+# One pytest worker per core (xdist), each test file on one worker (its compiled fixtures built once)
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n auto --dist loadfile
+
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(PYTEST) tests
 
 # Every test named fuzz at length (make test runs a few fixed examples of each); FUZZ_EXAMPLES=1000 for longer
 FUZZ_EXAMPLES ?= 200
 fuzz: install
-	SPARSEDSL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider tests -k fuzz
+	SPARSEDSL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTEST) tests -k fuzz
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/demo.py
