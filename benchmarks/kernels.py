@@ -8,27 +8,22 @@ density), writes JSON, and sweeps sparsity for one BERT shape into docs/img/spee
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
+import time
+from pathlib import Path
 
-# Back-to-back kernels: let TVM's workers spin between calls (sparsedsl's default, 0, suits models
-# where torch runs in between; see docs/BENCHMARKS.md). Set before the pool starts.
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "100000")
+import scipy.sparse
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import scipy.sparse  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import sparsedsl as sd  # noqa: E402
-from sparsedsl.backends.tvm.cpu import host_cpu  # noqa: E402
-from sparsedsl.runtime.prune import prune  # noqa: E402
-from sparsedsl.timing import median_time  # noqa: E402
+import sparsedsl as sd
+from sparsedsl.backends.tvm.cpu import host_cpu
+from sparsedsl.runtime.prune import prune
+from sparsedsl.timing import median_time
 
 ROOT = Path(__file__).resolve().parents[1]
 BERT = [(768, 768), (3072, 768), (768, 3072)]
