@@ -84,8 +84,8 @@ def load(out: Path) -> tuple[nn.Module, object]:
     return model, transformers.AutoTokenizer.from_pretrained(out)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Run the five stages; returns the held-out cosine of each model against the dense one."""
+def main(argv: list[str] | None = None) -> None:
+    """Run the five stages, printing the held-out cosine of each model against the dense one."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--format", default="NM(2, 4)", help='the weights\' format, e.g. "BSR(4, 1)", "CSR"')
     parser.add_argument("--sparsity", type=float, default=None, help="None for formats of fixed density (N:M)")
@@ -108,13 +108,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     calibration_texts, held_out_texts = split(pool, args.seed, args.calibration, args.held_out)
     held_out = batches(tokenizer, held_out_texts, 16)
     reference = embed(model, held_out)
-    cosines: dict[str, float] = {}
 
     def stage(name: str, what: nn.Module, start: float) -> None:
-        cosines[name] = cosine(what, held_out, reference)
-        print(f"{name:<10} cosine {cosines[name]:.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+        score = cosine(what, held_out, reference)
+        print(f"{name:<10} cosine {score:.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    print(f"all-MiniLM-L6-v2, {LAYERS} in {args.format}, sparsity {args.sparsity}, pruned by {args.method}")
+    sparsity = "the format's" if args.sparsity is None else args.sparsity
+    print(f"all-MiniLM-L6-v2, {LAYERS} in {args.format}, sparsity {sparsity}, pruned by {args.method}")
     print(f"sentences: {len(calibration_texts)} calibrate, {len(held_out_texts)} held out, of {len(pool)} found")
     start = time.perf_counter()
     spec = {"format": args.format, "sparsity": args.sparsity, "prune": args.method}
@@ -136,7 +136,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if diff > 1e-4:
         raise SystemExit(f"the loaded model's embeddings differ from the distilled model's by {diff:.2e}")
     print(f"loaded embeddings = the saved model's (max difference {diff:.1e})")
-    return cosines
 
 
 if __name__ == "__main__":
