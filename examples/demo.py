@@ -18,9 +18,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# This script alternates torch ops and TVM kernels: torch's OpenMP workers wait passively (set
-# before torch starts; sparsedsl itself changes no environment). README, "Threads".
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
