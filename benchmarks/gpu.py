@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sparsedsl as sd  # noqa: E402
+from sparsedsl.runtime.program import index_type_choices  # noqa: E402
 
 SOURCE = """
 kernel lin32(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }
@@ -184,14 +185,12 @@ def prebuild(arch: str, cache: Path) -> None:
     """Build the table's kernels for ``arch`` into ``cache`` (no GPU needed)."""
     os.environ["SPARSEDSL_CACHE_DIR"] = str(cache)
     prog = sd.compile(SOURCE, target="cuda", arch=arch)
-    for name, fmt, _, _ in CASES:
-        prog.kernels[name].instance(prog.format(fmt))
-    for fmt, _ in BACKWARD:
-        for name in ("grad_input", "grad_weight"):
-            prog.kernels[name].instance(prog.format(fmt))
-    for fmt, _ in VECTORS:
-        for name in ("mv", "mv_t"):
-            prog.kernels[name].instance(prog.format(fmt))
+    pairs = [(name, fmt) for name, fmt, _, _ in CASES]
+    pairs += [(name, fmt) for fmt, _ in BACKWARD for name in ("grad_input", "grad_weight")]
+    pairs += [(name, fmt) for fmt, _ in VECTORS for name in ("mv", "mv_t")]
+    for name, fmt in pairs:
+        for types in index_type_choices(prog.format(fmt)):  # the table's shapes pick one
+            prog.kernels[name].instance(prog.format(fmt), types)
 
 
 def main() -> None:

@@ -155,6 +155,8 @@ def main() -> None:
         help="add the llvm backend's rows (the tvm backend is always measured)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the GPU table (gpu.py)")
+    parser.add_argument("--formats", help="only the rows of formats starting with one of these (CSR,NM); no sweep")
+    parser.add_argument("--tokens", help="only the rows of these token counts (1,128); no sweep")
     args = parser.parse_args()
     if args.device == "cuda":
         from gpu import run
@@ -166,6 +168,10 @@ def main() -> None:
     progs = {b: sd.compile(ROOT / "examples" / "linear.sdsl", backend=b) for b in ["tvm", *(args.backend or [])]}
     warm_up(progs["tvm"])
     table = decode_cases() if args.decode else cases(args.quick)
+    if args.formats:
+        table = [c for c in table if c["fmt"].startswith(tuple(args.formats.split(",")))]
+    if args.tokens:
+        table = [c for c in table if c["tokens"] in {int(t) for t in args.tokens.split(",")}]
     rows = [measure(progs, c, args.reps) for c in tqdm(table, desc="kernels")]
     header = (
         f"{'tokens':>6} {'N x K':>11} {'format':<12} {'sparsity':>8} {'limit':>6} {'sparsedsl':>9} "
@@ -193,7 +199,7 @@ def main() -> None:
         },
         "rows": rows,
     }
-    if not (args.quick or args.no_sweep or args.decode):
+    if not (args.quick or args.no_sweep or args.decode or args.formats or args.tokens):
         curves = sweep({"tvm": progs["tvm"]}, args.reps)
         plot(curves, args.plot, f"3072x768 weight, 128 tokens, {args.threads} threads ({host_cpu()})")
         report["sweep"] = curves

@@ -28,7 +28,7 @@ from sparsedsl.errors import SdslError, Source
 from sparsedsl.frontend.check import check
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir.formats import Format
-from sparsedsl.runtime.program import Instance, Program, read_source
+from sparsedsl.runtime.program import Instance, Program, index_type_choices, read_source
 from sparsedsl.runtime.rules import Rule, rules_of
 from sparsedsl.version import __version__
 
@@ -114,14 +114,6 @@ def _formats_to_build(program: Program) -> dict[str, list[Format | None]]:
     return out
 
 
-def _index_dtypes_to_build(fmt: Format | None) -> list[tuple[str, ...] | None]:
-    """The index buffer types a format's kernels are built for: every combination its tensors can
-    have (None for a kernel without a sparse input)."""
-    if fmt is None:
-        return [None]
-    return [tuple(lv.type_name(d) for d in choice) for choice in fmt.index_dtype_choices()]
-
-
 def build(
     path_or_source, out_dir: str | os.PathLike, target: str = "cpu", backend: str = "tvm", arch: str | None = None
 ) -> Path:
@@ -136,7 +128,7 @@ def build(
     for name, formats in _formats_to_build(program).items():
         compiled = program.kernels[name]
         for fmt in formats:
-            for index_dtypes in _index_dtypes_to_build(fmt):
+            for index_dtypes in index_type_choices(fmt):
                 inst = compiled.instance(fmt, index_dtypes)
                 suffix = ".cuda.json" if target == "cuda" else ".so"
                 stem = "__".join((name, _slug(fmt.label), *index_dtypes) if fmt else (name, "dense"))

@@ -290,6 +290,15 @@ def index_types(weight: SparseTensor) -> tuple[str, ...]:
     return tuple(lv.type_name(b.dtype) for b in weight.structure())
 
 
+def index_type_choices(fmt: Format | None) -> list[tuple[str, ...] | None]:
+    """Every set of index types a format's tensors can have, whatever their shape: what a build
+    made before the shapes are known (AOT, a cache filled for another machine) compiles (None for
+    a kernel without a sparse input)."""
+    if fmt is None:
+        return [None]
+    return [tuple(lv.type_name(d) for d in choice) for choice in fmt.index_dtype_choices()]
+
+
 def _one_token(func: L.LoopFunc) -> L.LoopFunc:
     """A one-token variant with its sum over a row's stored values in vector lanes (without tokens
     to vectorise over, each add would wait on the one before): ``sched.vector_sums``."""

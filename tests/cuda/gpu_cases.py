@@ -16,6 +16,7 @@ import torch
 
 import sparsedsl as sd
 from sparsedsl.runtime import ops
+from sparsedsl.runtime.program import index_type_choices
 from tests.strategies import FORMATS
 
 SOURCE = (Path(__file__).parent.parent / "kernels" / "epilogues.sdsl").read_text()
@@ -128,6 +129,15 @@ def program(dtype: str, **options) -> sd.Program:
     return sd.compile(SOURCE.replace("f32", dtype), target="cuda", **options)
 
 
+def _every_index_type(kernel, fmt) -> int:
+    """Build ``kernel`` for every set of index types a tensor in ``fmt`` can have (the tests' shapes
+    decide which they meet); returns how many."""
+    choices = index_type_choices(fmt)
+    for types in choices:
+        kernel.instance(fmt, types)
+    return len(choices)
+
+
 def prebuild(arch: str, cache_dir: Path) -> int:
     """Build every (dtype, kernel, format) the GPU tests use into ``cache_dir``, and the layer
     kernels (with their gradients) of the compile_model test."""
@@ -137,14 +147,12 @@ def prebuild(arch: str, cache_dir: Path) -> int:
     count = 0
     for fmt in MODEL_FORMATS:
         for kernel in nn.kernels.values():
-            kernel.instance(nn.format(fmt))
-            count += 1
+            count += _every_index_type(kernel, nn.format(fmt))
     for dtype, names in KERNELS.items():
         prog = program(dtype, arch=arch, cache_dir=cache_dir)
         for name in names:
             for fmt, _, _ in FORMATS:
-                prog.kernels[name].instance(prog.format(fmt))
-                count += 1
+                count += _every_index_type(prog.kernels[name], prog.format(fmt))
     for prog in scheduled_programs(arch=arch, cache_dir=cache_dir):
         for kernel in prog.kernels.values():
             kernel.instance()

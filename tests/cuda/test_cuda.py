@@ -122,8 +122,8 @@ def _emulate(source) -> sd.Program:
     prog = sd.compile(source, cache_dir="off")
     for name, compiled in prog.kernels.items():
 
-        def serial(fmt, mapped=gpu.kernels[name]):
-            return {"cuda": serial_equivalent(mapped.lowered(fmt)["cuda"])}
+        def serial(fmt, index_dtypes=None, mapped=gpu.kernels[name]):
+            return {"cuda": serial_equivalent(mapped.lowered(fmt, index_dtypes)["cuda"])}
 
         compiled.lowered = serial
     return prog
