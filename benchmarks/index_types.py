@@ -10,20 +10,17 @@ these shared machines, where two runs of the whole table differ by more.
 
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
 
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "100000")  # as kernels.py: back-to-back kernels
+import torch
+import torch.nn.functional as F
+from kernels import ROOT, cases, warm_up
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from kernels import ROOT, cases, warm_up  # noqa: E402
-
-import sparsedsl as sd  # noqa: E402
-from sparsedsl.runtime.prune import prune  # noqa: E402
-from sparsedsl.timing import median_time  # noqa: E402
+import sparsedsl as sd
+from sparsedsl.runtime.prune import prune
+from sparsedsl.timing import median_time
 
 
 def widened(weight: sd.SparseTensor) -> sd.SparseTensor:
