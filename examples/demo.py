@@ -18,6 +18,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# torch's OpenMP workers, which run the kernels too, sleep between parallel regions instead of
+# spinning (set before torch starts; sparsedsl itself changes no environment). On 2 busy cores the
+# spinning cost the demo's SparseGPT calibration 111-172 s against 27-31 s (docs/BENCHMARKS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
