@@ -168,23 +168,26 @@ def _(grad, x, structure, values, shape, program, fmt):
 
 def _setup(ctx, inputs, output):
     x, structure, values, shape, program, fmt, kernel, bias, residual = inputs
-    if (program, kernel) not in _DIFFERENTIABLE and (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
-        raise RuntimeError(
-            f"sparsedsl kernel '{kernel}' is not a plain linear layer (x W^T + b), so it has "
-            "no gradient; train with the unfused kernel"
-        )
+    # which inputs want a gradient, read from the tensors: ctx.needs_input_grad here counts the
+    # structure list's tensors one by one, so its indices are not those of the inputs
+    wanted = tuple(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, values, bias, residual))
     ctx.save_for_backward(x, values, *structure)
-    ctx.meta = (shape, program, fmt, bias is not None, residual is not None)
+    ctx.meta = (shape, program, fmt, kernel, wanted)
 
 
 def _backward(ctx, grad):
     x, values, *structure = ctx.saved_tensors
-    shape, program, fmt, has_bias, has_residual = ctx.meta
+    shape, program, fmt, kernel, (want_x, want_values, want_bias, want_residual) = ctx.meta
+    if (program, kernel) not in _DIFFERENTIABLE:
+        raise RuntimeError(
+            f"sparsedsl kernel '{kernel}' is not a plain linear layer (x W^T + b), so it has "
+            "no gradient; train with the unfused kernel"
+        )
     grad = grad.contiguous()
-    dx = linear_grad_input(grad, structure, values, shape, program, fmt) if ctx.needs_input_grad[0] else None
-    dv = linear_grad_weight(grad, x, structure, values, shape, program, fmt) if ctx.needs_input_grad[2] else None
-    db = grad.reshape(-1, shape[0]).sum(0) if has_bias and ctx.needs_input_grad[7] else None
-    dr = grad if has_residual and ctx.needs_input_grad[8] else None
+    dx = linear_grad_input(grad, structure, values, shape, program, fmt) if want_x else None
+    dv = linear_grad_weight(grad, x, structure, values, shape, program, fmt) if want_values else None
+    db = grad.reshape(-1, shape[0]).sum(0) if want_bias else None
+    dr = grad if want_residual else None
     # one gradient per input, a list of them for the list of structure tensors (no defaults in the
     # schema: torch drops arguments equal to their default before matching this structure)
     grads = (dx, [None] * len(structure), dv, None, None, None, None, db, dr)

@@ -64,6 +64,9 @@ kernel lg(X: f32[M, K], W: f32[N, K] @ CSR, b: f32[N]) -> (Y: f32[M, N]) {
         torch.testing.assert_close(layer(x), torch.nn.functional.gelu(layer.to_dense()(x)), rtol=1e-4, atol=1e-5)
     with pytest.raises(RuntimeError, match="no gradient"):
         layer(x.requires_grad_()).sum().backward()
+    out = layer(torch.randn(2, 16))  # runs; only its values want a gradient (a model's first layer)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        out.sum().backward()
 
 
 class Tiny(nn.Module):
