@@ -34,7 +34,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sparsedsl as sd  # noqa: E402
-from sparsedsl.runtime.aot import build  # noqa: E402  (the `sparsedsl build` command)
 
 # isort: split
 from sentences import batches, cosine, embed, outside, sentences, split  # noqa: E402  (examples/sentences.py)
@@ -68,7 +67,7 @@ def save(sparse: nn.Module, tokenizer, source: str, out: Path) -> None:
     """Write ``sparse`` to ``out``: its rules and their AOT build, its weights, config and tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "rules.sdsl").write_text(source)
-    build(out / "rules.sdsl", out / "build")
+    sd.build(out / "rules.sdsl", out / "build")
     torch.save(sparse.state_dict(), out / WEIGHTS)
     sparse.config.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -16,7 +16,7 @@ from sparsedsl.errors import (
     SdslSyntaxError,
     SourceFileError,
 )
-from sparsedsl.runtime.aot import load
+from sparsedsl.runtime.aot import build, load
 from sparsedsl.runtime.distill import distill
 from sparsedsl.runtime.model import compile_model, report
 from sparsedsl.runtime.model import prune_to as prune
@@ -37,6 +37,7 @@ __all__ = [
     "SourceFileError",
     "SparseLinear",
     "SparseTensor",
+    "build",
     "compile",
     "compile_model",
     "distill",
