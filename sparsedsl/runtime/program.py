@@ -215,10 +215,12 @@ class CompiledKernel:
 
     def instance(self, fmt: Format | None = None, index_dtypes: tuple[str, ...] | None = None) -> Instance:
         """The kernel built for a format (its own when None) whose index buffers have types
-        ``index_dtypes`` (``index_types``; None: int32), built on first use."""
+        ``index_dtypes`` (``index_types``; None: the widest its tensors can have, the one set every
+        build of the format holds: int32 coordinates, a byte for a level of fixed small extent),
+        built on first use."""
         fmt = fmt or (self.kernel.sparse_input.format if self.kernel.sparse_input else None)
         if fmt is not None and index_dtypes is None:
-            index_dtypes = ("int32",) * len(fmt.buffer_keys())
+            index_dtypes = index_type_choices(fmt)[-1]
         key = (fmt, index_dtypes)
         if key not in self.instances and self.program.aot is not None:
             label = f"{fmt.label} with index types {', '.join(index_dtypes) or 'none'}" if fmt else "its dense form"

@@ -35,7 +35,7 @@ def unchanged(old: tuple | None, fmt: Format, shape: tuple[int, ...], buffers: d
     if old is None:
         return False
     text, old_shape, entries = old
-    if text != fmt.text or old_shape != tuple(shape) or len(entries) != sum(k != "vals" for k in buffers):
+    if text != fmt.text or old_shape != tuple(shape) or len(entries) != len(buffers) - ("vals" in buffers):
         return False
     return all(buffers.get(k) is ref() and buffers[k]._version == version for k, ref, version in entries)
 
@@ -66,7 +66,7 @@ class SparseTensor:
         if validate:
             self.check()
         else:
-            setattr(self.values, STAMP, stamp(self.format, self.shape, self.buffers))
+            self._mark()
 
     def check(self) -> None:
         """Validate the buffers unless they are the ones validated last and unchanged since (O(1));
@@ -77,6 +77,10 @@ class SparseTensor:
             self.buffers = self.format.validate(self.buffers, self.shape)
         except PackError as err:
             raise PackError(f"a {self.shape} tensor as {self.format.label}: {err.message}") from None
+        self._mark()
+
+    def _mark(self) -> None:
+        """Stamp the buffers as checked (``stamp``), on the values tensor."""
         setattr(self.values, STAMP, stamp(self.format, self.shape, self.buffers))
 
     @classmethod

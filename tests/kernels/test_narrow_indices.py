@@ -229,6 +229,8 @@ def test_aot_builds_every_index_type_a_format_can_take(tmp_path):
         w = prune_to_fit(torch.randn(4, k), prog.format(fmt), 0.5)
         x = torch.randn(3, k)
         torch.testing.assert_close(prog.lin(x, prog.pack(fmt, w)), x @ w.T, rtol=1e-4, atol=1e-3)
+    for fmt in ("CSR", "NM(2, 4)"):  # no tensor, no shape: the format's widest index types, always built
+        prog.lin.source("llvm", fmt)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA code cannot be compiled here")
