@@ -70,7 +70,7 @@ def main() -> None:
     calibration = batches(tokenizer, calibration_texts, args.batch)
     held_out = batches(tokenizer, held_out_texts, args.batch)
     reference = embed(model, held_out)
-    training = batches(tokenizer, outside(pool, held_out_texts), args.distill_batch)
+    training = batches(tokenizer, outside(pool, held_out_texts), args.distill_batch) if args.distill else []
 
     cells: dict[str, dict[str, dict]] = {}
     for method in args.methods:

@@ -43,13 +43,14 @@ def interleaved_us(op, kernel, calls: int = CALLS // 4) -> float:
     return both - per_call_us(kernel, calls)
 
 
-def backend_rows(backend: str, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+def backend_rows(
+    backend: str, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, ops: dict
+) -> dict[str, float]:
     """One backend's rows: the kernel called directly and through a module, and torch's small ops
-    right after it."""
+    ``ops`` (those of the rows without a kernel) right after it."""
     prog = sd.compile(ROOT / "examples" / "linear.sdsl", backend=backend)
     packed = prog.pack("CSR", weight)
     layer = sd.SparseLinear(packed, bias, prog, kernel="linear")
-    small, lw, hidden = torch.randn(2, 40), torch.randn(40, 40), torch.randn(128, 384)
 
     def kernel():
         return prog.linear(x, packed, bias)
@@ -58,8 +59,7 @@ def backend_rows(backend: str, weight: torch.Tensor, bias: torch.Tensor, x: torc
         return {
             f"{backend}: prog.linear": per_call_us(kernel),
             f"{backend}: SparseLinear": per_call_us(lambda: layer(x)),
-            f"{backend}: F.linear 2x40 after a kernel": interleaved_us(lambda: F.linear(small, lw), kernel),
-            f"{backend}: add 128x384 after a kernel": interleaved_us(lambda: hidden + hidden, kernel),
+            **{f"{backend}: {name} after a kernel": interleaved_us(op, kernel) for name, op in ops.items()},
         }
 
 
@@ -74,13 +74,11 @@ def main() -> None:
     weight = torch.randn(16, 16) * (torch.rand(16, 16) < 0.5)
     bias, x = torch.randn(16), torch.randn(1, 16)
     small, lw, hidden = torch.randn(2, 40), torch.randn(40, 40), torch.randn(128, 384)
-    rows = {
-        "F.linear 16x16, 1 token": per_call_us(lambda: F.linear(x, weight, bias)),
-        "F.linear 2x40": per_call_us(lambda: F.linear(small, lw)),
-        "add 128x384": per_call_us(lambda: hidden + hidden),
-    }
+    ops = {"F.linear 2x40": lambda: F.linear(small, lw), "add 128x384": lambda: hidden + hidden}
+    rows = {"F.linear 16x16, 1 token": per_call_us(lambda: F.linear(x, weight, bias))}
+    rows |= {name: per_call_us(op) for name, op in ops.items()}
     for backend in ("tvm", "llvm"):
-        rows |= backend_rows(backend, weight, bias, x)
+        rows |= backend_rows(backend, weight, bias, x, ops)
     print(f"{args.threads} threads, µs a call (best of 5 x {CALLS})")
     for name, us in rows.items():
         print(f"  {name:<40} {us:8.1f}")

@@ -20,11 +20,12 @@ from sparsedsl.ir import kernel_ir as K
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir.buffer_names import DERIVED, RESERVED
 from sparsedsl.ir.formats import Format, FormatDef, LevelTemplate, make_level
+from sparsedsl.ir.schedule import MAX_LANES
 
 LEVEL_ARITY = {"dense": (0,), "compressed": (0, 1), "singleton": (0,), "nm": (2,), "fixed": (1,)}
 TARGETS = ("cpu", "cuda")
 INT_MAX = 2**31 - 1  # every target indexes with int32: no integer literal may exceed it
-MAX_TILE = 4096  # a token tile is one vector of T lanes: TVM refuses 32768, and takes minutes past 8192
+MAX_TILE = MAX_LANES  # a token tile is one vector of T lanes: TVM refuses 32768, and takes minutes past 8192
 DTYPE_MAX = {  # the largest finite value of each dtype: a number literal must fit the kernel's
     "float16": 65504.0,
     "bfloat16": 3.3895313892515355e38,

@@ -217,7 +217,7 @@ def set_kind(func: L.LoopFunc, name: str, kind: L.LoopKind, span: Span | None = 
     return _check_sizes(replace(func, body=_map_loops(func.body, ids, lambda f: replace(f, kind=kind))), span)
 
 
-MAX_LANES = 4096  # a vectorized loop's extent, as a token tile's (check.MAX_TILE): wider ones crash LLVM
+MAX_LANES = 4096  # a vectorized loop's extent, and a token tile's (check.MAX_TILE): wider ones crash LLVM
 MAX_UNROLLED = 1024  # copies of one statement that nested unrolled loops may make
 
 

@@ -19,7 +19,7 @@ from sparsedsl.ir.formats import Format
 from sparsedsl.runtime import ops
 from sparsedsl.runtime.calibrate import Layer, calibrate
 from sparsedsl.runtime.modules import SparseLinear
-from sparsedsl.runtime.program import TORCH_DTYPES, Program, compile
+from sparsedsl.runtime.program import TORCH_DTYPES, Program, compile, index_types
 from sparsedsl.runtime.prune import Gram, needs_inputs
 from sparsedsl.runtime.rules import Rule, rules_of
 
@@ -223,7 +223,8 @@ def _compile_layer(
     if sparse.density > keep_dense_above:
         note = f"kept dense: density {sparse.density:.2f} > {keep_dense_above}"
         return LayerReport(name, rule.format, sparse.density, kernel, False, note)
-    sparse.program.kernels[kernel].instance_for(sparse.sparse_weight())  # compile now
+    # compile now, for the layer's format and index types (its structure is the packer's: no re-validation)
+    sparse.program.kernels[kernel].instance(sparse.program.format(sparse.format), index_types(sparse))
     _replace(model, name, sparse)
     note = f"fuses {_fuse(model, name, rule.fuse, sparse, fused_by)}" if rule.fuse else ""
     return LayerReport(name, rule.format, sparse.density, kernel, True, note)

@@ -287,8 +287,9 @@ class CompiledKernel:
         return result.t().contiguous() if out.name in inst.transposed else result
 
 
-def index_types(weight: SparseTensor) -> tuple[str, ...]:
-    """The types of a sparse tensor's index buffers, in format order: what its kernels are built for."""
+def index_types(weight) -> tuple[str, ...]:
+    """The types of the index buffers of a sparse tensor (or a ``SparseLinear``: anything with
+    ``structure()``), in format order: what its kernels are built for."""
     return tuple(lv.type_name(b.dtype) for b in weight.structure())
 
 

@@ -9,7 +9,8 @@ from torch import nn
 
 import sparsedsl as sd
 from sparsedsl.runtime import calibrate, prune
-from tests.strategies import FIXED_DENSITY, FORMATS
+from sparsedsl.runtime.prune import fixed_density
+from tests.strategies import FORMATS
 
 USER_FORMATS = """
 format VNM = (i, j) -> (i / 4: dense, j / 4: dense, j % 4: nm(2, 4), i % 4: dense)
@@ -40,7 +41,7 @@ def test_the_pattern_fits_the_format(program, fmt, rows, cols, method, monkeypat
     monkeypatch.setattr(prune, "SWEEP_BLOCK", 8)  # several blocks of columns: earlier choices kept
     n, k = 8 * rows, 16 * cols
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
-    sparsity = None if fmt.startswith(FIXED_DENSITY) else 0.6
+    sparsity = None if fixed_density(program.format(fmt)) else 0.6
     pruned = sd.prune(weight, fmt, sparsity, program, method=method, inputs=_inputs(64, k))
     packed = program.pack(fmt, pruned)
     assert torch.equal(packed.to_dense(), pruned)
