@@ -31,7 +31,11 @@ DTYPE_MAX = {  # the largest finite value of each dtype: a number literal must f
     "bfloat16": 3.3895313892515355e38,
     "float32": 3.4028234663852886e38,
     "float64": sys.float_info.max,
+    "int8": 127.0,
+    "uint8": 255.0,
+    "int32": float(INT_MAX),
 }
+HALVES = ("float16", "bfloat16")  # a sum of them accumulates in f32, and may meet f32 as f32
 _SPELLING = {v: k for k, v in K.DTYPES.items()}  # float32 -> f32: messages use the names users write
 
 
@@ -422,9 +426,7 @@ def _check_expr(node, scope, extents, bound: frozenset[str], used: set[str], pro
         case ast.BinOp():
             a, da = _check_expr(node.lhs, scope, extents, bound, used, program)
             b, db = _check_expr(node.rhs, scope, extents, bound, used, program)
-            if da and db and da != db:
-                raise SdslSemanticError(f"dtype mismatch: {_dt(da)} {node.op} {_dt(db)}", node.span)
-            return K.KBin(node.op, a, b), da or db
+            return K.KBin(node.op, a, b), _binary_dtype(da, db, node, a, b)
         case ast.Call():
             func = node.func.text
             if func not in K.FUNCTIONS:
@@ -440,6 +442,12 @@ def _check_expr(node, scope, extents, bound: frozenset[str], used: set[str], pro
                 raise SdslSemanticError(
                     f"dtype mismatch in arguments of '{func}': {', '.join(sorted(map(_dt, dtypes)))}", node.span
                 )
+            if dtypes & set(K.INTEGERS):
+                raise SdslSemanticError(
+                    f"'{func}' takes float arguments, got {', '.join(sorted(map(_dt, dtypes)))}: "
+                    "dequantize first, as in (sum(k) X[m, k] * W[n, k]) * scale[n]",
+                    node.span,
+                )
             return K.KCall(func, tuple(e for e, _ in checked)), next(iter(dtypes), None)
         case ast.Reduction():
             for idx in node.indices:
@@ -452,8 +460,26 @@ def _check_expr(node, scope, extents, bound: frozenset[str], used: set[str], pro
                 if idx.text not in inner_used:
                     raise SdslSemanticError(f"summed index '{idx.text}' is not used in the sum", idx.span)
             used.update(inner_used)
-            return K.KSum(tuple(i.text for i in node.indices), body), dtype
+            # a sum of integer products is an int32 (its accumulator); a float sum keeps its type
+            return K.KSum(tuple(i.text for i in node.indices), body), "int32" if dtype in K.INTEGERS else dtype
     raise AssertionError(node)
+
+
+def _binary_dtype(da: str | None, db: str | None, node: ast.BinOp, a: K.KExpr, b: K.KExpr) -> str | None:
+    """The dtype of ``a op b``: both the same; two integer types give int32 (i8 x u8, VNNI's
+    operands); an int32 (a sum of integer products, the accumulator) meets a float type and
+    becomes that float: the dequantization ``(sum(k) X * W) * scale``; a sum of f16 or bf16
+    products (accumulated in f32) meets f32 as f32 (a bf16 product plus an f32 bias)."""
+    if not (da and db) or da == db:
+        return da or db
+    if da in K.INTEGERS and db in K.INTEGERS:
+        return "int32"
+    for narrow, wide, e in ((da, db, a), (db, da, b)):
+        if narrow == "int32" and wide not in K.INTEGERS:
+            return wide
+        if narrow in HALVES and wide == "float32" and isinstance(e, K.KSum):
+            return wide
+    raise SdslSemanticError(f"dtype mismatch: {_dt(da)} {node.op} {_dt(db)}", node.span)
 
 
 def _ast_sums(node) -> list[ast.Reduction]:

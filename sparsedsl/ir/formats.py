@@ -189,9 +189,9 @@ class Format:
                 + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(map(str, extra))}")
             )
         vals = bufs["vals"]
-        if not isinstance(vals, torch.Tensor) or not vals.is_floating_point() or vals.dim() != 1:
+        if not isinstance(vals, torch.Tensor) or not _value_type(vals) or vals.dim() != 1:
             what = f"a {vals.dim()}-d {vals.dtype} tensor" if isinstance(vals, torch.Tensor) else type(vals).__name__
-            raise PackError(f"'vals' must be a 1-d floating-point tensor, got {what}")
+            raise PackError(f"'vals' must be a 1-d floating-point or 8-bit integer tensor, got {what}")
         if not vals.is_contiguous():
             raise PackError("'vals' must be contiguous (call .contiguous() first)")
         out = {}
@@ -301,3 +301,8 @@ def make_level(kind: str, args: tuple, span: Span | None) -> lv.Level:
     if kind == "compressed":
         return lv.Compressed(unique=not args)
     return lv.LEVEL_TYPES[kind]()
+
+
+def _value_type(vals: torch.Tensor) -> bool:
+    """Whether ``vals`` has a type stored values may have: a float, or a quantized 8-bit integer."""
+    return vals.is_floating_point() or vals.dtype in (torch.int8, torch.uint8)

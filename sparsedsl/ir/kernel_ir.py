@@ -7,7 +7,22 @@ from dataclasses import dataclass, replace
 from sparsedsl.errors import Span
 from sparsedsl.ir.formats import Format
 
-DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64"}
+DTYPES = {
+    "f32": "float32",
+    "f16": "float16",
+    "bf16": "bfloat16",
+    "f64": "float64",
+    "i8": "int8",
+    "u8": "uint8",
+    "i32": "int32",
+}
+INTEGERS = ("int8", "uint8", "int32")
+
+
+def accumulator(dtype: str) -> str:
+    """The type a sum of ``dtype`` products accumulates in: int32 for integers (a u8 x i8
+    product is at most 32640 in magnitude, so K <= 65536 of them fit), float32 for every float."""
+    return "int32" if dtype in INTEGERS else "float32"
 
 
 @dataclass(frozen=True)
@@ -137,4 +152,18 @@ def accesses(e: KExpr) -> list[KAccess]:
             return [x for a in args for x in accesses(a)]
         case KSum(_, body):
             return accesses(body)
+    return []
+
+
+def scalars(e: KExpr) -> list[str]:
+    """Every scalar parameter an expression reads, in order."""
+    match e:
+        case KScalar(name):
+            return [name]
+        case KBin(_, a, b):
+            return scalars(a) + scalars(b)
+        case KCall(_, args):
+            return [x for a in args for x in scalars(a)]
+        case KSum(_, body):
+            return scalars(body)
     return []

@@ -57,6 +57,8 @@ class _Ctx:
     scalars: dict[str, L.Var]
     token: str | None
     staged: dict[str, L.Buffer]
+    sum_dtype: str = ACC_DTYPE  # the accumulator's: int32 for a sum of integer products
+    out_dtype: str = ACC_DTYPE  # what the epilogue computes in: int32 for an integer output
     out_tile: L.Buffer | None = None  # gathered results, [other output dim, tile], written out blocked
 
 
@@ -90,7 +92,7 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     dense_free = [i for i in kernel.indices if i not in s_idx]
     dense_red = [i for i in red_idx if i not in s_idx]
     token = dense_free[0] if dense_free else None
-    ctx = _Ctx(kernel, opts, extents, {}, {}, token, {})
+    ctx = _Ctx(kernel, opts, extents, {}, {}, token, {}, _sum_dtype(kernel, body), K.accumulator(out.dtype))
     params = _params(ctx)
 
     fmt: Format | None = sparse.format if sparse else None
@@ -117,7 +119,7 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         acc_names = [i for i in kernel.indices if i != token]
     # TVM's LLVM backend puts small constant-size "global" allocations on the stack (LLVM then
     # keeps them in registers); "local" ones go through TVMBackendAllocWorkspace on every entry.
-    acc = L.Buffer(ACC, ACC_DTYPE, (*acc_dims, L.const(tile)) if token else tuple(acc_dims) or (L.const(1),))
+    acc = L.Buffer(ACC, ctx.sum_dtype, (*acc_dims, L.const(tile)) if token else tuple(acc_dims) or (L.const(1),))
 
     # Level loops: build the nest from the outside in, remembering coordinates and positions.
     coord_env: dict[int, L.Expr] = {}
@@ -154,8 +156,8 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     acc_index = [coord_env[l] for l in free_below] if gather else [index_env[i] for i in kernel.indices if i != token]
     acc_index = [*acc_index, *lane] if token else acc_index or [L.const(0)]
     stage = _stage(ctx, body, lane[0]) if token and not opts.gpu else []
-    value = _expr(body, ctx, index_env, position, lane, clamp=True)
-    update: L.Stmt = L.Store(acc, tuple(acc_index), L.add(L.load(acc, *acc_index), _cast(value, ACC_DTYPE)))
+    value = _expr(body, ctx, index_env, position, lane, clamp=True, dtype=ctx.sum_dtype)
+    update: L.Stmt = L.Store(acc, tuple(acc_index), L.add(L.load(acc, *acc_index), _cast(value, ctx.sum_dtype)))
     if token:
         update = L.For(lane[0], L.const(0), L.const(tile), update, L.LoopKind.VECTORIZED)
     for i in reversed(dense_red):
@@ -167,8 +169,8 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     other = [i for i in kernel.indices if i != token]
     blocked = token is not None and not pattern and len(other) == 1 and not opts.gpu
     if blocked and gather:
-        ctx.out_tile = L.Buffer(tile_copy(out.name), ACC_DTYPE, (extents[other[0]], L.const(tile)))
-    zero = _fill(acc, L.const(0.0, ACC_DTYPE), lane[0] if token else None)
+        ctx.out_tile = L.Buffer(tile_copy(out.name), ctx.out_dtype, (extents[other[0]], L.const(tile)))
+    zero = _fill(acc, L.const(0, ctx.sum_dtype), lane[0] if token else None)
     writeout = _writeout(
         ctx,
         acc,
@@ -223,6 +225,13 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         thread_major=_thread_major(body if reduction else None, sparse, s_idx, red_idx, token),
     )
     return func
+
+
+def _sum_dtype(kernel: K.Kernel, body: K.KExpr) -> str:
+    """The accumulator's type: int32 when every operand of the sum is an integer, else float32."""
+    names = [a.tensor for a in K.accesses(body)] + K.scalars(body)
+    integer = bool(names) and all(kernel.param(n).dtype in K.INTEGERS for n in names)
+    return "int32" if integer else ACC_DTYPE
 
 
 def _thread_major(body, sparse, s_idx, red_idx, token: str | None) -> tuple[str, ...]:
@@ -362,31 +371,34 @@ def _expr(
     lane: list[L.Var],
     clamp: bool,
     acc: L.Expr | None = None,
+    dtype: str | None = None,
 ) -> L.Expr:
-    """Kernel-IR expression -> loop-IR expression, accesses resolved to buffers."""
+    """Kernel-IR expression -> loop-IR expression, accesses resolved to buffers, computed in
+    ``dtype`` (None: the epilogue's, ``ctx.out_dtype``)."""
+    dtype = dtype or ctx.out_dtype
     kernel = ctx.kernel
     sparse = kernel.sparse_input
     match e:
         case K.KAcc():
-            return acc
+            return _cast(acc, dtype)
         case K.KConst(value):
-            return L.const(float(value), ACC_DTYPE)
+            return L.const(int(value) if dtype in K.INTEGERS else float(value), dtype)
         case K.KScalar(name):
-            return _cast(ctx.scalars[name], ACC_DTYPE)
+            return _cast(ctx.scalars[name], dtype)
         case K.KAccess(t, indices):
             if sparse is not None and t == sparse.name:
-                return _cast(L.load(ctx.buffers[stored_values(t)], leaf), ACC_DTYPE)
+                return _cast(L.load(ctx.buffers[stored_values(t)], leaf), dtype)
             if t in ctx.staged:
                 idx = [env[i] for i in indices if i != ctx.token]
-                return _cast(L.load(ctx.staged[t], *idx, lane[0]), ACC_DTYPE)
+                return _cast(L.load(ctx.staged[t], *idx, lane[0]), dtype)
             idx = [(_clamped_token(ctx, lane[0]) if clamp and i == ctx.token else env[i]) for i in indices]
-            return _cast(L.load(ctx.buffers[t], *idx), ACC_DTYPE)
+            return _cast(L.load(ctx.buffers[t], *idx), dtype)
         case K.KBin(op, a, b):
-            x = _expr(a, ctx, env, leaf, lane, clamp, acc)
-            y = _expr(b, ctx, env, leaf, lane, clamp, acc)
+            x = _expr(a, ctx, env, leaf, lane, clamp, acc, dtype)
+            y = _expr(b, ctx, env, leaf, lane, clamp, acc, dtype)
             return L.Bin(op, x, y)
         case K.KCall(func, args):
-            xs = [_expr(a, ctx, env, leaf, lane, clamp, acc) for a in args]
+            xs = [_expr(a, ctx, env, leaf, lane, clamp, acc, dtype) for a in args]
             return _call(func, xs)
     raise AssertionError(e)
 
@@ -534,7 +546,7 @@ def _writeout(
         store: L.Stmt = L.Store(ctx.buffers[stored_values(out.name)], (position,), value)
     elif ctx.out_tile is not None:
         other = next(i for i in kernel.indices if i != token)
-        store = L.Store(ctx.out_tile, (env[other], lane[0]), _cast(value, ACC_DTYPE))
+        store = L.Store(ctx.out_tile, (env[other], lane[0]), _cast(value, ctx.out_dtype))
     else:
         store = L.Store(ctx.buffers[out.name], tuple(env[i] for i in kernel.indices), value)
     if ctx.out_tile is not None:

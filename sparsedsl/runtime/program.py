@@ -28,6 +28,9 @@ TORCH_DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int32": torch.int32,
 }
 TARGETS = ("cpu", "cuda")
 GPU_TILE = 128  # tokens per CUDA block (a warp of threads, up to 4 tokens each: ir/gpu.py)

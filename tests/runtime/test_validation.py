@@ -67,8 +67,8 @@ def repeat_previous(index: int):
         (1, lambda t: t.float(), None, "index buffer '1_crd' must be a 1-d integer tensor"),
         (1, lambda t: t.view(2, -1), None, "must be a 1-d integer tensor, got a 2-d"),
         (1, lambda t: t, lambda v: v[:-1], "'vals' must hold one value per stored position, 256, it has 255"),
-        (1, lambda t: t, lambda v: v.int(), "'vals' must be a 1-d floating-point tensor"),
-        (1, lambda t: t, lambda v: v.view(2, -1), "'vals' must be a 1-d floating-point tensor"),
+        (1, lambda t: t, lambda v: v.int(), "'vals' must be a 1-d floating-point or 8-bit integer tensor"),
+        (1, lambda t: t, lambda v: v.view(2, -1), "'vals' must be a 1-d floating-point or 8-bit integer tensor"),
     ],
 )
 def test_corrupted_csr_is_refused(csr, buffer, edit, values, message):

@@ -21,6 +21,22 @@ from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
 
 I1, I32, I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
+
+
+class BFloatType(ir.Type):
+    """LLVM's ``bfloat`` (llvmlite.ir has no type for it): loads widen with ``fpext``, which LLVM
+    lowers to a 16-bit shift, exact."""
+
+    def _to_string(self) -> str:
+        return "bfloat"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, BFloatType)
+
+    def __hash__(self) -> int:
+        return hash("bfloat")
+
+
 TYPES = {
     "float32": ir.FloatType(),
     "float64": ir.DoubleType(),
@@ -29,10 +45,23 @@ TYPES = {
     "float16": ir.HalfType(),
     "uint8": ir.IntType(8),  # narrow coordinate buffers (ir/levels.py), zero-extended when read
     "uint16": ir.IntType(16),
+    "int8": ir.IntType(8),  # quantized values, sign-extended when read
+    "bfloat16": BFloatType(),
 }
-FLOATS = ("float32", "float64", "float16")
+FLOATS = ("float32", "float64", "float16", "bfloat16")
 UNSIGNED = ("uint8", "uint16")
-BYTES = {"float32": 4, "float64": 8, "float16": 2, "int32": 4, "int64": 8, "uint8": 1, "uint16": 2}
+BYTES = {
+    "float32": 4,
+    "float64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "int32": 4,
+    "int64": 8,
+    "int8": 1,
+    "uint8": 1,
+    "uint16": 2,
+}
+VECTOR_STORES = (*FLOATS, "int32")  # element types a vectorised loop stores (values, accumulators)
 STACK_LIMIT = 1 << 14  # bytes: larger constant buffers and symbolic ones go to the heap
 
 
@@ -126,7 +155,7 @@ def _vectorizable(loop: L.For) -> bool:
     for s in stores:
         if not isinstance(s, L.Store) or not ok_expr(L.Load(s.buffer, s.indices)) or not ok_expr(s.value):
             return False
-        if not L.uses(s.indices[-1], name) or s.buffer.dtype not in FLOATS:
+        if not L.uses(s.indices[-1], name) or s.buffer.dtype not in VECTOR_STORES:
             return False
     return isinstance(loop.extent, L.Const)
 
@@ -228,13 +257,13 @@ class Codegen:
             case L.Var(name) | L.SizeVar(name):
                 return self.lookup(name)
             case L.Const(value, dtype):
-                return ir.Constant(TYPES[dtype], value)
+                return ir.Constant(TYPES[dtype], value if dtype in FLOATS else int(value))
             case L.Load(buf, idx):
                 ptr = self._address(buf, idx)  # in vector mode: the address of the first lane
                 if lane is None or not L.uses(idx[-1], lane):
                     return b.load(ptr)
                 vty = ir.VectorType(TYPES[buf.dtype], vec.count)
-                return b.load(b.bitcast(ptr, vty.as_pointer()), align=4)
+                return b.load(b.bitcast(ptr, vty.as_pointer()), align=BYTES[buf.dtype])
             case L.Cast(dtype, value):
                 return self._cast(self.expr(value, lane, vec), dtype, L.dtype_of(value))
             case L.Bin(op, x, y):
@@ -252,6 +281,10 @@ class Codegen:
         if src == dtype:
             return v
         if src in FLOATS and dtype in FLOATS:
+            if dtype == "bfloat16":  # LLVM's fptrunc to bfloat is a libcall the JIT may not find
+                return self._to_bfloat(self._cast(v, "float32", src))
+            if src == "bfloat16" and dtype == "float16":
+                return self._cast(self._cast(v, "float32", src), dtype, "float32")
             return self.b.fpext(v, to) if BYTES[dtype] > BYTES[src] else self.b.fptrunc(v, to)
         if src in FLOATS:
             return self.b.fptosi(v, to)
@@ -261,6 +294,25 @@ class Codegen:
             return self.b.trunc(v, to)
         return self.b.zext(v, to) if src in UNSIGNED else self.b.sext(v, to)
 
+    def _to_bfloat(self, v: ir.Value) -> ir.Value:
+        """float -> bfloat, rounded to nearest even; a NaN stays a (quiet) NaN."""
+        b = self.b
+        count = v.type.count if isinstance(v.type, ir.VectorType) else None
+
+        def ty(t: ir.Type) -> ir.Type:
+            return ir.VectorType(t, count) if count else t
+
+        def c(value: int) -> ir.Constant:
+            return ir.Constant(ty(I32), [value] * count if count else value)
+
+        bits = b.bitcast(v, ty(I32))
+        odd = b.and_(b.lshr(bits, c(16)), c(1))
+        rounded = b.lshr(b.add(bits, b.add(odd, c(0x7FFF))), c(16))
+        nan = b.icmp_unsigned(">", b.and_(bits, c(0x7FFFFFFF)), c(0x7F800000))
+        quiet = b.or_(b.lshr(bits, c(16)), c(0x40))
+        half = b.trunc(b.select(nan, quiet, rounded), ty(ir.IntType(16)))
+        return b.bitcast(half, ty(TYPES["bfloat16"]))
+
     def _bin(self, op, x, y, lane, vec):
         b = self.b
         a, c = self.expr(x, lane, vec), self.expr(y, lane, vec)
@@ -268,7 +320,7 @@ class Codegen:
             ty = a.type if isinstance(a.type, ir.VectorType) else c.type
             a, c = self._splat(a, ty), self._splat(c, ty)
         scalar = a.type.element if isinstance(a.type, ir.VectorType) else a.type
-        is_float = isinstance(scalar, ir.FloatType | ir.DoubleType | ir.HalfType)
+        is_float = isinstance(scalar, ir.FloatType | ir.DoubleType | ir.HalfType | BFloatType)
         if op == "and":
             return b.and_(a, c)
         if op in ("<", "<=", "=="):
@@ -429,7 +481,7 @@ class Codegen:
                 value = self.expr(s.value, lane=name, vec=vty)
                 value = self._splat(self._cast(value, s.buffer.dtype, L.dtype_of(s.value)), vty)
                 ptr = self._address(s.buffer, s.indices)
-                self.b.store(value, self.b.bitcast(ptr, vty.as_pointer()), align=4)
+                self.b.store(value, self.b.bitcast(ptr, vty.as_pointer()), align=BYTES[s.buffer.dtype])
             self.scopes.pop()
 
     def finish(self) -> ir.Function:

@@ -163,8 +163,6 @@ def optimized_engine(text: str) -> llvm.ExecutionEngine:
 
 def build(funcs: list[L.LoopFunc]) -> Built:
     """Generate, optimise and JIT the functions."""
-    if any(p.dtype == "bfloat16" for f in funcs for p in f.params):
-        raise BackendError("bf16 kernels are not supported by the llvm backend; use f32 or f16")
     text = str(generate(funcs, vector_bits(), llvm.get_process_triple()))
     try:
         engine = optimized_engine(text)

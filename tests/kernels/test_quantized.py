@@ -1,0 +1,116 @@
+"""Integer (i8 / u8 operands, i32 accumulators) and bf16 kernels, every format, both CPU backends:
+integer results bit-exact against torch's int32 matmul, bf16 within f32 accumulation's bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import sparsedsl as sd
+from tests.strategies import prune_to_fit, sparse_case
+
+SOURCE = """
+format VNM = (i, j) -> (i / 4: dense, j / 4: dense, j % 4: nm(2, 4), i % 4: dense)
+
+kernel imatmul(X: i8[M, K], W: i8[N, K] @ CSR) -> (Y: i32[M, N]) {
+    Y[m, n] = sum(k) X[m, k] * W[n, k]
+}
+kernel umatmul(X: u8[M, K], W: i8[N, K] @ CSR) -> (Y: i32[M, N]) {
+    Y[m, n] = sum(k) X[m, k] * W[n, k]
+}
+kernel itransposed(G: i8[M, N], W: i8[N, K] @ CSR) -> (Y: i32[M, K]) {
+    Y[m, k] = sum(n) G[m, n] * W[n, k]
+}
+kernel qlinear(X: i8[M, K], sx: f32[M], W: i8[N, K] @ CSR, sw: f32[N], b: f32[N]) -> (Y: f32[M, N]) {
+    Y[m, n] = relu((sum(k) X[m, k] * W[n, k]) * sx[m] * sw[n] + b[n])
+}
+kernel blinear(X: bf16[M, K], W: bf16[N, K] @ CSR, b: f32[N]) -> (Y: f32[M, N]) {
+    Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n]
+}
+"""
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module", params=["tvm", "llvm"])
+def prog(request):
+    return sd.compile(SOURCE, backend=request.param)
+
+
+def _int8_weight(prog, case) -> tuple[torch.Tensor, sd.SparseTensor, torch.Generator]:
+    """A pruned int8 weight over the whole range, -128 and 127 included, and its packed form."""
+    fmt, n, k, _, sparsity, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    mask = prune_to_fit(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity) != 0
+    w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8) * mask
+    return w, prog.pack(fmt, w), gen
+
+
+def _imm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The integer reference: int32 products, int32 sums."""
+    return a.to(torch.int32) @ b.to(torch.int32)
+
+
+@SETTINGS
+@given(case=sparse_case())
+def test_int8_bit_exact(prog, case):
+    w, W, gen = _int8_weight(prog, case)
+    m, k = case[3], w.shape[1]
+    x = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    y = prog.imatmul(x, W)
+    assert y.dtype == torch.int32
+    assert torch.equal(y, _imm(x, w.T))
+
+
+@SETTINGS
+@given(case=sparse_case())
+def test_uint8_activations_bit_exact(prog, case):
+    w, W, gen = _int8_weight(prog, case)
+    x = torch.randint(0, 256, (case[3], w.shape[1]), generator=gen, dtype=torch.uint8)
+    assert torch.equal(prog.umatmul(x, W), _imm(x, w.T))
+
+
+@SETTINGS
+@given(case=sparse_case())
+def test_int8_transposed_bit_exact(prog, case):
+    w, W, gen = _int8_weight(prog, case)
+    g = torch.randint(-128, 128, (case[3], w.shape[0]), generator=gen, dtype=torch.int8)
+    assert torch.equal(prog.itransposed(g, W), _imm(g, w))
+
+
+@SETTINGS
+@given(case=sparse_case())
+def test_dequantized_epilogue(prog, case):
+    """The i32 accumulator exact, then the f32 epilogue: as torch computes it from the int result."""
+    w, W, gen = _int8_weight(prog, case)
+    m, (n, k) = case[3], w.shape
+    x = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    sx, sw, b = torch.rand(m, generator=gen), torch.rand(n, generator=gen), torch.randn(n, generator=gen)
+    expected = torch.relu(_imm(x, w.T).float() * sx[:, None] * sw + b)
+    torch.testing.assert_close(prog.qlinear(x, sx, W, sw, b), expected, rtol=1e-6, atol=1e-5)
+
+
+@SETTINGS
+@given(case=sparse_case())
+def test_bf16_within_rounding_bound(prog, case):
+    """bf16 products are exact in f32; the f32 sum of K of them errs by at most K ulp of sum |x w|."""
+    fmt, n, k, m, sparsity, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    w = prune_to_fit(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity).bfloat16()
+    x, b = torch.randn(m, k, generator=gen).bfloat16(), torch.randn(n, generator=gen)
+    y = prog.blinear(x, prog.pack(fmt, w), b)
+    exact = x.double() @ w.double().T + b.double()
+    bound = (k + 1) * torch.finfo(torch.float32).eps * (x.double().abs() @ w.double().abs().T + b.double().abs())
+    assert y.dtype == torch.float32
+    assert ((y.double() - exact).abs() <= bound + 1e-30).all()
+
+
+def test_integer_dtypes_in_the_checker():
+    with pytest.raises(sd.SdslError, match="dtype mismatch: i8 \\* f32"):
+        sd.compile("kernel k(X: i8[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }")
+    with pytest.raises(sd.SdslError, match="'relu' takes float arguments"):
+        sd.compile(
+            "kernel k(X: i8[M, K], W: i8[N, K] @ CSR) -> (Y: i32[M, N]) { Y[m, n] = relu(sum(k) X[m, k] * W[n, k]) }"
+        )
+    with pytest.raises(sd.SdslError, match="does not fit in i8"):
+        sd.compile("kernel k(X: i8[M, K]) -> (Y: i8[M, K]) { Y[m, k] = X[m, k] * 300 }")
