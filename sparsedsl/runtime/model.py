@@ -6,7 +6,7 @@ import copy
 import fnmatch
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from sparsedsl.runtime.calibrate import Layer, calibrate
 from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import TORCH_DTYPES, Program, compile, index_types
 from sparsedsl.runtime.prune import Gram, needs_inputs
+from sparsedsl.runtime.quantized import QUANTIZED_DTYPES, QuantizedSparseLinear
 from sparsedsl.runtime.rules import Rule, rules_of
 
 # Above this density a sparse layer is not expected to beat dense F.linear on a CPU
@@ -29,10 +30,11 @@ MAX_SPARSE_DENSITY = 0.55
 
 DICT_FORMS = (
     '{glob: format}, {glob: (format, sparsity)} or {glob: {"format": format, "sparsity": sparsity, '
-    '"prune": method}}, with format a string such as "BSR(4, 1)", sparsity None or a number in [0, 1) '
-    f"and method one of {', '.join(PRUNE_METHODS)} (only format is required)"
+    '"prune": method, "dtype": dtype}}, with format a string such as "BSR(4, 1)", sparsity None or a number '
+    f"in [0, 1), method one of {', '.join(PRUNE_METHODS)} and dtype one of {', '.join(QUANTIZED_DTYPES)} "
+    "(only format is required)"
 )
-SPEC_KEYS = ("format", "sparsity", "prune")
+SPEC_KEYS = ("format", "sparsity", "prune", "dtype")
 SHOWN = 3  # module names an error lists (per kind) before "..."
 
 
@@ -46,6 +48,7 @@ class LayerReport:
     kernel: str
     sparse: bool
     note: str = ""
+    dtype: str = "f32"  # the stored values': "int8" or "bf16" for a quantized layer
 
 
 class Report(list):
@@ -92,7 +95,7 @@ def _rules_from_dict(rules: dict, program: Program) -> RuleSet:
     """Rules written as a dict, each checked as the checker checks a ``model`` block."""
     out = []
     for pattern, spec in rules.items():
-        fmt, sparsity, method = _spec_fields(spec)
+        fmt, sparsity, method, dtype = _spec_fields(spec)
         if not isinstance(pattern, str) or not isinstance(fmt, str):
             raise SdslSemanticError(f"rule {pattern!r}: {spec!r} is not a rule; the rules are a dict {DICT_FORMS}")
         if sparsity is not None and (
@@ -103,25 +106,28 @@ def _rules_from_dict(rules: dict, program: Program) -> RuleSet:
             raise SdslSemanticError(
                 f'rule "{pattern}": unknown pruning method {method!r} (known: {", ".join(PRUNE_METHODS)})'
             )
+        if dtype is not None and dtype not in QUANTIZED_DTYPES:
+            known = ", ".join(QUANTIZED_DTYPES)
+            raise SdslSemanticError(f'rule "{pattern}": dtype must be one of {known}, got {dtype!r}')
         try:
             rank = program.format(fmt).rank
         except SdslError as err:
             raise type(err)(f'rule "{pattern}": {err.message}') from None
         if rank != 2:
             raise SdslSemanticError(f'rule "{pattern}": format {fmt} stores {rank}-d tensors, a linear weight is 2-d')
-        out.append(Rule(pattern, fmt, None if sparsity is None else float(sparsity), prune=method))
+        out.append(Rule(pattern, fmt, None if sparsity is None else float(sparsity), prune=method, dtype=dtype))
     return RuleSet(out, [None] * len(out))
 
 
 def _spec_fields(spec) -> tuple:
-    """(format, sparsity, method) of a dict rule's value; a format of None if it has none of the forms."""
+    """(format, sparsity, method, dtype) of a dict rule's value; a format of None if it has none of the forms."""
     if isinstance(spec, str):
-        return spec, None, None
+        return spec, None, None, None
     if isinstance(spec, tuple | list) and len(spec) == 2:
-        return spec[0], spec[1], None
+        return spec[0], spec[1], None, None
     if isinstance(spec, dict) and set(spec) <= set(SPEC_KEYS):
-        return spec.get("format"), spec.get("sparsity"), spec.get("prune")
-    return None, None, None
+        return spec.get("format"), spec.get("sparsity"), spec.get("prune"), spec.get("dtype")
+    return None, None, None, None
 
 
 def compile_model(
@@ -212,6 +218,8 @@ def _compile_layer(
     """Prune and pack one layer (from the ``Gram`` of its inputs for a calibrated method), put it in
     ``model`` unless its density keeps it dense, and say what was done."""
     name, linear, rule = layer
+    if rule.dtype is not None:
+        return _compile_quantized(model, layer, program, gram, keep_dense_above)
     try:
         sparse = SparseLinear.from_linear(
             linear, rule.format, rule.sparsity, program, rule.kernel, method=rule.prune, inputs=gram
@@ -228,6 +236,27 @@ def _compile_layer(
     _replace(model, name, sparse)
     note = f"fuses {_fuse(model, name, rule.fuse, sparse, fused_by)}" if rule.fuse else ""
     return LayerReport(name, rule.format, sparse.density, kernel, True, note)
+
+
+def _compile_quantized(
+    model: nn.Module, layer: Layer, program: Program, gram: Gram | None, keep_dense_above: float
+) -> LayerReport:
+    """``_compile_layer`` for a rule with a ``dtype``: a ``QuantizedSparseLinear`` (no fused module)."""
+    name, linear, rule = layer
+    try:
+        quantized = QuantizedSparseLinear.from_linear(
+            linear, rule.format, rule.dtype, rule.sparsity, program, method=rule.prune, inputs=gram
+        )
+    except SdslError as err:
+        raise type(err)(f"layer '{name}': {err.message}") from None
+    row = LayerReport(name, rule.format, quantized.density, quantized.kernel, True, "", rule.dtype)
+    if quantized.density > keep_dense_above:
+        return replace(row, sparse=False, note=f"kept dense: density {quantized.density:.2f} > {keep_dense_above}")
+    quantized.program.kernels[quantized.kernel].instance(
+        quantized.program.format(quantized.format), index_types(quantized)
+    )
+    _replace(model, name, quantized)
+    return row
 
 
 def _layers(model: nn.Module, rule_set: RuleSet) -> list[tuple[str, nn.Linear, Rule]]:
@@ -355,11 +384,11 @@ def report(model: nn.Module) -> Report:
 
 def format_report(rows: list[LayerReport]) -> str:
     """The report as a table."""
-    head = f"{'layer':<48} {'format':<12} {'density':>7}  {'kernel':<18} {'runs'}"
+    head = f"{'layer':<48} {'format':<12} {'density':>7}  {'dtype':<5} {'kernel':<18} {'runs'}"
     lines = [head, "-" * len(head)]
     for r in rows:
         runs = ("sparse" + (f", {r.note}" if r.note else "")) if r.sparse else r.note
-        lines.append(f"{r.layer:<48} {r.format:<12} {r.density:>7.3f}  {r.kernel:<18} {runs}")
+        lines.append(f"{r.layer:<48} {r.format:<12} {r.density:>7.3f}  {r.dtype:<5} {r.kernel:<18} {runs}")
     return "\n".join(lines)
 
 

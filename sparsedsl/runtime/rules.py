@@ -12,7 +12,8 @@ from sparsedsl.runtime.program import Program
 @dataclass(frozen=True)
 class Rule:
     """Layers whose qualified name matches ``pattern`` use ``kernel`` with ``format``, pruned by
-    ``prune`` (a method of ``PRUNE_METHODS``; None: by magnitude if a sparsity is given, else not)."""
+    ``prune`` (a method of ``PRUNE_METHODS``; None: by magnitude if a sparsity is given, else not),
+    their values stored as ``dtype`` (None: as the layer's; "int8" or "bf16": runtime/quantized.py)."""
 
     pattern: str
     format: str
@@ -20,6 +21,7 @@ class Rule:
     kernel: str | None = None
     fuse: str | None = None
     prune: str | None = None
+    dtype: str | None = None
 
 
 def rules_of(program: Program, decl: ast.ModelDecl) -> list[Rule]:

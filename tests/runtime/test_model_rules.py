@@ -132,8 +132,8 @@ def test_the_report_prints_as_a_table():
     rows = sd.report(compiled)
     assert isinstance(rows, list) and rows[0].layer == "0" and rows[0].sparse
     lines = str(rows).splitlines()
-    assert lines[0].split() == ["layer", "format", "density", "kernel", "runs"]
-    assert lines[2].split()[:3] == ["0", "CSR", "0.250"] and "kept dense" in lines[3]
+    assert lines[0].split() == ["layer", "format", "density", "dtype", "kernel", "runs"]
+    assert lines[2].split()[:4] == ["0", "CSR", "0.250", "f32"] and "kept dense" in lines[3]
 
 
 def test_fuse_refuses_a_module_the_kernel_does_not_compute():

@@ -1,0 +1,79 @@
+"""QuantizedSparseLinear and compile_model rules with a dtype: int8 values with per-channel scales
+and per-token activation scales, or bf16; the state dict keeps them; the report says so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparsedsl as sd
+from sparsedsl.runtime.quantized import QuantizedSparseLinear, quantize_rows
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32))
+
+
+@pytest.mark.parametrize("fmt", ["CSR", "BSR(4, 1)", "NM(2, 4)", "COO"])
+def test_int8_layer_is_its_integer_product_dequantized(fmt):
+    """The layer's output is torch's int32 product of the quantized operands, dequantized: the
+    quantization is the only difference from the f32 layer."""
+    linear = _mlp()[0]
+    sparsity = None if fmt == "NM(2, 4)" else 0.6  # N:M gives its own
+    layer = QuantizedSparseLinear.from_linear(linear, fmt, "int8", sparsity, method="magnitude")
+    x = torch.randn(3, 7, 64)
+    xq, sx = quantize_rows(x.reshape(-1, 64))
+    wq = layer.sparse_weight().to_dense()
+    exact = (xq.int() @ wq.int().T).float() * sx[:, None] * layer.weight_scale + layer.bias
+    torch.testing.assert_close(layer(x), exact.reshape(3, 7, 96), rtol=1e-6, atol=1e-5)
+    assert layer.values.dtype == torch.int8 and wq.abs().max() <= 127
+
+
+def test_int8_and_bf16_stay_close_to_f32():
+    linear = _mlp()[0]
+    x = torch.randn(16, 64)
+    for dtype, tolerance in (("int8", 0.03), ("bf16", 0.01)):
+        layer = QuantizedSparseLinear.from_linear(linear, "BSR(4, 1)", dtype, 0.5)
+        f32 = sd.SparseLinear.from_linear(linear, "BSR(4, 1)", 0.5)
+        y, ref = layer(x), f32(x)
+        assert (y - ref).abs().max() <= tolerance * ref.abs().max()
+
+
+def test_state_dict_keeps_int8_values_and_scales():
+    linear = _mlp()[0]
+    layer = QuantizedSparseLinear.from_linear(linear, "BSR(4, 1)", "int8", 0.5)
+    state = layer.state_dict()
+    assert state["values"].dtype == torch.int8 and state["weight_scale"].shape == (96,)
+    other = QuantizedSparseLinear.from_linear(linear, "BSR(4, 1)", "int8", 0.8)  # another nnz
+    other.load_state_dict(state)
+    x = torch.randn(5, 64)
+    assert torch.equal(other(x), layer(x))
+    state["structure_1"] = state["structure_1"].clone().fill_(200)  # a column block past K / 1
+    with pytest.raises(sd.PackError, match="state_dict of layer"):
+        other.load_state_dict(state)
+    with pytest.raises(sd.PackError, match="values are torch.float32"):
+        other.load_state_dict({**layer.state_dict(), "values": layer.values.float()})
+
+
+@pytest.mark.parametrize("backend", ["tvm", "llvm"])
+def test_compile_model_dtype_rules_and_report(backend):
+    model = _mlp()
+    rules = {"0": {"format": "BSR(4, 1)", "sparsity": 0.5, "dtype": "int8"}, "2": {"format": "CSR", "dtype": "bf16"}}
+    compiled = sd.compile_model(model, {**rules, "2": {**rules["2"], "sparsity": 0.5}}, backend=backend)
+    rows = sd.report(compiled)
+    assert [(r.dtype, r.kernel) for r in rows] == [("int8", "qlinear_bias"), ("bf16", "blinear_bias")]
+    assert "int8" in str(rows).splitlines()[2]
+    assert isinstance(compiled[0], QuantizedSparseLinear) and compiled.state_dict()["2.values"].dtype == torch.bfloat16
+    f32 = sd.compile_model(model, {"0": ("BSR(4, 1)", 0.5), "2": ("CSR", 0.5)}, backend=backend)
+    x = torch.randn(4, 10, 64)
+    cosine = nn.functional.cosine_similarity(compiled(x).flatten(), f32(x).flatten(), dim=0)
+    assert cosine > 0.999
+
+
+def test_an_unknown_dtype_is_refused():
+    with pytest.raises(sd.SdslSemanticError, match="dtype must be one of int8, bf16, got 'int4'"):
+        sd.compile_model(_mlp(), {"0": {"format": "CSR", "dtype": "int4"}})
+    with pytest.raises(sd.ArgumentError, match="quantized layers are int8 or bf16"):
+        QuantizedSparseLinear(sd.SparseTensor.pack(sd.compile("").format("CSR"), torch.eye(4)), "f16")
