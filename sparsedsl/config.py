@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+from functools import cache
 from pathlib import Path
 
 
 def num_threads() -> int:
     """Threads for the kernels' parallel loops: ``SPARSEDSL_NUM_THREADS``, else every CPU this
-    process may run on."""
-    return int(os.environ.get("SPARSEDSL_NUM_THREADS", "0")) or len(os.sched_getaffinity(0))
+    process could run on when it first asked (read once: every kernel call asks)."""
+    return int(os.environ.get("SPARSEDSL_NUM_THREADS") or 0) or _cpus()
+
+
+@cache
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0))
 
 
 def cache_dir() -> Path | None:

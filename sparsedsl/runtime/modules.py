@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -100,7 +102,8 @@ class SparseLinear(nn.Module):
         return cls(packed, linear.bias, program, kernel)
 
     def structure(self) -> list[torch.Tensor]:
-        return [getattr(self, f"structure_{i}") for i in range(len(self._buffers))]
+        buffers = self._buffers
+        return [buffers[f"structure_{i}"] for i in range(len(buffers))]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         """Validate an incoming structure before taking it (a corrupted index is a PackError naming
@@ -125,9 +128,16 @@ class SparseLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def sparse_weight(self) -> SparseTensor:
-        """The weight as a SparseTensor (sharing this module's tensors)."""
+        """The weight as a SparseTensor sharing this module's tensors; the same one while they are
+        the same tensors (a call then finds its checks done: runtime/calls.py)."""
+        tensors = (self.values, *self.structure())
+        kept, of = self.__dict__.get("_sparse", (None, ()))
+        if kept is not None and all(map(operator.is_, tensors, of)):
+            return kept
         fmt = self.program.format(self.format)
-        return SparseTensor.from_structure(fmt, (self.out_features, self.in_features), self.structure(), self.values)
+        kept = SparseTensor.from_structure(fmt, (self.out_features, self.in_features), list(tensors[1:]), tensors[0])
+        self.__dict__["_sparse"] = (kept, tensors)
+        return kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
@@ -136,20 +146,13 @@ class SparseLinear(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         bias = self.bias if self.kernel_takes_bias else None
-        args = (
-            x,
-            self.structure(),
-            self.values,
-            [self.out_features, self.in_features],
-            self.key,
-            self.format,
-            self.kernel,
-            bias,
-            None,
-        )
-        traced = torch.compiler.is_compiling() or torch.is_grad_enabled()
-        # outside autograd and tracing, skip the dispatcher: the op would run this same function
-        y = torch.ops.sparsedsl.linear(*args) if traced else ops.run_linear(*args)
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            shape = [self.out_features, self.in_features]
+            y = torch.ops.sparsedsl.linear(
+                x, self.structure(), self.values, shape, self.key, self.format, self.kernel, bias, None
+            )
+        else:  # outside autograd and tracing, skip the dispatcher: the op would run this same function
+            y = ops.apply_linear(self.program, self.kernel, x, self.sparse_weight(), bias, None)
         if self.bias is not None and not self.kernel_takes_bias:
             y = y + self.bias
         return y

@@ -87,15 +87,28 @@ def run_linear(
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
     """``kernel(x, W[, bias][, residual])`` of a registered program, ``x`` of shape [..., K]."""
-    w = _weight(program, fmt, shape, structure, values)
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    args = [x2, w]
+    return apply_linear(_PROGRAMS[program], kernel, x, _weight(program, fmt, shape, structure, values), bias, residual)
+
+
+def apply_linear(
+    program: Program,
+    kernel: str,
+    x: torch.Tensor,
+    w: SparseTensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """``kernel(x, w[, bias][, residual])`` of ``program``, ``x`` of shape [..., K]: the op's body,
+    which a module outside autograd and tracing calls directly."""
+    rows = w.shape[0]
+    flat = x.dim() == 2
+    args = [(x if flat else x.reshape(-1, x.shape[-1])).contiguous(), w]
     if bias is not None:
         args.append(bias)
     if residual is not None:
-        args.append(residual.reshape(-1, shape[0]).contiguous())
-    out = _PROGRAMS[program].kernels[kernel](*args)
-    return out.reshape(*x.shape[:-1], shape[0])
+        args.append(residual.reshape(-1, rows).contiguous())
+    out = program.kernels[kernel](*args)
+    return out if flat else out.reshape(*x.shape[:-1], rows)
 
 
 # the op: the same function, traceable (fake below) and differentiable (autograd at the end)

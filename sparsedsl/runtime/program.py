@@ -21,7 +21,8 @@ from sparsedsl.ir import schedule as sched
 from sparsedsl.ir.buffer_names import stored_values
 from sparsedsl.ir.formats import Format
 from sparsedsl.ir.lowering import LowerOptions, lower
-from sparsedsl.runtime.sparse_tensor import SparseTensor
+from sparsedsl.runtime.calls import BoundCall, BoundCalls, signature, threads_for
+from sparsedsl.runtime.sparse_tensor import STAMP, SparseTensor
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -94,10 +95,9 @@ class Instance:
                     self.plans.append(("sparse", p.name.removeprefix(prefix)))
         return self.plans
 
-    def function(self, sizes: dict[str, int]):
-        """The compiled variant for a call whose shape names have ``sizes``."""
-        name = sched.pick(self.variants, sizes.get(self.meta.get("token_size")), num_threads())
-        return self.built.functions[self.variants[name].name]
+    def function_name(self, sizes: dict[str, int], threads: int) -> str:
+        """The compiled variant for a call whose shape names have ``sizes``, on ``threads`` threads."""
+        return self.variants[sched.pick(self.variants, sizes.get(self.meta.get("token_size")), threads)].name
 
 
 def _sparse_indices(kernel: K.Kernel) -> set[str]:
@@ -140,6 +140,7 @@ class CompiledKernel:
     program: Program
     kernel: K.Kernel
     instances: dict[tuple[Format | None, tuple[str, ...] | None], Instance] = field(default_factory=dict)
+    bound: BoundCalls = field(default_factory=BoundCalls)
 
     @property
     def name(self) -> str:
@@ -253,8 +254,50 @@ class CompiledKernel:
         return self.kernel.sparse_input.format if self.kernel.sparse_input else None
 
     def __call__(self, *args):
+        if self.program.target != "cpu":
+            return self._call_mapped(args)
+        threads = num_threads()
+        key = signature(args, threads)
+        call = self.bound.get(key)
+        if call is None:
+            call = self._bind_call(args, threads)
+            self.bound.put(key, call)
+        return call(args)
+
+    def _bind_call(self, args, threads: int) -> BoundCall:
+        """Check ``args`` in full and bind a CPU call of their signature (runtime/calls.py)."""
         kernel = self.kernel
-        device = "cuda" if self.program.target == "cuda" else "cpu"
+        call_args, sizes, sparse = _bind(kernel, args)
+        inst = self.instance_for(sparse)
+        work = sparse.nnz if sparse is not None else 1
+        for dim, size in sizes.items():
+            if sparse is None or dim not in kernel.sparse_input.shape:
+                work *= size
+        out = kernel.output
+        out_dtype = TORCH_DTYPES[out.dtype]
+        out_shape = None if out.pattern_of else tuple(sizes[d] for d in out.shape)
+        if out_shape is None:  # the values of the sparse argument's pattern
+            output = torch.empty_like(sparse.values, dtype=out_dtype)
+        else:
+            output = torch.empty(out_shape, dtype=out_dtype)
+        sources = {"arg": call_args, "size": sizes, "sparse": sparse.buffers if sparse else {}, "out": {None: output}}
+        example = [sources[kind][key] for kind, key in inst.plan(kernel)]
+        used = threads_for(work, threads)
+        return BoundCall.lay_out(
+            inst.built.prepare(inst.function_name(sizes, used), example),
+            used,
+            inst.plan(kernel),
+            kernel,
+            sizes,
+            (out_shape, out_dtype),
+            getattr(sparse.values, STAMP) if sparse is not None else None,
+        )
+
+    def _call_mapped(self, args):
+        """A call of a kernel mapped onto a GPU: checked and laid out every time (the arguments
+        are copied and transposed per call anyway)."""
+        kernel = self.kernel
+        device = "cuda"
         call_args, sizes, sparse = _bind(kernel, args, device)
         inst = self.instance_for(sparse)
         out = kernel.output
@@ -284,7 +327,7 @@ class CompiledKernel:
             return sources[kind][key]
 
         flat = [_compact(argument(kind, key)) for kind, key in inst.plan(kernel)]
-        inst.function(sizes)(*flat)
+        inst.built.functions[inst.function_name(sizes, num_threads())](*flat)
         if out.pattern_of:
             return sparse.with_values(result)
         return result.t().contiguous() if out.name in inst.transposed else result

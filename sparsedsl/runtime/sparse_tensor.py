@@ -24,20 +24,33 @@ STAMP = "_sparsedsl_validated"  # the attribute of a values tensor holding its b
 
 
 def stamp(fmt: Format, shape: tuple[int, ...], buffers: dict[str, torch.Tensor]) -> tuple:
-    """What identifies a structure: the format, the shape, and each index buffer's identity and
-    in-place version (``vals`` is left out: values do not decide where a kernel reads)."""
+    """What identifies a structure: the format, the shape, the values' length, dtype and device
+    if ``buffers`` hold values (not the values themselves: they do not decide where a kernel
+    reads), and each index buffer's identity and in-place version."""
     entries = tuple((k, weakref.ref(v), v._version) for k, v in buffers.items() if k != "vals")
-    return fmt.text, tuple(shape), entries
+    return fmt.text, tuple(shape), _values_key(buffers), entries
 
 
 def unchanged(old: tuple | None, fmt: Format, shape: tuple[int, ...], buffers: dict[str, torch.Tensor]) -> bool:
-    """Whether ``buffers`` are the very index buffers ``old`` was taken of, unwritten since."""
+    """Whether ``buffers`` are the very index buffers ``old`` was taken of, unwritten since, with
+    values of the same length, dtype and device (a module's ``.half()`` converts them in place)."""
     if old is None:
         return False
-    text, old_shape, entries = old
-    if text != fmt.text or old_shape != tuple(shape) or len(entries) != len(buffers) - ("vals" in buffers):
+    text, old_shape, values, entries = old
+    if text != fmt.text or old_shape != shape or values != _values_key(buffers):
         return False
-    return all(buffers.get(k) is ref() and buffers[k]._version == version for k, ref, version in entries)
+    if len(entries) != len(buffers) - (values is not None):
+        return False
+    for key, ref, version in entries:
+        buffer = buffers.get(key)
+        if buffer is not ref() or buffer._version != version:
+            return False
+    return True
+
+
+def _values_key(buffers: dict[str, torch.Tensor]) -> tuple | None:
+    values = buffers.get("vals")
+    return None if values is None else (values.shape, values.dtype, values.is_cpu)
 
 
 @dataclass
@@ -80,7 +93,12 @@ class SparseTensor:
         self._mark()
 
     def _mark(self) -> None:
-        """Stamp the buffers as checked (``stamp``), on the values tensor."""
+        """Stamp the buffers as checked (``stamp``), on the values tensor. Index buffers made under
+        ``torch.inference_mode`` count no in-place writes: they are copied into tensors that do."""
+        untracked = [k for k, v in self.buffers.items() if k != "vals" and v.is_inference()]
+        if untracked:
+            with torch.inference_mode(False):
+                self.buffers = {**self.buffers, **{k: self.buffers[k].clone() for k in untracked}}
         setattr(self.values, STAMP, stamp(self.format, self.shape, self.buffers))
 
     @classmethod

@@ -504,7 +504,8 @@ def _declare(module: ir.Module, name: str, ty: ir.FunctionType) -> ir.Function:
 def _entry(module: ir.Module, body: ir.Function, func: L.LoopFunc) -> None:
     """The exported function ``func.name(params..., sizes..., i64 nthreads)``. A body that is one
     parallel loop runs on ``nthreads`` OpenMP threads (``GOMP_parallel``: the pool torch already
-    uses, so the two never compete), each taking its chunk; any other body runs once."""
+    uses, so the two never compete), each taking its chunk, or here without a fork when
+    ``nthreads`` is 1; any other body runs once."""
     arg_types = [a.type for a in body.args][:-2]
     entry = ir.Function(module, ir.FunctionType(ir.VoidType(), [*arg_types, I64]), name=func.name)
     b = ir.IRBuilder(entry.append_basic_block("entry"))
@@ -526,6 +527,9 @@ def _entry(module: ir.Module, body: ir.Function, func: L.LoopFunc) -> None:
     tid, count = ob.sext(ob.call(omp_tid, []), I64), ob.sext(ob.call(omp_count, []), I64)
     ob.call(body, [*unpacked, tid, count])
     ob.ret_void()
+    with b.if_then(b.icmp_signed("<=", nthreads, ir.Constant(I64, 1))):  # one thread: no fork
+        b.call(body, [*args, ir.Constant(I64, 0), ir.Constant(I64, 1)])
+        b.ret_void()
     frame_ptr = b.alloca(frame_type)
     for i, a in enumerate(args):
         b.store(a, b.gep(frame_ptr, [ir.Constant(i32, 0), ir.Constant(i32, i)]))

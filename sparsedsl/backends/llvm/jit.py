@@ -7,6 +7,7 @@ import ctypes.util
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -15,7 +16,6 @@ import llvmlite.binding as llvm
 
 from sparsedsl.backends import host
 from sparsedsl.backends.llvm.codegen import TYPES, generate, parallel_on_top, size_names
-from sparsedsl.config import num_threads
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
 
@@ -74,21 +74,25 @@ class Kernel:
         self.cfunc = ctypes.CFUNCTYPE(None, *argtypes)(self.address)
         self.parallel = parallel_on_top(self.func)
 
-    def __call__(self, *args) -> None:
+    def prepare(self, example: Sequence) -> Callable[[Sequence, int], None]:
+        """This function for calls whose arguments are shaped like ``example``: ``call(args,
+        threads)``, the size arguments worked out once."""
+        buffers = [isinstance(p, L.Buffer) for p in self.func.params]
         values: dict[str, int] = {}
-        cargs = []
-        for p, a in zip(self.func.params, args):
+        for p, a in zip(self.func.params, example):
             if isinstance(p, L.Buffer):
-                cargs.append(a.data_ptr())
-                for dim, n in zip(p.shape, a.shape):
-                    if isinstance(dim, L.SizeVar):
-                        values[dim.name] = int(n)
+                values |= {dim.name: int(n) for dim, n in zip(p.shape, a.shape) if isinstance(dim, L.SizeVar)}
             else:
-                cargs.append(a)
                 values[p.name] = a
-        cargs += [values[n] for n in self.sizes]
-        threads = min(num_threads(), self._iterations(values)) if self.parallel else 1
-        self.cfunc(*cargs, threads)  # ctypes releases the GIL; the kernel forks OpenMP threads
+        sizes = [values[n] for n in self.sizes]
+        most = self._iterations(values) if self.parallel else 1
+        cfunc = self.cfunc
+
+        def call(args: Sequence, threads: int) -> None:
+            cargs = [a.data_ptr() if buffer else a for a, buffer in zip(args, buffers)]
+            cfunc(*cargs, *sizes, min(threads, most))
+
+        return call
 
     def _iterations(self, values: dict[str, int]) -> int:
         """How many iterations the outermost parallel loop has for these sizes."""
@@ -117,6 +121,10 @@ class Built:
     llvm_ir: str
     engine: object
     library: Path | None = None
+
+    def prepare(self, name: str, example: Sequence) -> Callable[[Sequence, int], None]:
+        """Function ``name`` for calls whose arguments are shaped like ``example`` (``Kernel.prepare``)."""
+        return self.functions[name].prepare(example)
 
     def source(self, stage: str) -> str:
         if stage in ("llvm", "ll"):

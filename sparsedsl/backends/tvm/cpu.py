@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import cache as memoize
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import tvm
 from sparsedsl import cache
 from sparsedsl.backends import host
 from sparsedsl.backends.tvm import pool
+from sparsedsl.backends.tvm.direct import DirectCall, entry_point
 from sparsedsl.backends.tvm.tir import to_tir
 from sparsedsl.config import num_threads
 from sparsedsl.errors import BackendError
@@ -61,6 +64,12 @@ class Built:
     functions: dict[str, object]
     prims: dict[str, tvm.tirx.PrimFunc]
     image: bytes | None = None  # the shared library it was loaded from, if any
+    entry_points: dict[str, int] = field(default_factory=dict)  # packed entry point of each function
+
+    def prepare(self, name: str, example: Sequence) -> Callable[[Sequence, int], None]:
+        """Function ``name`` for calls whose arguments are shaped like ``example``:
+        ``call(args, threads)``, without TVM's Python FFI (backends/tvm/direct.py)."""
+        return DirectCall(self.entry_points[name], example, self.functions[name], name)
 
     def export(self, path: Path) -> None:
         """Write the compiled code as a shared library."""
@@ -108,13 +117,13 @@ def build(funcs: list[L.LoopFunc], cache_dir: Path | None = None) -> Built:
 def load(path: Path, prims: dict[str, tvm.tirx.PrimFunc], image: bytes) -> Built:
     """The kernels ``prims`` from the library at ``path`` (whose bytes are ``image``), their
     parallel loops run on torch's OpenMP threads (backends/tvm/pool.py)."""
-    module = load_module(path)
-    return Built(module, {name: pool.run_with_threads(module[name]) for name in prims}, prims, image)
+    module, library = load_module(path)
+    functions = {name: pool.run_with_threads(module[name]) for name in prims}
+    return Built(module, functions, prims, image, {name: entry_point(library, name) for name in prims})
 
 
-def load_module(path: Path) -> tvm.runtime.Module:
+def load_module(path: Path) -> tuple[tvm.runtime.Module, ctypes.CDLL]:
     """A compiled kernel library written by ``export_library``, its parallel loops on torch's
-    OpenMP threads (TVM's own pool is never started)."""
+    OpenMP threads (TVM's own pool is never started), and its handle."""
     module = tvm.runtime.load_module(str(path))
-    pool.adopt(path)
-    return module
+    return module, pool.adopt(path)

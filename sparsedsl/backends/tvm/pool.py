@@ -71,10 +71,16 @@ def _module() -> ir.Module:
     gomp = ir.Function(module, ir.FunctionType(ir.VoidType(), [task_type, i8p, i32, i32]), name="GOMP_parallel")
     launch = ir.Function(module, ir.FunctionType(i32, [lambda_type, i8p, i32]), name="sparsedsl_parallel_launch")
     b = ir.IRBuilder(launch.append_basic_block("entry"))
+    count = b.load(threads)
+    with b.if_then(b.icmp_signed("<=", count, one)):  # one thread: the lambda here, no fork
+        group = b.alloca(env)
+        b.store(ir.Constant(i8p, None), b.gep(group, [zero, zero]))
+        b.store(one, b.gep(group, [zero, one]))
+        b.ret(b.call(launch.args[0], [zero, group, launch.args[1]]))
     frame = b.alloca(frame_type)
     for i, value in enumerate([launch.args[0], launch.args[1], zero]):
         b.store(value, b.gep(frame, [zero, ir.Constant(i32, i)]))
-    b.call(gomp, [task, b.bitcast(frame, i8p), b.load(threads), zero])
+    b.call(gomp, [task, b.bitcast(frame, i8p), count, zero])
     b.ret(b.load(b.gep(frame, [zero, two])))
     return module
 
@@ -87,24 +93,30 @@ def launcher() -> Launcher:
     return Launcher(engine, engine.get_function_address("sparsedsl_parallel_launch"), threads)
 
 
-def adopt(path: Path) -> None:
+def adopt(path: Path) -> ctypes.CDLL:
     """Point the library at ``path``, already loaded by TVM, at ``launch`` for its parallel loops
-    (a library without parallel loops exports no launch pointer and is left as it is)."""
+    (a library without parallel loops exports no launch pointer and is left as it is); returns
+    the library's handle."""
     library = ctypes.CDLL(str(path), mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
     try:
         pointer = ctypes.c_void_p.in_dll(library, LAUNCH_POINTER)
     except ValueError:
-        return
+        return library
     pointer.value = launcher().address
+    return library
+
+
+def set_threads(count: int) -> None:
+    """The number of threads the next parallel loop of an adopted library runs on (one: no fork)."""
+    launcher().threads.value = count
 
 
 def run_with_threads(function):
     """``function`` (a TVM kernel of an adopted library) called with the thread count of the
     moment: ``SPARSEDSL_NUM_THREADS``, else the CPUs this process may use (sparsedsl.config)."""
-    threads = launcher().threads
 
     def call(*args):
-        threads.value = num_threads()
+        set_threads(num_threads())
         return function(*args)
 
     return call
