@@ -34,6 +34,7 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from breakdown import breakdown, line  # noqa: E402
 from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,11 +135,16 @@ def torch_csr(s: Setup) -> dict:
 
 
 def sparsedsl_eager(s: Setup) -> dict:
-    return measure(s.sparse, s)
+    return measured_and_broken_down(s.sparse, s)
 
 
 def sparsedsl_compiled(s: Setup) -> dict:
-    return measure(torch.compile(s.sparse), s)
+    return measured_and_broken_down(torch.compile(s.sparse), s)
+
+
+def measured_and_broken_down(model: Callable, s: Setup) -> dict:
+    """``measure``, and where the time of a call goes (benchmarks/breakdown.py)."""
+    return {**measure(model, s), "breakdown": breakdown(lambda: model(**s.inputs))}
 
 
 def deepsparse(s: Setup) -> dict:
@@ -265,6 +271,10 @@ def main() -> None:
             print(f"{row['config']:<30} {row['median_ms']:>10.1f} {row['speedup']:>8.2f}x {row['max_diff']:>10.2e}")
         else:
             print(f"{row['config']:<30} {'n/a':>10}  {row['note']}")
+    print("\nwhere the time goes (torch.profiler, own time of each operator):")
+    for row in rows:
+        if "breakdown" in row:
+            print(f"  {row['config']:<28} {line(row['breakdown'])}")
 
     machine = {"cpu": host_cpu(), "machine": platform.machine(), "threads": args.threads, "versions": versions()}
     deepsparse_version = next((r["deepsparse"] for r in rows if "deepsparse" in r), None)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.autograd import profiler
 
 from sparsedsl.config import cache_dir as default_cache_dir
 from sparsedsl.config import cache_path, num_threads
@@ -262,6 +263,9 @@ class CompiledKernel:
         if call is None:
             call = self._bind_call(args, threads)
             self.bound.put(key, call)
+        if profiler._is_profiler_enabled:  # torch.profiler shows each kernel call by its name
+            with profiler.record_function(f"sparsedsl::{self.kernel.name}"):
+                return call(args)
         return call(args)
 
     def _bind_call(self, args, threads: int) -> BoundCall:
