@@ -128,11 +128,12 @@ class Call:
 
 @dataclass(frozen=True)
 class Reduction:
-    """``sum(k) body``."""
+    """``sum(k) body`` or ``max(k) body`` (``op`` "sum" or "max")."""
 
     indices: tuple[Name, ...]
     body: Expr
     span: Span
+    op: str = "sum"
 
 
 Expr = Access | Number | ScalarRef | BinOp | Neg | Call | Reduction
@@ -140,9 +141,12 @@ Expr = Access | Number | ScalarRef | BinOp | Neg | Call | Reduction
 
 @dataclass(frozen=True)
 class Assign:
+    """``target = value``; ``local``: ``let target = value`` defines an intermediate tensor."""
+
     target: Access
     value: Expr
     span: Span
+    local: bool = False
 
 
 @dataclass(frozen=True)

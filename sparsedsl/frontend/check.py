@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 
@@ -271,12 +271,12 @@ def _check_tensor(
     return K.TensorParam(decl.name.text, dtype, shape, fmt, True, None, decl.span)
 
 
-def _check_names(tensors: list[ast.TensorDecl]) -> None:
+def _check_names(tensors: list[ast.Name]) -> None:
     """Tensor names must not be ones the compiler gives its own buffers: ``acc``, a copy of another
     tensor (``X_t``, ``X_s``, ``X_frag``), or a level buffer of another (``W_vals``, ``W_1_pos``)."""
-    names = [t.name.text for t in tensors]
+    names = [t.text for t in tensors]
     for t in tensors:
-        name = t.name.text
+        name = t.text
         owner = next(
             (
                 n
@@ -289,11 +289,12 @@ def _check_names(tensors: list[ast.TensorDecl]) -> None:
         )
         if name in RESERVED or owner is not None:
             what = f"the compiler's own copy of '{owner}'" if owner else "a buffer the compiler declares"
-            raise SdslSemanticError(f"tensor name '{name}' is reserved for {what}: rename it", t.name.span)
+            raise SdslSemanticError(f"tensor name '{name}' is reserved for {what}: rename it", t.span)
 
 
 def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
-    _check_names([*decl.inputs, *decl.outputs])
+    *lets, stmt = decl.body
+    _check_names([*(t.name for t in (*decl.inputs, *decl.outputs)), *(s.target.tensor for s in lets)])
     params: dict[str, K.TensorParam] = {}
     for t in decl.inputs:
         if t.name.text in params:
@@ -314,23 +315,14 @@ def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
     if out_decl.shape is None:
         raise SdslSemanticError("the output must be a tensor with a shape", out_decl.span)
     output = _check_tensor(out_decl, program, params, output=True)
-    if len(decl.body) != 1:
-        raise SdslSemanticError("a kernel has exactly one statement (assign its output once)", decl.body[-1].span)
-    stmt = decl.body[0]
-    if stmt.target.tensor.text != output.name:
-        what = "an input" if stmt.target.tensor.text in params else "not the output"
-        raise SdslSemanticError(
-            f"'{stmt.target.tensor.text}' is {what}: assign to the output '{output.name}'", stmt.target.tensor.span
-        )
-    for read in _reads(stmt.value):
-        if read.tensor.text == output.name:
-            raise SdslSemanticError(f"the output '{output.name}' cannot be read: it is being written", read.span)
+    _check_order(decl.body, output.name, params)
     scope = {**params, output.name: output}
+    checked_lets = tuple(_check_let(s, scope, output.dtype, program) for s in lets)
     extents: dict[str, tuple[sympy.Expr, str, ast.Name]] = {}
     out_indices = _check_access(stmt.target, scope, extents)
     _check_sums(stmt.value)
     value, dtype = _check_expr(stmt.value, scope, extents, frozenset(out_indices), set(), program)
-    if dtype is not None and dtype != output.dtype:
+    if dtype is not None and dtype != output.dtype and not (output.dtype in K.INTEGERS and dtype not in K.INTEGERS):
         raise SdslSemanticError(
             f"the value has dtype {_dt(dtype)} but the output '{output.name}' is {_dt(output.dtype)}", stmt.value.span
         )
@@ -343,9 +335,140 @@ def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
                 f"and no input gives its extent {dim}",
                 idx.span,
             )
-    kernel = K.Kernel(decl.name.text, tuple(params.values()), output, out_indices, value, decl.span)
-    _check_structure(kernel, stmt)
+    kernel = K.Kernel(decl.name.text, tuple(params.values()), output, out_indices, value, decl.span, checked_lets)
+    if kernel.rowwise:
+        _check_rows(kernel, decl)
+    else:
+        _check_structure(kernel, stmt)
     return kernel
+
+
+def _check_order(body: tuple[ast.Assign, ...], output: str, params: dict[str, K.TensorParam]) -> None:
+    """Intermediates (``let``) first, each defined once before it is read and read at least once;
+    the output assigned once, last, and never read."""
+    defined: dict[str, Span] = {}
+    for n, stmt in enumerate(body):
+        name, last = stmt.target.tensor.text, n == len(body) - 1
+        for read in _reads(stmt.value):
+            later = next((s for s in body[n:] if s.local and s.target.tensor.text == read.tensor.text), None)
+            if read.tensor.text == output:
+                raise SdslSemanticError(f"the output '{output}' cannot be read: it is being written", read.span)
+            if later is not None and read.tensor.text not in defined and read.tensor.text not in params:
+                raise SdslSemanticError(
+                    f"'{read.tensor.text}' is used before its definition (line {later.span.line})", read.span
+                )
+        where = stmt.target.tensor.span
+        if stmt.local:
+            if name == output:
+                raise SdslSemanticError(f"the output '{output}' is assigned without 'let'", stmt.span)
+            if name in params:
+                raise SdslSemanticError(f"'{name}' is an input: an intermediate needs a name of its own", where)
+            if name in defined:
+                raise SdslSemanticError(f"intermediate '{name}' is defined twice (first at {defined[name]})", where)
+            if last:
+                raise SdslSemanticError(f"the last statement must assign the output '{output}'", stmt.span)
+            defined[name] = where
+        elif name != output or not last:
+            if name == output:
+                what = f"the output '{output}' is assigned before the last statement"
+                raise SdslSemanticError(f"{what}: it is assigned once, after the intermediates ('let')", where)
+            what = "an input" if name in params else "not the output"
+            hint = "" if name in params else f" (or define an intermediate: 'let {name}[...] = ...')"
+            raise SdslSemanticError(f"'{name}' is {what}: assign to the output '{output}'{hint}", where)
+    for name, where in defined.items():
+        if not any(r.tensor.text == name for s in body for r in _reads(s.value)):
+            raise SdslSemanticError(f"intermediate '{name}' is never read", where)
+
+
+def _check_let(stmt: ast.Assign, scope: dict[str, K.TensorParam], dtype: str, program: Program) -> K.Let:
+    """An intermediate: checked like an output whose shape its indices take on the right; added to
+    ``scope`` for the statements after it."""
+    name = stmt.target.tensor.text
+    indices = tuple(i.text for i in stmt.target.indices)
+    for n, idx in enumerate(stmt.target.indices):
+        if idx.text in indices[:n]:
+            raise SdslSemanticError(
+                f"index '{idx.text}' is repeated in one access (diagonals are not supported)", idx.span
+            )
+    extents: dict[str, tuple[sympy.Expr, str, ast.Name]] = {}
+    _check_sums(stmt.value)
+    value, value_dtype = _check_expr(stmt.value, scope, extents, frozenset(indices), set(), program)
+    for idx in stmt.target.indices:
+        if idx.text not in extents:
+            raise SdslSemanticError(
+                f"index '{idx.text}' of intermediate '{name}' is not used on the right: its extent is unknown",
+                idx.span,
+            )
+    dtype = value_dtype or dtype
+    _check_numbers(stmt.value, dtype, program.source)
+    target = K.TensorParam(name, dtype, tuple(str(extents[i][0]) for i in indices), span=stmt.target.span)
+    scope[name] = target
+    return K.Let(target, indices, value)
+
+
+def _check_rows(kernel: K.Kernel, decl: ast.KernelDecl) -> None:
+    """A kernel of several statements (or with a max) is lowered row by row: an optional first
+    statement computes the rows ``H[t, r]`` as a one-statement kernel would (it alone may read the
+    sparse input or sum over other indices); every later statement is indexed ``[t, r]`` or
+    ``[t]`` and reduces over the row index ``r`` only."""
+    out_decl = decl.outputs[0]
+    if kernel.output.pattern_of or len(kernel.indices) != 2:
+        raise SdslSemanticError(
+            f"kernel '{kernel.name}' computes its output row by row (it has intermediates or a max): the "
+            "output must be a dense matrix, indexed [token, row]",
+            out_decl.span,
+        )
+    token, row = kernel.indices
+    sparse = kernel.sparse_input
+    first, stmts = kernel.statements[0], kernel.statements
+    producer = bool(kernel.lets) and (
+        any(sparse is not None and a.tensor == sparse.name for a in K.accesses(first.value))
+        or any(isinstance(e, K.KSum) and e.indices != (row,) for e in K.subexprs(first.value))
+    )
+    if producer:
+        stmt = decl.body[0]
+        if first.indices != (token, row):
+            raise SdslSemanticError(
+                f"the first statement computes the rows that the others read: index it [{token}, {row}], like "
+                "the output",
+                stmt.target.span,
+            )
+        maxes = [r for r in _ast_sums(stmt.value) if r.op != "sum"]
+        if maxes:
+            raise SdslSemanticError(
+                f"the first statement's reduction is a sum; a max runs over the row index '{row}' in a later one",
+                maxes[0].span,
+            )
+        rows = K.Kernel(kernel.name, kernel.inputs, first.target, first.indices, first.value, kernel.span)
+        _check_structure(rows, stmt)
+        for read in _reads(stmt.value):
+            if sparse is not None and read.tensor.text == sparse.name and token in (i.text for i in read.indices):
+                raise SdslSemanticError(
+                    f"the rows run along the output's first index '{token}', one token tile at a time: the sparse "
+                    f"input cannot store it (index '{sparse.name}' by the row '{row}' and summed indices)",
+                    read.span,
+                )
+    for checked, stmt in zip(stmts[producer:], decl.body[producer:]):
+        if checked.indices not in ((token, row), (token,)):
+            raise SdslSemanticError(
+                f"a row-wise statement is indexed [{token}, {row}] or [{token}], like the output's rows",
+                stmt.target.span,
+            )
+        for read in _reads(stmt.value):
+            if sparse is not None and read.tensor.text == sparse.name:
+                raise SdslSemanticError(
+                    f"only the first statement may read the sparse input '{sparse.name}' (as a factor of its sum)",
+                    read.span,
+                )
+        for reduction in _ast_sums(stmt.value):
+            if [i.text for i in reduction.indices] != [row]:
+                raise SdslSemanticError(
+                    f"a row-wise reduction runs over the row index '{row}' only (the first statement may sum "
+                    "over others)",
+                    reduction.span,
+                )
+    if sparse is not None and not producer:
+        raise SdslSemanticError(f"sparse input '{sparse.name}' is not used", sparse.span)
 
 
 def _walk(node) -> list:
@@ -415,6 +538,8 @@ def _check_expr(node, scope, extents, bound: frozenset[str], used: set[str], pro
             return K.KConst(node.value), None
         case ast.ScalarRef():
             name = node.name.text
+            if name not in scope and any(name in (p.shape or ()) for p in scope.values()):
+                return K.KSize(name), None
             if name not in scope:
                 raise SdslSemanticError(f"unknown name '{name}'", node.span)
             if scope[name].shape is not None:
@@ -452,16 +577,19 @@ def _check_expr(node, scope, extents, bound: frozenset[str], used: set[str], pro
         case ast.Reduction():
             for idx in node.indices:
                 if idx.text in bound:
-                    raise SdslSemanticError(f"index '{idx.text}' is already bound; a sum needs a new index", idx.span)
+                    raise SdslSemanticError(
+                        f"index '{idx.text}' is already bound; a {node.op} needs a new index", idx.span
+                    )
             inner_used: set[str] = set()
             inner_bound = bound | {i.text for i in node.indices}
             body, dtype = _check_expr(node.body, scope, extents, inner_bound, inner_used, program)
             for idx in node.indices:
                 if idx.text not in inner_used:
-                    raise SdslSemanticError(f"summed index '{idx.text}' is not used in the sum", idx.span)
+                    what = "summed" if node.op == "sum" else "reduced"
+                    raise SdslSemanticError(f"{what} index '{idx.text}' is not used in the {node.op}", idx.span)
             used.update(inner_used)
             # a sum of integer products is an int32 (its accumulator); a float sum keeps its type
-            return K.KSum(tuple(i.text for i in node.indices), body), "int32" if dtype in K.INTEGERS else dtype
+            return K.KSum(tuple(i.text for i in node.indices), body, node.op), "int32" if dtype in K.INTEGERS else dtype
     raise AssertionError(node)
 
 
@@ -623,14 +751,22 @@ def _check_model(decl: ast.ModelDecl, program: Program) -> None:
             raise SdslSemanticError(
                 f"kernel '{rule.kernel.text}' has no sparse input to store a weight in", rule.kernel.span
             )
-        misfit = _linear_misfit(kernel)
+        misfit = _norm_misfit(kernel) if kernel.rowwise else _linear_misfit(kernel)
         if misfit is not None:
+            call = LINEAR_NORM_CALL if kernel.rowwise else LINEAR_CALL
             raise SdslSemanticError(
-                f"kernel '{kernel.name}' cannot run a linear layer, which calls it as {LINEAR_CALL}: {misfit}",
+                f"kernel '{kernel.name}' cannot run a linear layer, which calls it as {call}: {misfit}",
+                rule.kernel.span,
+            )
+        if kernel.rowwise and rule.fuse is None:
+            raise SdslSemanticError(
+                f"kernel '{kernel.name}' normalises the rows of x W^T + b + R: the rule must name the norm module "
+                'that it replaces, next to the layer (fuse "GLOB")',
                 rule.kernel.span,
             )
         epilogue = K.split_reduction(kernel.value)[1]
-        if rule.fuse is not None and not any(isinstance(e, K.KCall) for e in (epilogue, *_subexprs(epilogue))):
+        applies = kernel.rowwise or any(isinstance(e, K.KCall) for e in (epilogue, *_subexprs(epilogue)))
+        if rule.fuse is not None and not applies:
             raise SdslSemanticError(
                 f"fuse \"{rule.fuse}\" replaces a module by the epilogue of kernel '{kernel.name}', but it applies "
                 "no function to its sum",
@@ -714,6 +850,28 @@ def _linear_misfit(kernel: K.Kernel) -> str | None:
     for p, want in (*((b, (n,)) for b in bias), (out, (m, n))):
         if p.shape != want:
             return f"'{p.name}' is [{', '.join(p.shape)}], not [{', '.join(want)}]"
+    return None
+
+
+LINEAR_NORM_CALL = "(X: [M, K], W: [N, K] @ format, b: [N], R: [M, N], gamma: [N], beta: [N], eps) -> (Y: [M, N])"
+
+
+def _norm_misfit(kernel: K.Kernel) -> str | None:
+    """Why a row-wise ``kernel`` cannot compute ``norm(x W^T + b + residual)`` for a linear layer
+    and the norm after it, called as ``LINEAR_NORM_CALL``; None if it can."""
+    if len(kernel.inputs) != 7:
+        return f"it takes {len(kernel.inputs)} inputs"
+    x, w, b, r, gamma, beta, eps = kernel.inputs
+    misfit = _linear_misfit(replace(kernel, inputs=(x, w, b)))
+    if misfit is not None:
+        return misfit
+    (m, _), (n, _) = x.shape, w.shape
+    for p, want in ((r, (m, n)), (gamma, (n,)), (beta, (n,))):
+        if p.shape != want or p.sparse:
+            shape = "a scalar" if p.shape is None else f"[{', '.join(p.shape)}]" + (" sparse" if p.sparse else "")
+            return f"'{p.name}' is {shape}, not [{', '.join(want)}]"
+    if eps.shape is not None:
+        return f"its last input '{eps.name}' (the norm's epsilon) must be a scalar"
     return None
 
 

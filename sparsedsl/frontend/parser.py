@@ -124,6 +124,9 @@ class _ToAst(Transformer):
     def assign(self, meta, children):
         return ast.Assign(children[0], children[1], self._span(meta))
 
+    def let_assign(self, meta, children):
+        return ast.Assign(children[0], children[1], self._span(meta), local=True)
+
     def access(self, meta, children):
         tensor, *indices = children
         return ast.Access(_name(tensor), tuple(_name(i) for i in indices), self._span(meta))
@@ -149,9 +152,18 @@ class _ToAst(Transformer):
         *indices, body = children
         return ast.Reduction(tuple(_name(i) for i in indices), body, self._span(meta))
 
+    def max_reduction(self, meta, children):
+        index, body = children
+        return ast.Reduction((_name(index),), body, self._span(meta), op="max")
+
     def call(self, meta, children):
         func, *args = children
         return ast.Call(_name(func), tuple(args), self._span(meta))
+
+    def max_call(self, meta, children):
+        span = self._span(meta)
+        func = ast.Name("max", Span(span.line, span.column, span.line, span.column + 3))
+        return ast.Call(func, tuple(children), span)
 
     # schedules
     def schedule_decl(self, meta, children):

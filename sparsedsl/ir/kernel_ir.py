@@ -70,9 +70,19 @@ class KCall:
 
 
 @dataclass(frozen=True)
+class KSize:
+    """A shape name used as a value (``N`` in ``sum(n) H[m, n] / N``)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class KSum:
+    """A reduction of ``body`` over ``indices``: ``op`` "sum" or "max"."""
+
     indices: tuple[str, ...]
     body: KExpr
+    op: str = "sum"
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,7 @@ class KAcc:
     """Stands for the value of the statement's reduction inside its epilogue."""
 
 
-KExpr = KAccess | KConst | KScalar | KBin | KCall | KSum | KAcc
+KExpr = KAccess | KConst | KScalar | KSize | KBin | KCall | KSum | KAcc
 
 FUNCTIONS = {
     "relu": 1,
@@ -97,8 +107,18 @@ FUNCTIONS = {
 
 
 @dataclass(frozen=True)
+class Let:
+    """``let target[indices] = value``: an intermediate tensor of a kernel (``target`` has the
+    shape its indices take in ``value``), read by the statements after it."""
+
+    target: TensorParam
+    indices: tuple[str, ...]
+    value: KExpr
+
+
+@dataclass(frozen=True)
 class Kernel:
-    """``output[indices] = value``; inputs and outputs in call order."""
+    """``lets...; output[indices] = value``; inputs and outputs in call order."""
 
     name: str
     inputs: tuple[TensorParam, ...]
@@ -106,9 +126,23 @@ class Kernel:
     indices: tuple[str, ...]
     value: KExpr
     span: Span | None = None
+    lets: tuple[Let, ...] = ()
 
     def param(self, name: str) -> TensorParam:
-        return next(p for p in (*self.inputs, self.output) if p.name == name)
+        """An input, the output or an intermediate, by name."""
+        return next(p for p in (*self.inputs, self.output, *(s.target for s in self.lets)) if p.name == name)
+
+    @property
+    def statements(self) -> tuple[Let, ...]:
+        """Every statement in order, the output's last (as a ``Let`` of the output)."""
+        return (*self.lets, Let(self.output, self.indices, self.value))
+
+    @property
+    def rowwise(self) -> bool:
+        """Whether the kernel computes its output row by row after a first statement (it defines
+        intermediates or takes a max): ``lowering`` fuses its statements per tile of rows."""
+        reductions = [e for s in self.statements for e in subexprs(s.value) if isinstance(e, KSum)]
+        return bool(self.lets) or any(r.op != "sum" for r in reductions)
 
     @property
     def sparse_input(self) -> TensorParam | None:
@@ -139,6 +173,18 @@ def split_reduction(value: KExpr) -> tuple[KSum | None, KExpr]:
 
     epilogue = walk(value)
     return (found[0] if found else None), epilogue
+
+
+def subexprs(e: KExpr) -> list[KExpr]:
+    """An expression and all its subexpressions, outermost first."""
+    match e:
+        case KBin(_, a, b):
+            return [e, *subexprs(a), *subexprs(b)]
+        case KCall(_, args):
+            return [e, *(x for a in args for x in subexprs(a))]
+        case KSum(_, body):
+            return [e, *subexprs(body)]
+    return [e]
 
 
 def accesses(e: KExpr) -> list[KAccess]:

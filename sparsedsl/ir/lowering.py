@@ -24,9 +24,10 @@ A sparse output (``Y @ S``) shares S's structure: it is written at S's leaf posi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
-from sparsedsl.errors import SdslSemanticError
+from sparsedsl.errors import BackendError, SdslSemanticError
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir import loop_ir as L
@@ -68,6 +69,12 @@ def _sym(name: str) -> L.SizeVar:
 
 def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     """The loop-IR function of a kernel whose sparse input has a concrete format."""
+    return _lower_rows(kernel, opts) if kernel.rowwise else _lower(kernel, opts)
+
+
+def _lower(kernel: K.Kernel, opts: LowerOptions, rows: Callable[[_Ctx], list[L.Stmt]] | None = None) -> L.LoopFunc:
+    """One statement; ``rows``: the kernel's row-wise statements, which read its result from the
+    output tile (``_lower_rows``) instead of the tile being written out."""
     reduction, epilogue = K.split_reduction(kernel.value)
     body = reduction.body if reduction else kernel.value
     if reduction is None:
@@ -168,7 +175,7 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     # its other dimension: strided stores of whole token columns alias in the cache.
     other = [i for i in kernel.indices if i != token]
     blocked = token is not None and not pattern and len(other) == 1 and not opts.gpu
-    if blocked and gather:
+    if blocked and (gather or rows):
         ctx.out_tile = L.Buffer(tile_copy(out.name), ctx.out_dtype, (extents[other[0]], L.const(tile)))
     zero = _fill(acc, L.const(0, ctx.sum_dtype), lane[0] if token else None)
     writeout = _writeout(
@@ -187,7 +194,7 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         fmt,
         s_idx,
     )
-    if blocked and not gather:
+    if blocked and not gather and not rows:
         writeout = _tile_out(
             ctx, other[0], lambda env: _epilogue(ctx, epilogue, env, position, lane, acc, [env[other[0]]])
         )
@@ -198,9 +205,8 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         inner = L.seq(L.Alloc(acc), zero, _wrap(plain, reduce_part), writeout)
     if ctx.out_tile is not None:
         tile_buf = ctx.out_tile
-        inner = L.seq(
-            L.Alloc(tile_buf), inner, _tile_out(ctx, other[0], lambda env: L.load(tile_buf, env[other[0]], lane[0]))
-        )
+        tail = rows(ctx) if rows else [_tile_out(ctx, other[0], lambda env: L.load(tile_buf, env[other[0]], lane[0]))]
+        inner = L.seq(L.Alloc(tile_buf), inner, *tail)
     if token:
         inner = L.For(L.Var(f"{token}_o"), L.const(0), L.ceildiv(extents[token], tile), L.seq(*stage, inner))
     func = L.LoopFunc(kernel.name, params, inner)
@@ -225,6 +231,113 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         thread_major=_thread_major(body if reduction else None, sparse, s_idx, red_idx, token),
     )
     return func
+
+
+def _lower_rows(kernel: K.Kernel, opts: LowerOptions) -> L.LoopFunc:
+    """A kernel of several statements, fused per tile of tokens (rows of the output): the first
+    statement, if it is a product (it reads the sparse input or sums over another index), is
+    lowered as a one-statement kernel whose results stay in the output tile ``[row, tile]``; the
+    other statements then run on that tile, each intermediate a tile buffer (``[row, tile]`` or
+    ``[tile]``: a row's sum or max), the output written out from them in blocks."""
+    if opts.gpu:
+        raise BackendError(
+            f"kernel '{kernel.name}' has several statements (or a max): there is no GPU mapping of row-wise "
+            "kernels yet (ir/gpu.py maps one statement's tokens to threads)"
+        )
+    token, row = kernel.indices
+    first = kernel.statements[0]
+    sparse = kernel.sparse_input
+    producer = bool(kernel.lets) and (
+        any(sparse is not None and a.tensor == sparse.name for a in K.accesses(first.value))
+        or any(isinstance(e, K.KSum) and e.indices != (row,) for e in K.subexprs(first.value))
+    )
+    later = kernel.statements[1:] if producer else kernel.statements
+    if not producer:
+        return _rows_only(kernel, opts, later)
+    sub = replace(kernel, indices=first.indices, value=first.value, lets=())
+
+    def rows(ctx: _Ctx) -> list[L.Stmt]:
+        if ctx.token != token:
+            raise SdslSemanticError(
+                f"kernel '{kernel.name}': its rows run along '{token}', but its first statement iterates "
+                f"'{token}' through the sparse input (the token index is '{ctx.token}')",
+                kernel.span,
+            )
+        ctx.staged[first.target.name] = ctx.out_tile
+        return _row_statements(ctx, later)
+
+    return _lower(sub, opts, rows)
+
+
+def _rows_only(kernel: K.Kernel, opts: LowerOptions, stmts: tuple[K.Let, ...]) -> L.LoopFunc:
+    """A row-wise kernel without a product: its statements in a loop over token tiles."""
+    token = kernel.indices[0]
+    extents: dict[str, L.Expr] = {}
+    for stmt in stmts:
+        for a in [K.KAccess(stmt.target.name, stmt.indices), *K.accesses(stmt.value)]:
+            for idx, dim in zip(a.indices, kernel.param(a.tensor).shape):
+                extents.setdefault(idx, _sym(dim))
+    ctx = _Ctx(kernel, opts, extents, {}, {}, token, {})
+    params = _params(ctx)
+    body = _row_statements(ctx, stmts)
+    tiles = L.For(L.Var(f"{token}_o"), L.const(0), L.ceildiv(extents[token], opts.tile), L.seq(*body))
+    func = L.LoopFunc(kernel.name, params, tiles)
+    func.meta.update(
+        mode="rows",
+        token=token,
+        token_size=kernel.output.shape[0],
+        tile=opts.tile,
+        parallel=["w_o", f"{token}_o"],
+        rows=[],
+        out_indices=kernel.indices,
+        token_extent=extents[token],
+        dense_reduction=[],
+        sparse_reduction=None,
+        thread_major=(),
+    )
+    return func
+
+
+_IDENTITY = {"sum": 0.0, "max": -math.inf}
+
+
+def _row_statements(ctx: _Ctx, stmts: tuple[K.Let, ...]) -> list[L.Stmt]:
+    """The row-wise statements of one token tile, the output's last: each intermediate a tile
+    buffer registered in ``ctx.staged`` (read like a staged input: ``[row, lane]`` or ``[lane]``),
+    a reduction over the row accumulated lane by lane, then its epilogue applied in place."""
+    token, row = ctx.kernel.indices
+    tile, lane = ctx.opts.tile, L.Var(f"{token}_i")
+    m = L.add(L.mul(L.Var(f"{token}_o"), L.const(tile)), lane)
+    out: list[L.Stmt] = []
+
+    def lanes(store: L.Stmt) -> L.Stmt:
+        return L.For(lane, L.const(0), L.const(tile), store, L.LoopKind.VECTORIZED)
+
+    *lets, last = stmts
+    for stmt in lets:
+        name = stmt.target.name
+        reduction, epilogue = K.split_reduction(stmt.value)
+        rv = L.Var(f"{row}_{name}")
+        env = {token: m, row: rv}
+        whole = stmt.indices == (token, row)
+        buf = L.Buffer(tile_copy(name), ACC_DTYPE, (ctx.extents[row], L.const(tile)) if whole else (L.const(tile),))
+        out.append(L.Alloc(buf))
+        where = (rv, lane) if whole else (lane,)
+        if reduction is None:
+            store = L.Store(buf, where, _expr(stmt.value, ctx, env, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE))
+            out.append(L.For(rv, L.const(0), ctx.extents[row], lanes(store)) if whole else lanes(store))
+        else:
+            term = _expr(reduction.body, ctx, env, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE)
+            acc = L.load(buf, lane)
+            combined = L.add(acc, term) if reduction.op == "sum" else L.Bin("max", acc, term)
+            out.append(lanes(L.Store(buf, (lane,), L.const(_IDENTITY[reduction.op], ACC_DTYPE))))
+            out.append(L.For(rv, L.const(0), ctx.extents[row], lanes(L.Store(buf, (lane,), combined))))
+            if epilogue != K.KAcc():
+                final = _expr(epilogue, ctx, env, L.const(0), [lane], clamp=True, acc=acc, dtype=ACC_DTYPE)
+                out.append(lanes(L.Store(buf, (lane,), final)))
+        ctx.staged[name] = buf
+    out.append(_tile_out(ctx, row, lambda env: _expr(last.value, ctx, env, L.const(0), [lane], clamp=False)))
+    return out
 
 
 def _sum_dtype(kernel: K.Kernel, body: K.KExpr) -> str:
@@ -256,8 +369,20 @@ def _part_name(index: str, m) -> str:
     return {None: index, "/": f"{index}_o", "%": f"{index}_i"}[m.op]
 
 
+# A float stored as an integer is rounded to nearest (even) and saturated: quantization. The
+# bounds are floats of the source type (int32's largest float32 is 2^31 - 128).
+_INTEGER_RANGE = {"int8": (-128.0, 127.0), "uint8": (0.0, 255.0), "int32": (-2147483648.0, 2147483520.0)}
+
+
 def _cast(e: L.Expr, dtype: str) -> L.Expr:
-    return e if L.dtype_of(e) == dtype else L.Cast(dtype, e)
+    src = L.dtype_of(e)
+    if src == dtype:
+        return e
+    if dtype in _INTEGER_RANGE and src not in K.INTEGERS and src.startswith(("float", "bfloat")):
+        lo, hi = _INTEGER_RANGE[dtype]
+        rounded = L.Call("round_even", (e,), src)
+        e = L.Bin("max", L.Bin("min", rounded, L.const(hi, src)), L.const(lo, src))
+    return L.Cast(dtype, e)
 
 
 def _wrap(nest: list[L.Stmt], body: L.Stmt) -> L.Stmt:
@@ -385,6 +510,8 @@ def _expr(
             return L.const(int(value) if dtype in K.INTEGERS else float(value), dtype)
         case K.KScalar(name):
             return _cast(ctx.scalars[name], dtype)
+        case K.KSize(name):
+            return _cast(L.SizeVar(name), dtype)
         case K.KAccess(t, indices):
             if sparse is not None and t == sparse.name:
                 return _cast(L.load(ctx.buffers[stored_values(t)], leaf), dtype)
