@@ -18,6 +18,7 @@ from sparsedsl.errors import (
 )
 from sparsedsl.runtime.aot import build, load
 from sparsedsl.runtime.distill import distill
+from sparsedsl.runtime.fused import ResidualNorm
 from sparsedsl.runtime.model import compile_model, report
 from sparsedsl.runtime.model import prune_to as prune
 from sparsedsl.runtime.modules import SparseLinear
@@ -30,6 +31,7 @@ __all__ = [
     "BackendError",
     "PackError",
     "Program",
+    "ResidualNorm",
     "ScheduleError",
     "SdslError",
     "SdslSemanticError",

@@ -18,6 +18,7 @@ from sparsedsl.frontend.check import PRUNE_METHODS
 from sparsedsl.ir.formats import Format
 from sparsedsl.runtime import ops
 from sparsedsl.runtime.calibrate import Layer, calibrate
+from sparsedsl.runtime.fused import fuse_residual_norm
 from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import TORCH_DTYPES, Program, compile, index_types
 from sparsedsl.runtime.prune import Gram, needs_inputs
@@ -220,21 +221,28 @@ def _compile_layer(
     name, linear, rule = layer
     if rule.dtype is not None:
         return _compile_quantized(model, layer, program, gram, keep_dense_above)
+    # a row-wise kernel (residual and norm) runs in the parent's place; the layer keeps a plain one
+    norm = rule.kernel is not None and program.kernels[rule.kernel].kernel.rowwise
+    layer_program, layer_kernel = (ops.nn_program(program), None) if norm else (program, rule.kernel)
     try:
         sparse = SparseLinear.from_linear(
-            linear, rule.format, rule.sparsity, program, rule.kernel, method=rule.prune, inputs=gram
+            linear, rule.format, rule.sparsity, layer_program, layer_kernel, method=rule.prune, inputs=gram
         )
         _check_fits(sparse)
     except SdslError as err:
         raise type(err)(f"layer '{name}': {err.message}") from None
-    kernel = sparse.kernel
+    kernel = rule.kernel if norm else sparse.kernel
     if sparse.density > keep_dense_above:
         note = f"kept dense: density {sparse.density:.2f} > {keep_dense_above}"
         return LayerReport(name, rule.format, sparse.density, kernel, False, note)
     # compile now, for the layer's format and index types (its structure is the packer's: no re-validation)
-    sparse.program.kernels[kernel].instance(sparse.program.format(sparse.format), index_types(sparse))
+    fmt = sparse.program.format(sparse.format)
+    (program if norm else sparse.program).kernels[kernel].instance(fmt, index_types(sparse))
     _replace(model, name, sparse)
-    note = f"fuses {_fuse(model, name, rule.fuse, sparse, fused_by)}" if rule.fuse else ""
+    if norm:
+        note = f"fuses {_fuse_norm(model, name, rule.fuse, program, kernel, fused_by)} + residual"
+    else:
+        note = f"fuses {_fuse(model, name, rule.fuse, sparse, fused_by)}" if rule.fuse else ""
     return LayerReport(name, rule.format, sparse.density, kernel, True, note)
 
 
@@ -323,21 +331,9 @@ def _fuse(model: nn.Module, layer: str, pattern: str, sparse: SparseLinear, fuse
     matches ``pattern``: the kernel's epilogue computes it, and the layer keeps it for ``to_dense``.
     ``fused_by`` maps the modules fused so far to their layer."""
 
-    def refuse(why: str) -> SdslSemanticError:
-        return SdslSemanticError(f"layer '{layer}': fuse \"{pattern}\" {why}")
-
-    parent = layer.rpartition(".")[0]
-    names = [
-        n
-        for n, _ in model.named_modules()
-        if n not in (layer, "") and n.rpartition(".")[0] == parent and fnmatch.fnmatchcase(n, pattern)
-    ]
-    if len(names) != 1:
-        raise refuse(f"must match one module next to it, found {', '.join(names) or 'none'}")
-    name = names[0]
+    refuse = _refusal(layer, pattern)
+    name = _next_to(model, layer, pattern, fused_by)
     fused = model.get_submodule(name)
-    if name in fused_by:
-        raise refuse(f"matches '{name}', fused by layer '{fused_by[name]}' already")
     if any(True for _ in fused.parameters()):
         raise refuse(f"matches '{name}', which holds parameters: only an activation the kernel computes can be fused")
     sparse.fused = fused
@@ -347,6 +343,40 @@ def _fuse(model: nn.Module, layer: str, pattern: str, sparse: SparseLinear, fuse
             "the layer and the module it replaces give other numbers"
         )
     _replace(model, name, nn.Identity())
+    fused_by[name] = layer
+    return name
+
+
+def _refusal(layer: str, pattern: str):
+    return lambda why: SdslSemanticError(f"layer '{layer}': fuse \"{pattern}\" {why}")
+
+
+def _next_to(model: nn.Module, layer: str, pattern: str, fused_by: dict[str, str]) -> str:
+    """The one module next to ``layer`` (a child of its parent) that matches ``pattern``, not fused yet."""
+    refuse = _refusal(layer, pattern)
+    parent = layer.rpartition(".")[0]
+    names = [
+        n
+        for n, _ in model.named_modules()
+        if n not in (layer, "") and n.rpartition(".")[0] == parent and fnmatch.fnmatchcase(n, pattern)
+    ]
+    if len(names) != 1:
+        raise refuse(f"must match one module next to it, found {', '.join(names) or 'none'}")
+    if names[0] in fused_by:
+        raise refuse(f"matches '{names[0]}', fused by layer '{fused_by[names[0]]}' already")
+    return names[0]
+
+
+def _fuse_norm(model: nn.Module, layer: str, pattern: str, program: Program, kernel: str, fused_by) -> str:
+    """Replace ``layer``'s parent by a ``ResidualNorm`` running ``kernel``, the norm next to the
+    layer matching ``pattern`` (runtime/fused.py); the norm's name."""
+    name = _next_to(model, layer, pattern, fused_by)
+    parent = layer.rpartition(".")[0]
+    child = lambda n: n.rpartition(".")[2]  # noqa: E731
+    fused = fuse_residual_norm(model.get_submodule(parent), child(layer), child(name), program, kernel)
+    if isinstance(fused, str):
+        raise _refusal(layer, pattern)(f"matches '{name}', which {fused}")
+    _replace(model, parent, fused)
     fused_by[name] = layer
     return name
 
