@@ -470,10 +470,9 @@ class Directive(Protocol):
     span: Span | None
 
 
-def apply(func: L.LoopFunc, directives: Iterable[Directive], outermost_parallel: bool = False) -> L.LoopFunc:
+def apply(func: L.LoopFunc, directives: Iterable[Directive]) -> L.LoopFunc:
     """Apply the loop directives of a ``schedule`` block in order (``tile``/``layout`` act earlier,
-    in lowering; ``bind`` belongs to GPU targets). ``outermost_parallel``: the backend runs a loop
-    in parallel only when it is the whole body (the llvm backend)."""
+    in lowering; ``bind`` belongs to GPU targets)."""
     kinds = {"parallel": L.LoopKind.PARALLEL, "vectorize": L.LoopKind.VECTORIZED, "unroll": L.LoopKind.UNROLLED}
     for d in directives:
         loop_names = [n.text for n in d.loops]
@@ -483,19 +482,7 @@ def apply(func: L.LoopFunc, directives: Iterable[Directive], outermost_parallel:
             func = split(func, loop_names[0], d.factor, loop_names[1], loop_names[2], d.span)
         elif d.verb == "reorder":
             func = reorder(func, loop_names, d.span)
-        if outermost_parallel:
-            _check_outermost_parallel(func, d.span)
     return func
-
-
-def _check_outermost_parallel(func: L.LoopFunc, span: Span | None) -> None:
-    nested = next((f for f in loops(func.body) if f.kind is L.LoopKind.PARALLEL and f is not func.body), None)
-    if nested is not None:
-        raise ScheduleError(
-            f"the llvm backend runs a loop in parallel only when it is the whole kernel: loop "
-            f"'{nested.var.name}' is not (parallelize the outermost loop, or use the tvm backend)",
-            span,
-        )
 
 
 def default(func: L.LoopFunc) -> dict[str, L.LoopFunc]:

@@ -167,21 +167,16 @@ class CompiledKernel:
             func = lower(kernel, opts)
             loop_directives = [d for d in directives if d.verb not in ("tile", "layout")]
             if loop_directives:
-                llvm = self.program.backend == "llvm"
-                return {"scheduled": sched.apply(func, loop_directives, outermost_parallel=llvm)}
+                return {"scheduled": sched.apply(func, loop_directives)}
             variants = sched.default(func)
             if func.meta.get("token") and not any(d.verb == "tile" for d in directives):
                 # decode-sized calls: a 16-token tile for a few tokens, a 1-token tile for one (a big
                 # tile wastes most of its work); one tile has only its rows to share out
-                keep = "tiles" if self.program.backend == "llvm" else "rows"
                 for suffix, tile in (("small", SMALL_TILE), ("one", 1)):
                     few = sched.default(lower(kernel, replace(opts, tile=tile)))
-                    kind = keep if keep in few else next(iter(few))
+                    kind = "rows" if "rows" in few else next(iter(few))
                     variants[f"{kind}_{suffix}"] = _one_token(few[kind]) if tile == 1 else few[kind]
                 variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}
-            if self.program.backend == "llvm":
-                # the llvm backend runs only an outermost parallel loop in parallel
-                variants = {k: v for k, v in variants.items() if not k.startswith("rows")} or variants
             return variants
         except SdslError as err:
             raise err.with_source(self.program.checked.source) from None

@@ -12,6 +12,7 @@ from torch import nn
 
 import sparsedsl as sd
 from sparsedsl.cli import main as cli
+from sparsedsl.runtime import calls
 
 ROOT = Path(__file__).parents[2]
 
@@ -50,17 +51,23 @@ def test_emit_llvm_backend(capsys):
     assert "define void" in out and "<16 x float>" in out or "<8 x float>" in out
 
 
-def test_nested_parallel_loop_is_a_located_error():
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_a_nested_parallel_loop_runs_on_every_thread_count(threads, monkeypatch):
+    """A parallel loop inside others is outlined and forked where it is met (codegen._outlined_parallel)."""
+    monkeypatch.setenv("SPARSEDSL_NUM_THREADS", threads)
+    monkeypatch.setattr(calls, "PARALLEL_WORK", 1)
     source = """
-kernel lin(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) {
-    Y[m, n] = sum(k) X[m, k] * W[n, k]
+kernel lin(X: f32[M, K], W: f32[N, K] @ CSR, b: f32[N]) -> (Y: f32[M, N]) {
+    Y[m, n] = relu(sum(k) X[m, k] * W[n, k] + b[n])
 }
 schedule lin on cpu { parallel n }
 """
-    with pytest.raises(sd.ScheduleError, match="only when it is the whole kernel") as err:
-        sd.compile(source, backend="llvm")
-    assert err.value.span is not None and err.value.span.line == 5
-    sd.compile(source)  # the tvm backend runs it
+    prog = sd.compile(source, backend="llvm")
+    assert "lin.body.n" in prog.lin.source("llvm", "CSR")
+    for m, n in [(1, 37), (5, 64), (33, 3)]:
+        w = prog.pack("CSR", torch.randn(n, 48) * (torch.rand(n, 48) < 0.4))
+        x, b = torch.randn(m, 48), torch.randn(n)
+        torch.testing.assert_close(prog.lin(x, w, b), torch.relu(x @ w.to_dense().T + b))
 
 
 def test_compile_model_llvm_backend():

@@ -13,7 +13,7 @@ them become constant offsets that LLVM keeps in registers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llvmlite import ir
 
@@ -424,10 +424,8 @@ class Codegen:
             self._vector_for(loop)
             return
         if loop.kind is L.LoopKind.PARALLEL and not top:
-            raise BackendError(
-                f"the llvm backend runs only a kernel's outermost loop in parallel; "
-                f"loop '{loop.var.name}' of '{self.func.name}' is nested (parallelize the outer loop)"
-            )
+            self._outlined_parallel(loop)
+            return
         start = self.expr(loop.start)
         stop = self.b.add(start, self.expr(loop.extent))
         if loop.kind is L.LoopKind.PARALLEL:
@@ -439,6 +437,48 @@ class Codegen:
             start = lo
             stop = self.b.select(self.b.icmp_signed("<", hi, stop), hi, stop)
         self._loop(loop.var.name, start, stop, lambda: self.stmt(loop.body))
+
+    def _outlined_parallel(self, loop: L.For) -> None:
+        """A parallel loop inside others: its body outlined into a function that each OpenMP thread
+        runs on its chunk (``GOMP_parallel``, or called here when the call has one thread), every
+        value and buffer in scope passed in a frame. Nested in a parallel loop, OpenMP runs it on
+        the thread that meets it."""
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        values = {name: v for scope in self.scopes for name, v in scope.values.items()}
+        start = self.expr(loop.start)
+        values |= {"@start": start, "@stop": self.b.add(start, self.expr(loop.extent))}
+        names, buffers = list(values), dict(self.buffers)
+        frame_type = ir.LiteralStructType([values[n].type for n in names] + [p.type for p, _ in buffers.values()])
+        frame = self.alloca_builder.alloca(frame_type)
+        for i, value in enumerate([*(values[n] for n in names), *(p for p, _ in buffers.values())]):
+            self.b.store(value, self.b.gep(frame, [ir.Constant(i32, 0), ir.Constant(i32, i)]))
+        name = f"{self.fn.name}.{loop.var.name}"
+        outlined = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [i8p]), name=name)
+        outlined.linkage = "internal"
+        saved = (self.fn, self.b, self.alloca_builder, self.scopes, self.buffers, self.tid, self.nthreads, self.memo)
+        self.fn, self.memo = outlined, {}
+        self.alloca_builder = ir.IRBuilder(outlined.append_basic_block("entry"))
+        self.b = ir.IRBuilder(outlined.append_basic_block("body"))
+        typed = self.b.bitcast(outlined.args[0], frame_type.as_pointer())
+        fields = [
+            self.b.load(self.b.gep(typed, [ir.Constant(i32, 0), ir.Constant(i32, i)]))
+            for i in range(len(frame_type.elements))
+        ]
+        self.scopes = [_Scope(dict(zip(names, fields)))]
+        self.buffers = {name: (ptr, buf) for (name, (_, buf)), ptr in zip(buffers.items(), fields[len(names) :])}
+        self.tid, self.nthreads = _thread_position(self.module, self.b)
+        self._for(replace(loop, start=L.Var("@start"), extent=L.sub(L.Var("@stop"), L.Var("@start"))), top=True)
+        self._close_scope()
+        self.b.ret_void()
+        self.alloca_builder.branch(outlined.blocks[1])
+        self.fn, self.b, self.alloca_builder, self.scopes, self.buffers, self.tid, self.nthreads, self.memo = saved
+        raw = self.b.bitcast(frame, i8p)
+        threads = self.b.trunc(self.nthreads, i32)
+        with self.b.if_else(self.b.icmp_signed("<=", threads, ir.Constant(i32, 1))) as (alone, forked):
+            with alone:
+                self.b.call(outlined, [raw])
+            with forked:
+                self.b.call(_gomp_parallel(self.module), [outlined, raw, threads, ir.Constant(i32, 0)])
 
     def _loop(self, name: str, start: ir.Value, stop: ir.Value, body, step: int = 1) -> None:
         b = self.b
@@ -522,10 +562,7 @@ def _entry(module: ir.Module, body: ir.Function, func: L.LoopFunc) -> None:
     ob = ir.IRBuilder(outlined.append_basic_block("entry"))
     frame = ob.bitcast(outlined.args[0], frame_type.as_pointer())
     unpacked = [ob.load(ob.gep(frame, [ir.Constant(i32, 0), ir.Constant(i32, i)])) for i in range(len(arg_types))]
-    omp_tid = _declare(module, "omp_get_thread_num", ir.FunctionType(i32, []))
-    omp_count = _declare(module, "omp_get_num_threads", ir.FunctionType(i32, []))
-    tid, count = ob.sext(ob.call(omp_tid, []), I64), ob.sext(ob.call(omp_count, []), I64)
-    ob.call(body, [*unpacked, tid, count])
+    ob.call(body, [*unpacked, *_thread_position(module, ob)])
     ob.ret_void()
     with b.if_then(b.icmp_signed("<=", nthreads, ir.Constant(I64, 1))):  # one thread: no fork
         b.call(body, [*args, ir.Constant(I64, 0), ir.Constant(I64, 1)])
@@ -533,13 +570,23 @@ def _entry(module: ir.Module, body: ir.Function, func: L.LoopFunc) -> None:
     frame_ptr = b.alloca(frame_type)
     for i, a in enumerate(args):
         b.store(a, b.gep(frame_ptr, [ir.Constant(i32, 0), ir.Constant(i32, i)]))
-    gomp = _declare(
-        module,
-        "GOMP_parallel",
-        ir.FunctionType(ir.VoidType(), [ir.FunctionType(ir.VoidType(), [i8p]).as_pointer(), i8p, i32, i32]),
-    )
-    b.call(gomp, [outlined, b.bitcast(frame_ptr, i8p), b.trunc(nthreads, i32), ir.Constant(i32, 0)])
+    b.call(_gomp_parallel(module), [outlined, b.bitcast(frame_ptr, i8p), b.trunc(nthreads, i32), ir.Constant(i32, 0)])
     b.ret_void()
+
+
+def _thread_position(module: ir.Module, b: ir.IRBuilder) -> tuple[ir.Value, ir.Value]:
+    """This OpenMP thread's number and the team's size, as i64."""
+    i32 = ir.IntType(32)
+    tid = b.call(_declare(module, "omp_get_thread_num", ir.FunctionType(i32, [])), [])
+    count = b.call(_declare(module, "omp_get_num_threads", ir.FunctionType(i32, [])), [])
+    return b.sext(tid, I64), b.sext(count, I64)
+
+
+def _gomp_parallel(module: ir.Module) -> ir.Function:
+    """libgomp's ``GOMP_parallel(fn, data, num_threads, flags)``: ``fn(data)`` on each thread."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    task = ir.FunctionType(ir.VoidType(), [i8p]).as_pointer()
+    return _declare(module, "GOMP_parallel", ir.FunctionType(ir.VoidType(), [task, i8p, i32, i32]))
 
 
 def generate(funcs: list[L.LoopFunc], vector_width: int, triple: str) -> ir.Module:
