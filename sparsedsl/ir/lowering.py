@@ -99,7 +99,8 @@ def _lower(kernel: K.Kernel, opts: LowerOptions, rows: Callable[[_Ctx], list[L.S
     dense_free = [i for i in kernel.indices if i not in s_idx]
     dense_red = [i for i in red_idx if i not in s_idx]
     token = dense_free[0] if dense_free else None
-    ctx = _Ctx(kernel, opts, extents, {}, {}, token, {}, _sum_dtype(kernel, body), K.accumulator(out.dtype))
+    out_dtype = "int32" if out.dtype in K.INTEGERS and _sum_dtype(kernel, kernel.value) == "int32" else ACC_DTYPE
+    ctx = _Ctx(kernel, opts, extents, {}, {}, token, {}, _sum_dtype(kernel, body), out_dtype)
     params = _params(ctx)
 
     fmt: Format | None = sparse.format if sparse else None

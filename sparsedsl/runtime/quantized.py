@@ -4,7 +4,7 @@ output channel, activations quantized per token when called) or bf16, for infere
 int8: ``y = (sum_k xq[m, k] wq[n, k]) * sx[m] * sw[n] + b[n]``, the sum exact in int32 and the
 dequantization and bias in the kernel's epilogue (``nn.sdsl``'s ``qlinear_bias``). The
 weight is quantized symmetrically per output row (``sw = max |w[n, :]| / 127``), the activations
-per token (``sx = max |x[m, :]| / 127``, by torch before the kernel: dynamic quantization).
+per token (``sx = max |x[m, :]| / 127``) when the layer is called (dynamic quantization).
 bf16: values and activations in bf16, products summed in f32 (``blinear_bias``).
 """
 
@@ -22,15 +22,6 @@ from sparsedsl.runtime.sparse_tensor import SparseTensor
 QUANTIZED_DTYPES = {"int8": torch.int8, "bf16": torch.bfloat16}
 QMAX = 127  # symmetric int8: -127..127, so that -x is representable for every x
 _KERNELS = {"int8": "qlinear_bias", "bf16": "blinear_bias"}
-
-
-def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, scale)`` with ``t ~= q * scale[:, None]``: each row of a 2-d float tensor to int8 by
-    its largest magnitude (a zero row gets scale 1)."""
-    amax = t.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).float()
-    q = torch.round(t / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, scale
 
 
 class QuantizedSparseLinear(nn.Module):
@@ -101,6 +92,15 @@ class QuantizedSparseLinear(nn.Module):
         fmt = self.program.format(self.format)
         return SparseTensor.from_structure(fmt, (self.out_features, self.in_features), self.structure(), self.values)
 
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(xq, sx)``, ``x ~= xq * sx[:, None]``: each row (token) of a 2-d input to int8 by its
+        largest magnitude (a zero row gets scale 1), rounded to nearest and saturated by
+        ``nn.sdsl``'s ``quantize_rows`` (one pass; torch's round, clamp and cast take three)."""
+        x = x.float().contiguous()
+        amax = x.abs().amax(dim=1)
+        scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+        return self.program.kernels["quantize_rows"](x, 1 / scale), scale
+
     def dequantized(self) -> torch.Tensor:
         """The dense f32 weight this layer computes with."""
         dense = self.sparse_weight().to_dense().float()
@@ -138,8 +138,7 @@ class QuantizedSparseLinear(nn.Module):
         kernel = self.program.kernels[self.kernel]
         weight = self.sparse_weight()
         if self.dtype_name == "int8":
-            xq, sx = quantize_rows(flat.float())
-            y = kernel(xq, sx, weight, self.weight_scale, self.bias)
+            y = kernel(*self.quantize(flat), weight, self.weight_scale, self.bias)
         else:
             y = kernel(flat.to(torch.bfloat16).contiguous(), weight, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)

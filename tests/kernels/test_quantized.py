@@ -1,5 +1,6 @@
 """Integer (i8 / u8 operands, i32 accumulators) and bf16 kernels, every format, both CPU backends:
-integer results bit-exact against torch's int32 matmul, bf16 within f32 accumulation's bound."""
+integer results bit-exact against torch's int32 matmul, bf16 within f32 accumulation's bound;
+floats stored as integers rounded to nearest (even) and saturated, as torch does."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ kernel itransposed(G: i8[M, N], W: i8[N, K] @ CSR) -> (Y: i32[M, K]) {
 }
 kernel qlinear(X: i8[M, K], sx: f32[M], W: i8[N, K] @ CSR, sw: f32[N], b: f32[N]) -> (Y: f32[M, N]) {
     Y[m, n] = relu((sum(k) X[m, k] * W[n, k]) * sx[m] * sw[n] + b[n])
+}
+kernel quantize(X: f32[M, K], inv: f32[M]) -> (Q: i8[M, K]) {
+    Q[m, k] = X[m, k] * inv[m]
+}
+kernel requantize(X: i8[M, K], W: i8[N, K] @ CSR, s: f32[N]) -> (Y: u8[M, N]) {
+    Y[m, n] = (sum(k) X[m, k] * W[n, k]) * s[n] + 128.0
 }
 kernel blinear(X: bf16[M, K], W: bf16[N, K] @ CSR, b: f32[N]) -> (Y: f32[M, N]) {
     Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n]
@@ -88,6 +95,28 @@ def test_dequantized_epilogue(prog, case):
     sx, sw, b = torch.rand(m, generator=gen), torch.rand(n, generator=gen), torch.randn(n, generator=gen)
     expected = torch.relu(_imm(x, w.T).float() * sx[:, None] * sw + b)
     torch.testing.assert_close(prog.qlinear(x, sx, W, sw, b), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_a_float_stored_as_int8_is_rounded_to_even_and_saturated(prog):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 100, generator=gen) * 3
+    x[0, :6] = torch.tensor([0.5, 1.5, -2.5, 1000.0, -1000.0, float("inf")])
+    inv = torch.rand(70, generator=gen) * 60
+    inv[0] = 1.0
+    expected = torch.round(x * inv[:, None]).clamp(-128, 127).to(torch.int8)
+    assert torch.equal(prog.quantize(x, inv), expected)
+
+
+@SETTINGS
+@given(case=sparse_case())
+def test_requantized_output(prog, case):
+    """An integer sum dequantized and stored as u8 (the next layer's input, quantized in the
+    epilogue): round(acc * s + 128) saturated to [0, 255]."""
+    w, W, gen = _int8_weight(prog, case)
+    x = torch.randint(-128, 128, (case[3], w.shape[1]), generator=gen, dtype=torch.int8)
+    s = torch.rand(w.shape[0], generator=gen) / 64
+    expected = torch.round(_imm(x, w.T).float() * s + 128.0).clamp(0, 255).to(torch.uint8)
+    assert torch.equal(prog.requantize(x, W, s), expected)
 
 
 @SETTINGS

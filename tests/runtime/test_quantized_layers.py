@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import sparsedsl as sd
-from sparsedsl.runtime.quantized import QuantizedSparseLinear, quantize_rows
+from sparsedsl.runtime.quantized import QuantizedSparseLinear
 
 
 def _mlp() -> nn.Module:
@@ -24,7 +24,8 @@ def test_int8_layer_is_its_integer_product_dequantized(fmt):
     sparsity = None if fmt == "NM(2, 4)" else 0.6  # N:M gives its own
     layer = QuantizedSparseLinear.from_linear(linear, fmt, "int8", sparsity, method="magnitude")
     x = torch.randn(3, 7, 64)
-    xq, sx = quantize_rows(x.reshape(-1, 64))
+    xq, sx = layer.quantize(x.reshape(-1, 64))
+    assert torch.equal(xq, torch.round(x.reshape(-1, 64) / sx[:, None]).clamp(-127, 127).to(torch.int8))
     wq = layer.sparse_weight().to_dense()
     exact = (xq.int() @ wq.int().T).float() * sx[:, None] * layer.weight_scale + layer.bias
     torch.testing.assert_close(layer(x), exact.reshape(3, 7, 96), rtol=1e-6, atol=1e-5)

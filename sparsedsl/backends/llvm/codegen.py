@@ -61,7 +61,7 @@ BYTES = {
     "uint8": 1,
     "uint16": 2,
 }
-VECTOR_STORES = (*FLOATS, "int32")  # element types a vectorised loop stores (values, accumulators)
+VECTOR_STORES = (*FLOATS, "int32", "int8", "uint8")  # what vectorised loops store (values, accumulators)
 STACK_LIMIT = 1 << 14  # bytes: larger constant buffers and symbolic ones go to the heap
 
 
@@ -146,6 +146,8 @@ def _vectorizable(loop: L.For) -> bool:
                 return op in ("+", "-", "*", "/", "min", "max") and ok_expr(a) and ok_expr(b)
             case L.Cast(_, v):
                 return ok_expr(v)
+            case L.Call(_, args, _):
+                return all(ok_expr(a) for a in args)
             case L.Var(n):
                 return n != name
             case L.Const() | L.SizeVar():
@@ -287,7 +289,7 @@ class Codegen:
                 return self._cast(self._cast(v, "float32", src), dtype, "float32")
             return self.b.fpext(v, to) if BYTES[dtype] > BYTES[src] else self.b.fptrunc(v, to)
         if src in FLOATS:
-            return self.b.fptosi(v, to)
+            return self.b.fptoui(v, to) if dtype in UNSIGNED else self.b.fptosi(v, to)
         if dtype in FLOATS:
             return self.b.uitofp(v, to) if src in UNSIGNED else self.b.sitofp(v, to)
         if BYTES[dtype] <= BYTES[src]:
@@ -340,6 +342,8 @@ class Codegen:
         x = args[0]
         if name == "floor":
             return b.call(self._intrinsic("llvm.floor", x.type), [x])
+        if name == "round_even":
+            return b.call(self._intrinsic("llvm.roundeven", x.type), [x])
         if name == "exp2i":  # 2^n for an integral float n in [-126, 127], from the exponent bits
             vec = isinstance(x.type, ir.VectorType)
             int_t = ir.VectorType(I32, x.type.count) if vec else I32

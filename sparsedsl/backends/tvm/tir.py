@@ -50,6 +50,7 @@ def _exp2i(n):
 
 _CALLS = {
     "floor": tirx.floor,
+    "round_even": tirx.nearbyint,  # LLVM's nearbyint: to nearest, ties to even
     "exp2i": _exp2i,
     "sqrt": tirx.sqrt,
     "abs": tirx.abs,

@@ -1,0 +1,163 @@
+"""Quantized sparse layers against the same f32 sparse layer, dense f32 and torch's dynamically
+quantized dense int8 linear (``torch.ao.quantization.quantize_dynamic``), same process; then
+all-MiniLM-L6-v2 with int8 sparse layers against dense f32 eager, with the sentence-embedding
+cosine against the f32 sparse model.
+
+Each layer time is the median of --reps calls, the configurations of one row interleaved call by
+call (so that a burst of load on these shared machines hits them alike). "int8" is the whole
+layer: the per-token quantization of the activations plus the kernel; "int8 kernel" the
+kernel alone on pre-quantized activations; "bf16" includes casting the activations to bf16.
+
+    .venv/bin/python benchmarks/quantized.py [--threads 2] [--reps 30] [--tokens 128 512 1024]
+        [--backend tvm] [--no-model] [--out benchmarks/quantized.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import sparsedsl as sd  # noqa: E402
+
+# isort: split
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sparsedsl.backends.host import present  # noqa: E402
+from sparsedsl.backends.tvm.cpu import host_cpu  # noqa: E402
+from sparsedsl.runtime.ops import nn_program  # noqa: E402
+from sparsedsl.runtime.quantized import QuantizedSparseLinear  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BERT = [(768, 768), (3072, 768), (768, 3072)]  # (N, K): attention, intermediate, output
+FORMAT, SPARSITY = "BSR(4, 1)", 0.9
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each function, called in turn ``reps`` times after two warm-up rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for round_ in range(reps + 2):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                if round_ >= 2:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def layer_row(n: int, k: int, tokens: int, backend: str, reps: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(k, n)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen) / k**0.5)
+    f32 = sd.SparseLinear.from_linear(linear, FORMAT, SPARSITY, nn_program(None, "cpu", backend))
+    int8 = QuantizedSparseLinear.from_linear(linear, FORMAT, "int8", SPARSITY, f32.program)
+    bf16 = QuantizedSparseLinear.from_linear(linear, FORMAT, "bf16", SPARSITY, f32.program)
+    dense = f32.to_dense()
+    dynamic = torch.ao.quantization.quantize_dynamic(nn.Sequential(dense), {nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(tokens, k, generator=gen)
+    xq, sx = int8.quantize(x)
+    kernel, weight = int8.program.kernels[int8.kernel], int8.sparse_weight()
+    fns = {
+        "f32 sparse": lambda: f32(x),
+        "int8": lambda: int8(x),
+        "int8 kernel": lambda: kernel(xq, sx, weight, int8.weight_scale, int8.bias),
+        "bf16": lambda: bf16(x),
+        "dense f32": lambda: dense(x),
+        "torch dynamic int8": lambda: dynamic(x),
+    }
+    times = interleaved(fns, reps)
+    with torch.inference_mode():
+        ref = f32(x)
+        errors = {name: (fns[name]() - ref).abs() for name in ("int8", "bf16", "torch dynamic int8")}
+    base = times["f32 sparse"]
+    return {
+        "n": n,
+        "k": k,
+        "tokens": tokens,
+        "ms": {name: t * 1e3 for name, t in times.items()},
+        "vs_f32_sparse": {name: t / base for name, t in times.items()},
+        "int8_vs_torch_dynamic": times["int8"] / times["torch dynamic int8"],
+        "max_error": {name: e.max().item() for name, e in errors.items()},
+        "mean_error": {name: e.mean().item() for name, e in errors.items()},
+        "output_scale": ref.abs().max().item(),
+    }
+
+
+def model_rows(backend: str, reps: int) -> dict:
+    """MiniLM at 8 x 128: dense f32 eager, f32 sparse and int8 / bf16 sparse (90% BSR(4, 1) on
+    every encoder linear layer, magnitude pruning), timed interleaved; the cosine of the sentence
+    embeddings of 256 held-out sentences against the f32 sparse model."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from sentences import cosine, embed, measure, minilm
+
+    model, tokenizer = minilm()
+    rule = {"format": FORMAT, "sparsity": SPARSITY}
+    models = {"dense f32": model}
+    for dtype in (None, "int8", "bf16"):
+        spec = rule if dtype is None else {**rule, "dtype": dtype}
+        models[f"{dtype or 'f32'} sparse"] = sd.compile_model(model, {"encoder.layer.*": spec}, backend=backend)
+    ids = torch.randint(1000, 20000, (8, 128), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    times = interleaved({name: (lambda m=m: m(**inputs)) for name, m in models.items()}, reps)
+    sentences = measure(models["f32 sparse"], tokenizer, seed=0, calibration=0, held_out=256)
+    base = times["dense f32"]
+    out = {"ms": {n: t * 1e3 for n, t in times.items()}, "speedup_vs_dense": {n: base / t for n, t in times.items()}}
+    out["cosine_vs_f32_sparse"] = {n: cosine(models[n], sentences.held_out, sentences.reference) for n in models}
+    dense_ref = embed(model, sentences.held_out)
+    out["cosine_vs_dense"] = {n: cosine(models[n], sentences.held_out, dense_ref) for n in models}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 1024])
+    parser.add_argument("--backend", default="tvm", choices=("tvm", "llvm"))
+    parser.add_argument("--no-model", action="store_true", help="only the layer table")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "quantized.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    vnni = sorted(f for f in present() if "vnni" in f or "bf16" in f)
+    print(f"{host_cpu()}, {args.threads} threads, backend {args.backend}, dot-product extensions: {vnni or 'none'}")
+    print(f"\n{FORMAT} {SPARSITY:.0%}: time / f32 sparse layer time (lower is better)")
+    head = f"{'N x K':<11} {'tokens':>6} {'f32 ms':>7} {'int8':>6} {'kernel':>7} {'bf16':>6} {'dense':>6} "
+    print(head + f"{'torch dyn':>9} {'int8/dyn':>8}  max |err| int8, bf16 (of max |y|)")
+    rows = []
+    for n, k in BERT:
+        for tokens in args.tokens:
+            r = layer_row(n, k, tokens, args.backend, args.reps)
+            rows.append(r)
+            v, e = r["vs_f32_sparse"], r["max_error"]
+            print(
+                f"{n}x{k:<6} {tokens:>6} {r['ms']['f32 sparse']:>7.2f} {v['int8']:>6.2f} {v['int8 kernel']:>7.2f} "
+                f"{v['bf16']:>6.2f} {v['dense f32']:>6.2f} {v['torch dynamic int8']:>9.2f} "
+                f"{r['int8_vs_torch_dynamic']:>8.2f}  {e['int8']:.3g}, {e['bf16']:.3g} (of {r['output_scale']:.3g})",
+                flush=True,
+            )
+    result = {"cpu": host_cpu(), "threads": args.threads, "backend": args.backend, "dot_product": vnni, "layers": rows}
+    if not args.no_model:
+        m = model_rows(args.backend, max(5, args.reps // 3))
+        result["minilm"] = m
+        print("\nMiniLM, 8 x 128 tokens, every encoder layer 90% BSR(4, 1):")
+        for name in m["ms"]:
+            print(
+                f"  {name:<12} {m['ms'][name]:8.1f} ms  {m['speedup_vs_dense'][name]:5.2f}x dense  cosine "
+                f"{m['cosine_vs_f32_sparse'][name]:.4f} vs f32 sparse, {m['cosine_vs_dense'][name]:.4f} vs dense"
+            )
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
