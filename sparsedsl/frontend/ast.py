@@ -183,9 +183,9 @@ class ScheduleDecl:
 
 @dataclass(frozen=True)
 class Rule:
-    """``linear "GLOB" use KERNEL [with FORMAT] [sparsity S] [prune METHOD] [fuse "GLOB"]``: ``prune``
-    names the pruning method; ``fuse`` the module (an activation after the layer) that the kernel's
-    epilogue replaces."""
+    """``linear "GLOB" use KERNEL [with FORMAT] [sparsity S] [prune METHOD] [fuse "GLOB"] [dtype T]``:
+    ``prune`` names the pruning method; ``fuse`` the module (an activation after the layer) that the
+    kernel's epilogue replaces; ``dtype`` the type of the stored values (int8, bf16: a quantized layer)."""
 
     pattern: str
     kernel: Name
@@ -195,6 +195,7 @@ class Rule:
     sparsity_span: Span | None = None
     fuse: str | None = None
     prune: Name | None = None
+    dtype: Name | None = None
 
 
 @dataclass(frozen=True)

@@ -804,8 +804,20 @@ def _check_model(decl: ast.ModelDecl, program: Program) -> None:
             raise SdslSemanticError(
                 f"unknown pruning method '{rule.prune.text}' (known: {', '.join(PRUNE_METHODS)})", rule.prune.span
             )
+        if rule.dtype is not None and rule.dtype.text not in QUANTIZED_DTYPES:
+            known = ", ".join(QUANTIZED_DTYPES)
+            raise SdslSemanticError(f"unknown dtype '{rule.dtype.text}' (known: {known})", rule.dtype.span)
+        if rule.dtype is not None and (rule.fuse is not None or kernel.rowwise):
+            raise SdslSemanticError(
+                f"a {rule.dtype.text} layer runs sparsedsl's quantized linear kernel and fuses nothing: "
+                "drop 'fuse' or the dtype",
+                rule.dtype.span,
+            )
     program.models[decl.name.text] = decl
 
+
+# The types a model rule may store a layer's values in (``dtype T``): sparsedsl/runtime/quantized.py.
+QUANTIZED_DTYPES = ("int8", "bf16")
 
 # A sparsity asked of a fixed-density format is accepted if it is the format's own, rounded to a
 # percent ("NM(1, 3)" with 0.67).

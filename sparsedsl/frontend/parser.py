@@ -196,8 +196,9 @@ class _ToAst(Transformer):
         sparsity, sparsity_span = (float(number), _span_of(number)) if number is not None else (None, None)
         fuse = next((r for r in rest if isinstance(r, str) and not isinstance(r, Token)), None)
         method = next((r for r in rest if isinstance(r, ast.Name)), None)
+        dtype = next((r[1] for r in rest if isinstance(r, tuple)), None)
         return ast.Rule(
-            str(pattern)[1:-1], _name(kernel), fmt, sparsity, self._span(meta), sparsity_span, fuse, method
+            str(pattern)[1:-1], _name(kernel), fmt, sparsity, self._span(meta), sparsity_span, fuse, method, dtype
         )
 
     def prune(self, meta, children):
@@ -205,6 +206,9 @@ class _ToAst(Transformer):
 
     def fuse(self, meta, children):
         return str(children[0])[1:-1]
+
+    def dtype(self, meta, children):
+        return ("dtype", _name(children[0]))  # tagged: ``prune`` gives a bare Name
 
 
 def _describe(terminal: str, end: str) -> str:

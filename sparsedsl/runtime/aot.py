@@ -28,7 +28,9 @@ from sparsedsl.errors import SdslError, Source
 from sparsedsl.frontend.check import check
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir.formats import Format
+from sparsedsl.runtime import ops
 from sparsedsl.runtime.program import Instance, Program, index_type_choices, read_source
+from sparsedsl.runtime.quantized import KERNELS as QUANTIZED_KERNELS
 from sparsedsl.runtime.rules import Rule, rules_of
 from sparsedsl.version import __version__
 
@@ -114,6 +116,21 @@ def _formats_to_build(program: Program) -> dict[str, list[Format | None]]:
     return out
 
 
+def _quantized_to_build(program: Program) -> dict[str, list[Format | None]]:
+    """Per kernel of nn.sdsl: the formats of the model rules whose layers it runs (rules with a
+    ``dtype``), and the activations' quantization (dense) when a layer is int8."""
+    out: dict[str, list[Format | None]] = {}
+    for model in program.checked.models.values():
+        for rule in model.rules:
+            if rule.dtype is not None:
+                own = program.kernels[rule.kernel.text]._default_format()
+                fmt = program.checked.format(rule.format) if rule.format is not None else own
+                out.setdefault(QUANTIZED_KERNELS[rule.dtype.text], []).append(fmt)
+                if rule.dtype.text == "int8":
+                    out["quantize_rows"] = [None]
+    return {name: list(dict.fromkeys(formats)) for name, formats in out.items()}
+
+
 def build(
     path_or_source, out_dir: str | os.PathLike, target: str = "cpu", backend: str = "tvm", arch: str | None = None
 ) -> Path:
@@ -125,26 +142,31 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     (out / SOURCE).write_text(source.text)
     kernels = []
-    for name, formats in _formats_to_build(program).items():
-        compiled = program.kernels[name]
-        for fmt in formats:
-            for index_dtypes in index_type_choices(fmt):
-                inst = compiled.instance(fmt, index_dtypes)
-                suffix = ".cuda.json" if target == "cuda" else ".so"
-                stem = "__".join((name, _slug(fmt.label), *index_dtypes) if fmt else (name, "dense"))
-                lib = out / f"{stem}{suffix}"
-                cache.atomic_write(lib, inst.built.export)
-                kernels.append(
-                    {
-                        "kernel": name,
-                        "signature": compiled.signature(),
-                        "format": fmt.label if fmt else None,
-                        "index_dtypes": list(index_dtypes) if fmt else None,
-                        "variants": list(inst.variants),
-                        "file": lib.name,
-                        "sha256": cache.digest(lib),
-                    }
-                )
+    nn = ops.nn_program(program)  # the quantized layers' kernels, knowing the file's formats
+    nn.cache_dir = None
+    sources = (("file", program, _formats_to_build(program)), ("nn", nn, _quantized_to_build(program)))
+    for origin, owner, todo in sources:
+        for name, formats in todo.items():
+            compiled = owner.kernels[name]
+            for fmt in formats:
+                for index_dtypes in index_type_choices(fmt):
+                    inst = compiled.instance(fmt, index_dtypes)
+                    suffix = ".cuda.json" if target == "cuda" else ".so"
+                    stem = "__".join((name, _slug(fmt.label), *index_dtypes) if fmt else (name, "dense"))
+                    lib = out / f"{'nn.' if origin == 'nn' else ''}{stem}{suffix}"
+                    cache.atomic_write(lib, inst.built.export)
+                    kernels.append(
+                        {
+                            "kernel": name,
+                            "program": origin,
+                            "signature": compiled.signature(),
+                            "format": fmt.label if fmt else None,
+                            "index_dtypes": list(index_dtypes) if fmt else None,
+                            "variants": list(inst.variants),
+                            "file": lib.name,
+                            "sha256": cache.digest(lib),
+                        }
+                    )
     rules = [asdict(r) for decl in program.checked.models.values() for r in rules_of(program, decl)]
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -225,6 +247,7 @@ def _kernel_entry(entry) -> bool:
         and isinstance(entry.get("format"), str | None)
         and _index_dtypes_entry(entry)
         and isinstance(entry.get("variants"), list)
+        and entry.get("program", "file") in ("file", "nn")
     )
 
 
@@ -267,9 +290,11 @@ def load(directory: str | os.PathLike) -> Program:
         image = lib.read_bytes() if lib.is_file() else None
         if image is None or hashlib.sha256(image).hexdigest() != entry["sha256"]:
             raise AotError(f"{lib} is missing or does not match its SHA-256 in the manifest")
-        compiled = program.kernels.get(entry["kernel"])
+        nn = entry.get("program") == "nn"  # a quantized layer's kernel, of nn.sdsl
+        compiled = (ops.nn_program(program) if nn else program).kernels.get(entry["kernel"])
         if compiled is None:
-            raise AotError(f"{root / MANIFEST} lists a kernel '{entry['kernel']}' that {SOURCE} does not define")
+            where = "sparsedsl's nn.sdsl" if nn else SOURCE
+            raise AotError(f"{root / MANIFEST} lists a kernel '{entry['kernel']}' that {where} does not define")
         fmt = program.format(entry["format"]) if entry["format"] else None
         index_dtypes = tuple(entry["index_dtypes"]) if fmt else None
         if fmt is not None and len(index_dtypes) != len(fmt.buffer_keys()):

@@ -188,7 +188,7 @@ def compile_model(
     def build(layer: Layer, gram: Gram | None = None) -> None:
         name, _, rule = layer
         rows[name] = _compile_layer(
-            result, layer, program if rule.kernel else nn_prog, gram, keep_dense_above, fused_by
+            result, layer, program if rule.kernel and not rule.dtype else nn_prog, gram, keep_dense_above, fused_by
         )
 
     for layer in _progress([la for la in layers if not _calibrated(la[2])], verbose, "sparsedsl: compiling layers"):

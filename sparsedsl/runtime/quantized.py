@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from sparsedsl.errors import ArgumentError, PackError
+from sparsedsl.frontend.check import QUANTIZED_DTYPES
 from sparsedsl.runtime import ops
 from sparsedsl.runtime.program import Program
 from sparsedsl.runtime.prune import Gram, prune
 from sparsedsl.runtime.sparse_tensor import SparseTensor
 
-QUANTIZED_DTYPES = {"int8": torch.int8, "bf16": torch.bfloat16}
 QMAX = 127  # symmetric int8: -127..127, so that -x is representable for every x
-_KERNELS = {"int8": "qlinear_bias", "bf16": "blinear_bias"}
+KERNELS = {"int8": "qlinear_bias", "bf16": "blinear_bias"}  # nn.sdsl's, per dtype
 
 
 class QuantizedSparseLinear(nn.Module):
@@ -82,7 +82,7 @@ class QuantizedSparseLinear(nn.Module):
     @property
     def kernel(self) -> str:
         """The kernel of ``nn.sdsl`` this layer runs."""
-        return _KERNELS[self.dtype_name]
+        return KERNELS[self.dtype_name]
 
     def structure(self) -> list[torch.Tensor]:
         return [buf for name, buf in self._buffers.items() if name.startswith("structure_")]

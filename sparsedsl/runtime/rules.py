@@ -29,5 +29,6 @@ def rules_of(program: Program, decl: ast.ModelDecl) -> list[Rule]:
     out = []
     for r in decl.rules:
         fmt = program.checked.format(r.format) if r.format else program.kernels[r.kernel.text]._default_format()
-        out.append(Rule(r.pattern, fmt.label, r.sparsity, r.kernel.text, r.fuse, r.prune and r.prune.text))
+        prune, dtype = r.prune and r.prune.text, r.dtype and r.dtype.text
+        out.append(Rule(r.pattern, fmt.label, r.sparsity, r.kernel.text, r.fuse, prune, dtype))
     return out

@@ -78,3 +78,36 @@ def test_an_unknown_dtype_is_refused():
         sd.compile_model(_mlp(), {"0": {"format": "CSR", "dtype": "int4"}})
     with pytest.raises(sd.ArgumentError, match="quantized layers are int8 or bf16"):
         QuantizedSparseLinear(sd.SparseTensor.pack(sd.compile("").format("CSR"), torch.eye(4)), "f16")
+
+
+RULES = """
+kernel linear(X: f32[M, K], W: f32[N, K] @ BSR(4, 1), b: f32[N]) -> (Y: f32[M, N]) {
+    Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n]
+}
+model m {
+    linear "0" use linear sparsity 0.5 dtype int8
+    linear "2" use linear with CSR sparsity 0.5 dtype bf16
+}
+"""
+
+
+def test_model_block_dtype_and_aot_build(tmp_path):
+    """``dtype`` in a model block; an AOT build carries the quantized kernels (nn.sdsl's, for the
+    rules' formats) and gives the same numbers."""
+    model = _mlp()
+    compiled = sd.compile_model(model, RULES)
+    assert [r.dtype for r in sd.report(compiled)] == ["int8", "bf16"]
+    sd.build(RULES, tmp_path)
+    manifest = (tmp_path / "manifest.json").read_text()
+    assert '"qlinear_bias"' in manifest and '"quantize_rows"' in manifest and '"blinear_bias"' in manifest
+    loaded = sd.compile_model(model, None, aot=tmp_path)
+    x = torch.randn(3, 64)
+    assert torch.equal(loaded(x), compiled(x))
+
+
+def test_model_block_dtype_errors():
+    with pytest.raises(sd.SdslSemanticError, match="unknown dtype 'int4' \\(known: int8, bf16\\)"):
+        sd.compile(RULES.replace("dtype bf16", "dtype int4"))
+    gelu = RULES.replace("+ b[n]", "+ b[n])").replace("= sum", "= gelu(sum")
+    with pytest.raises(sd.SdslSemanticError, match="fuses nothing"):
+        sd.compile(gelu.replace("sparsity 0.5 dtype int8", 'sparsity 0.5 fuse "1" dtype int8'))
