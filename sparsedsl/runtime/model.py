@@ -273,17 +273,37 @@ def _layers(model: nn.Module, rule_set: RuleSet) -> list[tuple[str, nn.Linear, R
     model silently."""
     if not rule_set.rules:
         raise SdslSemanticError("there are no rules: no layer would be made sparse", source=rule_set.source)
-    linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) or _is_conv1d(mod)]
     out = []
-    for name, linear in linears:
+    for name, module in linears:
         rule = next((r for r in rule_set.rules if fnmatch.fnmatchcase(name, r.pattern)), None)
         if rule is not None:
+            linear = _as_linear(module) if _is_conv1d(module) else module
+            if linear is not module:
+                _replace(model, name, linear)
             out.append((name, linear, rule))
     used = {id(rule) for _, _, rule in out}
     for index, rule in enumerate(rule_set.rules):
         if id(rule) not in used:
             raise rule_set.error(index, _why_unmatched(model, rule, rule_set.rules[:index], [n for n, _ in linears]))
     return out
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layers: ``x @ weight + bias``,
+    the weight stored ``[in, out]``), recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _as_linear(conv: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` computing what a ``Conv1D`` computes (its weight transposed)."""
+    inputs, outputs = conv.weight.shape
+    linear = nn.Linear(inputs, outputs, bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear
 
 
 def _why_unmatched(model: nn.Module, rule: Rule, earlier: list[Rule], linears: list[str]) -> str:
@@ -299,7 +319,10 @@ def _why_unmatched(model: nn.Module, rule: Rule, earlier: list[Rule], linears: l
             matched.setdefault(type(mod).__name__, []).append(name)
     if matched:
         kinds = "; ".join(f"{len(names)} {kind} ({_names(names)})" for kind, names in matched.items())
-        return f"matches no nn.Linear layer, only nn.Linear layers are made sparse; the modules it matches: {kinds}"
+        return (
+            "matches no nn.Linear layer, only nn.Linear (and transformers' Conv1D) layers are made sparse; "
+            f"the modules it matches: {kinds}"
+        )
     present = f"the nn.Linear layers are {_names(linears)}" if linears else "the model has no nn.Linear layer"
     return f"matches no module name (names are dotted paths, matched whole: {present})"
 
