@@ -24,11 +24,12 @@ import torch
 
 from sparsedsl import cache
 from sparsedsl.backends.cuda.module import CudaModule, default_arch
+from sparsedsl.config import cache_dir as default_cache_dir
 from sparsedsl.errors import SdslError, Source
 from sparsedsl.frontend.check import check
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir.formats import Format
-from sparsedsl.runtime import ops
+from sparsedsl.runtime import ops, tuning
 from sparsedsl.runtime.program import Instance, Program, index_type_choices, read_source
 from sparsedsl.runtime.quantized import KERNELS as QUANTIZED_KERNELS
 from sparsedsl.runtime.rules import Rule, rules_of
@@ -168,6 +169,7 @@ def build(
                         }
                     )
     rules = [asdict(r) for decl in program.checked.models.values() for r in rules_of(program, decl)]
+    built = [inst for _, owner, _ in sources for kernel in owner.kernels.values() for inst in kernel.instances.values()]
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "versions": _versions(backend, target),
@@ -175,9 +177,19 @@ def build(
         "source": {"file": SOURCE, "sha256": hashlib.sha256(source.text.encode()).hexdigest(), "name": source.filename},
         "kernels": kernels,
         "rules": rules,
+        "choices": _machine_choices({inst.code for inst in built}) if target == "cpu" else {},
     }
     cache.atomic_write(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     return out
+
+
+def _machine_choices(codes: set[str]) -> dict[str, str]:
+    """The variant choices this machine measured for kernels of these codes (runtime/tuning.py),
+    from the default kernel cache: a build carries them."""
+    from sparsedsl.backends.llvm.jit import host_cpu
+
+    directory = default_cache_dir()
+    return tuning.Choices(tuning.choices_file(directory, host_cpu())).of(codes) if directory else {}
 
 
 def _load_library(backend: str, lib: Path, image: bytes, funcs, target: str = "cpu"):
@@ -306,4 +318,8 @@ def load(directory: str | os.PathLike) -> Program:
         compiled.instances[(fmt, index_dtypes)] = Instance(variants, built)
     program.aot = root
     program.rules = [Rule(**r) for r in manifest["rules"]]
+    choices = manifest.get("choices", {})
+    if not isinstance(choices, dict) or not all(isinstance(v, str) for v in choices.values()):
+        raise AotError(f"{root / MANIFEST} is damaged: 'choices' must map keys to variant names")
+    program.choices.known.update(choices)
     return program

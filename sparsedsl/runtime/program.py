@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.autograd import profiler
 
+from sparsedsl.cache import key_of
 from sparsedsl.config import cache_dir as default_cache_dir
 from sparsedsl.config import cache_path, num_threads
 from sparsedsl.errors import ArgumentError, BackendError, PackError, ScheduleError, SdslError
@@ -22,6 +24,7 @@ from sparsedsl.ir import schedule as sched
 from sparsedsl.ir.buffer_names import stored_values
 from sparsedsl.ir.formats import Format
 from sparsedsl.ir.lowering import LowerOptions, lower
+from sparsedsl.runtime import tuning
 from sparsedsl.runtime.calls import BoundCall, BoundCalls, signature, threads_for
 from sparsedsl.runtime.sparse_tensor import STAMP, SparseTensor
 
@@ -50,6 +53,13 @@ class Instance:
     variants: dict[str, L.LoopFunc]
     built: object
     plans: list[tuple[str, str | None]] = field(default_factory=list)
+
+    @property
+    def code(self) -> str:
+        """A digest of the variants' code: what a measured choice between them is kept under."""
+        if "code" not in self.__dict__:
+            self.__dict__["code"] = key_of(*(L.func_str(v) for v in self.variants.values()))
+        return self.__dict__["code"]
 
     @property
     def params(self) -> tuple:
@@ -283,7 +293,7 @@ class CompiledKernel:
         example = [sources[kind][key] for kind, key in inst.plan(kernel)]
         used = threads_for(work, threads)
         return BoundCall.lay_out(
-            inst.built.prepare(inst.function_name(sizes, used), example),
+            self._chosen(inst, sizes, used, example, work),
             used,
             inst.plan(kernel),
             kernel,
@@ -291,6 +301,22 @@ class CompiledKernel:
             (out_shape, out_dtype),
             getattr(sparse.values, STAMP) if sparse is not None else None,
         )
+
+    def _chosen(self, inst: Instance, sizes: dict[str, int], threads: int, example: list, work: int):
+        """The variant for a call, prepared on ``example``: the measured fastest for its shape
+        bucket (runtime/tuning.py), measured now if it never was; ``sched.pick``'s rule for small
+        work or a single variant."""
+        if len(inst.variants) == 1 or work < tuning.MEASURED_WORK or not tuning.enabled():
+            return inst.built.prepare(inst.function_name(sizes, threads), example)
+        choice = tuning.key(inst.code, sizes, inst.meta.get("token_size"), threads)
+        names = [v.name for v in inst.variants.values()]
+        name = self.program.choices.get(choice)
+        if name in names:
+            return inst.built.prepare(name, example)
+        prepared = {n: inst.built.prepare(n, example) for n in names}
+        name = tuning.fastest({n: partial(run, example, threads) for n, run in prepared.items()})
+        self.program.choices.put(choice, name)
+        return prepared[name]
 
     def _call_mapped(self, args):
         """A call of a kernel mapped onto a GPU: checked and laid out every time (the arguments
@@ -475,12 +501,22 @@ class Program:
         self.backend = backend
         self.cache_dir = cache_path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._formats: dict[str, Format] = {}
+        self._choices: tuning.Choices | None = None
         self.aot: Path | None = None  # the build directory of a program from ``sd.load``
         self.rules: list = []  # and its model rules (``sparsedsl.runtime.rules.Rule``)
         self.kernels = {name: CompiledKernel(self, k) for name, k in checked.kernels.items()}
         for name, kernel in self.kernels.items():
             if self.schedule_directives(name) and (kernel.kernel.sparse_input is None or kernel._default_format()):
                 kernel.lowered(kernel._default_format())  # schedule errors surface at compile time
+
+    @property
+    def choices(self) -> tuning.Choices:
+        """The measured variant choices (runtime/tuning.py), kept in the kernel cache directory."""
+        if self._choices is None:
+            from sparsedsl.backends.llvm.jit import host_cpu
+
+            self._choices = tuning.Choices(tuning.choices_file(self.cache_dir, host_cpu()) if self.cache_dir else None)
+        return self._choices
 
     def schedule_directives(self, kernel: str):
         decl = self.checked.schedules.get((kernel, self.target))
