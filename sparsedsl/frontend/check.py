@@ -421,10 +421,7 @@ def _check_rows(kernel: K.Kernel, decl: ast.KernelDecl) -> None:
     token, row = kernel.indices
     sparse = kernel.sparse_input
     first, stmts = kernel.statements[0], kernel.statements
-    producer = bool(kernel.lets) and (
-        any(sparse is not None and a.tensor == sparse.name for a in K.accesses(first.value))
-        or any(isinstance(e, K.KSum) and e.indices != (row,) for e in K.subexprs(first.value))
-    )
+    producer = kernel.product_first
     if producer:
         stmt = decl.body[0]
         if first.indices != (token, row):

@@ -145,6 +145,18 @@ class Kernel:
         return bool(self.lets) or any(r.op != "sum" for r in reductions)
 
     @property
+    def product_first(self) -> bool:
+        """Whether a row-wise kernel's first statement is a product, computing the rows as a
+        one-statement kernel would: it reads the sparse input, or sums over an index other than
+        the row (the output's last index)."""
+        if not self.lets:
+            return False
+        first, sparse, row = self.lets[0], self.sparse_input, self.indices[-1]
+        return any(sparse is not None and a.tensor == sparse.name for a in accesses(first.value)) or any(
+            isinstance(e, KSum) and e.indices != (row,) for e in subexprs(first.value)
+        )
+
+    @property
     def sparse_input(self) -> TensorParam | None:
         return next((p for p in self.inputs if p.sparse), None)
 

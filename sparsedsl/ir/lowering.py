@@ -19,6 +19,10 @@ Two accumulation strategies, chosen from the levels, never from format names:
   so parallel token tiles never race; the epilogue is applied when the tile is written out.
 
 A sparse output (``Y @ S``) shares S's structure: it is written at S's leaf positions.
+
+A row-wise kernel (``let`` intermediates, a ``max``) is fused per token tile: its first statement,
+a product, is lowered as above into the output tile ``Y_t[row, tile]``, and the others run on that
+tile (``_Lowering.rows``), their intermediates tile buffers, never whole tensors.
 """
 
 from __future__ import annotations
@@ -49,296 +53,484 @@ class LowerOptions:
     index_dtypes: tuple[str, ...] | None = None
 
 
-@dataclass
-class _Ctx:
-    kernel: K.Kernel
-    opts: LowerOptions
-    extents: dict[str, L.Expr]  # index -> extent
-    buffers: dict[str, L.Buffer]  # tensor name (or sparse buffer name) -> buffer
-    scalars: dict[str, L.Var]
-    token: str | None
-    staged: dict[str, L.Buffer]
-    sum_dtype: str = ACC_DTYPE  # the accumulator's: int32 for a sum of integer products
-    out_dtype: str = ACC_DTYPE  # what the epilogue computes in: int32 for an integer output
-    out_tile: L.Buffer | None = None  # gathered results, [other output dim, tile], written out blocked
-
-
 def _sym(name: str) -> L.SizeVar:
     return L.SizeVar(name)
 
 
 def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     """The loop-IR function of a kernel whose sparse input has a concrete format."""
-    return _lower_rows(kernel, opts) if kernel.rowwise else _lower(kernel, opts)
-
-
-def _lower(kernel: K.Kernel, opts: LowerOptions, rows: Callable[[_Ctx], list[L.Stmt]] | None = None) -> L.LoopFunc:
-    """One statement; ``rows``: the kernel's row-wise statements, which read its result from the
-    output tile (``_lower_rows``) instead of the tile being written out."""
-    reduction, epilogue = K.split_reduction(kernel.value)
-    body = reduction.body if reduction else kernel.value
-    if reduction is None:
-        epilogue = K.KAcc()
-    red_idx = reduction.indices if reduction else ()
-    sparse = kernel.sparse_input
-    if sparse is not None and sparse.format is None:
-        raise SdslSemanticError(f"kernel '{kernel.name}' needs a format for '{sparse.name}'", kernel.span)
-    s_access = next((a for a in K.accesses(body) if sparse and a.tensor == sparse.name), None)
-    # frontend/check.py decides: a dense output reads the sparse input as a factor of its sum
-    assert sparse is None or kernel.output.pattern_of or (reduction is not None and s_access is not None)
-    s_idx: tuple[str, ...] = ()
-    if sparse is not None:
-        s_idx = s_access.indices if s_access else kernel.indices
-    out = kernel.output
-    pattern = out.pattern_of is not None
-
-    extents: dict[str, L.Expr] = {}
-    for a in [K.KAccess(out.name, kernel.indices), *K.accesses(kernel.value)]:
-        for idx, dim in zip(a.indices, kernel.param(a.tensor).shape):
-            extents.setdefault(idx, _sym(dim))
-    dense_free = [i for i in kernel.indices if i not in s_idx]
-    dense_red = [i for i in red_idx if i not in s_idx]
-    token = dense_free[0] if dense_free else None
-    out_dtype = "int32" if out.dtype in K.INTEGERS and _sum_dtype(kernel, kernel.value) == "int32" else ACC_DTYPE
-    ctx = _Ctx(kernel, opts, extents, {}, {}, token, {}, _sum_dtype(kernel, body), out_dtype)
-    params = _params(ctx)
-
-    fmt: Format | None = sparse.format if sparse else None
-    levels = fmt.levels if fmt else ()
-    maps = fmt.maps if fmt else ()
-    level_idx = [s_idx[m.dim] for m in maps]
-    reduced = [i in red_idx for i in level_idx]
-    first_red = reduced.index(True) if True in reduced else len(levels)
-    below = range(first_red, len(levels))
-    gather = pattern or (
-        all(isinstance(lvl, lv.Dense) for lvl in levels[:first_red])
-        and all(reduced[l] or (isinstance(levels[l], lv.Dense) and maps[l].op == "%") for l in below)
-    )
-    free_below = [l for l in below if not reduced[l]] if gather else []
-    tile = opts.tile if token else 1
-    lane = [L.Var(f"{token}_i")] if token else []
-
-    # Accumulator: gather -> [free levels below the reduction..., tile]; scatter -> output tile.
-    if gather:
-        acc_dims = [L.const(maps[l].factor) for l in free_below]
-        acc_names = [f"{_part_name(level_idx[l], maps[l])}" for l in free_below]
-    else:
-        acc_dims = [extents[i] for i in kernel.indices if i != token]
-        acc_names = [i for i in kernel.indices if i != token]
-    # TVM's LLVM backend puts small constant-size "global" allocations on the stack (LLVM then
-    # keeps them in registers); "local" ones go through TVMBackendAllocWorkspace on every entry.
-    acc = L.Buffer(ACC, ctx.sum_dtype, (*acc_dims, L.const(tile)) if token else tuple(acc_dims) or (L.const(1),))
-
-    # Level loops: build the nest from the outside in, remembering coordinates and positions.
-    coord_env: dict[int, L.Expr] = {}
-    nest: list[L.Stmt] = []  # loops and lets, outermost first
-    position: L.Expr = L.const(0)
-    alloc_depth = None
-    for l, (lvl, m) in enumerate(zip(levels, maps)):
-        if l == first_red and gather:
-            alloc_depth = len(nest)
-        name = _part_name(level_idx[l], m)
-        extent = m.extent(extents[level_idx[l]])
-        bufs = {suffix: ctx.buffers[f"{sparse.name}_{l}_{suffix}"] for suffix in lvl.buffers()}
-        it = lvl.iterate(position, extent, bufs, name)
-        if it.loop is not None:
-            nest.append(it.loop)
-        coord = it.coordinate
-        if not isinstance(coord, L.Var):
-            cvar = L.Var(f"{name}_c")
-            nest.append(L.Let(cvar, coord))
-            coord = cvar
-        coord_env[l] = coord
-        position = it.position
-    if alloc_depth is None:
-        alloc_depth = len(nest) if gather else 0
-    index_env: dict[str, L.Expr] = {}
-    if fmt is not None:
-        for d, value in enumerate(fmt.to_index([coord_env[l] for l in range(len(levels))])):
-            index_env[s_idx[d]] = value
-    index_env.update({i: L.Var(i) for i in dense_red})
-    for i in dense_free:
-        index_env[i] = L.Var(i) if i != token else L.add(L.mul(L.Var(f"{token}_o"), L.const(tile)), lane[0])
-
-    # Innermost accumulation.
-    acc_index = [coord_env[l] for l in free_below] if gather else [index_env[i] for i in kernel.indices if i != token]
-    acc_index = [*acc_index, *lane] if token else acc_index or [L.const(0)]
-    stage = _stage(ctx, body, lane[0]) if token and not opts.gpu else []
-    value = _expr(body, ctx, index_env, position, lane, clamp=True, dtype=ctx.sum_dtype)
-    update: L.Stmt = L.Store(acc, tuple(acc_index), L.add(L.load(acc, *acc_index), _cast(value, ctx.sum_dtype)))
-    if token:
-        update = L.For(lane[0], L.const(0), L.const(tile), update, L.LoopKind.VECTORIZED)
-    for i in reversed(dense_red):
-        update = L.For(L.Var(i), L.const(0), extents[i], update)
-    reduce_part = _wrap(nest[alloc_depth:], update)
-
-    # Zero-init and write-out of the accumulator. A 2-d output tile is written out in blocks along
-    # its other dimension: strided stores of whole token columns alias in the cache.
-    other = [i for i in kernel.indices if i != token]
-    blocked = token is not None and not pattern and len(other) == 1 and not opts.gpu
-    if blocked and (gather or rows):
-        ctx.out_tile = L.Buffer(tile_copy(out.name), ctx.out_dtype, (extents[other[0]], L.const(tile)))
-    zero = _fill(acc, L.const(0, ctx.sum_dtype), lane[0] if token else None)
-    writeout = _writeout(
-        ctx,
-        acc,
-        gather,
-        free_below,
-        maps,
-        level_idx,
-        coord_env,
-        index_env,
-        epilogue,
-        position,
-        acc_names,
-        lane,
-        fmt,
-        s_idx,
-    )
-    if blocked and not gather and not rows:
-        writeout = _tile_out(
-            ctx, other[0], lambda env: _epilogue(ctx, epilogue, env, position, lane, acc, [env[other[0]]])
-        )
-    plain = [L.For(L.Var(i), L.const(0), extents[i], L.seq()) for i in dense_free if i != token]
-    if gather:  # inside the gathered result's tile (a kernel without sparse input: ``for n`` is plain)
-        inner = _wrap(plain, _wrap(nest[:alloc_depth], L.seq(L.Alloc(acc), zero, reduce_part, writeout)))
-    else:  # the accumulator is the whole output tile: zeroed once, each plain loop sums into its part
-        inner = L.seq(L.Alloc(acc), zero, _wrap(plain, reduce_part), writeout)
-    if ctx.out_tile is not None:
-        tile_buf = ctx.out_tile
-        tail = rows(ctx) if rows else [_tile_out(ctx, other[0], lambda env: L.load(tile_buf, env[other[0]], lane[0]))]
-        inner = L.seq(L.Alloc(tile_buf), inner, *tail)
-    if token:
-        inner = L.For(L.Var(f"{token}_o"), L.const(0), L.ceildiv(extents[token], tile), L.seq(*stage, inner))
-    func = L.LoopFunc(kernel.name, params, inner)
-    # Parallel candidates, best first: output row blocks (race-free only when gathering), token tiles.
-    rows = [it.var.name for it in nest[:alloc_depth] if isinstance(it, L.For)] if gather else []
-    siblings = rows[:1] + ["s_o"] + (["w_o"] if ctx.out_tile else [])
-    tiles = [f"{token}_o"] if token else []
-    token_size = kernel.param(out.name).shape[kernel.indices.index(token)] if token else None
-    func.meta.update(
-        mode="gather" if gather else "scatter",
-        token=token,
-        token_size=token_size,
-        tile=tile,
-        parallel=siblings + tiles,
-        rows=rows[:1],
-        out_indices=kernel.indices,
-        token_extent=extents[token] if token else None,
-        dense_reduction=dense_red,
-        sparse_reduction=next((it.var.name for it in nest[alloc_depth:] if isinstance(it, L.For)), None)
-        if gather and first_red < len(levels)
-        else None,
-        thread_major=_thread_major(body if reduction else None, sparse, s_idx, red_idx, token),
-    )
-    return func
-
-
-def _lower_rows(kernel: K.Kernel, opts: LowerOptions) -> L.LoopFunc:
-    """A kernel of several statements, fused per tile of tokens (rows of the output): the first
-    statement, if it is a product (it reads the sparse input or sums over another index), is
-    lowered as a one-statement kernel whose results stay in the output tile ``[row, tile]``; the
-    other statements then run on that tile, each intermediate a tile buffer (``[row, tile]`` or
-    ``[tile]``: a row's sum or max), the output written out from them in blocks."""
+    if not kernel.rowwise:
+        return _Nest(kernel, opts).function()
     if opts.gpu:
         raise BackendError(
             f"kernel '{kernel.name}' has several statements (or a max): there is no GPU mapping of row-wise "
             "kernels yet (ir/gpu.py maps one statement's tokens to threads)"
         )
-    token, row = kernel.indices
-    first = kernel.statements[0]
-    sparse = kernel.sparse_input
-    producer = bool(kernel.lets) and (
-        any(sparse is not None and a.tensor == sparse.name for a in K.accesses(first.value))
-        or any(isinstance(e, K.KSum) and e.indices != (row,) for e in K.subexprs(first.value))
-    )
-    later = kernel.statements[1:] if producer else kernel.statements
-    if not producer:
-        return _rows_only(kernel, opts, later)
-    sub = replace(kernel, indices=first.indices, value=first.value, lets=())
+    if not kernel.product_first:
+        return _Rows(kernel, opts).function()
+    first = kernel.lets[0]
+    # the first statement as a one-statement kernel (into the output's tile), then the others
+    nest = _Nest(replace(kernel, indices=first.indices, value=first.value, lets=()), opts, rowwise=True)
+    assert nest.token == kernel.indices[0]  # frontend/check.py: the sparse input does not store the token
 
-    def rows(ctx: _Ctx) -> list[L.Stmt]:
-        if ctx.token != token:
-            raise SdslSemanticError(
-                f"kernel '{kernel.name}': its rows run along '{token}', but its first statement iterates "
-                f"'{token}' through the sparse input (the token index is '{ctx.token}')",
-                kernel.span,
-            )
-        ctx.staged[first.target.name] = ctx.out_tile
-        return _row_statements(ctx, later)
+    def rows() -> list[L.Stmt]:
+        nest.staged[first.target.name] = nest.out_tile  # H is read from the output tile
+        return nest.rows(kernel.statements[1:])
 
-    return _lower(sub, opts, rows)
+    return nest.function(rows)
 
 
-def _rows_only(kernel: K.Kernel, opts: LowerOptions, stmts: tuple[K.Let, ...]) -> L.LoopFunc:
-    """A row-wise kernel without a product: its statements in a loop over token tiles."""
-    token = kernel.indices[0]
-    extents: dict[str, L.Expr] = {}
-    for stmt in stmts:
-        for a in [K.KAccess(stmt.target.name, stmt.indices), *K.accesses(stmt.value)]:
-            for idx, dim in zip(a.indices, kernel.param(a.tensor).shape):
-                extents.setdefault(idx, _sym(dim))
-    ctx = _Ctx(kernel, opts, extents, {}, {}, token, {})
-    params = _params(ctx)
-    body = _row_statements(ctx, stmts)
-    tiles = L.For(L.Var(f"{token}_o"), L.const(0), L.ceildiv(extents[token], opts.tile), L.seq(*body))
-    func = L.LoopFunc(kernel.name, params, tiles)
-    func.meta.update(
-        mode="rows",
-        token=token,
-        token_size=kernel.output.shape[0],
-        tile=opts.tile,
-        parallel=["w_o", f"{token}_o"],
-        rows=[],
-        out_indices=kernel.indices,
-        token_extent=extents[token],
-        dense_reduction=[],
-        sparse_reduction=None,
-        thread_major=(),
-    )
-    return func
+class _Lowering:
+    """What every part of a kernel's lowering reads: the kernel, its options, index extents, the
+    buffers and scalars of its parameters, the token index and its tile, the inputs staged per
+    tile (and the intermediates, read the same way), the output tile."""
+
+    def __init__(self, kernel: K.Kernel, opts: LowerOptions, extents: dict[str, L.Expr], token: str | None):
+        self.kernel, self.opts, self.extents, self.token = kernel, opts, extents, token
+        self.buffers: dict[str, L.Buffer] = {}  # tensor name (or sparse buffer name) -> buffer
+        self.scalars: dict[str, L.Var] = {}
+        self.staged: dict[str, L.Buffer] = {}
+        self.sum_dtype = ACC_DTYPE  # the accumulator's: int32 for a sum of integer products
+        self.out_dtype = ACC_DTYPE  # what the epilogue computes in: int32 for an integer output
+        self.out_tile: L.Buffer | None = None  # results [other output dim, tile], written out blocked
+        self.params = self._params()
+
+    def _params(self) -> tuple[L.Buffer | L.Var, ...]:
+        kernel = self.kernel
+        params: list[L.Buffer | L.Var] = []
+        bound: set[str] = set()
+        for p in (*kernel.inputs, kernel.output):
+            if p.shape is not None and not p.sparse:
+                bound.update(p.shape)
+        for p in (*kernel.inputs, kernel.output):
+            if p.shape is None:
+                var = L.Var(p.name, p.dtype)
+                self.scalars[p.name] = var
+                params.append(var)
+            elif not p.sparse:
+                buf = L.Buffer(p.name, p.dtype, tuple(_sym(d) for d in p.shape))
+                self.buffers[p.name] = buf
+                params.append(buf)
+            elif p.pattern_of:
+                src = self.buffers[stored_values(p.pattern_of)]
+                buf = L.Buffer(stored_values(p.name), p.dtype, src.shape)
+                self.buffers[buf.name] = buf
+                params.append(buf)
+            else:
+                names = p.format.buffer_names(p.name)
+                index_dtypes = self.opts.index_dtypes or ("int32",) * (len(names) - 1)
+                for name, dtype in zip(names, (*index_dtypes, p.dtype)):
+                    buf = L.Buffer(name, dtype, (_sym(f"{name}_len"),))
+                    self.buffers[name] = buf
+                    params.append(buf)
+                for dim in p.shape:
+                    if dim not in bound:
+                        params.append(L.Var(dim, "int64"))
+                        bound.add(dim)
+        return tuple(params)
+
+    def _stageable(self, access: K.KAccess) -> bool:
+        p = self.kernel.param(access.tensor)
+        if p.sparse or self.token is None or self.token not in access.indices or len(access.indices) < 2:
+            return False
+        if access.tensor in self.opts.no_stage:
+            return False
+        return self.opts.stage is None or access.tensor in self.opts.stage
+
+    def stage(self, body: K.KExpr, lane: L.Var) -> list[L.Stmt]:
+        """Copy each stageable input's token tile into ``<X>_t[other dims..., tile]`` (token last)."""
+        stmts: list[L.Stmt] = []
+        tile = self.opts.tile
+        for access in K.accesses(body):
+            if access.tensor in self.staged or not self._stageable(access):
+                continue
+            src = self.buffers[access.tensor]
+            others = [i for i in access.indices if i != self.token]
+            staged = L.Buffer(tile_copy(access.tensor), src.dtype, (*[self.extents[i] for i in others], L.const(tile)))
+            self.staged[access.tensor] = staged
+            if len(others) == 1:
+                indices, other = access.indices, others[0]
+                copy = self.blocked(
+                    other,
+                    "s",
+                    lambda env, src=src, indices=indices: L.load(src, *[env[i] for i in indices]),
+                    lambda env, other=other: (env[other], lane),
+                    staged,
+                    clamp=True,
+                )
+            else:
+                env = {i: L.Var(f"s_{i}") for i in others}
+                env[self.token] = self.clamped_token(lane)
+                value = L.load(src, *[env[i] for i in access.indices])
+                copy = L.For(lane, L.const(0), L.const(tile), L.Store(staged, (*[env[i] for i in others], lane), value))
+                for i in reversed(others):
+                    copy = L.For(env[i], L.const(0), self.extents[i], copy)
+            stmts += [L.Alloc(staged), copy]
+        return stmts
+
+    def clamped_token(self, lane: L.Var) -> L.Expr:
+        """The token index of a lane, clamped into range: lanes past the end compute junk, never stored."""
+        tile = self.opts.tile
+        m = L.add(L.mul(L.Var(f"{self.token}_o"), L.const(tile)), lane)
+        return L.minimum(m, L.sub(self.extents[self.token], L.const(1)))
+
+    def expr(
+        self,
+        e: K.KExpr,
+        env: dict[str, L.Expr],
+        leaf: L.Expr,
+        lane: list[L.Var],
+        clamp: bool,
+        acc: L.Expr | None = None,
+        dtype: str | None = None,
+    ) -> L.Expr:
+        """Kernel-IR expression -> loop-IR expression, accesses resolved to buffers, computed in
+        ``dtype`` (None: the epilogue's, ``out_dtype``)."""
+        dtype = dtype or self.out_dtype
+        sparse = self.kernel.sparse_input
+        match e:
+            case K.KAcc():
+                return _cast(acc, dtype)
+            case K.KConst(value):
+                return L.const(int(value) if dtype in K.INTEGERS else float(value), dtype)
+            case K.KScalar(name):
+                return _cast(self.scalars[name], dtype)
+            case K.KSize(name):
+                return _cast(L.SizeVar(name), dtype)
+            case K.KAccess(t, indices):
+                if sparse is not None and t == sparse.name:
+                    return _cast(L.load(self.buffers[stored_values(t)], leaf), dtype)
+                if t in self.staged:
+                    idx = [env[i] for i in indices if i != self.token]
+                    return _cast(L.load(self.staged[t], *idx, lane[0]), dtype)
+                idx = [(self.clamped_token(lane[0]) if clamp and i == self.token else env[i]) for i in indices]
+                return _cast(L.load(self.buffers[t], *idx), dtype)
+            case K.KBin(op, a, b):
+                x = self.expr(a, env, leaf, lane, clamp, acc, dtype)
+                y = self.expr(b, env, leaf, lane, clamp, acc, dtype)
+                return L.Bin(op, x, y)
+            case K.KCall(func, args):
+                return _call(func, [self.expr(a, env, leaf, lane, clamp, acc, dtype) for a in args])
+        raise AssertionError(e)
+
+    def blocked(self, other: str, prefix: str, value_of, target_of, target: L.Buffer, clamp: bool) -> L.Stmt:
+        """A blocked transpose between a [other, tile] buffer and a token-indexed 2-d tensor:
+        ``for <p>_o: for lane: for <p>_i in 16`` so both sides move whole cache lines (a column
+        walk with a power-of-two row stride would alias in the cache). ``value_of(env)`` is what to
+        store and ``target_of(env)`` where, in ``target``; lanes past the last token are clamped
+        (``clamp``) or skipped."""
+        tile, token = self.opts.tile, self.token
+        outer, inner, lane = L.Var(f"{prefix}_o"), L.Var(f"{prefix}_i"), L.Var(f"{token}_i")
+        w = L.add(L.mul(outer, L.const(BLOCK)), inner)
+        m = L.add(L.mul(L.Var(f"{token}_o"), L.const(tile)), lane)
+        env = {other: w, token: self.clamped_token(lane) if clamp else m}
+        guard = L.Bin("<", w, self.extents[other])
+        if not clamp:
+            guard = L.Bin("and", L.Bin("<", m, self.extents[token]), guard)
+        store = L.If(guard, L.Store(target, tuple(target_of(env)), _cast(value_of(env), target.dtype)))
+        body = L.For(lane, L.const(0), L.const(tile), L.For(inner, L.const(0), L.const(BLOCK), store))
+        return L.For(outer, L.const(0), L.ceildiv(self.extents[other], BLOCK), body)
+
+    def tile_out(self, other: str, value_of) -> L.Stmt:
+        """Write a [other, tile] result to the 2-d output, in blocks along ``other``."""
+        indices, out = self.kernel.indices, self.buffers[self.kernel.output.name]
+        return self.blocked(other, "w", value_of, lambda env: [env[i] for i in indices], out, clamp=False)
+
+    def rows(self, stmts: tuple[K.Let, ...]) -> list[L.Stmt]:
+        """The row-wise statements of one token tile, the output's last: each intermediate a tile
+        buffer registered in ``staged`` (read like a staged input: ``[row, lane]`` or ``[lane]``),
+        a reduction over the row accumulated lane by lane, then its epilogue applied in place."""
+        token, row = self.kernel.indices
+        tile, lane = self.opts.tile, L.Var(f"{token}_i")
+        m = L.add(L.mul(L.Var(f"{token}_o"), L.const(tile)), lane)
+        out: list[L.Stmt] = []
+
+        def lanes(store: L.Stmt) -> L.Stmt:
+            return L.For(lane, L.const(0), L.const(tile), store, L.LoopKind.VECTORIZED)
+
+        *lets, last = stmts
+        for stmt in lets:
+            name = stmt.target.name
+            reduction, epilogue = K.split_reduction(stmt.value)
+            rv = L.Var(f"{row}_{name}")
+            env = {token: m, row: rv}
+            whole = stmt.indices == (token, row)
+            shape = (self.extents[row], L.const(tile)) if whole else (L.const(tile),)
+            buf = L.Buffer(tile_copy(name), ACC_DTYPE, shape)
+            out.append(L.Alloc(buf))
+            where = (rv, lane) if whole else (lane,)
+            if reduction is None:
+                store = L.Store(buf, where, self.expr(stmt.value, env, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE))
+                out.append(L.For(rv, L.const(0), self.extents[row], lanes(store)) if whole else lanes(store))
+            else:
+                term = self.expr(reduction.body, env, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE)
+                acc = L.load(buf, lane)
+                combined = L.add(acc, term) if reduction.op == "sum" else L.Bin("max", acc, term)
+                out.append(lanes(L.Store(buf, (lane,), L.const(_IDENTITY[reduction.op], ACC_DTYPE))))
+                out.append(L.For(rv, L.const(0), self.extents[row], lanes(L.Store(buf, (lane,), combined))))
+                if epilogue != K.KAcc():
+                    final = self.expr(epilogue, env, L.const(0), [lane], clamp=True, acc=acc, dtype=ACC_DTYPE)
+                    out.append(lanes(L.Store(buf, (lane,), final)))
+            self.staged[name] = buf
+        out.append(self.tile_out(row, lambda env: self.expr(last.value, env, L.const(0), [lane], clamp=False)))
+        return out
 
 
 _IDENTITY = {"sum": 0.0, "max": -math.inf}
 
 
-def _row_statements(ctx: _Ctx, stmts: tuple[K.Let, ...]) -> list[L.Stmt]:
-    """The row-wise statements of one token tile, the output's last: each intermediate a tile
-    buffer registered in ``ctx.staged`` (read like a staged input: ``[row, lane]`` or ``[lane]``),
-    a reduction over the row accumulated lane by lane, then its epilogue applied in place."""
-    token, row = ctx.kernel.indices
-    tile, lane = ctx.opts.tile, L.Var(f"{token}_i")
-    m = L.add(L.mul(L.Var(f"{token}_o"), L.const(tile)), lane)
-    out: list[L.Stmt] = []
+class _Rows(_Lowering):
+    """A row-wise kernel without a product (a softmax of a dense input): its statements in a loop
+    over token tiles."""
 
-    def lanes(store: L.Stmt) -> L.Stmt:
-        return L.For(lane, L.const(0), L.const(tile), store, L.LoopKind.VECTORIZED)
+    def __init__(self, kernel: K.Kernel, opts: LowerOptions):
+        extents: dict[str, L.Expr] = {}
+        for stmt in kernel.statements:
+            for a in [K.KAccess(stmt.target.name, stmt.indices), *K.accesses(stmt.value)]:
+                for idx, dim in zip(a.indices, kernel.param(a.tensor).shape):
+                    extents.setdefault(idx, _sym(dim))
+        super().__init__(kernel, opts, extents, kernel.indices[0])
 
-    *lets, last = stmts
-    for stmt in lets:
-        name = stmt.target.name
-        reduction, epilogue = K.split_reduction(stmt.value)
-        rv = L.Var(f"{row}_{name}")
-        env = {token: m, row: rv}
-        whole = stmt.indices == (token, row)
-        buf = L.Buffer(tile_copy(name), ACC_DTYPE, (ctx.extents[row], L.const(tile)) if whole else (L.const(tile),))
-        out.append(L.Alloc(buf))
-        where = (rv, lane) if whole else (lane,)
-        if reduction is None:
-            store = L.Store(buf, where, _expr(stmt.value, ctx, env, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE))
-            out.append(L.For(rv, L.const(0), ctx.extents[row], lanes(store)) if whole else lanes(store))
+    def function(self) -> L.LoopFunc:
+        token, tile = self.token, self.opts.tile
+        body = self.rows(self.kernel.statements)
+        tiles = L.For(L.Var(f"{token}_o"), L.const(0), L.ceildiv(self.extents[token], tile), L.seq(*body))
+        func = L.LoopFunc(self.kernel.name, self.params, tiles)
+        func.meta.update(
+            mode="rows",
+            token=token,
+            token_size=self.kernel.output.shape[0],
+            tile=tile,
+            parallel=["w_o", f"{token}_o"],
+            rows=[],
+            out_indices=self.kernel.indices,
+            token_extent=self.extents[token],
+            dense_reduction=[],
+            sparse_reduction=None,
+            thread_major=(),
+        )
+        return func
+
+
+class _Nest(_Lowering):
+    """One statement by level iteration: the sparse input's level loops (``levels``), the sum into
+    the accumulator (``accumulation``), its write-out through the epilogue (``writeout``),
+    assembled per token tile (``function``). ``rowwise``: the statement is a row-wise kernel's
+    first; its results stay in the output tile for the statements after it."""
+
+    def __init__(self, kernel: K.Kernel, opts: LowerOptions, rowwise: bool = False):
+        self.rowwise = rowwise
+        reduction, epilogue = K.split_reduction(kernel.value)
+        self.reduction = reduction
+        self.body = reduction.body if reduction else kernel.value
+        self.epilogue = epilogue if reduction else K.KAcc()
+        self.red_idx = reduction.indices if reduction else ()
+        sparse = self.sparse = kernel.sparse_input
+        if sparse is not None and sparse.format is None:
+            raise SdslSemanticError(f"kernel '{kernel.name}' needs a format for '{sparse.name}'", kernel.span)
+        s_access = next((a for a in K.accesses(self.body) if sparse and a.tensor == sparse.name), None)
+        # frontend/check.py decides: a dense output reads the sparse input as a factor of its sum
+        assert sparse is None or kernel.output.pattern_of or (reduction is not None and s_access is not None)
+        self.s_idx: tuple[str, ...] = () if sparse is None else s_access.indices if s_access else kernel.indices
+        self.pattern = kernel.output.pattern_of is not None
+        extents: dict[str, L.Expr] = {}
+        for a in [K.KAccess(kernel.output.name, kernel.indices), *K.accesses(kernel.value)]:
+            for idx, dim in zip(a.indices, kernel.param(a.tensor).shape):
+                extents.setdefault(idx, _sym(dim))
+        self.dense_free = [i for i in kernel.indices if i not in self.s_idx]
+        self.dense_red = [i for i in self.red_idx if i not in self.s_idx]
+        super().__init__(kernel, opts, extents, self.dense_free[0] if self.dense_free else None)
+        self.sum_dtype = _sum_dtype(kernel, self.body)
+        self.out_dtype = K.accumulator(kernel.output.dtype)
+
+        self.fmt: Format | None = sparse.format if sparse else None
+        levels = self.fmt.levels if self.fmt else ()
+        self.maps = maps = self.fmt.maps if self.fmt else ()
+        self.level_idx = [self.s_idx[m.dim] for m in maps]
+        reduced = [i in self.red_idx for i in self.level_idx]
+        self.first_red = first_red = reduced.index(True) if True in reduced else len(levels)
+        below = range(first_red, len(levels))
+        self.gather = self.pattern or (
+            all(isinstance(lvl, lv.Dense) for lvl in levels[:first_red])
+            and all(reduced[l] or (isinstance(levels[l], lv.Dense) and maps[l].op == "%") for l in below)
+        )
+        self.free_below = [l for l in below if not reduced[l]] if self.gather else []
+        self.tile = opts.tile if self.token else 1
+        self.lane = [L.Var(f"{self.token}_i")] if self.token else []
+        self.other = [i for i in kernel.indices if i != self.token]
+
+        # Accumulator: gather -> [free levels below the reduction..., tile]; scatter -> output tile.
+        if self.gather:
+            acc_dims = [L.const(maps[l].factor) for l in self.free_below]
+            self.acc_names = [f"{_part_name(self.level_idx[l], maps[l])}" for l in self.free_below]
         else:
-            term = _expr(reduction.body, ctx, env, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE)
-            acc = L.load(buf, lane)
-            combined = L.add(acc, term) if reduction.op == "sum" else L.Bin("max", acc, term)
-            out.append(lanes(L.Store(buf, (lane,), L.const(_IDENTITY[reduction.op], ACC_DTYPE))))
-            out.append(L.For(rv, L.const(0), ctx.extents[row], lanes(L.Store(buf, (lane,), combined))))
-            if epilogue != K.KAcc():
-                final = _expr(epilogue, ctx, env, L.const(0), [lane], clamp=True, acc=acc, dtype=ACC_DTYPE)
-                out.append(lanes(L.Store(buf, (lane,), final)))
-        ctx.staged[name] = buf
-    out.append(_tile_out(ctx, row, lambda env: _expr(last.value, ctx, env, L.const(0), [lane], clamp=False)))
-    return out
+            acc_dims = [extents[i] for i in self.other]
+            self.acc_names = list(self.other)
+        # TVM's LLVM backend puts small constant-size "global" allocations on the stack (LLVM then
+        # keeps them in registers); "local" ones go through TVMBackendAllocWorkspace on every entry.
+        shape = (*acc_dims, L.const(self.tile)) if self.token else tuple(acc_dims) or (L.const(1),)
+        self.acc = L.Buffer(ACC, self.sum_dtype, shape)
+        self._levels()
+
+    def _levels(self) -> None:
+        """The level loops, from the outside in (``nest``: loops and lets, outermost first), each
+        level's coordinate (``coord_env``), the leaf position, and every index as an expression
+        (``index_env``); the accumulator lives from ``alloc_depth`` on (gather: the first reduced
+        level)."""
+        self.coord_env: dict[int, L.Expr] = {}
+        self.nest: list[L.Stmt] = []
+        self.position: L.Expr = L.const(0)
+        alloc_depth = None
+        levels = self.fmt.levels if self.fmt else ()
+        for l, (lvl, m) in enumerate(zip(levels, self.maps)):
+            if l == self.first_red and self.gather:
+                alloc_depth = len(self.nest)
+            name = _part_name(self.level_idx[l], m)
+            extent = m.extent(self.extents[self.level_idx[l]])
+            bufs = {suffix: self.buffers[f"{self.sparse.name}_{l}_{suffix}"] for suffix in lvl.buffers()}
+            it = lvl.iterate(self.position, extent, bufs, name)
+            if it.loop is not None:
+                self.nest.append(it.loop)
+            coord = it.coordinate
+            if not isinstance(coord, L.Var):
+                cvar = L.Var(f"{name}_c")
+                self.nest.append(L.Let(cvar, coord))
+                coord = cvar
+            self.coord_env[l] = coord
+            self.position = it.position
+        self.alloc_depth = alloc_depth if alloc_depth is not None else len(self.nest) if self.gather else 0
+        self.index_env: dict[str, L.Expr] = {}
+        if self.fmt is not None:
+            for d, value in enumerate(self.fmt.to_index([self.coord_env[l] for l in range(len(levels))])):
+                self.index_env[self.s_idx[d]] = value
+        self.index_env.update({i: L.Var(i) for i in self.dense_red})
+        for i in self.dense_free:
+            tile_start = L.mul(L.Var(f"{self.token}_o"), L.const(self.tile))
+            self.index_env[i] = L.Var(i) if i != self.token else L.add(tile_start, self.lane[0])
+
+    def _accumulation(self) -> L.Stmt:
+        """The innermost sum into the accumulator, inside the levels below ``alloc_depth``."""
+        acc, lane = self.acc, self.lane
+        if self.gather:
+            acc_index = [self.coord_env[l] for l in self.free_below]
+        else:
+            acc_index = [self.index_env[i] for i in self.other]
+        acc_index = [*acc_index, *lane] if self.token else acc_index or [L.const(0)]
+        value = self.expr(self.body, self.index_env, self.position, lane, clamp=True, dtype=self.sum_dtype)
+        update: L.Stmt = L.Store(acc, tuple(acc_index), L.add(L.load(acc, *acc_index), _cast(value, self.sum_dtype)))
+        if self.token:
+            update = L.For(lane[0], L.const(0), L.const(self.tile), update, L.LoopKind.VECTORIZED)
+        for i in reversed(self.dense_red):
+            update = L.For(L.Var(i), L.const(0), self.extents[i], update)
+        return _wrap(self.nest[self.alloc_depth :], update)
+
+    def _writeout(self) -> L.Stmt:
+        """Apply the epilogue to the accumulator and store it to the output (guarding the tile
+        tail), or to the output tile."""
+        out, token, lane = self.kernel.output, self.token, self.lane
+        env = dict(self.index_env)
+        loops: list[tuple[L.Var, L.Expr]] = []
+        if self.gather:
+            coords = dict(self.coord_env)
+            acc_index = []
+            for l in self.free_below:
+                v = L.Var(f"w_{_part_name(self.level_idx[l], self.maps[l])}")
+                coords[l] = v
+                acc_index.append(v)
+                loops.append((v, L.const(self.maps[l].factor)))
+            if self.fmt is not None:
+                for d, value in enumerate(self.fmt.to_index([coords[l] for l in range(len(self.maps))])):
+                    env[self.s_idx[d]] = value
+        else:
+            acc_index = [L.Var(f"w_{name}") for name in self.acc_names]
+            for name, v in zip(self.acc_names, acc_index):
+                env[name] = v
+                loops.append((v, self.extents[name]))
+        if token:
+            acc_index.append(lane[0])
+        acc_value = L.load(self.acc, *(acc_index or [L.const(0)]))
+        # into the output tile, lanes past the last token are computed too: their reads must be clamped
+        clamp = self.out_tile is not None
+        value = _cast(self.expr(self.epilogue, env, self.position, lane, clamp=clamp, acc=acc_value), out.dtype)
+        if out.pattern_of:
+            store: L.Stmt = L.Store(self.buffers[stored_values(out.name)], (self.position,), value)
+        elif self.out_tile is not None:
+            store = L.Store(self.out_tile, (env[self.other[0]], lane[0]), _cast(value, self.out_dtype))
+        else:
+            store = L.Store(self.buffers[out.name], tuple(env[i] for i in self.kernel.indices), value)
+        if self.out_tile is not None:
+            store = L.For(lane[0], L.const(0), L.const(self.opts.tile), store, L.LoopKind.VECTORIZED)
+        elif token:
+            store = L.If(L.Bin("<", env[token], self.extents[token]), store)
+            store = L.For(lane[0], L.const(0), L.const(self.opts.tile), store)
+        for v, extent in reversed(loops):
+            store = L.For(v, L.const(0), extent, store)
+        return store
+
+    def function(self, rows: Callable[[], list[L.Stmt]] | None = None) -> L.LoopFunc:
+        """The kernel: per token tile, the staging, the nest (zero, sum, write-out) and the output
+        tile's write-out, or ``rows()``, the row-wise statements reading it."""
+        token, lane, other, acc = self.token, self.lane, self.other, self.acc
+        stage = self.stage(self.body, lane[0]) if token and not self.opts.gpu else []
+        reduce_part = self._accumulation()
+        # A 2-d output tile is written out in blocks along its other dimension: strided stores of
+        # whole token columns alias in the cache.
+        blocked = token is not None and not self.pattern and len(other) == 1 and not self.opts.gpu
+        if blocked and (self.gather or self.rowwise):
+            shape = (self.extents[other[0]], L.const(self.tile))
+            self.out_tile = L.Buffer(tile_copy(self.kernel.output.name), self.out_dtype, shape)
+        zero = _fill(acc, L.const(0, self.sum_dtype), lane[0] if token else None)
+        writeout = self._writeout()
+        if blocked and not self.gather and not self.rowwise:
+            writeout = self.tile_out(other[0], lambda env: self._epilogue(env, [env[other[0]]]))
+        plain = [L.For(L.Var(i), L.const(0), self.extents[i], L.seq()) for i in self.dense_free if i != token]
+        outer = self.nest[: self.alloc_depth]
+        if self.gather:  # inside the gathered result's tile (a kernel without sparse input: ``for n`` is plain)
+            inner = _wrap(plain, _wrap(outer, L.seq(L.Alloc(acc), zero, reduce_part, writeout)))
+        else:  # the accumulator is the whole output tile: zeroed once, each plain loop sums into its part
+            inner = L.seq(L.Alloc(acc), zero, _wrap(plain, reduce_part), writeout)
+        if self.out_tile is not None:
+            tile_buf = self.out_tile
+            tail = rows() if rows else [self.tile_out(other[0], lambda env: L.load(tile_buf, env[other[0]], lane[0]))]
+            inner = L.seq(L.Alloc(tile_buf), inner, *tail)
+        if token:
+            tiles = L.ceildiv(self.extents[token], self.tile)
+            inner = L.For(L.Var(f"{token}_o"), L.const(0), tiles, L.seq(*stage, inner))
+        func = L.LoopFunc(self.kernel.name, self.params, inner)
+        func.meta.update(self._meta())
+        return func
+
+    def _epilogue(self, env, acc_index) -> L.Expr:
+        """The output value: the epilogue applied to the accumulator element at ``acc_index``."""
+        lane = self.lane
+        acc_value = L.load(self.acc, *acc_index, *lane) if lane else L.load(self.acc, *(acc_index or [L.const(0)]))
+        value = self.expr(self.epilogue, env, self.position, lane, clamp=False, acc=acc_value)
+        return _cast(value, self.kernel.output.dtype)
+
+    def _meta(self) -> dict:
+        """What schedules and the runtime read of the lowered kernel. Parallel candidates, best
+        first: output row blocks (race-free only when gathering), token tiles."""
+        token, outer, inner = self.token, self.nest[: self.alloc_depth], self.nest[self.alloc_depth :]
+        rows = [it.var.name for it in outer if isinstance(it, L.For)] if self.gather else []
+        siblings = rows[:1] + ["s_o"] + (["w_o"] if self.out_tile else [])
+        kernel = self.kernel
+        levels = len(self.fmt.levels) if self.fmt else 0
+        summed = self.gather and self.first_red < levels
+        return {
+            "mode": "gather" if self.gather else "scatter",
+            "token": token,
+            "token_size": kernel.param(kernel.output.name).shape[kernel.indices.index(token)] if token else None,
+            "tile": self.tile,
+            "parallel": siblings + ([f"{token}_o"] if token else []),
+            "rows": rows[:1],
+            "out_indices": kernel.indices,
+            "token_extent": self.extents[token] if token else None,
+            "dense_reduction": self.dense_red,
+            "sparse_reduction": next((it.var.name for it in inner if isinstance(it, L.For)), None) if summed else None,
+            "thread_major": _thread_major(
+                self.body if self.reduction else None, self.sparse, self.s_idx, self.red_idx, token
+            ),
+        }
 
 
 def _sum_dtype(kernel: K.Kernel, body: K.KExpr) -> str:
@@ -403,132 +595,6 @@ def _fill(buf: L.Buffer, value: L.Expr, lane: L.Var | None = None) -> L.Stmt:
         kind = L.LoopKind.VECTORIZED if v is vars_[-1] and isinstance(extent, L.Const) else L.LoopKind.SERIAL
         stmt = L.For(v, L.const(0), extent, stmt, kind)
     return stmt
-
-
-def _params(ctx: _Ctx) -> tuple[L.Buffer | L.Var, ...]:
-    kernel = ctx.kernel
-    params: list[L.Buffer | L.Var] = []
-    bound: set[str] = set()
-    for p in (*kernel.inputs, kernel.output):
-        if p.shape is not None and not p.sparse:
-            bound.update(p.shape)
-    for p in (*kernel.inputs, kernel.output):
-        if p.shape is None:
-            var = L.Var(p.name, p.dtype)
-            ctx.scalars[p.name] = var
-            params.append(var)
-        elif not p.sparse:
-            buf = L.Buffer(p.name, p.dtype, tuple(_sym(d) for d in p.shape))
-            ctx.buffers[p.name] = buf
-            params.append(buf)
-        elif p.pattern_of:
-            src = ctx.buffers[stored_values(p.pattern_of)]
-            buf = L.Buffer(stored_values(p.name), p.dtype, src.shape)
-            ctx.buffers[buf.name] = buf
-            params.append(buf)
-        else:
-            names = p.format.buffer_names(p.name)
-            index_dtypes = ctx.opts.index_dtypes or ("int32",) * (len(names) - 1)
-            for name, dtype in zip(names, (*index_dtypes, p.dtype)):
-                buf = L.Buffer(name, dtype, (_sym(f"{name}_len"),))
-                ctx.buffers[name] = buf
-                params.append(buf)
-            for dim in p.shape:
-                if dim not in bound:
-                    params.append(L.Var(dim, "int64"))
-                    bound.add(dim)
-    return tuple(params)
-
-
-def _stageable(ctx: _Ctx, access: K.KAccess) -> bool:
-    p = ctx.kernel.param(access.tensor)
-    if p.sparse or ctx.token is None or ctx.token not in access.indices or len(access.indices) < 2:
-        return False
-    if access.tensor in ctx.opts.no_stage:
-        return False
-    return ctx.opts.stage is None or access.tensor in ctx.opts.stage
-
-
-def _stage(ctx: _Ctx, body: K.KExpr, lane: L.Var) -> list[L.Stmt]:
-    """Copy each stageable input's token tile into ``<X>_t[other dims..., tile]`` (token last)."""
-    stmts: list[L.Stmt] = []
-    tile = ctx.opts.tile
-    for access in K.accesses(body):
-        if access.tensor in ctx.staged or not _stageable(ctx, access):
-            continue
-        src = ctx.buffers[access.tensor]
-        others = [i for i in access.indices if i != ctx.token]
-        staged = L.Buffer(tile_copy(access.tensor), src.dtype, (*[ctx.extents[i] for i in others], L.const(tile)))
-        ctx.staged[access.tensor] = staged
-        if len(others) == 1:
-            indices, other = access.indices, others[0]
-            copy = _blocked(
-                ctx,
-                other,
-                "s",
-                lambda env, src=src, indices=indices: L.load(src, *[env[i] for i in indices]),
-                lambda env, other=other: (env[other], lane),
-                staged,
-                clamp=True,
-            )
-        else:
-            env = {i: L.Var(f"s_{i}") for i in others}
-            env[ctx.token] = _clamped_token(ctx, lane)
-            value = L.load(src, *[env[i] for i in access.indices])
-            copy = L.For(lane, L.const(0), L.const(tile), L.Store(staged, (*[env[i] for i in others], lane), value))
-            for i in reversed(others):
-                copy = L.For(env[i], L.const(0), ctx.extents[i], copy)
-        stmts += [L.Alloc(staged), copy]
-    return stmts
-
-
-def _clamped_token(ctx: _Ctx, lane: L.Var) -> L.Expr:
-    """The token index of a lane, clamped into range: lanes past the end compute junk, never stored."""
-    tile = ctx.opts.tile
-    m = L.add(L.mul(L.Var(f"{ctx.token}_o"), L.const(tile)), lane)
-    return L.minimum(m, L.sub(ctx.extents[ctx.token], L.const(1)))
-
-
-def _expr(
-    e: K.KExpr,
-    ctx: _Ctx,
-    env: dict[str, L.Expr],
-    leaf: L.Expr,
-    lane: list[L.Var],
-    clamp: bool,
-    acc: L.Expr | None = None,
-    dtype: str | None = None,
-) -> L.Expr:
-    """Kernel-IR expression -> loop-IR expression, accesses resolved to buffers, computed in
-    ``dtype`` (None: the epilogue's, ``ctx.out_dtype``)."""
-    dtype = dtype or ctx.out_dtype
-    kernel = ctx.kernel
-    sparse = kernel.sparse_input
-    match e:
-        case K.KAcc():
-            return _cast(acc, dtype)
-        case K.KConst(value):
-            return L.const(int(value) if dtype in K.INTEGERS else float(value), dtype)
-        case K.KScalar(name):
-            return _cast(ctx.scalars[name], dtype)
-        case K.KSize(name):
-            return _cast(L.SizeVar(name), dtype)
-        case K.KAccess(t, indices):
-            if sparse is not None and t == sparse.name:
-                return _cast(L.load(ctx.buffers[stored_values(t)], leaf), dtype)
-            if t in ctx.staged:
-                idx = [env[i] for i in indices if i != ctx.token]
-                return _cast(L.load(ctx.staged[t], *idx, lane[0]), dtype)
-            idx = [(_clamped_token(ctx, lane[0]) if clamp and i == ctx.token else env[i]) for i in indices]
-            return _cast(L.load(ctx.buffers[t], *idx), dtype)
-        case K.KBin(op, a, b):
-            x = _expr(a, ctx, env, leaf, lane, clamp, acc, dtype)
-            y = _expr(b, ctx, env, leaf, lane, clamp, acc, dtype)
-            return L.Bin(op, x, y)
-        case K.KCall(func, args):
-            xs = [_expr(a, ctx, env, leaf, lane, clamp, acc, dtype) for a in args]
-            return _call(func, xs)
-    raise AssertionError(e)
 
 
 # erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (and +-1 beyond): the float32 rational approximation of
@@ -601,87 +667,4 @@ def _call(func: str, xs: list[L.Expr]) -> L.Expr:
     return L.Call(func, (x,), ACC_DTYPE)
 
 
-def _epilogue(ctx: _Ctx, epilogue: K.KExpr, env, position, lane, acc: L.Buffer, acc_index) -> L.Expr:
-    """The output value: the epilogue applied to the accumulator element at ``acc_index``."""
-    acc_value = L.load(acc, *acc_index, *lane) if lane else L.load(acc, *(acc_index or [L.const(0)]))
-    return _cast(_expr(epilogue, ctx, env, position, lane, clamp=False, acc=acc_value), ctx.kernel.output.dtype)
-
-
 BLOCK = 16  # floats per cache line: transposes move whole lines on both sides
-
-
-def _blocked(ctx: _Ctx, other: str, prefix: str, value_of, target_of, target: L.Buffer, clamp: bool) -> L.Stmt:
-    """A blocked transpose between a [other, tile] buffer and a token-indexed 2-d tensor:
-    ``for <p>_o: for lane: for <p>_i in 16`` so both sides move whole cache lines (a column
-    walk with a power-of-two row stride would alias in the cache). ``value_of(env)`` is what to
-    store and ``target_of(env)`` where, in ``target``; lanes past the last token are clamped
-    (``clamp``) or skipped."""
-    tile = ctx.opts.tile
-    outer, inner, lane = L.Var(f"{prefix}_o"), L.Var(f"{prefix}_i"), L.Var(f"{ctx.token}_i")
-    w = L.add(L.mul(outer, L.const(BLOCK)), inner)
-    m = L.add(L.mul(L.Var(f"{ctx.token}_o"), L.const(tile)), lane)
-    env = {other: w, ctx.token: _clamped_token(ctx, lane) if clamp else m}
-    guard = L.Bin("<", w, ctx.extents[other])
-    if not clamp:
-        guard = L.Bin("and", L.Bin("<", m, ctx.extents[ctx.token]), guard)
-    store = L.If(guard, L.Store(target, tuple(target_of(env)), _cast(value_of(env), target.dtype)))
-    body = L.For(lane, L.const(0), L.const(tile), L.For(inner, L.const(0), L.const(BLOCK), store))
-    return L.For(outer, L.const(0), L.ceildiv(ctx.extents[other], BLOCK), body)
-
-
-def _tile_out(ctx: _Ctx, other: str, value_of) -> L.Stmt:
-    """Write a [other, tile] result to the 2-d output, in blocks along ``other``."""
-    out = ctx.kernel.output
-    return _blocked(
-        ctx, other, "w", value_of, lambda env: [env[i] for i in ctx.kernel.indices], ctx.buffers[out.name], clamp=False
-    )
-
-
-def _writeout(
-    ctx, acc, gather, free_below, maps, level_idx, coord_env, index_env, epilogue, position, acc_names, lane, fmt, s_idx
-) -> L.Stmt:
-    """Apply the epilogue to the accumulator and store it to the output (guarding the tile tail)."""
-    kernel = ctx.kernel
-    out = kernel.output
-    token = ctx.token
-    env = dict(index_env)
-    loops: list[tuple[L.Var, L.Expr]] = []
-    if gather:
-        coords = dict(coord_env)
-        wvars = []
-        for l in free_below:
-            v = L.Var(f"w_{_part_name(level_idx[l], maps[l])}")
-            coords[l] = v
-            wvars.append(v)
-            loops.append((v, L.const(maps[l].factor)))
-        if fmt is not None:
-            for d, value in enumerate(fmt.to_index([coords[l] for l in range(len(maps))])):
-                env[s_idx[d]] = value
-        acc_index = list(wvars)
-    else:
-        wvars = [L.Var(f"w_{name}") for name in acc_names]
-        for name, v in zip(acc_names, wvars):
-            env[name] = v
-            loops.append((v, ctx.extents[name]))
-        acc_index = list(wvars)
-    if token:
-        acc_index.append(lane[0])
-    acc_value = L.load(acc, *(acc_index or [L.const(0)]))
-    # into the output tile, lanes past the last token are computed too: their reads must be clamped
-    clamp = ctx.out_tile is not None
-    value = _cast(_expr(epilogue, ctx, env, position, lane, clamp=clamp, acc=acc_value), out.dtype)
-    if out.pattern_of:
-        store: L.Stmt = L.Store(ctx.buffers[stored_values(out.name)], (position,), value)
-    elif ctx.out_tile is not None:
-        other = next(i for i in kernel.indices if i != token)
-        store = L.Store(ctx.out_tile, (env[other], lane[0]), _cast(value, ctx.out_dtype))
-    else:
-        store = L.Store(ctx.buffers[out.name], tuple(env[i] for i in kernel.indices), value)
-    if ctx.out_tile is not None:
-        store = L.For(lane[0], L.const(0), L.const(ctx.opts.tile), store, L.LoopKind.VECTORIZED)
-    elif token:
-        store = L.If(L.Bin("<", env[token], ctx.extents[token]), store)
-        store = L.For(lane[0], L.const(0), L.const(ctx.opts.tile), store)
-    for v, extent in reversed(loops):
-        store = L.For(v, L.const(0), extent, store)
-    return store
