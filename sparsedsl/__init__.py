@@ -23,6 +23,7 @@ from sparsedsl.runtime.model import compile_model, report
 from sparsedsl.runtime.model import prune_to as prune
 from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import Program, compile
+from sparsedsl.runtime.quantized import QuantizedSparseLinear
 from sparsedsl.runtime.sparse_tensor import SparseTensor
 from sparsedsl.version import __version__ as __version__
 
@@ -31,6 +32,7 @@ __all__ = [
     "BackendError",
     "PackError",
     "Program",
+    "QuantizedSparseLinear",
     "ResidualNorm",
     "ScheduleError",
     "SdslError",

@@ -22,6 +22,8 @@ from sparsedsl.ir.formats import Format
 
 STAMP = "_sparsedsl_validated"  # the attribute of a values tensor holding its buffers' stamp
 
+KERNEL_INTEGERS = (torch.int8, torch.uint8, torch.int32)  # the integer types of kernel outputs
+
 
 def stamp(fmt: Format, shape: tuple[int, ...], buffers: dict[str, torch.Tensor]) -> tuple:
     """What identifies a structure: the format, the shape, the values' length, dtype and device
@@ -155,10 +157,12 @@ class SparseTensor:
 
     def with_values(self, values: torch.Tensor) -> SparseTensor:
         """The same structure holding other values (the output of a pattern kernel): one per
-        stored position, 1-d, contiguous, floating point, on this tensor's device."""
-        if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        stored position, 1-d, contiguous, floating point or an integer type a kernel computes
+        (int8, uint8, int32), on this tensor's device."""
+        numeric = isinstance(values, torch.Tensor) and (values.is_floating_point() or values.dtype in KERNEL_INTEGERS)
+        if not numeric:
             what = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
-            raise PackError(f"values must be a floating-point tensor, got {what}")
+            raise PackError(f"values must be a floating-point or int8, uint8, int32 tensor, got {what}")
         if values.shape != self.values.shape or not values.is_contiguous() or values.device != self.device:
             raise PackError(
                 f"values must be a contiguous tensor of shape {tuple(self.values.shape)} on {self.device}, "

@@ -32,11 +32,14 @@ kernel quantize(X: f32[M, K], inv: f32[M]) -> (Q: i8[M, K]) {
 kernel requantize(X: i8[M, K], W: i8[N, K] @ CSR, s: f32[N]) -> (Y: u8[M, N]) {
     Y[m, n] = (sum(k) X[m, k] * W[n, k]) * s[n] + 128.0
 }
+kernel isddmm(G: i8[M, N], X: i8[M, K], W: i8[N, K] @ CSR) -> (D: i32[N, K] @ W) {
+    D[n, k] = sum(m) G[m, n] * X[m, k]
+}
 kernel blinear(X: bf16[M, K], W: bf16[N, K] @ CSR, b: f32[N]) -> (Y: f32[M, N]) {
     Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n]
 }
 """
-SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module", params=["tvm", "llvm"])
@@ -95,6 +98,20 @@ def test_dequantized_epilogue(prog, case):
     sx, sw, b = torch.rand(m, generator=gen), torch.rand(n, generator=gen), torch.randn(n, generator=gen)
     expected = torch.relu(_imm(x, w.T).float() * sx[:, None] * sw + b)
     torch.testing.assert_close(prog.qlinear(x, sx, W, sw, b), expected, rtol=1e-6, atol=1e-5)
+
+
+@SETTINGS
+@given(case=sparse_case())
+def test_int8_sampled_product_bit_exact(prog, case):
+    """A sparse i32 output (SDDMM): the integer product at W's stored positions."""
+    w, W, gen = _int8_weight(prog, case)
+    m, (n, k) = case[3], w.shape
+    g = torch.randint(-128, 128, (m, n), generator=gen, dtype=torch.int8)
+    x = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    d = prog.isddmm(g, x, W)
+    assert d.values.dtype == torch.int32
+    stored = W.with_values(torch.ones_like(W.values)).to_dense() != 0  # padding slots and zeros too
+    assert torch.equal(d.to_dense(), _imm(g.T, x) * stored)
 
 
 def test_a_float_stored_as_int8_is_rounded_to_even_and_saturated(prog):
