@@ -79,6 +79,7 @@ class DirectCall:
 
     def __init__(self, address: int, example: Sequence, fallback: Callable, name: str):
         self.function = _SAFE_CALL(address)
+        self.threads = pool.launcher().threads  # the thread count the library's parallel loops read
         self.fallback, self.name = fallback, name
         self.anys = (_Any * len(example))()
         self.result = _Any()
@@ -106,7 +107,7 @@ class DirectCall:
             record.data = args[i].data_ptr()
         for i, field in self.scalars:
             setattr(self.anys[i].value, field, args[i])
-        pool.set_threads(threads)
+        self.threads.value = threads
         self.result.type_index = 0
         if self.function(None, self.anys, self.argc, ctypes.byref(self.result)):
             _clear_raised()
