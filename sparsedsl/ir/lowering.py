@@ -341,7 +341,9 @@ class _Nest(_Lowering):
         self.dense_red = [i for i in self.red_idx if i not in self.s_idx]
         super().__init__(kernel, opts, extents, self.dense_free[0] if self.dense_free else None)
         self.sum_dtype = _sum_dtype(kernel, self.body)
-        self.out_dtype = K.accumulator(kernel.output.dtype)
+        # an integer statement stays in int32; a float value stored to an integer output is rounded
+        integer = kernel.output.dtype in K.INTEGERS and _sum_dtype(kernel, kernel.value) == "int32"
+        self.out_dtype = "int32" if integer else ACC_DTYPE
 
         self.fmt: Format | None = sparse.format if sparse else None
         levels = self.fmt.levels if self.fmt else ()

@@ -11,6 +11,7 @@ do), and a call whose signature was seen only fills in the tensors' data pointer
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,7 +125,8 @@ class BoundCalls:
     def get(self, key: tuple | None) -> BoundCall | None:
         call = self.calls.get(key) if key is not None else None
         if call is not None:
-            self.calls.move_to_end(key)
+            with contextlib.suppress(KeyError):  # dropped by another thread since
+                self.calls.move_to_end(key)
         return call
 
     def put(self, key: tuple | None, call: BoundCall) -> None:

@@ -4,6 +4,7 @@ another length or dtype, other shapes, another thread count) takes the full chec
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,24 @@ def test_weights_made_under_inference_mode_are_checked_like_any_other(prog):
         w.buffers["1_crd"][0] = 200
         with pytest.raises(sd.PackError, match="outside"):
             prog.linear(x, w, bias)
+
+
+def test_threads_sharing_a_bound_call_each_get_their_own_answer(prog):
+    """A bound call's argument records are per thread: two threads calling with the same signature
+    never compute on each other's tensors."""
+    w, bias = weight(prog), torch.randn(24)
+    inputs = [torch.randn(5, 40) for _ in range(2)]
+    expected = [x @ w.to_dense().T + bias for x in inputs]
+    wrong: list[int] = []
+
+    def work(which: int) -> None:
+        for _ in range(300):
+            if not torch.allclose(prog.linear(inputs[which], w, bias), expected[which], atol=1e-5):
+                wrong.append(which)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong

@@ -12,6 +12,7 @@ ctypes (~1 µs). The generated code still checks every argument against its sign
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -72,44 +73,55 @@ def entry_point(library: ctypes.CDLL, name: str) -> int:
     return ctypes.cast(getattr(library, f"__tvm_ffi_{name}"), ctypes.c_void_p).value
 
 
+class _Records:
+    """The argument records of one call: ``anys`` (one ``TVMFFIAny`` an argument), the ``DLTensor``
+    of each tensor argument, the result, for arguments shaped as ``spec`` says."""
+
+    def __init__(self, spec: list[tuple[tuple[int, ...], torch.dtype] | type]):
+        self.anys = (_Any * len(spec))()
+        self.result = _Any()
+        self.tensors: list[tuple[int, _DLTensor]] = []  # (argument position, its record)
+        self.scalars: list[tuple[int, str]] = []  # (argument position, union field)
+        self.shapes = []  # keeps every shape array alive
+        for i, kind in enumerate(spec):
+            if isinstance(kind, tuple):
+                dims, dtype = kind
+                shape = (ctypes.c_int64 * max(len(dims), 1))(*dims)
+                code = _DataType(_DL_CODES[dtype], dtype.itemsize * 8, 1)
+                record = _DLTensor(None, _Device(_CPU, 0), len(dims), code, shape, None, 0)
+                self.shapes.append(shape)
+                self.tensors.append((i, record))
+                self.anys[i].type_index = _DLTENSOR_PTR
+                self.anys[i].value.v_ptr = ctypes.addressof(record)
+            else:
+                self.anys[i].type_index = _FLOAT if kind is float else _INT
+                self.scalars.append((i, "v_float64" if kind is float else "v_int64"))
+
+
 class DirectCall:
     """Function ``name`` called on arguments shaped like ``example`` (tensors on the CPU, compact;
-    ints; floats): ``call(args, threads)``. ``fallback`` is the function through TVM's FFI, called
+    ints; floats): ``call(args, threads)``. Each thread fills records of its own (a call writes
+    its tensors' addresses into them). ``fallback`` is the function through TVM's FFI, called
     when the direct call reports an error, to raise it with TVM's message."""
 
     def __init__(self, address: int, example: Sequence, fallback: Callable, name: str):
         self.function = _SAFE_CALL(address)
         self.threads = pool.launcher().threads  # the thread count the library's parallel loops read
         self.fallback, self.name = fallback, name
-        self.anys = (_Any * len(example))()
-        self.result = _Any()
-        self.tensors: list[tuple[int, _DLTensor]] = []  # (argument position, its record)
-        self.scalars: list[tuple[int, str]] = []  # (argument position, union field)
-        self.shapes = []  # keeps every shape array alive
-        for i, a in enumerate(example):
-            if isinstance(a, torch.Tensor):
-                shape = (ctypes.c_int64 * max(a.dim(), 1))(*a.shape)
-                record = _DLTensor(
-                    None, _Device(_CPU, 0), a.dim(), _DataType(_DL_CODES[a.dtype], a.itemsize * 8, 1), shape, None, 0
-                )
-                self.shapes.append(shape)
-                self.tensors.append((i, record))
-                self.anys[i].type_index = _DLTENSOR_PTR
-                self.anys[i].value.v_ptr = ctypes.addressof(record)
-            else:
-                field = "v_float64" if isinstance(a, float) else "v_int64"
-                self.anys[i].type_index = _FLOAT if isinstance(a, float) else _INT
-                self.scalars.append((i, field))
-        self.argc = len(example)
+        self.spec = [(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else type(a) for a in example]
+        self.local = threading.local()
 
     def __call__(self, args: Sequence, threads: int) -> None:
-        for i, record in self.tensors:
+        records = self.local.__dict__.get("records")
+        if records is None:
+            records = self.local.records = _Records(self.spec)
+        for i, record in records.tensors:
             record.data = args[i].data_ptr()
-        for i, field in self.scalars:
-            setattr(self.anys[i].value, field, args[i])
+        for i, field in records.scalars:
+            setattr(records.anys[i].value, field, args[i])
         self.threads.value = threads
-        self.result.type_index = 0
-        if self.function(None, self.anys, self.argc, ctypes.byref(self.result)):
+        records.result.type_index = 0
+        if self.function(None, records.anys, len(self.spec), ctypes.byref(records.result)):
             _clear_raised()
             try:
                 self.fallback(*args)
