@@ -410,7 +410,8 @@ def _check_rows(kernel: K.Kernel, decl: ast.KernelDecl) -> None:
     """A kernel of several statements (or with a max) is lowered row by row: an optional first
     statement computes the rows ``H[t, r]`` as a one-statement kernel would (it alone may read the
     sparse input or sum over other indices); every later statement is indexed ``[t, r]`` or
-    ``[t]`` and reduces over the row index ``r`` only."""
+    ``[t]`` and reduces over the row index ``r`` only; an output indexed ``[t, c]`` (``c`` not the
+    row) is one sum over ``r`` (attention's ``O[t, d] = sum(j) P[t, j] * V[j, d]``)."""
     out_decl = decl.outputs[0]
     if kernel.output.pattern_of or len(kernel.indices) != 2:
         raise SdslSemanticError(
@@ -418,7 +419,7 @@ def _check_rows(kernel: K.Kernel, decl: ast.KernelDecl) -> None:
             "output must be a dense matrix, indexed [token, row]",
             out_decl.span,
         )
-    token, row = kernel.indices
+    token, row = kernel.indices[0], kernel.row
     sparse = kernel.sparse_input
     first, stmts = kernel.statements[0], kernel.statements
     producer = kernel.product_first
@@ -439,14 +440,18 @@ def _check_rows(kernel: K.Kernel, decl: ast.KernelDecl) -> None:
         rows = K.Kernel(kernel.name, kernel.inputs, first.target, first.indices, first.value, kernel.span)
         _check_structure(rows, stmt)
         for read in _reads(stmt.value):
-            if sparse is not None and read.tensor.text == sparse.name and token in (i.text for i in read.indices):
+            indices = tuple(i.text for i in read.indices)
+            if sparse is not None and read.tensor.text == sparse.name and token in indices and indices != first.indices:
                 raise SdslSemanticError(
                     f"the rows run along the output's first index '{token}', one token tile at a time: the sparse "
-                    f"input cannot store it (index '{sparse.name}' by the row '{row}' and summed indices)",
+                    f"input stores it only as a mask of the rows (index '{sparse.name}' [{token}, {row}], or by the "
+                    "row and summed indices)",
                     read.span,
                 )
     for checked, stmt in zip(stmts[producer:], decl.body[producer:]):
-        if checked.indices not in ((token, row), (token,)):
+        if checked.target is kernel.output and row != kernel.indices[1]:
+            _check_row_sum(stmt, row)
+        elif checked.indices not in ((token, row), (token,)):
             raise SdslSemanticError(
                 f"a row-wise statement is indexed [{token}, {row}] or [{token}], like the output's rows",
                 stmt.target.span,
@@ -466,6 +471,19 @@ def _check_rows(kernel: K.Kernel, decl: ast.KernelDecl) -> None:
                 )
     if sparse is not None and not producer:
         raise SdslSemanticError(f"sparse input '{sparse.name}' is not used", sparse.span)
+
+
+def _check_row_sum(stmt: ast.Assign, row: str) -> None:
+    """The output statement of a row-wise kernel whose output is not indexed by the row: its
+    value is one ``sum`` over the row (the rows reduced into ``[t, c]``), with an epilogue (at most
+    one reduction, over the row: checked before)."""
+    reductions = _ast_sums(stmt.value)
+    if not reductions or reductions[0].op != "sum":
+        where = reductions[0].span if reductions else stmt.value.span
+        raise SdslSemanticError(
+            f"the output is not indexed by the row '{row}': its value sums the rows, one 'sum({row})' and an epilogue",
+            where,
+        )
 
 
 def _walk(node) -> list:

@@ -6,7 +6,9 @@ from __future__ import annotations
 ACC = "acc"  # the accumulator; a GPU scatter's float32 sum of a 16-bit output
 ACC_SHARED = "acc_s"  # tensor cores: the accumulator tiles spilled to shared memory
 DIRECT = "direct"  # tensor cores: whether an activation tile loads straight from memory
-RESERVED = (ACC, ACC_SHARED, DIRECT)
+ROW_SUM = "acc_r"  # a row-wise kernel's sum over the rows into one output column of a token tile
+ROW_OUT = "acc_o"  # those columns, [other output dim, tile], written out blocked
+RESERVED = (ACC, ACC_SHARED, DIRECT, ROW_SUM, ROW_OUT)
 
 TILE_COPY, SHARED_COPY, FRAGMENT, VALUES = "_t", "_s", "_frag", "_vals"
 DERIVED = (TILE_COPY, SHARED_COPY, FRAGMENT, VALUES)  # suffixes of buffers derived from a tensor

@@ -145,13 +145,21 @@ class Kernel:
         return bool(self.lets) or any(r.op != "sum" for r in reductions)
 
     @property
+    def row(self) -> str:
+        """A row-wise kernel's row index ``r``: the last index of its first statement indexed
+        ``[t, r]`` (``j`` of attention's scores ``s[t, j]``), else the output's last index. An
+        output indexed ``[t, c]`` with ``c`` another index is a sum over ``r`` (``O[t, d] = sum(j)
+        P[t, j] * V[j, d]``)."""
+        return next((s.indices[-1] for s in self.lets if len(s.indices) == 2), self.indices[-1])
+
+    @property
     def product_first(self) -> bool:
         """Whether a row-wise kernel's first statement is a product, computing the rows as a
         one-statement kernel would: it reads the sparse input, or sums over an index other than
         the row (the output's last index)."""
         if not self.lets:
             return False
-        first, sparse, row = self.lets[0], self.sparse_input, self.indices[-1]
+        first, sparse, row = self.lets[0], self.sparse_input, self.row
         return any(sparse is not None and a.tensor == sparse.name for a in accesses(first.value)) or any(
             isinstance(e, KSum) and e.indices != (row,) for e in subexprs(first.value)
         )

@@ -35,7 +35,7 @@ from sparsedsl.errors import BackendError, SdslSemanticError
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.buffer_names import ACC, stored_values, tile_copy
+from sparsedsl.ir.buffer_names import ACC, ROW_OUT, ROW_SUM, stored_values, tile_copy
 from sparsedsl.ir.formats import Format
 
 ACC_DTYPE = "float32"
@@ -68,6 +68,8 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         )
     if not kernel.product_first:
         return _Rows(kernel, opts).function()
+    if kernel.sparse_input is not None and kernel.indices[0] in _sparse_access(kernel.lets[0].value, kernel).indices:
+        return _Masked(kernel, opts).function()
     first = kernel.lets[0]
     # the first statement as a one-statement kernel (into the output's tile), then the others
     nest = _Nest(replace(kernel, indices=first.indices, value=first.value, lets=()), opts, rowwise=True)
@@ -240,7 +242,7 @@ class _Lowering:
         """The row-wise statements of one token tile, the output's last: each intermediate a tile
         buffer registered in ``staged`` (read like a staged input: ``[row, lane]`` or ``[lane]``),
         a reduction over the row accumulated lane by lane, then its epilogue applied in place."""
-        token, row = self.kernel.indices
+        token, row = self.kernel.indices[0], self.kernel.row
         tile, lane = self.opts.tile, L.Var(f"{token}_i")
         m = L.add(L.mul(L.Var(f"{token}_o"), L.const(tile)), lane)
         out: list[L.Stmt] = []
@@ -261,19 +263,50 @@ class _Lowering:
             where = (rv, lane) if whole else (lane,)
             if reduction is None:
                 store = L.Store(buf, where, self.expr(stmt.value, env, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE))
-                out.append(L.For(rv, L.const(0), self.extents[row], lanes(store)) if whole else lanes(store))
+                out.append(self.each_row(rv, lanes(store)) if whole else lanes(store))
             else:
                 term = self.expr(reduction.body, env, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE)
                 acc = L.load(buf, lane)
                 combined = L.add(acc, term) if reduction.op == "sum" else L.Bin("max", acc, term)
                 out.append(lanes(L.Store(buf, (lane,), L.const(_IDENTITY[reduction.op], ACC_DTYPE))))
-                out.append(L.For(rv, L.const(0), self.extents[row], lanes(L.Store(buf, (lane,), combined))))
+                out.append(self.each_row(rv, lanes(L.Store(buf, (lane,), combined))))
                 if epilogue != K.KAcc():
                     final = self.expr(epilogue, env, L.const(0), [lane], clamp=True, acc=acc, dtype=ACC_DTYPE)
                     out.append(lanes(L.Store(buf, (lane,), final)))
             self.staged[name] = buf
+        if last.indices[1] != row:
+            return [*out, *self.row_sum(last, row, lanes)]
         out.append(self.tile_out(row, lambda env: self.expr(last.value, env, L.const(0), [lane], clamp=False)))
         return out
+
+    def each_row(self, rv: L.Var, body: L.Stmt) -> L.Stmt:
+        """``body`` for every row ``rv`` of a token tile (a masked kernel: the mask's stored ones)."""
+        return L.For(rv, L.const(0), self.extents[self.kernel.row], body)
+
+    def row_sum(self, last: K.Let, row: str, lanes: Callable[[L.Stmt], L.Stmt]) -> list[L.Stmt]:
+        """The output statement ``O[t, c] = epilogue(sum(r) body)`` of a token tile: for each ``c``
+        the rows summed into a register accumulator ``acc_r[tile]``, the epilogue applied into
+        ``acc_o[c, tile]``, which is then written out in blocks."""
+        token, col = last.indices
+        tile, lane = self.opts.tile, L.Var(f"{token}_i")
+        reduction, epilogue = K.split_reduction(last.value)
+        cv, rv = L.Var(col), L.Var(f"{row}_{last.target.name}")
+        env = {token: self.clamped_token(lane), row: rv, col: cv}
+        acc = L.Buffer(ROW_SUM, ACC_DTYPE, (L.const(tile),))
+        cols = L.Buffer(ROW_OUT, ACC_DTYPE, (self.extents[col], L.const(tile)))
+        term = self.expr(reduction.body, env, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE)
+        final = self.expr(epilogue, env, L.const(0), [lane], clamp=True, acc=L.load(acc, lane), dtype=ACC_DTYPE)
+        column = L.seq(
+            L.Alloc(acc),
+            lanes(L.Store(acc, (lane,), L.const(0.0, ACC_DTYPE))),
+            self.each_row(rv, lanes(L.Store(acc, (lane,), L.add(L.load(acc, lane), term)))),
+            lanes(L.Store(cols, (cv, lane), final)),
+        )
+        out = self.buffers[self.kernel.output.name]
+        write = self.blocked(
+            col, "w", lambda env: L.load(cols, env[col], lane), lambda env: (env[token], env[col]), out, clamp=False
+        )
+        return [L.Alloc(cols), L.For(cv, L.const(0), self.extents[col], column), write]
 
 
 _IDENTITY = {"sum": 0.0, "max": -math.inf}
@@ -284,31 +317,124 @@ class _Rows(_Lowering):
     over token tiles."""
 
     def __init__(self, kernel: K.Kernel, opts: LowerOptions):
-        extents: dict[str, L.Expr] = {}
-        for stmt in kernel.statements:
-            for a in [K.KAccess(stmt.target.name, stmt.indices), *K.accesses(stmt.value)]:
-                for idx, dim in zip(a.indices, kernel.param(a.tensor).shape):
-                    extents.setdefault(idx, _sym(dim))
-        super().__init__(kernel, opts, extents, kernel.indices[0])
+        super().__init__(kernel, opts, _statement_extents(kernel), kernel.indices[0])
 
     def function(self) -> L.LoopFunc:
         token, tile = self.token, self.opts.tile
         body = self.rows(self.kernel.statements)
         tiles = L.For(L.Var(f"{token}_o"), L.const(0), L.ceildiv(self.extents[token], tile), L.seq(*body))
         func = L.LoopFunc(self.kernel.name, self.params, tiles)
-        func.meta.update(
-            mode="rows",
-            token=token,
-            token_size=self.kernel.output.shape[0],
-            tile=tile,
-            parallel=["w_o", f"{token}_o"],
-            rows=[],
-            out_indices=self.kernel.indices,
-            token_extent=self.extents[token],
-            dense_reduction=[],
-            sparse_reduction=None,
-            thread_major=(),
+        func.meta.update(_rows_meta(self, "rows", ["w_o", f"{token}_o"]))
+        return func
+
+
+class _Masked(_Lowering):
+    """A row-wise kernel whose first statement is sampled at a mask's stored positions
+    (block-sparse attention: ``s[t, j] = sum(d) Q[t, d] * K[j, d] * A[t, j]``, ``A`` in BSR(bq,
+    bk)): one token tile per block row of the mask (its first level, ``t / bq: dense``; the lanes
+    are its ``t % bq: dense`` level; CSR: one token a tile), every loop over the rows of a tile
+    (the first statement's, the reductions', the output's sum) runs over the row's stored
+    positions only, and the mask's value multiplies the first statement's sum once, before its
+    epilogue."""
+
+    def __init__(self, kernel: K.Kernel, opts: LowerOptions):
+        first, sparse = kernel.lets[0], kernel.sparse_input
+        fmt = sparse.format
+        if fmt is None:
+            raise SdslSemanticError(f"kernel '{kernel.name}' needs a format for '{sparse.name}'", kernel.span)
+        token, row = first.indices
+        dims = _sparse_access(first.value, kernel).indices
+        on_token = [l for l, m in enumerate(fmt.maps) if dims[m.dim] == token]
+        lane_level = on_token[1] if len(on_token) == 2 else None  # none: a tile of one token (CSR)
+        ops = tuple(fmt.maps[l].op for l in on_token)
+        if not (
+            on_token[0] == 0
+            and all(isinstance(fmt.levels[l], lv.Dense) for l in on_token)
+            and ops in ((None,), (None, "%"), ("/", "%"))
+        ):
+            raise SdslSemanticError(
+                f"kernel '{kernel.name}' computes its rows one block row of '{sparse.name}' at a time: its format "
+                f"must store the token '{token}' as '{token} / b: dense' first and '{token} % b: dense' below it "
+                f"(BSR(b, c); or '{token}: dense' first, CSR), not as {fmt.label}",
+                kernel.span,
+            )
+        if kernel.indices[1] == row:
+            raise SdslSemanticError(
+                f"kernel '{kernel.name}' computes its rows at the stored positions of '{sparse.name}' only: its "
+                f"output sums them (index it [{token}, c], not [{token}, {row}])",
+                kernel.span,
+            )
+        super().__init__(kernel, replace(opts, tile=fmt.maps[0].factor), _statement_extents(kernel), token)
+        self.fmt, self.dims, self.lane_level = fmt, dims, lane_level
+        self._levels()
+
+    def _levels(self) -> None:
+        """The mask's level loops under the tile loop (``tile_loop``, its first level), the lane
+        level's loop dropped (its coordinate is the lane): ``row_nest``, the row ``row_index`` and
+        the stored value's ``position`` in terms of their variables."""
+        sparse, position = self.kernel.sparse_input, L.const(0)
+        coords: list[L.Expr] = []
+        self.row_nest: list[L.Stmt] = []
+        for l, (lvl, m) in enumerate(zip(self.fmt.levels, self.fmt.maps)):
+            index = self.dims[m.dim]
+            bufs = {suffix: self.buffers[f"{sparse.name}_{l}_{suffix}"] for suffix in lvl.buffers()}
+            name = {0: f"{index}_o", self.lane_level: f"{index}_i"}.get(l, _part_name(index, m))
+            it = lvl.iterate(position, m.extent(self.extents[index]), bufs, name)
+            coord = it.coordinate
+            if l == 0:
+                self.tile_loop = it.loop
+            elif l != self.lane_level:
+                if it.loop is not None:
+                    self.row_nest.append(it.loop)
+                if not isinstance(coord, L.Var):
+                    cvar = L.Var(f"{_part_name(index, m)}_c")
+                    self.row_nest.append(L.Let(cvar, coord))
+                    coord = cvar
+            coords.append(coord)
+            position = it.position
+        self.position = position
+        self.row_index = self.fmt.to_index(coords)[self.dims.index(self.kernel.row)]
+
+    def each_row(self, rv: L.Var, body: L.Stmt) -> L.Stmt:
+        return _wrap(self.row_nest, L.seq(L.Let(rv, self.row_index), body))
+
+    def function(self) -> L.LoopFunc:
+        kernel, token, tile = self.kernel, self.token, self.opts.tile
+        first, sparse = kernel.lets[0], kernel.sparse_input
+        row, lane = kernel.row, L.Var(f"{token}_i")
+        reduction, epilogue = K.split_reduction(first.value)
+        body = _without(reduction.body, sparse.name)
+        rv = L.Var(f"{row}_{first.target.name}")
+        env: dict[str, L.Expr] = {token: self.clamped_token(lane), row: rv, **{i: L.Var(i) for i in reduction.indices}}
+        acc = L.Buffer(ACC, ACC_DTYPE, (L.const(tile),))
+        scores = L.Buffer(tile_copy(first.target.name), ACC_DTYPE, (self.extents[row], L.const(tile)))
+
+        def lanes(store: L.Stmt) -> L.Stmt:
+            return L.For(lane, L.const(0), L.const(tile), store, L.LoopKind.VECTORIZED)
+
+        stage = self.stage(body, lane)
+        update: L.Stmt = lanes(
+            L.Store(
+                acc, (lane,), L.add(L.load(acc, lane), self.expr(body, env, L.const(0), [lane], True, dtype=ACC_DTYPE))
+            )
         )
+        for i in reversed(reduction.indices):
+            update = L.For(L.Var(i), L.const(0), self.extents[i], update)
+        sampled = L.mul(
+            L.load(acc, lane), _cast(L.load(self.buffers[stored_values(sparse.name)], self.position), ACC_DTYPE)
+        )
+        value = self.expr(epilogue, env, self.position, [lane], True, acc=sampled, dtype=ACC_DTYPE)
+        per_row = L.seq(
+            L.Alloc(acc),
+            lanes(L.Store(acc, (lane,), L.const(0.0, ACC_DTYPE))),
+            update,
+            lanes(L.Store(scores, (rv, lane), value)),
+        )
+        self.staged[first.target.name] = scores
+        rest = self.rows(kernel.statements[1:])
+        tiles = L.with_body(self.tile_loop, L.seq(*stage, L.Alloc(scores), self.each_row(rv, per_row), *rest))
+        func = L.LoopFunc(kernel.name, self.params, tiles)
+        func.meta.update(_rows_meta(self, "masked", [f"{token}_o"]))
         return func
 
 
@@ -334,7 +460,8 @@ class _Nest(_Lowering):
         self.s_idx: tuple[str, ...] = () if sparse is None else s_access.indices if s_access else kernel.indices
         self.pattern = kernel.output.pattern_of is not None
         extents: dict[str, L.Expr] = {}
-        for a in [K.KAccess(kernel.output.name, kernel.indices), *K.accesses(kernel.value)]:
+        # the output last: a row-wise kernel's first statement is indexed [t, r], its output maybe [t, c]
+        for a in [*K.accesses(kernel.value), K.KAccess(kernel.output.name, kernel.indices)]:
             for idx, dim in zip(a.indices, kernel.param(a.tensor).shape):
                 extents.setdefault(idx, _sym(dim))
         self.dense_free = [i for i in kernel.indices if i not in self.s_idx]
@@ -533,6 +660,51 @@ class _Nest(_Lowering):
                 self.body if self.reduction else None, self.sparse, self.s_idx, self.red_idx, token
             ),
         }
+
+
+def _statement_extents(kernel: K.Kernel) -> dict[str, L.Expr]:
+    """Every index of a kernel's statements -> its extent, from the tensors it indexes."""
+    extents: dict[str, L.Expr] = {}
+    for stmt in kernel.statements:
+        for a in [K.KAccess(stmt.target.name, stmt.indices), *K.accesses(stmt.value)]:
+            for idx, dim in zip(a.indices, kernel.param(a.tensor).shape):
+                extents.setdefault(idx, _sym(dim))
+    return extents
+
+
+def _sparse_access(value: K.KExpr, kernel: K.Kernel) -> K.KAccess:
+    """The sparse input's access in a statement (frontend/check.py: at most one)."""
+    return next(a for a in K.accesses(value) if a.tensor == kernel.sparse_input.name)
+
+
+def _without(e: K.KExpr, tensor: str) -> K.KExpr:
+    """A product with ``tensor``'s factor (frontend/check.py: a factor of it) replaced by 1."""
+    match e:
+        case K.KAccess(t, _) if t == tensor:
+            return K.KConst(1.0)
+        case K.KBin("*", a, b):
+            return K.KBin("*", _without(a, tensor), _without(b, tensor))
+        case K.KBin("/", a, b):
+            return K.KBin("/", _without(a, tensor), b)
+    return e
+
+
+def _rows_meta(lowering: _Lowering, mode: str, parallel: list[str]) -> dict:
+    """What schedules and the runtime read of a row-wise kernel without a level nest of its own."""
+    kernel, token = lowering.kernel, lowering.token
+    return {
+        "mode": mode,
+        "token": token,
+        "token_size": kernel.output.shape[0],
+        "tile": lowering.opts.tile,
+        "parallel": parallel,
+        "rows": [],
+        "out_indices": kernel.indices,
+        "token_extent": lowering.extents[token],
+        "dense_reduction": [],
+        "sparse_reduction": None,
+        "thread_major": (),
+    }
 
 
 def _sum_dtype(kernel: K.Kernel, body: K.KExpr) -> str:
