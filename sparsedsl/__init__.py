@@ -17,6 +17,7 @@ from sparsedsl.errors import (
     SourceFileError,
 )
 from sparsedsl.runtime.aot import build, load
+from sparsedsl.runtime.attention import attention
 from sparsedsl.runtime.distill import distill
 from sparsedsl.runtime.fused import ResidualNorm
 from sparsedsl.runtime.model import compile_model, report
@@ -41,6 +42,7 @@ __all__ = [
     "SourceFileError",
     "SparseLinear",
     "SparseTensor",
+    "attention",
     "build",
     "compile",
     "compile_model",

@@ -1,0 +1,150 @@
+"""``sd.attention``: scaled dot-product attention by the kernels of sparsedsl/nn.sdsl, dense or
+block-sparse (a block mask as a ``SparseTensor``: only its stored blocks are computed), with HF's
+key padding mask; a ``torch.library`` op (``sparsedsl::attention``) with a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through it.
+
+Meaning: ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` with the boolean mask the
+block mask's pattern and the key padding give, except that a query row with no key to attend to
+returns zeros (as FlexAttention does), not NaN. The kernels take 2-D operands; batches and heads
+are a loop over them here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sparsedsl.errors import ArgumentError, BackendError
+from sparsedsl.runtime.ops import nn_program
+from sparsedsl.runtime.sparse_tensor import SparseTensor
+
+DENSE, MASKED = "attention", "block_attention"  # nn.sdsl's kernels
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: SparseTensor | Sequence[SparseTensor] | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``q`` [B, H, T, D] over ``k``, ``v`` [B, H, S, D] (float32, CPU).
+
+    ``block_mask``: a ``SparseTensor`` [T, S] in a block format (BSR(bq, bk), or any format whose
+    first level is ``t / bq: dense`` with ``t % bq: dense`` below it), one pattern for every batch
+    and head, or a sequence of H of them, one per head: a query attends to the keys of its row's
+    stored blocks. ``key_padding_mask``: [B, S] bool, True for a key to attend to (HF's attention
+    mask). ``scale``: default ``D ** -0.5``."""
+    _check(q, k, v, key_padding_mask)
+    batch, heads, _, dim = q.shape
+    masks = _masks(block_mask, heads, q.shape[2], k.shape[2])
+    keep = q.new_ones(batch, k.shape[2]) if key_padding_mask is None else key_padding_mask.to(q.dtype)
+    structure = [t for m in masks for t in m.structure()]
+    values = [m.values for m in masks]
+    fmt = masks[0].format.label if masks else ""
+    return attention_op(q, k, v, keep, structure, values, fmt, float(dim**-0.5 if scale is None else scale))
+
+
+ONES = "_sparsedsl_ones"  # the attribute of a mask's values caching ones of their shape
+
+
+def _ones(values: torch.Tensor) -> torch.Tensor:
+    """Ones in place of a mask's values (the kernel multiplies the scores by them), made once per
+    values tensor and in-place version."""
+    cached = getattr(values, ONES, None)
+    if cached is None or cached[0] != values._version or cached[1].shape != values.shape:
+        cached = (values._version, torch.ones_like(values))
+        setattr(values, ONES, cached)
+    return cached[1]
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ArgumentError(f"sd.attention: '{name}' must be a 4-d tensor [batch, heads, tokens, head dim]")
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ArgumentError(
+                f"sd.attention: '{name}' is {t.dtype} on {t.device}; the attention kernels are built for "
+                "float32 on the CPU"
+            )
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ArgumentError(
+            f"sd.attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, H, T, D], "
+            "[B, H, S, D] and [B, H, S, D]"
+        )
+    if padding is not None and (padding.dtype != torch.bool or tuple(padding.shape) != (q.shape[0], k.shape[2])):
+        raise ArgumentError(
+            f"sd.attention: key_padding_mask must be a bool tensor [batch, keys] = {[q.shape[0], k.shape[2]]}, "
+            f"got {padding.dtype} {list(padding.shape)}"
+        )
+
+
+def _masks(block_mask, heads: int, tokens: int, keys: int) -> list[SparseTensor]:
+    """The block mask as a list: empty (dense attention), one pattern, or one per head."""
+    if block_mask is None:
+        return []
+    masks = [block_mask] if isinstance(block_mask, SparseTensor) else list(block_mask)
+    if len(masks) not in (1, heads) or not all(isinstance(m, SparseTensor) for m in masks):
+        raise ArgumentError(
+            f"sd.attention: block_mask must be a SparseTensor [T, S] or a sequence of {heads} (one per head)"
+        )
+    for m in masks:
+        if tuple(m.shape) != (tokens, keys):
+            raise ArgumentError(
+                f"sd.attention: block_mask has shape {list(m.shape)}, expected [T, S] = {[tokens, keys]}"
+            )
+        if m.format != masks[0].format:
+            raise ArgumentError("sd.attention: the heads' block masks must share one format")
+    return masks
+
+
+@torch.library.custom_op("sparsedsl::attention", mutates_args=())
+def attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    structure: list[torch.Tensor],
+    values: list[torch.Tensor],
+    fmt: str,
+    scale: float,
+) -> torch.Tensor:
+    """The op behind ``attention``: ``keep`` [B, S] (1 attend, 0 padding); the block masks (none,
+    one, or one per head) as their index buffers (``structure``, mask after mask) and values, all
+    in format ``fmt``. The pattern is the mask: the values are read as ones."""
+    nn = nn_program()
+    batch, heads, tokens, _ = q.shape
+    q, k, v, keep = q.contiguous(), k.contiguous(), v.contiguous(), keep.contiguous()
+    masks = []
+    if values:
+        form = nn.format(fmt)
+        per = len(structure) // len(values)
+        masks = [
+            SparseTensor.from_structure(form, (tokens, k.shape[2]), structure[i * per : (i + 1) * per], _ones(vals))
+            for i, vals in enumerate(values)
+        ]
+    kernel = nn.kernels[MASKED if masks else DENSE]
+    out = torch.empty_like(q)
+    for b in range(batch):
+        for h in range(heads):
+            mask = [masks[h % len(masks)]] if masks else []
+            out[b, h] = kernel(q[b, h], k[b, h], v[b, h], *mask, keep[b], scale)
+    return out
+
+
+@attention_op.register_fake
+def _(q, k, v, keep, structure, values, fmt, scale):
+    return torch.empty_like(q)
+
+
+def _no_backward(ctx, grad):
+    raise BackendError(
+        "sd.attention has no backward yet: the gradient kernels (dV = P^T dO, dS = P * (dO V^T - "
+        "rowsum(dO * O)), dQ = dS K * scale, dK = dS^T Q * scale) are not written in sparsedsl/nn.sdsl; "
+        "train with torch's scaled_dot_product_attention"
+    )
+
+
+torch.library.register_autograd("sparsedsl::attention", _no_backward)
