@@ -130,9 +130,9 @@ class SparseLinear(nn.Module):
     def sparse_weight(self) -> SparseTensor:
         """The weight as a SparseTensor sharing this module's tensors; the same one while they are
         the same tensors (a call then finds its checks done: runtime/calls.py)."""
-        tensors = (self.values, *self.structure())
+        tensors = (self._parameters["values"], *self._buffers.values())  # the values, then structure()'s
         kept, of = self.__dict__.get("_sparse", (None, ()))
-        if kept is not None and all(map(operator.is_, tensors, of)):
+        if kept is not None and len(tensors) == len(of) and all(map(operator.is_, tensors, of)):
             return kept
         fmt = self.program.format(self.format)
         kept = SparseTensor.from_structure(fmt, (self.out_features, self.in_features), list(tensors[1:]), tensors[0])
