@@ -52,12 +52,12 @@ ONES = "_sparsedsl_ones"  # the attribute of a mask's values caching ones of the
 
 def _ones(values: torch.Tensor) -> torch.Tensor:
     """Ones in place of a mask's values (the kernel multiplies the scores by them), made once per
-    values tensor and in-place version."""
+    values tensor (they depend on its shape and dtype only)."""
     cached = getattr(values, ONES, None)
-    if cached is None or cached[0] != values._version or cached[1].shape != values.shape:
-        cached = (values._version, torch.ones_like(values))
+    if cached is None or cached.shape != values.shape or cached.dtype != values.dtype:
+        cached = torch.ones_like(values)
         setattr(values, ONES, cached)
-    return cached[1]
+    return cached
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None) -> None:
