@@ -336,7 +336,10 @@ def _check_kernel(decl: ast.KernelDecl, program: Program) -> K.Kernel:
                 idx.span,
             )
     kernel = K.Kernel(decl.name.text, tuple(params.values()), output, out_indices, value, decl.span, checked_lets)
-    if kernel.rowwise:
+    if kernel.batch:
+        _check_batch(kernel, decl)
+        _check_rows(kernel.unbatched(), decl)
+    elif kernel.rowwise:
         _check_rows(kernel, decl)
     else:
         _check_structure(kernel, stmt)
@@ -471,6 +474,28 @@ def _check_rows(kernel: K.Kernel, decl: ast.KernelDecl) -> None:
                 )
     if sparse is not None and not producer:
         raise SdslSemanticError(f"sparse input '{sparse.name}' is not used", sparse.span)
+
+
+def _check_batch(kernel: K.Kernel, decl: ast.KernelDecl) -> None:
+    """A row-wise kernel with an output ``[b, t, c]``: the batch ``b`` is the first index of every
+    statement and of every access of a batched tensor (first dimension the output's), and of no
+    other access."""
+    b, size = kernel.batch, kernel.output.shape[0]
+    for checked, stmt in zip(kernel.statements, decl.body):
+        if checked.indices[0] != b:
+            raise SdslSemanticError(
+                f"the output is indexed [{b}, ...]: a batched kernel indexes every statement by its batch '{b}' first",
+                stmt.target.span,
+            )
+        for read in _reads(stmt.value):
+            shape = kernel.param(read.tensor.text).shape
+            indices = [i.text for i in read.indices]
+            if (b in indices or bool(shape) and shape[0] == size) and indices[:1] != [b]:
+                raise SdslSemanticError(
+                    f"the batch '{b}' is the first index of the tensors whose first dimension is {size}, and of "
+                    "no other",
+                    read.span,
+                )
 
 
 def _check_row_sum(stmt: ast.Assign, row: str) -> None:

@@ -145,6 +145,38 @@ class Kernel:
         return bool(self.lets) or any(r.op != "sum" for r in reductions)
 
     @property
+    def batch(self) -> str | None:
+        """A row-wise kernel's leading **batch** index ``b`` (its output indexed ``[b, t, c]``):
+        every statement and every access of a batched tensor (whose first dimension is the
+        output's) starts with it; the kernel is the 2-d one of ``unbatched`` once per ``b``."""
+        return self.indices[0] if self.rowwise and len(self.indices) == 3 else None
+
+    def unbatched(self) -> Kernel:
+        """This kernel without its batch index: each batched tensor's first dimension dropped."""
+        b, size = self.batch, self.output.shape[0]
+
+        def param(p: TensorParam) -> TensorParam:
+            return replace(p, shape=p.shape[1:]) if p.shape and p.shape[0] == size else p
+
+        def expr(e: KExpr) -> KExpr:
+            match e:
+                case KAccess(t, indices) if indices[:1] == (b,):
+                    return KAccess(t, indices[1:])
+                case KBin(op, a, c):
+                    return KBin(op, expr(a), expr(c))
+                case KCall(f, args):
+                    return KCall(f, tuple(expr(a) for a in args))
+                case KSum(indices, body, op):
+                    return KSum(indices, expr(body), op)
+            return e
+
+        lets = tuple(Let(param(s.target), s.indices[1:], expr(s.value)) for s in self.lets)
+        inputs = tuple(param(p) for p in self.inputs)
+        return replace(
+            self, inputs=inputs, output=param(self.output), indices=self.indices[1:], value=expr(self.value), lets=lets
+        )
+
+    @property
     def row(self) -> str:
         """A row-wise kernel's row index ``r``: the last index of its first statement indexed
         ``[t, r]`` (``j`` of attention's scores ``s[t, j]``), else the output's last index. An

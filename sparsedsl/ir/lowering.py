@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 
 from sparsedsl.errors import BackendError, SdslSemanticError
 from sparsedsl.ir import kernel_ir as K
@@ -59,6 +59,8 @@ def _sym(name: str) -> L.SizeVar:
 
 def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     """The loop-IR function of a kernel whose sparse input has a concrete format."""
+    if kernel.batch:
+        return _batched(kernel, lower(kernel.unbatched(), opts))
     if not kernel.rowwise:
         return _Nest(kernel, opts).function()
     if opts.gpu:
@@ -660,6 +662,35 @@ class _Nest(_Lowering):
                 self.body if self.reduction else None, self.sparse, self.s_idx, self.red_idx, token
             ),
         }
+
+
+def _batched(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:
+    """A batched kernel from its unbatched one's loop IR: a parallel loop over the batch around
+    it, each batched tensor's access led by the batch index (its tile buffers are allocated inside
+    the loop, per batch)."""
+    b, size = L.Var(kernel.batch), kernel.output.shape[0]
+    names = {p.name for p in (*kernel.inputs, kernel.output) if p.shape and p.shape[0] == size}
+    batched = {
+        p.name: L.Buffer(p.name, p.dtype, (_sym(size), *p.shape))
+        for p in func.params
+        if isinstance(p, L.Buffer) and p.name in names
+    }
+
+    def rewrite(node):
+        if isinstance(node, tuple):
+            return tuple(rewrite(x) for x in node)
+        if not is_dataclass(node) or isinstance(node, L.Buffer | L.LoopFunc):
+            return node
+        node = replace(node, **{f.name: rewrite(getattr(node, f.name)) for f in fields(node)})
+        if isinstance(node, L.Load | L.Store) and node.buffer.name in batched:
+            node = replace(node, buffer=batched[node.buffer.name], indices=(b, *node.indices))
+        return node
+
+    body = L.For(b, L.const(0), _sym(size), rewrite(func.body), L.LoopKind.PARALLEL)
+    params = tuple(batched.get(p.name, p) if isinstance(p, L.Buffer) else p for p in func.params)
+    out = L.LoopFunc(kernel.name, params, body)
+    out.meta.update(func.meta, parallel=[], out_indices=kernel.indices)
+    return out
 
 
 def _statement_extents(kernel: K.Kernel) -> dict[str, L.Expr]:

@@ -5,8 +5,8 @@ key padding mask; a ``torch.library`` op (``sparsedsl::attention``) with a fake 
 
 Meaning: ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` with the boolean mask the
 block mask's pattern and the key padding give, except that a query row with no key to attend to
-returns zeros (as FlexAttention does), not NaN. The kernels take 2-D operands; batches and heads
-are a loop over them here.
+returns zeros (as FlexAttention does), not NaN. One kernel call computes every batch and head
+(its batch index runs over both); masks of their own per head take a call per head.
 """
 
 from __future__ import annotations
@@ -115,28 +115,32 @@ def attention_op(
     one, or one per head) as their index buffers (``structure``, mask after mask) and values, all
     in format ``fmt``. The pattern is the mask: the values are read as ones."""
     nn = nn_program()
-    batch, heads, tokens, _ = q.shape
-    q, k, v, keep = q.contiguous(), k.contiguous(), v.contiguous(), keep.contiguous()
+    batch, heads, tokens, dim = q.shape
+    keys = k.shape[2]
     masks = []
     if values:
         form = nn.format(fmt)
         per = len(structure) // len(values)
         masks = [
-            SparseTensor.from_structure(form, (tokens, k.shape[2]), structure[i * per : (i + 1) * per], _ones(vals))
+            SparseTensor.from_structure(form, (tokens, keys), structure[i * per : (i + 1) * per], _ones(vals))
             for i, vals in enumerate(values)
         ]
-    kernel = nn.kernels[MASKED if masks else DENSE]
-    out = torch.empty_like(q)
-    for b in range(batch):
-        for h in range(heads):
-            mask = [masks[h % len(masks)]] if masks else []
-            out[b, h] = kernel(q[b, h], k[b, h], v[b, h], *mask, keep[b], scale)
-    return out
+    keep = keep.to(q.dtype).repeat_interleave(heads, 0)  # [B * H, S]
+    if len(masks) <= 1:  # one call for every batch and head
+        flat = [t.reshape(batch * heads, -1, dim).contiguous() for t in (q, k, v)]
+        kernel = nn.kernels[MASKED if masks else DENSE]
+        return kernel(*flat, *masks, keep, scale).view(batch, heads, tokens, dim)
+    out = torch.empty(heads, batch, tokens, dim, dtype=q.dtype)
+    keep = keep.view(batch, heads, keys).transpose(0, 1)
+    for h, mask in enumerate(masks):  # a mask per head: a call per head
+        args = [t[:, h].contiguous() for t in (q, k, v)]
+        out[h] = nn.kernels[MASKED](*args, mask, keep[h].contiguous(), scale)
+    return out.transpose(0, 1).contiguous()
 
 
 @attention_op.register_fake
 def _(q, k, v, keep, structure, values, fmt, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 def _no_backward(ctx, grad):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import sparsedsl as sd
 from sparsedsl.errors import ArgumentError, BackendError, SdslSemanticError
+from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.lowering import LowerOptions, lower
 from sparsedsl.runtime.attention import attention
 from sparsedsl.runtime.ops import nn_program
@@ -40,18 +41,20 @@ def _blocks(gen, tokens: int, keys: int, bq: int, bk: int, density: float) -> to
 
 @SETTINGS
 @given(
+    b=st.integers(1, 3),
     t=st.integers(1, 150),
     s=st.integers(1, 140),
     d=st.sampled_from([1, 3, 8, 32, 64]),
     padded=st.floats(0, 1),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_dense_attention_with_padding(nn, t, s, d, padded, seed):
+def test_dense_attention_with_padding(nn, b, t, s, d, padded, seed):
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(n, d, generator=gen) * 3 for n in (t, s, s))
-    keep = torch.rand(s, generator=gen) >= padded
+    q, k, v = (torch.randn(b, n, d, generator=gen) * 3 for n in (t, s, s))
+    keep = torch.rand(b, s, generator=gen) >= padded
     scale = d**-0.5
-    _close(nn.attention(q, k, v, keep.float(), scale), _want(q, k, v, keep.expand(t, s), scale))
+    want = _want(q, k, v, keep[:, None, :].expand(b, t, s), scale)
+    _close(nn.attention(q, k, v, keep.float(), scale), want)
 
 
 @SETTINGS
@@ -69,11 +72,11 @@ def test_block_sparse_attention(nn, blocks, sizes, d, density, padded, seed):
     zeros inside partly stored blocks too)."""
     (bq, bk), gen = sizes, torch.Generator().manual_seed(seed)
     t, s = blocks[0] * bq, blocks[1] * bk
-    q, k, v = (torch.randn(n, d, generator=gen) * 3 for n in (t, s, s))
+    q, k, v = (torch.randn(2, n, d, generator=gen) * 3 for n in (t, s, s))
     pattern = _blocks(gen, t, s, bq, bk, density)
-    keep = torch.rand(s, generator=gen) >= padded
+    keep = torch.rand(2, s, generator=gen) >= padded
     mask = nn.pack(f"BSR({bq}, {bk})", pattern.float())
-    want = _want(q, k, v, pattern & keep, d**-0.5)
+    want = _want(q, k, v, pattern & keep[:, None, :], d**-0.5)
     ones = mask.with_values(torch.ones_like(mask.values))
     _close(nn.block_attention(q, k, v, ones, keep.float(), d**-0.5), want)
 
@@ -84,15 +87,16 @@ def test_token_wise_masks(nn):
     pattern = torch.zeros(9, 12, dtype=torch.bool)
     for row in range(8):  # the last row attends to nothing
         pattern[row, torch.randperm(12, generator=gen)[:3]] = True
-    q, k, v = (torch.randn(n, 8, generator=gen) for n in (9, 12, 12))
+    q, k, v = (torch.randn(1, n, 8, generator=gen) for n in (9, 12, 12))
     mask = nn.pack("CSR", pattern.float())
-    _close(nn.block_attention(q, k, v, mask, torch.ones(12), 0.5), _want(q, k, v, pattern, 0.5))
+    _close(nn.block_attention(q, k, v, mask, torch.ones(1, 12), 0.5), _want(q, k, v, pattern, 0.5))
 
 
 def test_mask_formats_that_do_not_store_token_blocks_are_refused(nn):
     mask = nn.pack("CSC", torch.ones(8, 8))
     with pytest.raises(SdslSemanticError, match="must store the token 't' as 't / b: dense' first"):
-        nn.block_attention(torch.randn(8, 4), torch.randn(8, 4), torch.randn(8, 4), mask, torch.ones(8), 1.0)
+        q = torch.randn(1, 8, 4)
+        nn.block_attention(q, q, q, mask, torch.ones(1, 8), 1.0)
 
 
 def test_gpu_refuses_attention():
@@ -107,6 +111,13 @@ def test_scores_live_in_the_tile():
     text = repr(func.body)
     assert "name='s_t'" not in text  # the first statement's rows are the nest's output tile
     assert "Buffer(name='e_t', dtype='float32', shape=(SizeVar(name='S', dtype='int64'), Const(value=64" in text
+
+
+def test_batched_kernels_loop_over_the_batch_in_parallel():
+    """One call for every batch and head: the batch loop is the parallel one, the tiles inside."""
+    func = lower(nn_program().kernels["attention"].kernel)
+    assert func.body.var.name == "b" and func.body.kind is L.LoopKind.PARALLEL
+    assert "Buffer(name='Q', dtype='float32', shape=(SizeVar(name='B'" in repr(func.params)
 
 
 @pytest.mark.parametrize("heads_masks", [False, True])
