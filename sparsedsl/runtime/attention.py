@@ -152,3 +152,45 @@ def _no_backward(ctx, grad):
 
 
 torch.library.register_autograd("sparsedsl::attention", _no_backward)
+
+
+IMPLEMENTATION = "sdsl"  # the name of sd.attention in transformers' attention-function registry
+
+
+def transformers_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """``attention`` with the signature of transformers' attention functions (``AttentionInterface``):
+    ``query`` [B, H, T, D], returns ``([B, T, H, D], None)``. Self-attention of an encoder with a
+    key padding mask (a boolean ``[B, 1, T, S]`` mask whose rows agree, or none); anything else (a
+    causal or per-query mask, dropout in training, grouped keys) is handed to torch's SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    padding = _key_padding(attention_mask)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    grouped = key.shape[1] != query.shape[1]
+    if causal or grouped or (dropout and module.training) or padding is False or query.dtype != torch.float32:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    return attention(query, key, value, key_padding_mask=padding, scale=scaling).transpose(1, 2).contiguous(), None
+
+
+def _key_padding(mask: torch.Tensor | None) -> torch.Tensor | None | bool:
+    """A transformers mask as a key padding mask [B, S]: None for none, False when it is not one."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return False
+    keys = mask[:, 0, 0, :]
+    return keys.contiguous() if bool((mask[:, 0] == keys[:, None, :]).all()) else False
+
+
+def register_transformers() -> str:
+    """Register ``attention`` in transformers' attention-function registry (and SDPA's boolean
+    mask for it) under ``"sdsl"``, which ``model.set_attn_implementation("sdsl")`` then selects;
+    returns the name. Idempotent; nothing is registered before it is called."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, transformers_attention)
+    if IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    return IMPLEMENTATION
