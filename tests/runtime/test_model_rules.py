@@ -35,11 +35,14 @@ def test_a_rule_that_compiles_no_layer_is_an_error(rules, message):
         sd.compile_model(_mlp(), rules)
 
 
-def test_gpt2_conv1d_layers_are_named_not_silently_skipped():
+def test_gpt2_conv1d_layers_are_compiled_not_silently_skipped():
+    """transformers' Conv1D is a linear layer for the rules (tests/runtime/test_decoders.py checks
+    what the compiled model computes)."""
     config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
     gpt2 = transformers.GPT2LMHeadModel(config)
-    with pytest.raises(sd.SdslSemanticError, match=r"matches no nn.Linear layer.*4 Conv1D \('transformer.h.0.attn"):
-        sd.compile_model(gpt2, {"transformer.h.*": ("BSR(4, 1)", 0.9)})
+    rows = sd.report(sd.compile_model(gpt2, {"transformer.h.*": ("BSR(4, 1)", 0.9)}))
+    layers = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert [r.layer for r in rows] == [f"transformer.h.0.{n}" for n in layers] and all(r.sparse for r in rows)
 
 
 def test_an_unmatched_rule_of_a_file_is_located():
