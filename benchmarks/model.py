@@ -254,6 +254,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--no-deepsparse", action="store_true", help="skip the DeepSparse row")
+    parser.add_argument(
+        "--only", help="the rows whose names start with one of these, comma-separated (dense, eager always runs)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "model_results.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -265,6 +268,8 @@ def main() -> None:
     rows = []
     for name, config in CONFIGS:
         if config is deepsparse and args.no_deepsparse:
+            continue
+        if args.only and config is not dense_eager and not name.startswith(tuple(args.only.split(","))):
             continue
         print(f"measuring {name}...", flush=True)
         rows.append({"config": name, **config(s)})
