@@ -277,7 +277,7 @@ class _Lowering:
                     out.append(lanes(L.Store(buf, (lane,), final)))
             self.staged[name] = buf
         if last.indices[1] != row:
-            return [*out, *self.row_sum(last, row, lanes)]
+            return [*out, *self.row_sum(last, row)]
         out.append(self.tile_out(row, lambda env: self.expr(last.value, env, L.const(0), [lane], clamp=False)))
         return out
 
@@ -285,30 +285,53 @@ class _Lowering:
         """``body`` for every row ``rv`` of a token tile (a masked kernel: the mask's stored ones)."""
         return L.For(rv, L.const(0), self.extents[self.kernel.row], body)
 
-    def row_sum(self, last: K.Let, row: str, lanes: Callable[[L.Stmt], L.Stmt]) -> list[L.Stmt]:
-        """The output statement ``O[t, c] = epilogue(sum(r) body)`` of a token tile: for each ``c``
-        the rows summed into a register accumulator ``acc_r[tile]``, the epilogue applied into
-        ``acc_o[c, tile]``, which is then written out in blocks."""
+    def row_sum(self, last: K.Let, row: str) -> list[L.Stmt]:
+        """The output statement ``O[t, c] = epilogue(sum(r) body)`` of a token tile: ``COLUMNS``
+        columns ``c`` at a time (then the rest one by one), for each part of ``PART`` lanes, the rows
+        summed into a register accumulator ``acc_r[COLUMNS, PART]`` (each row's tile entries loaded
+        once for all the columns), the epilogue applied into ``acc_o[c, tile]``, which is then
+        written out in blocks."""
         token, col = last.indices
-        tile, lane = self.opts.tile, L.Var(f"{token}_i")
-        reduction, epilogue = K.split_reduction(last.value)
-        cv, rv = L.Var(col), L.Var(f"{row}_{last.target.name}")
-        env = {token: self.clamped_token(lane), row: rv, col: cv}
-        acc = L.Buffer(ROW_SUM, ACC_DTYPE, (L.const(tile),))
-        cols = L.Buffer(ROW_OUT, ACC_DTYPE, (self.extents[col], L.const(tile)))
-        term = self.expr(reduction.body, env, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE)
-        final = self.expr(epilogue, env, L.const(0), [lane], clamp=True, acc=L.load(acc, lane), dtype=ACC_DTYPE)
-        column = L.seq(
-            L.Alloc(acc),
-            lanes(L.Store(acc, (lane,), L.const(0.0, ACC_DTYPE))),
-            self.each_row(rv, lanes(L.Store(acc, (lane,), L.add(L.load(acc, lane), term)))),
-            lanes(L.Store(cols, (cv, lane), final)),
-        )
+        lane, extent = L.Var(f"{token}_i"), self.extents[col]
+        cols = L.Buffer(ROW_OUT, ACC_DTYPE, (extent, L.const(self.opts.tile)))
+        done = L.mul(L.floordiv(extent, L.const(COLUMNS)), L.const(COLUMNS))
         out = self.buffers[self.kernel.output.name]
         write = self.blocked(
             col, "w", lambda env: L.load(cols, env[col], lane), lambda env: (env[token], env[col]), out, clamp=False
         )
-        return [L.Alloc(cols), L.For(cv, L.const(0), self.extents[col], column), write]
+        return [
+            L.Alloc(cols),
+            self._columns(last, row, cols, L.const(0), L.floordiv(extent, L.const(COLUMNS)), COLUMNS),
+            self._columns(last, row, cols, done, L.sub(extent, done), 1),
+            write,
+        ]
+
+    def _columns(self, last: K.Let, row: str, cols: L.Buffer, base: L.Expr, count: L.Expr, width: int) -> L.Stmt:
+        """``count`` groups of ``width`` output columns from ``base``, summed over the rows into ``cols``."""
+        token, col = last.indices
+        tile = self.opts.tile
+        part = PART if tile % PART == 0 else tile
+        reduction, epilogue = K.split_reduction(last.value)
+        co, ci, rv = L.Var(f"{col}_o"), L.Var(f"{col}_i"), L.Var(f"{row}_{last.target.name}")
+        h, lv_ = L.Var(f"{token}_h"), L.Var(f"{token}_l")
+        lane = L.add(L.mul(h, L.const(part)), lv_)
+        c = L.add(L.add(base, L.mul(co, L.const(width))), ci)
+        env = {token: self.clamped_token(lane), row: rv, col: c}
+        acc = L.Buffer(ROW_SUM, ACC_DTYPE, (L.const(COLUMNS), L.const(part)))
+        term = self.expr(reduction.body, env, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE)
+        final = self.expr(epilogue, env, L.const(0), [lane], clamp=True, acc=L.load(acc, ci, lv_), dtype=ACC_DTYPE)
+
+        def each(store: L.Stmt) -> L.Stmt:
+            inner = L.For(lv_, L.const(0), L.const(part), store, L.LoopKind.VECTORIZED)
+            return L.For(ci, L.const(0), L.const(width), inner, L.LoopKind.UNROLLED)
+
+        group = L.seq(
+            L.Alloc(acc),
+            each(L.Store(acc, (ci, lv_), L.const(0.0, ACC_DTYPE))),
+            self.each_row(rv, each(L.Store(acc, (ci, lv_), L.add(L.load(acc, ci, lv_), term)))),
+            each(L.Store(cols, (c, lane), final)),
+        )
+        return L.For(co, L.const(0), count, L.For(h, L.const(0), L.const(tile // part), group))
 
 
 _IDENTITY = {"sum": 0.0, "max": -math.inf}
@@ -873,3 +896,6 @@ def _call(func: str, xs: list[L.Expr]) -> L.Expr:
 
 
 BLOCK = 16  # floats per cache line: transposes move whole lines on both sides
+# A row-wise sum into an output [t, c] (attention's P V): 2 columns x 32 lanes of accumulators
+# (8 AVX2 registers), so each row's 32 tile entries are loaded once for both columns.
+COLUMNS, PART = 2, 32
