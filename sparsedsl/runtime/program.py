@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -273,11 +274,14 @@ class CompiledKernel:
                 return call(args)
         return call(args)
 
-    def _bind_call(self, args, threads: int) -> BoundCall:
-        """Check ``args`` in full and bind a CPU call of their signature (runtime/calls.py)."""
+    def _bind_call(self, args, threads: int) -> Callable[[tuple], object]:
+        """Check ``args`` in full and bind a CPU call of their signature (runtime/calls.py): a
+        ``BoundCall``, or ``_call_mapped`` for GPU-mapped code."""
         kernel = self.kernel
         call_args, sizes, sparse = _bind(kernel, args)
         inst = self.instance_for(sparse)
+        if inst.transposed or inst.scratch or "padded" in inst.meta or inst.meta.get("tensor_cores"):
+            return self._call_mapped  # GPU-mapped code: its arguments are transposed, padded or aligned per call
         work = sparse.nnz if sparse is not None else 1
         for dim, size in sizes.items():
             if sparse is None or dim not in kernel.sparse_input.shape:
@@ -319,10 +323,11 @@ class CompiledKernel:
         return prepared[name]
 
     def _call_mapped(self, args):
-        """A call of a kernel mapped onto a GPU: checked and laid out every time (the arguments
-        are copied and transposed per call anyway)."""
+        """A call of a kernel mapped onto a GPU (or of GPU-mapped code run on the CPU, as the tests'
+        emulation does): checked and laid out every time (the arguments are copied and
+        transposed per call anyway)."""
         kernel = self.kernel
-        device = "cuda"
+        device = "cuda" if self.program.target == "cuda" else "cpu"
         call_args, sizes, sparse = _bind(kernel, args, device)
         inst = self.instance_for(sparse)
         out = kernel.output
