@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import sparsedsl as sd
@@ -44,13 +44,18 @@ def test_layer_norm_of_linear_bias_residual(prog, case, eps):
 
 @SETTINGS
 @given(case=sparse_case())
+@example(case=("NM(2, 8)", 1, 56, 1, 0.0, 3534))  # one row near -5: gelu's error times rstd = 1000
 def test_softmax_and_rms_norm_of_linear(prog, case):
     fmt, n, k, m, sparsity, seed = case
     w, W, gen = _case(prog, fmt, n, k, m, sparsity, seed)
     x, g = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
     _close(prog.linear_softmax(x, W), _softmax_rows(x @ w.T))
     h = F.gelu(x @ w.T)
-    _close(prog.rms_norm(x, W, g), h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * g)
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    # rstd multiplies the kernel's gelu error (an erf polynomial: up to ~1e-6 absolute, where gelu
+    # is nearly 0 for inputs near -5) by up to 1000 in a row whose values are all that small (n = 1)
+    gelu_error = 1e-6 * (rstd * g.abs()).max().item()
+    torch.testing.assert_close(prog.rms_norm(x, W, g), h * rstd * g, rtol=1e-4, atol=1e-4 + gelu_error)
 
 
 @SETTINGS
