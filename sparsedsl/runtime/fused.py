@@ -18,7 +18,6 @@ from torch import nn
 from sparsedsl.runtime import ops
 from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import Program
-from sparsedsl.runtime.sparse_tensor import SparseTensor
 
 
 def run_residual_norm(
@@ -36,12 +35,8 @@ def run_residual_norm(
     eps: float,
 ) -> torch.Tensor:
     """``kernel(x, W, bias, residual, gamma, beta, eps)`` of a registered program, ``x`` [..., K]."""
-    prog = ops.lookup(program)
-    w = SparseTensor.from_structure(prog.format(fmt), tuple(shape), structure, values)
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    r2 = residual.reshape(-1, shape[0]).contiguous()
-    out = prog.kernels[kernel](x2, w, bias, r2, gamma, beta, eps)
-    return out.reshape(*x.shape[:-1], shape[0])
+    w = ops.weight(program, fmt, shape, structure, values)
+    return ops.apply_linear(ops.lookup(program), kernel, x, w, bias, residual, gamma, beta, eps)
 
 
 # the op: the same function, traceable by torch.compile; no backward (training runs the parent's own forward)

@@ -71,7 +71,8 @@ def _default_owner(target: str, backend: str) -> Program:
     return Program(check(Source("", "<none>")), target, backend)
 
 
-def _weight(key: str, fmt: str, shape: list[int], structure: list[torch.Tensor], values: torch.Tensor) -> SparseTensor:
+def weight(key: str, fmt: str, shape: list[int], structure: list[torch.Tensor], values: torch.Tensor) -> SparseTensor:
+    """The weight an op's arguments describe, in a format of the registered program ``key``."""
     return SparseTensor.from_structure(_PROGRAMS[key].format(fmt), tuple(shape), structure, values)
 
 
@@ -87,7 +88,7 @@ def run_linear(
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
     """``kernel(x, W[, bias][, residual])`` of a registered program, ``x`` of shape [..., K]."""
-    return apply_linear(_PROGRAMS[program], kernel, x, _weight(program, fmt, shape, structure, values), bias, residual)
+    return apply_linear(_PROGRAMS[program], kernel, x, weight(program, fmt, shape, structure, values), bias, residual)
 
 
 def apply_linear(
@@ -97,9 +98,10 @@ def apply_linear(
     w: SparseTensor,
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
+    *rest,
 ) -> torch.Tensor:
-    """``kernel(x, w[, bias][, residual])`` of ``program``, ``x`` of shape [..., K]: the op's body,
-    which a module outside autograd and tracing calls directly."""
+    """``kernel(x, w[, bias][, residual], *rest)`` of ``program``, ``x`` of shape [..., K]: the
+    ops' body, which a module outside autograd and tracing calls directly."""
     rows = w.shape[0]
     flat = x.dim() == 2
     args = [(x if flat else x.reshape(-1, x.shape[-1])).contiguous(), w]
@@ -107,7 +109,7 @@ def apply_linear(
         args.append(bias)
     if residual is not None:
         args.append(residual.reshape(-1, rows).contiguous())
-    out = program.kernels[kernel](*args)
+    out = program.kernels[kernel](*args, *rest)
     return out if flat else out.reshape(*x.shape[:-1], rows)
 
 
@@ -125,7 +127,7 @@ def linear_grad_input(
     grad: torch.Tensor, structure: list[torch.Tensor], values: torch.Tensor, shape: list[int], program: str, fmt: str
 ) -> torch.Tensor:
     """dL/dx = grad @ W, through the transposed-product kernel."""
-    w = _weight(program, fmt, shape, structure, values)
+    w = weight(program, fmt, shape, structure, values)
     nn = nn_program(_PROGRAMS[program])
     g2 = grad.reshape(-1, shape[0]).contiguous()
     return nn.linear_grad_input(g2, w).reshape(*grad.shape[:-1], shape[1])

@@ -16,6 +16,7 @@ from torch import nn
 from sparsedsl.errors import ArgumentError, PackError
 from sparsedsl.frontend.check import QUANTIZED_DTYPES
 from sparsedsl.runtime import ops
+from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import Program
 from sparsedsl.runtime.prune import Gram, prune
 from sparsedsl.runtime.sparse_tensor import SparseTensor
@@ -143,9 +144,7 @@ class QuantizedSparseLinear(nn.Module):
             y = kernel(flat.to(torch.bfloat16).contiguous(), weight, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    @property
-    def density(self) -> float:
-        return self.values.numel() / (self.out_features * self.in_features)
+    density = SparseLinear.density  # stored values over the weight's size, as a SparseLinear says it
 
     def extra_repr(self) -> str:
         return (
