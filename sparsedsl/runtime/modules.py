@@ -42,6 +42,21 @@ def _is_linear(kernel: K.Kernel) -> tuple[bool, bool]:
     return norm(value) == _LINEAR, len(names) == 3
 
 
+def incoming_weight(layer: nn.Module, state_dict: dict, prefix: str, names: list[str]) -> SparseTensor | None:
+    """The weight a state dict brings for a sparse layer (its structure buffers ``names``, then
+    ``values``), validated against the layer's format and shape: a structure that does not fit is
+    a PackError naming the layer. None when the dict does not hold all of them."""
+    incoming = [state_dict.get(prefix + n) for n in (*names, "values")]
+    if any(t is None for t in incoming):
+        return None
+    *structure, values = incoming
+    try:
+        fmt = layer.program.format(layer.format)
+        return SparseTensor.from_structure(fmt, (layer.out_features, layer.in_features), structure, values)
+    except PackError as err:
+        raise PackError(f"state_dict of layer '{prefix.rstrip('.') or '(top)'}': {err.message}") from None
+
+
 class SparseLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` in a sparse format. The stored values are an ``nn.Parameter``
     (the pattern is fixed: sparse fine-tuning); the index structure is kept as buffers."""
@@ -111,15 +126,9 @@ class SparseLinear(nn.Module):
         and so is one of other integer widths (an int32 state dict from before narrow index
         buffers): it is stored in the types the format's levels choose."""
         names = [f"structure_{i}" for i in range(len(self._buffers))]
-        incoming = [state_dict.get(prefix + n) for n in (*names, "values")]
-        if all(t is not None for t in incoming):
-            *structure, values = incoming
-            try:
-                weight = SparseTensor.from_structure(
-                    self.program.format(self.format), (self.out_features, self.in_features), structure, values
-                )
-            except PackError as err:
-                raise PackError(f"state_dict of layer '{prefix.rstrip('.') or '(top)'}': {err.message}") from None
+        weight = incoming_weight(self, state_dict, prefix, names)
+        if weight is not None:
+            values = weight.values
             for n, buf in zip(names, weight.structure()):
                 if (getattr(self, n).shape, getattr(self, n).dtype) != (buf.shape, buf.dtype):
                     setattr(self, n, torch.empty_like(buf))

@@ -16,7 +16,7 @@ from torch import nn
 from sparsedsl.errors import ArgumentError, PackError
 from sparsedsl.frontend.check import QUANTIZED_DTYPES
 from sparsedsl.runtime import ops
-from sparsedsl.runtime.modules import SparseLinear
+from sparsedsl.runtime.modules import SparseLinear, incoming_weight
 from sparsedsl.runtime.program import Program
 from sparsedsl.runtime.prune import Gram, prune
 from sparsedsl.runtime.sparse_tensor import SparseTensor
@@ -110,20 +110,14 @@ class QuantizedSparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args):
         """Validate an incoming structure and values first, as ``SparseLinear`` does."""
         names = [name for name in self._buffers if name.startswith("structure_")]
-        incoming = [state_dict.get(prefix + n) for n in (*names, "values")]
-        if all(t is not None for t in incoming):
-            *structure, values = incoming
-            if values.dtype != self.values.dtype:
-                raise PackError(
-                    f"state_dict of layer '{prefix.rstrip('.')}': values are {values.dtype}, "
-                    f"this layer stores {self.values.dtype}"
-                )
-            try:
-                weight = SparseTensor.from_structure(
-                    self.program.format(self.format), (self.out_features, self.in_features), structure, values
-                )
-            except PackError as err:
-                raise PackError(f"state_dict of layer '{prefix.rstrip('.') or '(top)'}': {err.message}") from None
+        values = state_dict.get(prefix + "values")
+        if values is not None and values.dtype != self.values.dtype:
+            raise PackError(
+                f"state_dict of layer '{prefix.rstrip('.')}': values are {values.dtype}, "
+                f"this layer stores {self.values.dtype}"
+            )
+        weight = incoming_weight(self, state_dict, prefix, names)
+        if weight is not None:
             for n, buf in zip(names, weight.structure()):
                 setattr(self, n, torch.empty_like(buf))
             self.values = torch.empty_like(values)
