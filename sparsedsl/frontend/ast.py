@@ -199,10 +199,24 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class AttentionRule:
+    """``attention "GLOB" [with FORMAT window N]``: the attention modules matching GLOB run
+    nn.sdsl's attention kernel; with a format, its block-sparse one, on the blocks of FORMAT that
+    hold a query and a key at most N tokens apart."""
+
+    pattern: str
+    format: FormatRef | None
+    window: int | None
+    span: Span
+    window_span: Span | None = None
+
+
+@dataclass(frozen=True)
 class ModelDecl:
     name: Name
     rules: tuple[Rule, ...]
     span: Span
+    attention: tuple[AttentionRule, ...] = ()
 
 
 Decl = FormatDecl | KernelDecl | ScheduleDecl | ModelDecl

@@ -853,7 +853,24 @@ def _check_model(decl: ast.ModelDecl, program: Program) -> None:
                 "drop 'fuse' or the dtype",
                 rule.dtype.span,
             )
+    for attention in decl.attention:
+        _check_attention_rule(attention, program)
     program.models[decl.name.text] = decl
+
+
+def _check_attention_rule(rule: ast.AttentionRule, program: Program) -> None:
+    """An ``attention`` rule's block pattern: a 2-d format ([tokens, keys]) and a window the
+    generated code can index with. Whether the attention kernel can read the format is the
+    lowering's to say, when ``compile_model`` builds it."""
+    if rule.format is None:
+        return
+    fmt = program.format(rule.format)
+    if fmt.rank != 2:
+        raise SdslSemanticError(
+            f"format {fmt.label} stores {fmt.rank}-d tensors, but an attention block pattern is [tokens, keys]",
+            rule.format.span,
+        )
+    _check_int(rule.window, rule.window_span, "the window")
 
 
 # The types a model rule may store a layer's values in (``dtype T``): sparsedsl/runtime/quantized.py.

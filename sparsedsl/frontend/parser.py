@@ -183,11 +183,14 @@ class _ToAst(Transformer):
     split, reorder, vectorize = _directive("split"), _directive("reorder"), _directive("vectorize")
     parallel, unroll, layout = _directive("parallel"), _directive("unroll"), _directive("layout")
     tile, bind, stage, tensorize = _directive("tile"), _directive("bind"), _directive("stage"), _directive("tensorize")
+    block = _directive("block")
 
     # model rules
     def model_decl(self, meta, children):
         name, *rules = children
-        return ast.ModelDecl(_name(name), tuple(rules), self._span(meta))
+        linear = tuple(r for r in rules if isinstance(r, ast.Rule))
+        attention = tuple(r for r in rules if isinstance(r, ast.AttentionRule))
+        return ast.ModelDecl(_name(name), linear, self._span(meta), attention)
 
     def rule(self, meta, children):
         pattern, kernel, *rest = children
@@ -200,6 +203,12 @@ class _ToAst(Transformer):
         return ast.Rule(
             str(pattern)[1:-1], _name(kernel), fmt, sparsity, self._span(meta), sparsity_span, fuse, method, dtype
         )
+
+    def attention_rule(self, meta, children):
+        pattern, *pattern_of = children
+        fmt, window = pattern_of or (None, None)
+        number, span = (None, None) if window is None else (int(window), _span_of(window))
+        return ast.AttentionRule(str(pattern)[1:-1], fmt, number, self._span(meta), span)
 
     def prune(self, meta, children):
         return _name(children[0])

@@ -25,7 +25,7 @@ import torch
 from sparsedsl import cache
 from sparsedsl.backends.cuda.module import CudaModule, default_arch
 from sparsedsl.config import cache_dir as default_cache_dir
-from sparsedsl.errors import SdslError, Source
+from sparsedsl.errors import SdslError, SdslSemanticError, Source
 from sparsedsl.frontend.check import check
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir.formats import Format
@@ -139,6 +139,14 @@ def build(
     source = read_source(path_or_source)
     program = Program(check(source), target, backend, arch=arch)
     program.cache_dir = None
+    attention = next((r for decl in program.checked.models.values() for r in decl.attention), None)
+    if attention is not None:
+        raise SdslSemanticError(
+            "attention rules are not built ahead of time yet: compile the model from the .sdsl file "
+            "(compile_model(model, path)), or build without them",
+            attention.span,
+            source,
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / SOURCE).write_text(source.text)

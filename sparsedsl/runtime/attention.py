@@ -11,9 +11,11 @@ returns zeros (as FlexAttention does), not NaN. One kernel call computes every b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from sparsedsl.errors import ArgumentError, BackendError
 from sparsedsl.runtime.ops import nn_program
@@ -155,22 +157,109 @@ torch.library.register_autograd("sparsedsl::attention", _no_backward)
 
 
 IMPLEMENTATION = "sdsl"  # the name of sd.attention in transformers' attention-function registry
+PLAN = "_sparsedsl_attention"  # an attention module's attribute: how compile_model's rules run it
+SDPA = "sdpa"  # the plan of a module no attention rule matched: torch's SDPA
+
+
+class BlockPattern:
+    """An attention rule's block pattern, for any number of tokens: the blocks of ``format`` (a
+    format of nn.sdsl's program) holding a query ``t`` and a key ``s`` with ``|t - s| <= window``.
+    Tokens and keys are padded to the format's block multiples (padded keys masked, padded
+    queries dropped); the mask of each padded shape is packed once."""
+
+    def __init__(self, format: str, window: int):
+        self.format, self.window = format, window
+        fmt = nn_program().format(format)
+        self.multiples = tuple(
+            math.lcm(*(m.factor for m in fmt.maps if m.dim == dim and m.op is not None)) for dim in (0, 1)
+        )
+        self._masks: dict[tuple[int, int], SparseTensor] = {}
+
+    def __str__(self) -> str:
+        return f"{self.format} window {self.window}"
+
+    def padded(self, tokens: int, keys: int) -> tuple[int, int]:
+        """``tokens`` and ``keys`` rounded up to the format's block multiples."""
+        return tuple(-(-n // m) * m for n, m in zip((tokens, keys), self.multiples))
+
+    def mask(self, tokens: int, keys: int) -> SparseTensor:
+        """The pattern at ``tokens`` x ``keys`` (multiples of the blocks), packed in its format."""
+        mask = self._masks.get((tokens, keys))
+        if mask is None:
+            near = (torch.arange(tokens)[:, None] - torch.arange(keys)[None, :]).abs() <= self.window
+            mask = self._masks[tokens, keys] = nn_program().pack(self.format, near.float())
+        return mask
+
+    def density(self, tokens: int) -> float:
+        """The fraction of the scores of ``tokens`` x ``tokens`` self-attention that are computed."""
+        return self.mask(*self.padded(tokens, tokens)).density
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None, scale):
+        """``attention`` with this pattern's mask, ``q``, ``k`` and ``v`` padded to its blocks."""
+        tokens, keys = q.shape[2], k.shape[2]
+        padded_tokens, padded_keys = self.padded(tokens, keys)
+        keep = torch.ones(k.shape[0], keys, dtype=torch.bool) if padding is None else padding
+        if (padded_tokens, padded_keys) != (tokens, keys):
+            q = F.pad(q, (0, 0, 0, padded_tokens - tokens))
+            k, v = (F.pad(t, (0, 0, 0, padded_keys - keys)) for t in (k, v))
+            keep = torch.cat([keep, keep.new_zeros(keep.shape[0], padded_keys - keys)], 1)
+        out = attention(q, k, v, self.mask(padded_tokens, padded_keys), keep, scale)
+        return out[:, :, :tokens]
 
 
 def transformers_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """``attention`` with the signature of transformers' attention functions (``AttentionInterface``):
-    ``query`` [B, H, T, D], returns ``([B, T, H, D], None)``. Self-attention of an encoder with a
-    key padding mask (a boolean ``[B, 1, T, S]`` mask whose rows agree, or none); anything else (a
-    causal or per-query mask, dropout in training, grouped keys) is handed to torch's SDPA."""
+    ``query`` [B, H, T, D], returns ``([B, T, H, D], None)``. Runs what ``compile_model``'s rules
+    chose for ``module`` (its ``PLAN``: ``SDPA``, a ``BlockPattern``, or dense attention, also
+    when the model selected "sdsl" itself). Attention with a key padding mask (a boolean
+    ``[B, 1, T, S]`` mask whose rows agree, or none), grouped keys repeated per query head;
+    anything else (a causal or per-query mask over more than one query, dropout in training, not
+    float32) is handed to torch's SDPA. One query (a decoding step with a KV cache) sees every
+    key, so a causal module's decoding steps run here."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    plan = getattr(module, PLAN, None)
     padding = _key_padding(attention_mask)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", False) if causal is None else causal
-    grouped = key.shape[1] != query.shape[1]
-    if causal or grouped or (dropout and module.training) or padding is False or query.dtype != torch.float32:
+    causal = causal and query.shape[2] > 1
+    if plan == SDPA or causal or (dropout and module.training) or padding is False or query.dtype != torch.float32:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    return attention(query, key, value, key_padding_mask=padding, scale=scaling).transpose(1, 2).contiguous(), None
+    if key.shape[1] != query.shape[1]:  # grouped keys: each serves heads // groups query heads
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    if isinstance(plan, BlockPattern):
+        out = plan.attend(query, key, value, padding, scaling)
+    else:
+        out = attention(query, key, value, key_padding_mask=padding, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def is_attention_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a transformers attention module (one that calls the function its
+    config's ``_attn_implementation`` names), recognised without importing transformers."""
+    return hasattr(getattr(module, "config", None), "_attn_implementation") and hasattr(module, "is_causal")
+
+
+def select(model: torch.nn.Module, plans: dict[str, BlockPattern | None]) -> str | None:
+    """Run the attention modules of ``model`` named in ``plans`` by ``transformers_attention``
+    (dense for None, else the pattern) and the others by SDPA: every transformers model in
+    ``model`` selects "sdsl" (transformers selects an implementation per model, not per module).
+    Returns why it cannot (no transformers model holds the modules, or one does not call its
+    attention through ``AttentionInterface``), else None."""
+    name = register_transformers()
+    outer = [(n, m) for n, m in model.named_modules() if callable(getattr(m, "set_attn_implementation", None))]
+    outer = [(n, m) for n, m in outer if not any(n.startswith(f"{o}.") or (o == "" and n) for o, _ in outer)]
+    for _, m in outer:
+        m.set_attn_implementation(name)
+    for module_name, module in model.named_modules():
+        if is_attention_module(module):
+            setattr(module, PLAN, plans.get(module_name, SDPA))
+    unselected = [n for n in plans if model.get_submodule(n).config._attn_implementation != name]
+    if unselected:
+        how = "holds it" if not outer else "selects its attention implementation through AttentionInterface"
+        return f"'{unselected[0]}' runs its own attention: no transformers model that {how}"
+    return None
 
 
 def _key_padding(mask: torch.Tensor | None) -> torch.Tensor | None | bool:

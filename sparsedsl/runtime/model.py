@@ -1,4 +1,5 @@
-"""``compile_model``: replace a model's ``nn.Linear`` layers by sparse ones, by rules."""
+"""``compile_model``: replace a model's ``nn.Linear`` layers by sparse ones, and run its attention
+by sparsedsl's kernels, by rules."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import copy
 import fnmatch
 import numbers
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,13 +18,14 @@ from sparsedsl.frontend import ast
 from sparsedsl.frontend.check import PRUNE_METHODS
 from sparsedsl.ir.formats import Format
 from sparsedsl.runtime import ops
+from sparsedsl.runtime.attention import DENSE, MASKED, BlockPattern, is_attention_module, select
 from sparsedsl.runtime.calibrate import Layer, calibrate
 from sparsedsl.runtime.fused import fuse_residual_norm
 from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import TORCH_DTYPES, Program, compile, index_types
 from sparsedsl.runtime.prune import Gram, needs_inputs
 from sparsedsl.runtime.quantized import QUANTIZED_DTYPES, QuantizedSparseLinear
-from sparsedsl.runtime.rules import Rule, rules_of
+from sparsedsl.runtime.rules import AttentionRule, Rule, attention_rules_of, rules_of
 
 # Above this density a sparse layer is not expected to beat dense F.linear on a CPU
 # (docs/BENCHMARKS.md): such layers are kept dense and the report says so.
@@ -33,9 +35,13 @@ DICT_FORMS = (
     '{glob: format}, {glob: (format, sparsity)} or {glob: {"format": format, "sparsity": sparsity, '
     '"prune": method, "dtype": dtype}}, with format a string such as "BSR(4, 1)", sparsity None or a number '
     f"in [0, 1), method one of {', '.join(PRUNE_METHODS)} and dtype one of {', '.join(QUANTIZED_DTYPES)} "
-    "(only format is required)"
+    '(only format is required); for attention modules {glob: {"attention": True}} or {glob: {"attention": '
+    'format, "window": tokens}}'
 )
 SPEC_KEYS = ("format", "sparsity", "prune", "dtype")
+ATTENTION_KEYS = ("attention", "window")
+# the tokens at which the report gives a block pattern's density, when the model's config names none
+REPORT_TOKENS = 512
 SHOWN = 3  # module names an error lists (per kind) before "..."
 
 
@@ -52,8 +58,40 @@ class LayerReport:
     dtype: str = "f32"  # the stored values': "int8" or "bf16" for a quantized layer
 
 
+@dataclass(frozen=True)
+class AttentionReport:
+    """What ``compile_model`` did with one attention module: the ``kernel`` it runs (nn.sdsl's
+    ``attention`` or ``block_attention``), its ``pattern`` ("dense" or the block pattern) and the
+    fraction of the scores computed (``density``, at ``tokens`` x ``tokens``); ``note``: when it
+    hands calls to SDPA."""
+
+    module: str
+    kernel: str
+    pattern: str
+    density: float
+    tokens: int | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class FusedReport:
+    """A module that a layer's kernel computes in its epilogue (``kind``: the module's class)."""
+
+    module: str
+    kind: str
+    layer: str
+    kernel: str
+
+
 class Report(list):
-    """``sd.report(model)``: the ``LayerReport`` of each compiled layer, a list; printed, a table."""
+    """``sd.report(model)``: the ``LayerReport`` of each compiled layer, a list, with the
+    ``AttentionReport`` of each attention module a rule matched (``attention``) and the
+    ``FusedReport`` of each module fused into a layer (``fused``); printed, tables."""
+
+    def __init__(self, rows=(), attention=(), fused=()):
+        super().__init__(rows)
+        self.attention: list[AttentionReport] = list(attention)
+        self.fused: list[FusedReport] = list(fused)
 
     def __str__(self) -> str:
         return format_report(self)
@@ -66,10 +104,17 @@ class RuleSet:
     rules: list[Rule]
     spans: list[Span | None]
     source: Source | None = None
+    attention: list[AttentionRule] = field(default_factory=list)
+    attention_spans: list[Span | None] = field(default_factory=list)
 
     def error(self, index: int, message: str) -> SdslSemanticError:
         """An error about rule ``index``, located at it when it was written in a .sdsl file."""
         return SdslSemanticError(f'rule "{self.rules[index].pattern}" {message}', self.spans[index], self.source)
+
+    def attention_error(self, index: int, message: str) -> SdslSemanticError:
+        """An error about attention rule ``index``, located at it when it was written in a .sdsl file."""
+        rule = self.attention[index]
+        return SdslSemanticError(f'attention rule "{rule.pattern}" {message}', self.attention_spans[index], self.source)
 
 
 def _rules_from_source(
@@ -89,13 +134,20 @@ def _rules_from_source(
             f"no model '{model_name}' in the rules (models: {', '.join(models)})", source=program.checked.source
         )
     decl: ast.ModelDecl = models[model_name] if model_name else next(iter(models.values()))
-    return program, RuleSet(rules_of(program, decl), [r.span for r in decl.rules], program.checked.source)
+    spans = [r.span for r in decl.rules]
+    attention = attention_rules_of(program, decl)
+    return program, RuleSet(
+        rules_of(program, decl), spans, program.checked.source, attention, [r.span for r in decl.attention]
+    )
 
 
 def _rules_from_dict(rules: dict, program: Program) -> RuleSet:
     """Rules written as a dict, each checked as the checker checks a ``model`` block."""
-    out = []
+    out, attention = [], []
     for pattern, spec in rules.items():
+        if isinstance(spec, dict) and isinstance(pattern, str) and "attention" in spec:
+            attention.append(_attention_from_dict(pattern, spec, program))
+            continue
         fmt, sparsity, method, dtype = _spec_fields(spec)
         if not isinstance(pattern, str) or not isinstance(fmt, str):
             raise SdslSemanticError(f"rule {pattern!r}: {spec!r} is not a rule; the rules are a dict {DICT_FORMS}")
@@ -117,7 +169,30 @@ def _rules_from_dict(rules: dict, program: Program) -> RuleSet:
         if rank != 2:
             raise SdslSemanticError(f'rule "{pattern}": format {fmt} stores {rank}-d tensors, a linear weight is 2-d')
         out.append(Rule(pattern, fmt, None if sparsity is None else float(sparsity), prune=method, dtype=dtype))
-    return RuleSet(out, [None] * len(out))
+    return RuleSet(out, [None] * len(out), attention=attention, attention_spans=[None] * len(attention))
+
+
+def _attention_from_dict(pattern: str, spec: dict, program: Program) -> AttentionRule:
+    """An attention rule written as ``{"attention": True}`` or ``{"attention": format, "window": n}``."""
+    fmt, window = spec["attention"], spec.get("window")
+    refuse = lambda why: SdslSemanticError(f'attention rule "{pattern}": {why}')  # noqa: E731
+    if not set(spec) <= set(ATTENTION_KEYS) or not (fmt is True or isinstance(fmt, str)):
+        raise refuse(
+            f'{spec!r} is not an attention rule: {{"attention": True}} or {{"attention": format, "window": n}}'
+        )
+    if fmt is True:
+        if window is not None:
+            raise refuse('a window applies to a block pattern: give its format, {"attention": "BSR(64, 64)", ...}')
+        return AttentionRule(pattern)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise refuse(f'a block pattern needs "window": the tokens a query reaches, an integer >= 0, got {window!r}')
+    try:
+        rank = program.format(fmt).rank
+    except SdslError as err:
+        raise type(err)(f'attention rule "{pattern}": {err.message}') from None
+    if rank != 2:
+        raise refuse(f"format {fmt} stores {rank}-d tensors, but an attention block pattern is [tokens, keys]")
+    return AttentionRule(pattern, program.format(fmt).label, window)
 
 
 def _spec_fields(spec) -> tuple:
@@ -196,7 +271,12 @@ def compile_model(
     calibrated = [la for la in layers if _calibrated(la[2])]
     if calibrated:
         calibrate(result, calibrated, calibration, build, lambda items, desc: _progress(items, verbose, desc))
-    report = Report(rows[name] for name, _, _ in layers)
+    attention = _compile_attention(result, rule_set)
+    fused = [
+        FusedReport(name, type(model.get_submodule(name)).__name__, layer, rows[layer].kernel)
+        for name, layer in fused_by.items()
+    ]
+    report = Report((rows[name] for name, _, _ in layers), attention, fused)
     result._sparsedsl_report = report
     if verbose:
         print(report)
@@ -271,7 +351,7 @@ def _layers(model: nn.Module, rule_set: RuleSet) -> list[tuple[str, nn.Linear, R
     """Each ``nn.Linear`` of ``model`` with the first rule matching its name. A rule that matches
     none is an error saying what its glob does match: asking for sparsity never yields a dense
     model silently."""
-    if not rule_set.rules:
+    if not rule_set.rules and not rule_set.attention:
         raise SdslSemanticError("there are no rules: no layer would be made sparse", source=rule_set.source)
     linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) or _is_conv1d(mod)]
     out = []
@@ -287,6 +367,66 @@ def _layers(model: nn.Module, rule_set: RuleSet) -> list[tuple[str, nn.Linear, R
         if id(rule) not in used:
             raise rule_set.error(index, _why_unmatched(model, rule, rule_set.rules[:index], [n for n, _ in linears]))
     return out
+
+
+def _compile_attention(model: nn.Module, rule_set: RuleSet) -> list[AttentionReport]:
+    """Run the attention modules that an attention rule matches (the first, by name) by
+    sparsedsl's attention kernels, the others by SDPA; their report. A rule that matches no
+    attention module, or a block pattern for a causal one, is an error."""
+    if not rule_set.attention:
+        return []
+    modules = [(n, m) for n, m in model.named_modules() if is_attention_module(m)]
+    plans: dict[str, BlockPattern | None] = {}
+    patterns: dict[int, BlockPattern | None] = {}  # per rule, one pattern (and its masks) for its modules
+    rows = []
+    for name, module in modules:
+        index = next((i for i, r in enumerate(rule_set.attention) if fnmatch.fnmatchcase(name, r.pattern)), None)
+        if index is None:
+            continue
+        if rule_set.attention[index].format and module.is_causal:
+            raise rule_set.attention_error(
+                index,
+                f"has a block pattern, but '{name}' is causal: the block attention kernel cannot mask the keys after "
+                "each query (a rule without a pattern runs a decoder's decoding steps, and its causal calls by SDPA)",
+            )
+        if index not in patterns:
+            patterns[index] = _pattern(rule_set, index) if rule_set.attention[index].format else None
+        plans[name] = patterns[index]
+        rows.append(_attention_row(name, module, plans[name]))
+    for index in range(len(rule_set.attention)):
+        if index not in patterns:
+            names = _names([n for n, _ in modules]) if modules else "the model has none"
+            raise rule_set.attention_error(
+                index,
+                "matches no attention module (transformers' modules that call its AttentionInterface, matched by "
+                f"their dotted names whole: {names})",
+            )
+    why = select(model, plans)
+    if why is not None:
+        raise rule_set.attention_error(0, f"cannot be applied: {why}")
+    return rows
+
+
+def _pattern(rule_set: RuleSet, index: int) -> BlockPattern:
+    """The block pattern of attention rule ``index``, its kernel built now (a format the kernel
+    cannot read is an error at the rule)."""
+    rule = rule_set.attention[index]
+    try:
+        pattern = BlockPattern(rule.format, rule.window)
+        tokens, keys = pattern.multiples
+        q = torch.zeros(1, 1, tokens, 1)
+        pattern.attend(q, q.new_zeros(1, 1, keys, 1), q.new_zeros(1, 1, keys, 1), None, 1.0)
+    except SdslError as err:
+        raise rule_set.attention_error(index, f"with {rule.format}: {err.message}") from None
+    return pattern
+
+
+def _attention_row(name: str, module: nn.Module, pattern: BlockPattern | None) -> AttentionReport:
+    note = "SDPA for calls of more than one query (causal)" if module.is_causal else ""
+    if pattern is None:
+        return AttentionReport(name, DENSE, "dense", 1.0, None, note)
+    tokens = getattr(module.config, "max_position_embeddings", None) or REPORT_TOKENS
+    return AttentionReport(name, MASKED, str(pattern), pattern.density(tokens), tokens, note)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -430,18 +570,31 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def report(model: nn.Module) -> Report:
-    """The per-layer report of a model returned by ``compile_model``: a list of ``LayerReport``
-    whose ``str`` is the table."""
-    return Report(getattr(model, "_sparsedsl_report", []))
+    """The report of a model returned by ``compile_model``: a ``Report`` (a list of
+    ``LayerReport``, with the attention modules and fused modules) whose ``str`` is the tables."""
+    stored = getattr(model, "_sparsedsl_report", Report())
+    return Report(stored, getattr(stored, "attention", ()), getattr(stored, "fused", ()))
 
 
 def format_report(rows: list[LayerReport]) -> str:
-    """The report as a table."""
+    """The report as tables: the layers, then (if any) the attention modules and the fused modules."""
     head = f"{'layer':<48} {'format':<12} {'density':>7}  {'dtype':<5} {'kernel':<18} {'runs'}"
     lines = [head, "-" * len(head)]
     for r in rows:
         runs = ("sparse" + (f", {r.note}" if r.note else "")) if r.sparse else r.note
         lines.append(f"{r.layer:<48} {r.format:<12} {r.density:>7.3f}  {r.dtype:<5} {r.kernel:<18} {runs}")
+    attention = getattr(rows, "attention", [])
+    if attention:
+        head = f"{'attention':<48} {'pattern':<24} {'density':>7}  {'kernel':<18} {'notes'}"
+        lines += ["", head, "-" * len(head)]
+        for a in attention:
+            notes = ", ".join(([f"density at {a.tokens} tokens"] if a.tokens else []) + ([a.note] if a.note else []))
+            lines.append(f"{a.module:<48} {a.pattern:<24} {a.density:>7.3f}  {a.kernel:<18} {notes}".rstrip())
+    fused = getattr(rows, "fused", [])
+    if fused:
+        head = f"{'fused module':<48} {'kind':<24} {'into layer':<48} {'kernel'}"
+        lines += ["", head, "-" * len(head)]
+        lines += [f"{f.module:<48} {f.kind:<24} {f.layer:<48} {f.kernel}" for f in fused]
     return "\n".join(lines)
 
 

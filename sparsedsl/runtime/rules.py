@@ -1,5 +1,6 @@
 """Model rules: which layers a ``model`` block (or an ahead-of-time build of one) makes sparse, with
-which kernel and format. ``compile_model`` applies them; ``sparsedsl build`` records them."""
+which kernel and format, and which attention modules run sparsedsl's attention kernels.
+``compile_model`` applies them; ``sparsedsl build`` records the layers' rules."""
 
 from __future__ import annotations
 
@@ -22,6 +23,24 @@ class Rule:
     fuse: str | None = None
     prune: str | None = None
     dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class AttentionRule:
+    """Attention modules whose qualified name matches ``pattern`` run nn.sdsl's ``attention``
+    kernel (``format`` None), or its ``block_attention`` on the blocks of ``format`` that hold a
+    query and a key at most ``window`` tokens apart (runtime/attention.py's ``BlockPattern``)."""
+
+    pattern: str
+    format: str | None = None
+    window: int | None = None
+
+
+def attention_rules_of(program: Program, decl: ast.ModelDecl) -> list[AttentionRule]:
+    """The attention rules of a checked ``model`` block, formats resolved."""
+    return [
+        AttentionRule(r.pattern, r.format and program.checked.format(r.format).label, r.window) for r in decl.attention
+    ]
 
 
 def rules_of(program: Program, decl: ast.ModelDecl) -> list[Rule]:

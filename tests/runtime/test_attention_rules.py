@@ -1,0 +1,218 @@
+"""compile_model's attention rules: the attention modules a rule matches run sparsedsl's attention
+kernels through transformers' AttentionInterface (dense, or on a block pattern), the others SDPA;
+a decoder's causal calls go to SDPA and its decoding steps (one query, a KV cache) to the kernel;
+``sd.report`` lists the attention modules and the fused ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sparsedsl as sd
+from sparsedsl.runtime import attention as module
+from sparsedsl.runtime.attention import BlockPattern
+
+transformers = pytest.importorskip("transformers")
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+LINEAR = """
+kernel linear(X: f32[M, K], W: f32[N, K] @ BSR(4, 1), b: f32[N]) -> (Y: f32[M, N]) {
+    Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n]
+}
+"""
+
+
+def _bert(layers: int = 2):
+    config = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def _padded_batch(vocab: int, tokens: int = 70):
+    ids = torch.randint(0, vocab, (3, tokens), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, tokens, dtype=torch.long)
+    mask[1, 40:], mask[2, 3:] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The shapes of q in the calls of sd.attention (the kernels) from transformers' models."""
+    seen = []
+    attention = module.attention
+    monkeypatch.setattr(module, "attention", lambda q, *a, **k: seen.append(tuple(q.shape)) or attention(q, *a, **k))
+    return seen
+
+
+def _run(model, batch):
+    with torch.inference_mode():
+        return model(**batch).last_hidden_state
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        LINEAR + 'model m {\n    attention "encoder.layer.*.attention.self"\n}',
+        {"encoder.layer.*.attention.self": {"attention": True}},
+    ],
+    ids=["sdsl", "dict"],
+)
+def test_bert_with_padding_computes_as_without_the_rule(rules, calls):
+    model = _bert()
+    batch = _padded_batch(model.config.vocab_size)
+    compiled = sd.compile_model(model, rules)
+    assert (_run(compiled, batch) - _run(model, batch)).abs().max() <= 2e-4
+    assert len(calls) == 2
+    assert model.config._attn_implementation == "sdpa"  # the user's model is left as it was
+
+
+def test_modules_no_rule_matches_run_sdpa(calls):
+    model = _bert()
+    batch = _padded_batch(model.config.vocab_size)
+    compiled = sd.compile_model(model, {"encoder.layer.1.attention.self": {"attention": True}})
+    assert (_run(compiled, batch) - _run(model, batch)).abs().max() <= 2e-4
+    assert len(calls) == 1
+    assert [a.module for a in sd.report(compiled).attention] == ["encoder.layer.1.attention.self"]
+
+
+def test_a_window_reaching_every_key_is_dense_attention(calls):
+    model = _bert()
+    batch = _padded_batch(model.config.vocab_size)
+    rules = LINEAR + 'model m {\n    attention "*.attention.self" with BSR(16, 16) window 512\n}'
+    compiled = sd.compile_model(model, rules)
+    calls.clear()  # compile_model's call building the kernel
+    assert (_run(compiled, batch) - _run(model, batch)).abs().max() <= 2e-4
+    assert calls == [(3, 4, 80, 16)] * 2  # 70 tokens padded to the blocks
+    (row, _) = sd.report(compiled).attention
+    assert (row.kernel, row.pattern, row.density, row.tokens) == ("block_attention", "BSR(16, 16) window 512", 1, 512)
+
+
+SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(
+    tokens=st.integers(1, 70),
+    keys=st.integers(1, 70),
+    block=st.sampled_from([(8, 8), (16, 8), (4, 16)]),
+    window=st.integers(0, 40),
+    padded=st.integers(0, 70),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_block_pattern_is_masked_sdpa_on_the_blocks_near_the_diagonal(tokens, keys, block, window, padded, seed):
+    """The blocks holding a query and a key at most ``window`` apart, with the key padding: SDPA
+    with that mask, a row with no key giving zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 3, tokens, 8, generator=gen)
+    k, v = (torch.randn(2, 3, keys, 8, generator=gen) for _ in range(2))
+    keep = torch.ones(2, keys, dtype=torch.bool)
+    keep[1, min(padded, keys - 1) :] = False
+    pattern = BlockPattern(f"BSR({block[0]}, {block[1]})", window)
+    t, s = torch.arange(tokens)[:, None] // block[0], torch.arange(keys)[None, :] // block[1]
+    first_t, first_s = t * block[0], s * block[1]
+    gap = torch.maximum(first_s - (first_t + block[0] - 1), first_t - (first_s + block[1] - 1)).clamp(min=0)
+    mask = (gap <= window) & keep[:, None, None, :]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    want = torch.where(mask.any(-1, keepdim=True), want, torch.zeros(()))
+    torch.testing.assert_close(pattern.attend(q, k, v, keep, 0.3), want, rtol=1e-4, atol=1e-5)
+
+
+def test_llama_generate_runs_the_kernel_at_each_decoding_step(calls):
+    """A causal model: the prompt's causal call goes to SDPA, each step's one query (against the
+    KV cache, grouped keys repeated, left padding masked) to the kernel; the tokens are SDPA's."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    compiled = sd.compile_model(model, {"model.layers.*.self_attn": {"attention": True}})
+    ids = torch.randint(0, 128, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    generate = {"attention_mask": mask, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    with torch.inference_mode():
+        assert torch.equal(compiled.generate(ids, **generate), model.generate(ids, **generate))
+    assert calls == [(2, 4, 1, 16)] * (2 * 4)
+    assert all(r.note.startswith("SDPA for calls of more than one query") for r in sd.report(compiled).attention)
+
+
+def test_a_block_pattern_for_a_causal_module_is_refused_at_the_rule():
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
+    rules = LINEAR + 'model m {\n    attention "*.self_attn" with BSR(16, 16) window 32\n}'
+    with pytest.raises(sd.SdslSemanticError, match="'model.layers.0.self_attn' is causal") as err:
+        sd.compile_model(transformers.LlamaForCausalLM(config), rules)
+    assert err.value.span.line == 6
+
+
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        ({"*.attention": {"attention": True}}, r"matches no attention module .*'encoder.layer.0.attention.self'"),
+        ({"*.self": {"attention": True, "window": 4}}, "a window applies to a block pattern"),
+        ({"*.self": {"attention": "BSR(8, 8)"}}, 'a block pattern needs "window"'),
+        ({"*.self": {"attention": "BSR(8, 8)", "window": -1}}, 'a block pattern needs "window"'),
+        ({"*.self": {"attention": "NM(2, 4)", "window": 4}}, r"with NM\(2, 4\): cannot store"),
+        ({"*.self": {"attention": "BSR(8)", "window": 4}}, "attention rule"),
+        ({"*.self": {"attention": "CSC", "window": 4}}, "must store the token 't' as 't / b: dense' first"),
+        ({"*.self": {"attention": True, "sparsity": 0.5}}, "is not an attention rule"),
+    ],
+)
+def test_misfit_rules_are_refused_naming_the_rule(rules, message):
+    with pytest.raises(sd.SdslError, match=message):
+        sd.compile_model(_bert(1), rules)
+
+
+def test_a_model_without_transformers_attention_is_refused():
+    with pytest.raises(sd.SdslSemanticError, match="the model has none"):
+        sd.compile_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), {"*": {"attention": True}})
+
+
+def test_report_lists_attention_and_fused_modules():
+    rules = (EXAMPLES / "minilm_fused.sdsl").read_text()
+    rules = rules.replace("model minilm_fused {", 'model minilm_fused {\n    attention "*.attention.self"', 1)
+    model = _bert()
+    compiled = sd.compile_model(model, rules)
+    report = sd.report(compiled)
+    assert len(report) == 2 * 6 and all(r.sparse for r in report)
+    assert [(a.module, a.kernel, a.pattern, a.density) for a in report.attention] == [
+        (f"encoder.layer.{i}.attention.self", "attention", "dense", 1.0) for i in range(2)
+    ]
+    fused = {(f.module, f.kind, f.layer, f.kernel) for f in report.fused}
+    assert (
+        "encoder.layer.1.output.LayerNorm",
+        "LayerNorm",
+        "encoder.layer.1.output.dense",
+        "linear_residual_norm",
+    ) in fused
+    assert (
+        "encoder.layer.0.intermediate.intermediate_act_fn",
+        "GELUActivation",
+        "encoder.layer.0.intermediate.dense",
+        "linear_gelu",
+    ) in fused
+    assert len(fused) == 2 * 3
+    text = str(report)
+    assert "encoder.layer.1.attention.self" in text and "fused module" in text and "into layer" in text
+    batch = _padded_batch(model.config.vocab_size)
+    assert _run(compiled, batch).shape == _run(model, batch).shape
+
+
+def test_attention_rules_are_not_built_ahead_of_time(tmp_path):
+    with pytest.raises(sd.SdslSemanticError, match="attention rules are not built ahead of time") as err:
+        sd.build(LINEAR + 'model m {\n    attention "*"\n}', tmp_path)
+    assert err.value.span.line == 6
