@@ -1,4 +1,4 @@
-"""Settings read from the environment: thread count and kernel cache location."""
+"""Settings: thread count and kernel cache location."""
 
 from __future__ import annotations
 
@@ -6,16 +6,20 @@ import os
 from functools import cache
 from pathlib import Path
 
+import torch
+
 
 def num_threads() -> int:
-    """Threads for the kernels' parallel loops: ``SPARSEDSL_NUM_THREADS``, else every CPU this
-    process could run on when it first asked (read once: every kernel call asks)."""
-    return int(os.environ.get("SPARSEDSL_NUM_THREADS") or 0) or _cpus()
+    """Threads for the kernels' parallel loops, which run on torch's OpenMP pool: as many as torch
+    uses (``torch.set_num_threads``: one pool, one setting, read at each call), unless
+    ``SPARSEDSL_NUM_THREADS`` was set when the first kernel ran (read once, as OpenMP reads
+    ``OMP_NUM_THREADS``: reading the environment costs a kernel call ~1 µs)."""
+    return _fixed_threads() or torch.get_num_threads()
 
 
 @cache
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0))
+def _fixed_threads() -> int:
+    return int(os.environ.get("SPARSEDSL_NUM_THREADS") or 0)
 
 
 def cache_dir() -> Path | None:

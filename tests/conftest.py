@@ -5,6 +5,8 @@ reproducible property tests: ``make test`` (and CI) draws the same examples on e
 import os
 import tempfile
 
+import pytest
+import torch
 from hypothesis import settings
 
 os.environ.setdefault("SPARSEDSL_CACHE_DIR", tempfile.mkdtemp(prefix="sparsedsl-test-cache-"))
@@ -13,3 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 settings.register_profile("reproducible", derandomize=True, print_blob=True)
 settings.register_profile("fuzz", derandomize=False, print_blob=True)
 settings.load_profile("fuzz" if os.environ.get("SPARSEDSL_FUZZ_EXAMPLES") else "reproducible")
+
+
+@pytest.fixture
+def set_threads():
+    """``torch.set_num_threads`` for one test (the kernels run on as many threads as torch:
+    ``sparsedsl.config.num_threads``), torch's count restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

@@ -510,6 +510,10 @@ class Program:
         self.aot: Path | None = None  # the build directory of a program from ``sd.load``
         self.rules: list = []  # and its model rules (``sparsedsl.runtime.rules.Rule``)
         self.kernels = {name: CompiledKernel(self, k) for name, k in checked.kernels.items()}
+        # ``prog.<kernel>`` as a plain attribute (through ``__getattr__`` it costs a failed lookup,
+        # ~1 µs a call); a kernel named like a Program attribute stays in ``kernels`` only
+        taken = set(vars(self)) | set(dir(Program))
+        vars(self).update({name: k for name, k in self.kernels.items() if name not in taken})
         for name, kernel in self.kernels.items():
             if self.schedule_directives(name) and (kernel.kernel.sparse_input is None or kernel._default_format()):
                 kernel.lowered(kernel._default_format())  # schedule errors surface at compile time

@@ -94,12 +94,12 @@ def test_a_module_reuses_its_sparse_weight_until_a_tensor_is_replaced(prog, bind
     torch.testing.assert_close(second, x @ layer.sparse_weight().to_dense().T + layer.bias)
 
 
-def test_the_thread_count_is_part_of_the_signature(prog, binds, monkeypatch):
+def test_the_thread_count_is_part_of_the_signature(prog, binds, monkeypatch, set_threads):
     monkeypatch.setattr(calls, "PARALLEL_WORK", 1)
     w, bias, x = weight(prog), torch.randn(24), torch.randn(7, 40)
     expected = x @ w.to_dense().T + bias
-    for threads in ("1", "2", "1"):
-        monkeypatch.setenv("SPARSEDSL_NUM_THREADS", threads)
+    for threads in (1, 2, 1):
+        set_threads(threads)
         torch.testing.assert_close(prog.linear(x, w, bias), expected)
     assert binds[0] == 2
 

@@ -51,10 +51,10 @@ def test_emit_llvm_backend(capsys):
     assert "define void" in out and "<16 x float>" in out or "<8 x float>" in out
 
 
-@pytest.mark.parametrize("threads", ["1", "2", "3"])
-def test_a_nested_parallel_loop_runs_on_every_thread_count(threads, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_nested_parallel_loop_runs_on_every_thread_count(threads, monkeypatch, set_threads):
     """A parallel loop inside others is outlined and forked where it is met (codegen._outlined_parallel)."""
-    monkeypatch.setenv("SPARSEDSL_NUM_THREADS", threads)
+    set_threads(threads)
     monkeypatch.setattr(calls, "PARALLEL_WORK", 1)
     source = """
 kernel lin(X: f32[M, K], W: f32[N, K] @ CSR, b: f32[N]) -> (Y: f32[M, N]) {

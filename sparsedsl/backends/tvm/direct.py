@@ -74,54 +74,66 @@ def entry_point(library: ctypes.CDLL, name: str) -> int:
 
 
 class _Records:
-    """The argument records of one call: ``anys`` (one ``TVMFFIAny`` an argument), the ``DLTensor``
-    of each tensor argument, the result, for arguments shaped as ``spec`` says."""
+    """The argument records of one call of arguments as ``spec`` says (``DirectCall.spec``):
+    ``anys`` (one ``TVMFFIAny`` an argument), the ``DLTensor`` of each tensor argument, the result.
+    Integer arguments (the sizes) are part of the shape and written once; a call writes the
+    tensors' addresses and the float arguments."""
 
-    def __init__(self, spec: list[tuple[tuple[int, ...], torch.dtype] | type]):
+    def __init__(self, spec: list):
         self.anys = (_Any * len(spec))()
-        self.result = _Any()
+        result = _Any()
         self.tensors: list[tuple[int, _DLTensor]] = []  # (argument position, its record)
-        self.scalars: list[tuple[int, str]] = []  # (argument position, union field)
-        self.shapes = []  # keeps every shape array alive
-        for i, kind in enumerate(spec):
-            if isinstance(kind, tuple):
-                dims, dtype = kind
+        self.floats: list[int] = []  # argument positions
+        self.keep = [result]  # every record and shape array the call's pointers refer to
+        for i, a in enumerate(spec):
+            if isinstance(a, tuple):
+                dims, dtype = a
                 shape = (ctypes.c_int64 * max(len(dims), 1))(*dims)
                 code = _DataType(_DL_CODES[dtype], dtype.itemsize * 8, 1)
                 record = _DLTensor(None, _Device(_CPU, 0), len(dims), code, shape, None, 0)
-                self.shapes.append(shape)
+                self.keep += [shape, record]
                 self.tensors.append((i, record))
                 self.anys[i].type_index = _DLTENSOR_PTR
                 self.anys[i].value.v_ptr = ctypes.addressof(record)
+            elif a is float:
+                self.anys[i].type_index = _FLOAT
+                self.floats.append(i)
             else:
-                self.anys[i].type_index = _FLOAT if kind is float else _INT
-                self.scalars.append((i, "v_float64" if kind is float else "v_int64"))
+                self.anys[i].type_index = _INT
+                self.anys[i].value.v_int64 = a
+        self.arguments = (None, self.anys, len(spec), ctypes.byref(result))
+        self.result = result
 
 
 class DirectCall:
     """Function ``name`` called on arguments shaped like ``example`` (tensors on the CPU, compact;
-    ints; floats): ``call(args, threads)``. Each thread fills records of its own (a call writes
-    its tensors' addresses into them). ``fallback`` is the function through TVM's FFI, called
-    when the direct call reports an error, to raise it with TVM's message."""
+    the same ints; floats): ``call(args, threads)``. Each thread fills records of its own (a call
+    writes its tensors' addresses into them). ``fallback`` is the function through TVM's FFI,
+    called when the direct call reports an error, to raise it with TVM's message."""
 
     def __init__(self, address: int, example: Sequence, fallback: Callable, name: str):
         self.function = _SAFE_CALL(address)
         self.threads = pool.launcher().threads  # the thread count the library's parallel loops read
         self.fallback, self.name = fallback, name
-        self.spec = [(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else type(a) for a in example]
+        # per argument: a tensor's (shape, dtype), ``float``, or an int's value
+        self.spec = [
+            (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else float if isinstance(a, float) else a
+            for a in example
+        ]
         self.local = threading.local()
 
     def __call__(self, args: Sequence, threads: int) -> None:
-        records = self.local.__dict__.get("records")
-        if records is None:
+        try:
+            records = self.local.records
+        except AttributeError:
             records = self.local.records = _Records(self.spec)
         for i, record in records.tensors:
             record.data = args[i].data_ptr()
-        for i, field in records.scalars:
-            setattr(records.anys[i].value, field, args[i])
+        for i in records.floats:
+            records.anys[i].value.v_float64 = args[i]
         self.threads.value = threads
         records.result.type_index = 0
-        if self.function(None, records.anys, len(self.spec), ctypes.byref(records.result)):
+        if self.function(*records.arguments):
             _clear_raised()
             try:
                 self.fallback(*args)

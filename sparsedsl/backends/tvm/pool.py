@@ -113,7 +113,7 @@ def set_threads(count: int) -> None:
 
 def run_with_threads(function):
     """``function`` (a TVM kernel of an adopted library) called with the thread count of the
-    moment: ``SPARSEDSL_NUM_THREADS``, else the CPUs this process may use (sparsedsl.config)."""
+    moment (``sparsedsl.config.num_threads``)."""
 
     def call(*args):
         set_threads(num_threads())
