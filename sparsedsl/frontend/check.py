@@ -774,6 +774,8 @@ def _check_schedule(decl: ast.ScheduleDecl, program: Program) -> None:
             )
         if d.verb in ("bind", "stage", "tensorize") and decl.target.text != "cuda":
             raise SdslSemanticError(f"'{d.verb}' applies to GPU schedules only ('on cuda')", d.span)
+        if d.verb == "block" and decl.target.text != "cpu":
+            raise SdslSemanticError("'block' applies to CPU schedules only ('on cpu')", d.span)
         if d.verb == "stage" and d.loops[1].text != "shared":
             raise SdslSemanticError(f"can stage in 'shared' memory only, not '{d.loops[1].text}'", d.loops[1].span)
     program.schedules[key] = decl

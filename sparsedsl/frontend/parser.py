@@ -253,7 +253,19 @@ def _accepted(err: UnexpectedInput, fallback) -> set[str]:
     return set(fallback or ()) or {"$END"}
 
 
-_DIRECTIVES = ("split", "reorder", "vectorize", "parallel", "unroll", "layout", "tile", "bind", "stage", "tensorize")
+_DIRECTIVES = (
+    "split",
+    "reorder",
+    "vectorize",
+    "parallel",
+    "unroll",
+    "layout",
+    "tile",
+    "block",
+    "bind",
+    "stage",
+    "tensorize",
+)
 
 
 def _unexpected_token(tok: Token, accepts: set[str], source: Source, end: str) -> tuple[str, Span]:

@@ -197,6 +197,14 @@ class Level:
         """One step of iteration below parent position ``parent``."""
         raise NotImplementedError
 
+    def iterate_range(
+        self, parent: L.Expr, extent: L.Expr, bufs: dict[str, L.Buffer], var: str, lo: L.Expr, count: int
+    ) -> LevelIter | None:
+        """``iterate`` restricted to the coordinates in ``[lo, lo + count)`` (and below ``extent``),
+        or None when the level cannot bound that range without searching its coordinates (K-blocking
+        asks: ``block k by kc``)."""
+        return None
+
     def validate(self, state: CheckState) -> torch.Tensor:
         """The keys of this level's positions; buffers that break its invariants are a PackError."""
         raise NotImplementedError
@@ -220,6 +228,11 @@ class Dense(Level):
     def iterate(self, parent, extent, bufs, var):
         c = L.Var(var)
         return LevelIter(L.For(c, L.const(0), extent), L.add(L.mul(parent, extent), c), c)
+
+    def iterate_range(self, parent, extent, bufs, var, lo, count):
+        c = L.Var(var)
+        loop = L.For(c, lo, L.minimum(L.const(count), L.sub(extent, lo)))
+        return LevelIter(loop, L.add(L.mul(parent, extent), c), c)
 
     def validate(self, state):
         positions = state.keys.numel() * state.extent

@@ -31,7 +31,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass, replace
 
-from sparsedsl.errors import BackendError, SdslSemanticError
+from sparsedsl.errors import BackendError, ScheduleError, SdslSemanticError, Span
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir import loop_ir as L
@@ -39,6 +39,19 @@ from sparsedsl.ir.buffer_names import ACC, ROW_OUT, ROW_SUM, stored_values, tile
 from sparsedsl.ir.formats import Format
 
 ACC_DTYPE = "float32"
+
+
+@dataclass(frozen=True)
+class KBlock:
+    """K-blocking (``block k by 96``): the sum over the sparse input's first summed level runs in
+    blocks of ``size`` values of index ``index`` (None: that level's, ``size`` rounded down to a
+    multiple of what one of its coordinates spans), every output row block summing one block before
+    the next, so the staged activations of one block (``size`` x tile floats) stay in L1 while the
+    rows stream through it; the partial sums are carried in the output tile between blocks."""
+
+    index: str | None
+    size: int
+    span: Span | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class LowerOptions:
     gpu: bool = False  # no staging and no blocked write-out: ir/gpu.py maps lanes to threads
     # the sparse input's index buffer types, in format order (``Format.index_dtypes``); None: int32
     index_dtypes: tuple[str, ...] | None = None
+    block: KBlock | None = None  # K-blocking of the sum (``block k by kc``)
 
 
 def _sym(name: str) -> L.SizeVar:
@@ -63,6 +77,12 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         return _batched(kernel, lower(kernel.unbatched(), opts))
     if not kernel.rowwise:
         return _Nest(kernel, opts).function()
+    if opts.block is not None and not (kernel.product_first and not _masked(kernel)):
+        raise ScheduleError(
+            f"cannot block the sum of kernel '{kernel.name}': only a product's sum is blocked, and this "
+            "row-wise kernel's first statement is not one read through the sparse input's rows",
+            opts.block.span,
+        )
     if opts.gpu:
         raise BackendError(
             f"kernel '{kernel.name}' has several statements (or a max): there is no GPU mapping of row-wise "
@@ -70,7 +90,7 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
         )
     if not kernel.product_first:
         return _Rows(kernel, opts).function()
-    if kernel.sparse_input is not None and kernel.indices[0] in _sparse_access(kernel.lets[0].value, kernel).indices:
+    if _masked(kernel):
         return _Masked(kernel, opts).function()
     first = kernel.lets[0]
     # the first statement as a one-statement kernel (into the output's tile), then the others
@@ -524,7 +544,51 @@ class _Nest(_Lowering):
         # keeps them in registers); "local" ones go through TVMBackendAllocWorkspace on every entry.
         shape = (*acc_dims, L.const(self.tile)) if self.token else tuple(acc_dims) or (L.const(1),)
         self.acc = L.Buffer(ACC, self.sum_dtype, shape)
+        self.block = self._block()
         self._levels()
+
+    def _block(self) -> int | None:
+        """With K-blocking, how many coordinates of the first summed level a block spans (checked:
+        a gathering kernel with an output tile to carry the partial sums, blocking the index that
+        level stores whole or divided, ``k`` or ``k / 4``, by a multiple of the divisor)."""
+        block, kernel = self.opts.block, self.kernel
+        if block is None:
+            return None
+        what = f"cannot block the sum of kernel '{kernel.name}'"
+        has_tile = self.token is not None and not self.pattern and len(self.other) == 1 and not self.opts.gpu
+        if not (self.gather and has_tile and self.first_red < len(self.maps)):
+            raise ScheduleError(
+                f"{what}: the partial sums of a block are carried in the output tile [row, token tile] of a "
+                "product that gathers each output row from the sparse input's rows (CSR, N:M, ELL, BSR) into a "
+                "2-d output on the CPU; this kernel has none",
+                block.span,
+            )
+        m, index = self.maps[self.first_red], self.level_idx[self.first_red]
+        if block.index is not None and block.index != index:
+            raise ScheduleError(
+                f"{what} over '{block.index}': the sparse input's first summed level stores '{index}' "
+                "(block that index)",
+                block.span,
+            )
+        if m.op == "%":
+            raise ScheduleError(
+                f"{what}: its first summed level stores {index} % {m.factor}, which no block of '{index}' bounds",
+                block.span,
+            )
+        if self.sum_dtype != self.out_dtype:
+            raise ScheduleError(
+                f"{what}: its partial sums ({self.sum_dtype}) would be carried in an output tile of {self.out_dtype}",
+                block.span,
+            )
+        span = m.factor if m.op == "/" else 1
+        if block.index is None:
+            return max(block.size // span, 1)
+        if block.size % span:
+            raise ScheduleError(
+                f"{what} by {block.size}: the format stores {index} / {span}, so a block must be a multiple of {span}",
+                block.span,
+            )
+        return block.size // span
 
     def _levels(self) -> None:
         """The level loops, from the outside in (``nest``: loops and lets, outermost first), each
@@ -542,7 +606,21 @@ class _Nest(_Lowering):
             name = _part_name(self.level_idx[l], m)
             extent = m.extent(self.extents[self.level_idx[l]])
             bufs = {suffix: self.buffers[f"{self.sparse.name}_{l}_{suffix}"] for suffix in lvl.buffers()}
-            it = lvl.iterate(self.position, extent, bufs, name)
+            if l == self.first_red and self.block is not None:
+                # at least one block, which writes the output tile even when the sum is empty
+                self.block_var = L.Var(f"{name}_b")
+                self.blocks = L.Bin("max", L.ceildiv(extent, self.block), L.const(1))
+                start = L.mul(self.block_var, L.const(self.block))
+                it = lvl.iterate_range(self.position, extent, bufs, name, start, self.block)
+                if it is None:
+                    raise ScheduleError(
+                        f"cannot block the sum of kernel '{self.kernel.name}': the {lvl.describe()} level of "
+                        f"{self.fmt.label} stores '{self.level_idx[l]}' at positions that only a search would bound "
+                        "per block; blocking needs a level whose positions are affine in it (dense: N:M, VNM)",
+                        self.opts.block.span,
+                    )
+            else:
+                it = lvl.iterate(self.position, extent, bufs, name)
             if it.loop is not None:
                 self.nest.append(it.loop)
             coord = it.coordinate
@@ -578,9 +656,11 @@ class _Nest(_Lowering):
             update = L.For(L.Var(i), L.const(0), self.extents[i], update)
         return _wrap(self.nest[self.alloc_depth :], update)
 
-    def _writeout(self) -> L.Stmt:
+    def _writeout(self, carry: str | None = None) -> L.Stmt:
         """Apply the epilogue to the accumulator and store it to the output (guarding the tile
-        tail), or to the output tile."""
+        tail), or to the output tile. K-blocking carries the partial sums of a block in the output
+        tile, without the epilogue: ``carry="out"`` stores the accumulator there, ``"in"`` loads it
+        back for the next block."""
         out, token, lane = self.kernel.output, self.token, self.lane
         env = dict(self.index_env)
         loops: list[tuple[L.Var, L.Expr]] = []
@@ -606,8 +686,12 @@ class _Nest(_Lowering):
         # into the output tile, lanes past the last token are computed too: their reads must be clamped
         clamp = self.out_tile is not None
         value = _cast(self.expr(self.epilogue, env, self.position, lane, clamp=clamp, acc=acc_value), out.dtype)
-        if out.pattern_of:
-            store: L.Stmt = L.Store(self.buffers[stored_values(out.name)], (self.position,), value)
+        if carry == "out":
+            store: L.Stmt = L.Store(self.out_tile, (env[self.other[0]], lane[0]), acc_value)
+        elif carry == "in":
+            store = L.Store(self.acc, acc_value.indices, L.load(self.out_tile, env[self.other[0]], lane[0]))
+        elif out.pattern_of:
+            store = L.Store(self.buffers[stored_values(out.name)], (self.position,), value)
         elif self.out_tile is not None:
             store = L.Store(self.out_tile, (env[self.other[0]], lane[0]), _cast(value, self.out_dtype))
         else:
@@ -639,7 +723,19 @@ class _Nest(_Lowering):
             writeout = self.tile_out(other[0], lambda env: self._epilogue(env, [env[other[0]]]))
         plain = [L.For(L.Var(i), L.const(0), self.extents[i], L.seq()) for i in self.dense_free if i != token]
         outer = self.nest[: self.alloc_depth]
-        if self.gather:  # inside the gathered result's tile (a kernel without sparse input: ``for n`` is plain)
+        if self.block is not None:  # each block of the sum through every row, partial sums in the output tile
+            kb, last = self.block_var, L.sub(self.blocks, L.const(1))
+            later, before_last = L.Bin("<", L.const(0), kb), L.Bin("<", kb, last)
+            per_row = L.seq(
+                L.Alloc(acc),
+                L.If(L.Bin("==", kb, L.const(0)), zero),
+                L.If(later, self._writeout("in")),
+                reduce_part,
+                L.If(L.Bin("==", kb, last), writeout),
+                L.If(before_last, self._writeout("out")),
+            )
+            inner = L.For(kb, L.const(0), self.blocks, _wrap(plain, _wrap(outer, per_row)))
+        elif self.gather:  # inside the gathered result's tile (a kernel without sparse input: ``for n`` is plain)
             inner = _wrap(plain, _wrap(outer, L.seq(L.Alloc(acc), zero, reduce_part, writeout)))
         else:  # the accumulator is the whole output tile: zeroed once, each plain loop sums into its part
             inner = L.seq(L.Alloc(acc), zero, _wrap(plain, reduce_part), writeout)
@@ -724,6 +820,12 @@ def _statement_extents(kernel: K.Kernel) -> dict[str, L.Expr]:
             for idx, dim in zip(a.indices, kernel.param(a.tensor).shape):
                 extents.setdefault(idx, _sym(dim))
     return extents
+
+
+def _masked(kernel: K.Kernel) -> bool:
+    """Whether a row-wise kernel samples its first statement at a sparse input's stored positions."""
+    first = kernel.lets[0]
+    return kernel.sparse_input is not None and kernel.indices[0] in _sparse_access(first.value, kernel).indices
 
 
 def _sparse_access(value: K.KExpr, kernel: K.Kernel) -> K.KAccess:

@@ -24,7 +24,7 @@ from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir import schedule as sched
 from sparsedsl.ir.buffer_names import stored_values
 from sparsedsl.ir.formats import Format
-from sparsedsl.ir.lowering import LowerOptions, lower
+from sparsedsl.ir.lowering import KBlock, LowerOptions, lower
 from sparsedsl.runtime import tuning
 from sparsedsl.runtime.calls import BoundCall, BoundCalls, signature, threads_for
 from sparsedsl.runtime.sparse_tensor import STAMP, SparseTensor
@@ -43,6 +43,9 @@ GPU_TILE = 128  # tokens per CUDA block (a warp of threads, up to 4 tokens each:
 TENSOR_TILE = 64  # tokens per warp on tensor cores (ir/tensor_cores.py)
 BACKENDS = ("tvm", "llvm")
 SMALL_TILE = 16
+# K-blocking: the staged activations of one block of the sum, this many bytes, stay in L1 (32 KiB on
+# znver3, 48 KiB on newer Intel) while every row streams through them (docs/BENCHMARKS.md, "K-blocking")
+L1_BLOCK_BYTES = 16 * 1024
 ONE_TOKEN_LANES = 8  # stored values a vector of partial sums takes at once (one token)
 
 
@@ -119,7 +122,7 @@ def _sparse_indices(kernel: K.Kernel) -> set[str]:
 
 def _lower_options(directives, kernel: K.Kernel) -> LowerOptions:
     tile, stage, no_stage = LowerOptions.tile, set(), set()
-    explicit = False
+    explicit, block = False, None
     for d in directives:
         if d.verb == "tile":
             token = next((i for i in kernel.indices if i not in _sparse_indices(kernel)), None)
@@ -127,6 +130,16 @@ def _lower_options(directives, kernel: K.Kernel) -> LowerOptions:
                 what = f"the token index is '{token}'" if token else "this kernel has no token index to tile"
                 raise ScheduleError(f"cannot tile '{d.loops[0].text}': {what}", d.loops[0].span)
             tile = d.factor
+        elif d.verb == "block":
+            sums = [e for s in kernel.statements for e in K.subexprs(s.value) if isinstance(e, K.KSum)]
+            summed = {i for e in sums for i in e.indices}
+            if d.loops[0].text not in summed:
+                raise ScheduleError(
+                    f"cannot block '{d.loops[0].text}': it is not an index kernel '{kernel.name}' sums over "
+                    f"(it sums over {', '.join(sorted(summed)) or 'none'})",
+                    d.loops[0].span,
+                )
+            block = KBlock(d.loops[0].text, d.factor, d.span)
         elif d.verb == "layout":
             tensor, *order = [n.text for n in d.loops]
             accesses = [a for a in K.accesses(kernel.value) if a.tensor == tensor]
@@ -142,7 +155,7 @@ def _lower_options(directives, kernel: K.Kernel) -> LowerOptions:
                 explicit = True
             else:
                 raise ScheduleError(f"layout of '{tensor}' can keep its order or move the token index last", d.span)
-    return LowerOptions(tile, frozenset(stage) if explicit else None, frozenset(no_stage))
+    return LowerOptions(tile, frozenset(stage) if explicit else None, frozenset(no_stage), block=block)
 
 
 @dataclass
@@ -175,8 +188,8 @@ class CompiledKernel:
             opts = replace(_lower_options(directives, kernel), index_dtypes=index_dtypes)
             if self.program.target == "cuda":
                 return {"cuda": self._gpu(kernel, opts, directives)}
-            func = lower(kernel, opts)
-            loop_directives = [d for d in directives if d.verb not in ("tile", "layout")]
+            func = _lower_blocked(kernel, opts)
+            loop_directives = [d for d in directives if d.verb not in ("tile", "layout", "block")]
             if loop_directives:
                 return {"scheduled": sched.apply(func, loop_directives)}
             variants = sched.default(func)
@@ -184,7 +197,7 @@ class CompiledKernel:
                 # decode-sized calls: a 16-token tile for a few tokens, a 1-token tile for one (a big
                 # tile wastes most of its work); one tile has only its rows to share out
                 for suffix, tile in (("small", SMALL_TILE), ("one", 1)):
-                    few = sched.default(lower(kernel, replace(opts, tile=tile)))
+                    few = sched.default(_lower_blocked(kernel, replace(opts, tile=tile)))
                     kind = "rows" if "rows" in few else next(iter(few))
                     variants[f"{kind}_{suffix}"] = _one_token(few[kind]) if tile == 1 else few[kind]
                 variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}
@@ -376,6 +389,18 @@ def index_type_choices(fmt: Format | None) -> list[tuple[str, ...] | None]:
     if fmt is None:
         return [None]
     return [tuple(lv.type_name(d) for d in choice) for choice in fmt.index_dtype_choices()]
+
+
+def _lower_blocked(kernel: K.Kernel, opts: LowerOptions) -> L.LoopFunc:
+    """The kernel lowered with K-blocking: the schedule's ``block``, else (a tile of several tokens)
+    blocks of ``L1_BLOCK_BYTES`` of staged activations where the format bounds a block without a
+    search (N:M, VNM: ``lowering.KBlock``), unblocked where it does not (CSR, ELL, BSR, COO)."""
+    if opts.block is not None or opts.tile == 1:
+        return lower(kernel, opts)
+    try:
+        return lower(kernel, replace(opts, block=KBlock(None, L1_BLOCK_BYTES // (4 * opts.tile))))
+    except ScheduleError:
+        return lower(kernel, opts)
 
 
 def _one_token(func: L.LoopFunc) -> L.LoopFunc:
