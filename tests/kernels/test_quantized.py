@@ -4,11 +4,18 @@ floats stored as integers rounded to nearest (even) and saturated, as torch does
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import llvmlite.binding as llvm_ir
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
 import sparsedsl as sd
+from sparsedsl.backends import host
+from sparsedsl.backends.llvm.codegen import generate
+from sparsedsl.ir import dot_products
 from tests.strategies import prune_to_fit, sparse_case
 
 SOURCE = """
@@ -160,3 +167,92 @@ def test_integer_dtypes_in_the_checker():
         )
     with pytest.raises(sd.SdslError, match="does not fit in i8"):
         sd.compile("kernel k(X: i8[M, K]) -> (Y: i8[M, K]) { Y[m, k] = X[m, k] * 300 }")
+
+
+# ---- int8 block products on the dot-product instructions (ir/dot_products.py) -------------------
+
+# Blocks of consecutive k in one row: the llvm backend sums them 2 (vpmaddwd) or 4 (vpdpbusd) k at
+# a time; BSR(1, 2) only 2 at a time (and BSR(8, 4), BSR(16, 16) of FORMATS are rewritten too).
+DOT_FORMATS = [("BSR(1, 4)", 1, 4), ("BSR(2, 4)", 2, 4), ("BSR(1, 8)", 1, 8), ("BSR(1, 2)", 1, 2)]
+
+
+def _check_dot_kernels(prog, case):
+    """imatmul, umatmul (u8 activations: no offset) and qlinear bit-exact against the integer
+    reference, activations over the whole range (-128 and 255 included)."""
+    w, W, gen = _int8_weight(prog, case)
+    m, (n, k) = case[3], w.shape
+    x = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    x[0, :4] = -128
+    u = torch.randint(0, 256, (m, k), generator=gen, dtype=torch.uint8)
+    u[0, :4] = 255
+    assert torch.equal(prog.imatmul(x, W), _imm(x, w.T))
+    assert torch.equal(prog.umatmul(u, W), _imm(u, w.T))
+    sx, sw, b = torch.rand(m, generator=gen), torch.rand(n, generator=gen), torch.randn(n, generator=gen)
+    expected = torch.relu(_imm(x, w.T).float() * sx[:, None] * sw + b)
+    torch.testing.assert_close(prog.qlinear(x, sx, W, sw, b), expected, rtol=1e-6, atol=1e-5)
+
+
+@SETTINGS
+@given(case=sparse_case(DOT_FORMATS))
+def test_dot_product_blocks_bit_exact(prog, case):
+    """Both backends, the llvm one with this CPU's dot-product instruction."""
+    _check_dot_kernels(prog, case)
+
+
+@pytest.mark.parametrize("group", dot_products.GROUPS)
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=sparse_case(DOT_FORMATS))
+def test_each_dot_product_group_bit_exact(group, case):
+    """The 2- and 4-product rewrites on any CPU: without the instruction (vpdpbusd needs VNNI) the
+    llvm backend computes ``dot`` in plain integer vector operations, so the staging, the u8 offset
+    and its weight-sum correction are checked here too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(host, "dot_group", lambda features: group)
+        _check_dot_kernels(sd.compile(SOURCE, backend="llvm"), case)
+
+
+def _assembly(source: str, kernel: str, group: int, cpu: str, features: set[str], bits: int) -> str:
+    """The optimised assembly of ``kernel`` (BSR(1, 4)) for another CPU, rewritten for ``group``."""
+    llvm_ir.initialize_native_target()
+    llvm_ir.initialize_native_asmprinter()
+    prog = sd.compile(source, backend="llvm")
+    funcs = [dot_products.rewrite(f, group) for f in prog.kernels[kernel].lowered(prog.format("BSR(1, 4)")).values()]
+    module = llvm_ir.parse_assembly(str(generate(funcs, bits, "x86_64-unknown-linux-gnu", frozenset(features))))
+    machine = llvm_ir.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(cpu=cpu, opt=3)
+    passes = llvm_ir.create_pass_builder(machine, llvm_ir.create_pipeline_tuning_options(speed_level=3))
+    passes.getModulePassManager().run(module, passes)
+    return machine.emit_assembly(module)
+
+
+VNNI_CPUS = [  # (LLVM CPU name, the features the backend would see there, vector bits)
+    ("icelake-server", {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}, 512),
+    ("icelake-server", {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}, 256),
+    ("sapphirerapids", {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni"}, 256),
+    ("alderlake", {"avx2", "avxvnni"}, 256),
+]
+
+
+@pytest.mark.parametrize(("cpu", "features", "bits"), VNNI_CPUS)
+def test_vnni_targets_get_vpdpbusd(cpu, features, bits):
+    """Compiled (not run: this machine may lack VNNI) for a VNNI CPU, the 4-product rewrite is one
+    ``vpdpbusd`` per 4 k of a block and vector of tokens, with no widening multiply left."""
+    assert host.dot_group(features) == 4
+    asm = _assembly(dot_products_source(), "qlinear_bias", 4, cpu, features, bits)
+    assert "vpdpbusd" in asm
+    assert "vpmulld" not in asm
+    if "avx512vnni" not in features:
+        assert re.search(r"\{vex\}\s+vpdpbusd", asm)  # AVX-VNNI's encoding
+
+
+def test_avx2_targets_get_vpmaddwd():
+    """Without VNNI: i16 pairs, ``vpmaddwd`` + ``vpaddd`` per 2 k, no ``vpmulld``."""
+    features = {"avx2", "fma"}
+    assert host.dot_group(features) == 2
+    asm = _assembly(dot_products_source(), "qlinear_bias", 2, "znver3", features, 256)
+    assert "vpmaddwd" in asm
+    assert "vpmulld" not in asm
+    assert "vpdpbusd" not in asm
+
+
+def dot_products_source() -> str:
+    return (Path(sd.__file__).parent / "nn.sdsl").read_text()

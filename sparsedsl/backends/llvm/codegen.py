@@ -9,6 +9,10 @@ Vectorised loops are emitted with explicit vector types ``<W x float>`` for the 
 vectors when their body is a store whose lane-dependent accesses are contiguous in the loop
 variable; otherwise as scalar loops. Unrolled loops are unrolled here, so accumulators indexed by
 them become constant offsets that LLVM keeps in registers.
+
+The integer ``dot`` of ``ir/dot_products.py`` becomes the target's dot-product instruction where
+``features`` has it (``DOT_INTRINSICS``: ``vpdpbusd`` with AVX-512 VNNI or AVX-VNNI, ``vpmaddwd``
+with AVX2 / AVX-512 BW), else its meaning in plain integer vector operations.
 """
 
 from __future__ import annotations
@@ -63,6 +67,16 @@ BYTES = {
 }
 VECTOR_STORES = (*FLOATS, "int32", "int8", "uint8")  # what vectorised loops store (values, accumulators)
 STACK_LIMIT = 1 << 14  # bytes: larger constant buffers and symbolic ones go to the heap
+# (products per lane, lanes) -> (intrinsic, the features any one of which provides it, whether the
+# intrinsic adds the accumulator itself). LLVM 22's vpdpbusd takes its operands as i8 vectors.
+DOT_INTRINSICS = {
+    (4, 4): ("llvm.x86.avx512.vpdpbusd.128", ("avxvnni", "avx512vnni+avx512vl"), True),
+    (4, 8): ("llvm.x86.avx512.vpdpbusd.256", ("avxvnni", "avx512vnni+avx512vl"), True),
+    (4, 16): ("llvm.x86.avx512.vpdpbusd.512", ("avx512vnni",), True),
+    (2, 4): ("llvm.x86.sse2.pmadd.wd", ("sse2",), False),
+    (2, 8): ("llvm.x86.avx2.pmadd.wd", ("avx2",), False),
+    (2, 16): ("llvm.x86.avx512.pmaddw.d.512", ("avx512bw",), False),
+}
 
 
 def size_names(func: L.LoopFunc) -> list[str]:
@@ -171,10 +185,11 @@ class _Scope:
 class Codegen:
     """Builds one LLVM function for one loop function."""
 
-    def __init__(self, module: ir.Module, func: L.LoopFunc, vector_width: int):
+    def __init__(self, module: ir.Module, func: L.LoopFunc, vector_width: int, features: frozenset[str] = frozenset()):
         self.module = module
         self.func = func
         self.width = vector_width
+        self.features = features
         self.sizes = size_names(func)
         arg_types = []
         for p in func.params:
@@ -357,7 +372,60 @@ class Codegen:
             return b.call(self._intrinsic("llvm.sqrt", x.type), [x])
         if name == "abs":
             return b.call(self._intrinsic("llvm.fabs", x.type), [x])
+        if name == "pack":
+            return self._pack(args)
+        if name == "dot":
+            return self._dot(args[0], args[1], args[2:])
         raise BackendError(f"llvm backend: no function '{name}'")
+
+    def _int32s(self, like: ir.Value, value: int) -> ir.Constant:
+        if isinstance(like.type, ir.VectorType):
+            return ir.Constant(like.type, [value] * like.type.count)
+        return ir.Constant(I32, value)
+
+    def _pack(self, parts: list[ir.Value]) -> ir.Value:
+        """``len(parts)`` integers as the low bytes (4) or halves (2) of an int32 word, first lowest."""
+        bits = 32 // len(parts)
+        count = next((p.type.count for p in parts if isinstance(p.type, ir.VectorType)), None)
+        if count is not None:
+            parts = [self._splat(p, ir.VectorType(I32, count)) for p in parts]
+        word = None
+        for j, p in enumerate(parts):
+            part = self.b.shl(self.b.and_(p, self._int32s(p, (1 << bits) - 1)), self._int32s(p, bits * j))
+            word = part if word is None else self.b.or_(word, part)
+        return word
+
+    def _dot(self, acc: ir.Value, word: ir.Value, weights: list[ir.Value]) -> ir.Value:
+        """``acc + sum_j element_j(word) * weights[j]``: 4 u8 bytes or 2 s16 halves per lane."""
+        b, group = self.b, len(weights)
+        if not isinstance(word.type, ir.VectorType):
+            return self._dot_plain(acc, word, weights)
+        lanes = word.type.count
+        vty = ir.VectorType(I32, lanes)
+        acc, wword = self._splat(acc, vty), self._splat(self._pack(weights), vty)
+        intrinsic = DOT_INTRINSICS.get((group, lanes))
+        if intrinsic is None or not any(set(f.split("+")) <= self.features for f in intrinsic[1]):
+            return self._dot_plain(acc, word, [self._splat(w, vty) for w in weights])
+        name, _, accumulates = intrinsic
+        ety = ir.VectorType(ir.IntType(32 // group), lanes * group)
+        operands = [b.bitcast(word, ety), b.bitcast(wword, ety)]
+        if accumulates:
+            fn = _declare(self.module, name, ir.FunctionType(vty, [vty, ety, ety]))
+            return b.call(fn, [acc, *operands])
+        fn = _declare(self.module, name, ir.FunctionType(vty, [ety, ety]))
+        return b.add(acc, b.call(fn, operands))
+
+    def _dot_plain(self, acc: ir.Value, word: ir.Value, weights: list[ir.Value]) -> ir.Value:
+        """``dot`` in plain integer operations (scalars, or a target without the instruction)."""
+        b, group = self.b, len(weights)
+        bits = 32 // group
+        for j, w in enumerate(weights):
+            if group == 4:  # unsigned byte j
+                element = b.and_(b.lshr(word, self._int32s(word, bits * j)), self._int32s(word, 255))
+            else:  # signed half j
+                element = b.ashr(b.shl(word, self._int32s(word, bits * (1 - j))), self._int32s(word, bits))
+            acc = b.add(acc, b.mul(element, w))
+        return acc
 
     # ---- statements ------------------------------------------------------------------------
 
@@ -417,7 +485,8 @@ class Codegen:
         self.scopes[-1].frees.append(ptr)
 
     def _for(self, loop: L.For, top: bool) -> None:
-        if loop.kind is L.LoopKind.UNROLLED and isinstance(loop.extent, L.Const):
+        one = isinstance(loop.extent, L.Const) and loop.extent.value == 1 and loop.kind is not L.LoopKind.PARALLEL
+        if (loop.kind is L.LoopKind.UNROLLED or one) and isinstance(loop.extent, L.Const):
             start = self.expr(loop.start)
             for i in range(int(loop.extent.value)):
                 self.scopes.append(_Scope({loop.var.name: self.b.add(start, ir.Constant(I64, i))}))
@@ -593,10 +662,13 @@ def _gomp_parallel(module: ir.Module) -> ir.Function:
     return _declare(module, "GOMP_parallel", ir.FunctionType(ir.VoidType(), [task, i8p, i32, i32]))
 
 
-def generate(funcs: list[L.LoopFunc], vector_width: int, triple: str) -> ir.Module:
-    """An LLVM module with one exported function per loop function (see ``_entry``)."""
+def generate(
+    funcs: list[L.LoopFunc], vector_width: int, triple: str, features: frozenset[str] = frozenset()
+) -> ir.Module:
+    """An LLVM module with one exported function per loop function (see ``_entry``), using the
+    instructions of ``features`` (LLVM's names) that it emits by intrinsic (``DOT_INTRINSICS``)."""
     module = ir.Module(name=funcs[0].name)
     module.triple = triple
     for f in funcs:
-        _entry(module, Codegen(module, f, vector_width).finish(), f)
+        _entry(module, Codegen(module, f, vector_width, features).finish(), f)
     return module

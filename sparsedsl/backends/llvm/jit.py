@@ -17,6 +17,7 @@ import llvmlite.binding as llvm
 from sparsedsl.backends import host
 from sparsedsl.backends.llvm.codegen import TYPES, generate, parallel_on_top, size_names
 from sparsedsl.errors import BackendError
+from sparsedsl.ir import dot_products
 from sparsedsl.ir import loop_ir as L
 
 _CTYPES = {"float32": ctypes.c_float, "float64": ctypes.c_double, "int32": ctypes.c_int32, "int64": ctypes.c_int64}
@@ -170,8 +171,12 @@ def optimized_engine(text: str) -> llvm.ExecutionEngine:
 
 
 def build(funcs: list[L.LoopFunc]) -> Built:
-    """Generate, optimise and JIT the functions."""
-    text = str(generate(funcs, vector_bits(), llvm.get_process_triple()))
+    """Generate, optimise and JIT the functions; int8 block products on this CPU's dot-product
+    instruction (``ir/dot_products.py``)."""
+    features = host.present()
+    group = host.dot_group(features)
+    funcs = [dot_products.rewrite(f, group) for f in funcs]
+    text = str(generate(funcs, vector_bits(), llvm.get_process_triple(), features))
     try:
         engine = optimized_engine(text)
     except RuntimeError as err:
