@@ -175,6 +175,7 @@ class Level:
     name = "level"
     unique = True
     padded = False
+    sorted = False  # coordinates read from a buffer that never decrease along a parent's positions
 
     def buffers(self) -> tuple[str, ...]:
         """Suffixes of the buffers this level stores (``pos``, ``crd``...)."""
@@ -249,6 +250,7 @@ class Compressed(Level):
     """The stored coordinates of each parent, sorted, in ``crd[pos[p]:pos[p+1]]``."""
 
     name = "compressed"
+    sorted = True
 
     def __init__(self, unique: bool = True):
         self.unique = unique

@@ -596,6 +596,7 @@ class _Nest(_Lowering):
         (``index_env``); the accumulator lives from ``alloc_depth`` on (gather: the first reduced
         level)."""
         self.coord_env: dict[int, L.Expr] = {}
+        self.sorted_rows: tuple[str, str] | None = None
         self.nest: list[L.Stmt] = []
         self.position: L.Expr = L.const(0)
         alloc_depth = None
@@ -628,6 +629,8 @@ class _Nest(_Lowering):
                 cvar = L.Var(f"{name}_c")
                 self.nest.append(L.Let(cvar, coord))
                 coord = cvar
+                if l == 0 and lvl.sorted and not self.gather and self.level_idx[0] in self.acc_names:
+                    self.sorted_rows = (name, cvar.name)  # the output rows a scatter sums into, in order
             self.coord_env[l] = coord
             self.position = it.position
         self.alloc_depth = alloc_depth if alloc_depth is not None else len(self.nest) if self.gather else 0
@@ -773,6 +776,7 @@ class _Nest(_Lowering):
             "tile": self.tile,
             "parallel": siblings + ([f"{token}_o"] if token else []),
             "rows": rows[:1],
+            "sorted_rows": self.sorted_rows,
             "out_indices": kernel.indices,
             "token_extent": self.extents[token] if token else None,
             "dense_reduction": self.dense_red,

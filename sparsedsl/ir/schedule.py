@@ -414,6 +414,81 @@ def vector_sums(func: L.LoopFunc, name: str, lanes: int) -> L.LoopFunc:
     return replace(func, body=rewrite_loops(func.body, lambda f: new if f == loop else None))
 
 
+SORTED_PARTS = 32  # parts of a sum over sorted rows (COO) shared among threads: balanced up to 32 threads
+SEARCH_STEPS = 32  # halvings of a binary search over int32 positions: at most 2^31 of them
+
+
+def _lower_bound(
+    bounds: L.Buffer, start: L.Expr, at: L.Expr, key_of: Callable[[L.Expr], L.Expr], step: L.Var
+) -> list[L.Stmt]:
+    """Statements leaving in ``bounds[0]`` the first position in ``[start, at]`` whose key is
+    ``key_of(at)``'s or more (keys never decrease along the positions): a binary search of
+    ``SEARCH_STEPS`` halvings, each a no-op once the range is empty."""
+    lo, hi = L.load(bounds, L.const(0)), L.load(bounds, L.const(1))
+    mid, key = L.Var(f"{step.name}_mid"), L.Var(f"{step.name}_key")
+    halve = L.seq(
+        L.Let(mid, L.floordiv(L.add(lo, hi), L.const(2))),
+        L.If(L.Bin("<", key_of(mid), key), L.Store(bounds, (L.const(0),), L.add(mid, L.const(1)))),
+        L.If(L.Bin("<=", key, key_of(mid)), L.Store(bounds, (L.const(1),), mid)),
+    )
+    return [
+        L.Let(key, key_of(at)),
+        L.Store(bounds, (L.const(0),), start),
+        L.Store(bounds, (L.const(1),), at),
+        L.For(step, L.const(0), L.const(SEARCH_STEPS), L.If(L.Bin("<", lo, hi), halve)),
+    ]
+
+
+def share_sorted(func: L.LoopFunc, name: str, row: str, parts: int, span: Span | None = None) -> L.LoopFunc:
+    """Share loop ``name`` over the positions of a level whose coordinates never decrease along
+    them (the root of COO; the lowering names it in ``meta["sorted_rows"]``) among ``parts``
+    parallel parts of about equal length, each starting at a row boundary: part ``p`` starts at
+    the first position holding the coordinate found ``p / parts`` of the way along (a binary
+    search), so every row's positions fall in one part. Race-free when every store to memory not
+    private to an iteration is indexed by the coordinate, the let ``row`` (checked): a part writes
+    only its own rows."""
+    loop = next((f for f in loops(func.body) if f.var.name == name), None)
+    first = loop.body.stmts[0] if loop is not None and isinstance(loop.body, L.Seq) else None
+    if not (isinstance(first, L.Let) and first.var.name == row and L.uses(first.value, name)):
+        raise ScheduleError(f"cannot share loop '{name}' by rows: it does not open with the row 'let {row}'", span)
+    around = [f for f in loops(func.body) if f.kind is L.LoopKind.PARALLEL and (loop in loops(f.body) or f is loop)]
+    if around or any(f.kind is L.LoopKind.PARALLEL for f in loops(loop.body)):
+        other = (around or [f for f in loops(loop.body) if f.kind is L.LoopKind.PARALLEL])[0].var.name
+        raise ScheduleError(
+            f"cannot share loop '{name}' by rows: loop '{other}' around or inside it is already parallel", span
+        )
+    private = {b.name for b in L.allocs(loop.body)}
+    for store, _ in _stores(loop.body, {}):
+        if store.buffer.name not in private and first.var not in store.indices:
+            raise ScheduleError(
+                f"cannot share loop '{name}' by rows: it writes '{store.buffer.name}' at places not indexed by "
+                f"the row '{row}' (parts would race)",
+                span,
+            )
+    part, a, e = L.Var(f"{name}_p"), loop.start, loop.extent
+    bounds = L.Buffer(f"{name}_s", "int64", (L.const(2),))
+    last = L.sub(L.add(a, e), L.const(1))
+
+    def key_of(q: L.Expr) -> L.Expr:
+        return substitute(first.value, name, q)
+
+    def at(p: L.Expr) -> L.Expr:
+        return L.minimum(L.add(a, L.floordiv(L.mul(p, e), L.const(parts))), last)
+
+    start, stop = L.Var(f"{name}_lo"), L.Var(f"{name}_hi")
+    body = L.seq(
+        L.Alloc(bounds),
+        *_lower_bound(bounds, a, at(part), key_of, L.Var(f"{name}_a")),
+        L.Let(start, L.load(bounds, L.const(0))),
+        *_lower_bound(bounds, a, at(L.add(part, L.const(1))), key_of, L.Var(f"{name}_b")),
+        L.If(L.Bin("==", part, L.const(parts - 1)), L.Store(bounds, (L.const(0),), L.add(a, e))),
+        L.Let(stop, L.load(bounds, L.const(0))),
+        replace(loop, start=start, extent=L.sub(stop, start)),
+    )
+    shared = L.If(L.Bin("<", L.const(0), e), L.For(part, L.const(0), L.const(parts), body, L.LoopKind.PARALLEL))
+    return replace(func, body=rewrite_loops(func.body, lambda f: shared if f == loop else None))
+
+
 def reorder(func: L.LoopFunc, names: list[str], span: Span | None = None) -> L.LoopFunc:
     """Permute every perfectly nested chain of these loops (a name may cover several loops) into
     the order given, outermost first; at least one such chain must exist."""
@@ -492,7 +567,8 @@ def default(func: L.LoopFunc) -> dict[str, L.LoopFunc]:
     vectorised (by lowering). Parallelism: ``tiles`` runs token tiles in parallel (one fork per
     call: best when there are at least as many tiles as threads); ``rows`` runs output row blocks,
     the activation staging and the write-out in parallel inside each tile (race-free only when
-    gathering; best for few tokens).
+    gathering; best for few tokens), and a scatter over sorted rows (COO) in ``SORTED_PARTS``
+    parts that start at row boundaries (``share_sorted``).
     """
     for loop in loops(func.body):
         if loop.kind is L.LoopKind.SERIAL and isinstance(loop.extent, L.Const) and 1 < loop.extent.value <= 8:
@@ -500,6 +576,7 @@ def default(func: L.LoopFunc) -> dict[str, L.LoopFunc]:
                 func = set_kind(func, loop.var.name, L.LoopKind.UNROLLED)
             except ScheduleError:  # nested in enough unrolled loops already
                 continue
+    sorted_rows = func.meta.get("sorted_rows")
     candidates = func.meta.get("parallel", ())
     tiles = [c for c in candidates if c == f"{func.meta.get('token')}_o"]
     rows = [c for c in candidates if c not in tiles]
@@ -511,6 +588,8 @@ def default(func: L.LoopFunc) -> dict[str, L.LoopFunc]:
                 chosen = set_kind(chosen, loop_name, L.LoopKind.PARALLEL)
             except ScheduleError:
                 continue
+        if name == "rows" and sorted_rows:
+            chosen = share_sorted(chosen, *sorted_rows, SORTED_PARTS)
         if chosen is not func:
             variants[name] = replace(chosen, name=f"{func.name}_{name}")
     return variants or {"serial": func}
