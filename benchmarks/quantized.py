@@ -9,7 +9,11 @@ layer: the per-token quantization of the activations plus the kernel; "int8 kern
 kernel alone on pre-quantized activations; "bf16" includes casting the activations to bf16.
 
     .venv/bin/python benchmarks/quantized.py [--threads 2] [--reps 30] [--tokens 128 512 1024]
-        [--backend tvm] [--no-model] [--out benchmarks/quantized.json]
+        [--backend tvm] [--int8 "BSR(1, 4)" llvm] [--no-model] [--out benchmarks/quantized.json]
+
+``--int8 FORMAT BACKEND`` gives the int8 layers (and the int8 model) their own format and backend,
+the f32 and bf16 ones keeping BSR(4, 1) on ``--backend``: ``BSR(1, 4)`` on ``llvm`` is the kernel
+whose blocks the dot-product instructions fit (``ir/dot_products.py``).
 """
 
 from __future__ import annotations
@@ -57,13 +61,14 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, fl
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def layer_row(n: int, k: int, tokens: int, backend: str, reps: int) -> dict:
+def layer_row(n: int, k: int, tokens: int, backend: str, reps: int, int8_as: tuple[str, str]) -> dict:
     gen = torch.Generator().manual_seed(0)
     linear = nn.Linear(k, n)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(n, k, generator=gen) / k**0.5)
     f32 = sd.SparseLinear.from_linear(linear, FORMAT, SPARSITY, nn_program(None, "cpu", backend))
-    int8 = QuantizedSparseLinear.from_linear(linear, FORMAT, "int8", SPARSITY, f32.program)
+    int8_program = nn_program(None, "cpu", int8_as[1])
+    int8 = QuantizedSparseLinear.from_linear(linear, int8_as[0], "int8", SPARSITY, int8_program)
     bf16 = QuantizedSparseLinear.from_linear(linear, FORMAT, "bf16", SPARSITY, f32.program)
     dense = f32.to_dense()
     dynamic = torch.ao.quantization.quantize_dynamic(nn.Sequential(dense), {nn.Linear}, dtype=torch.qint8)
@@ -79,9 +84,12 @@ def layer_row(n: int, k: int, tokens: int, backend: str, reps: int) -> dict:
         "torch dynamic int8": lambda: dynamic(x),
     }
     times = interleaved(fns, reps)
+    # each quantized layer's error against the f32 sparse layer of its own pattern
+    same = f32 if int8_as[0] == FORMAT else sd.SparseLinear.from_linear(linear, int8_as[0], SPARSITY, f32.program)
     with torch.inference_mode():
         ref = f32(x)
-        errors = {name: (fns[name]() - ref).abs() for name in ("int8", "bf16", "torch dynamic int8")}
+        errors = {name: (fns[name]() - ref).abs() for name in ("bf16", "torch dynamic int8")}
+        errors["int8"] = (int8(x) - same(x)).abs()
     base = times["f32 sparse"]
     return {
         "n": n,
@@ -96,10 +104,12 @@ def layer_row(n: int, k: int, tokens: int, backend: str, reps: int) -> dict:
     }
 
 
-def model_rows(backend: str, reps: int) -> dict:
+def model_rows(backend: str, reps: int, int8_as: tuple[str, str]) -> dict:
     """MiniLM at 8 x 128: dense f32 eager, f32 sparse and int8 / bf16 sparse (90% BSR(4, 1) on
     every encoder linear layer, magnitude pruning), timed interleaved; the cosine of the sentence
-    embeddings of 256 held-out sentences against the f32 sparse model."""
+    embeddings of 256 held-out sentences against the f32 sparse model. With int8 layers of another
+    format, the f32 sparse model of that format too, the int8 model's own reference
+    (``cosine_vs_own_f32``)."""
     sys.path.insert(0, str(ROOT / "examples"))
     from sentences import cosine, embed, measure, minilm
 
@@ -108,7 +118,14 @@ def model_rows(backend: str, reps: int) -> dict:
     models = {"dense f32": model}
     for dtype in (None, "int8", "bf16"):
         spec = rule if dtype is None else {**rule, "dtype": dtype}
-        models[f"{dtype or 'f32'} sparse"] = sd.compile_model(model, {"encoder.layer.*": spec}, backend=backend)
+        on = backend
+        if dtype == "int8":
+            spec, on = {**spec, "format": int8_as[0]}, int8_as[1]
+        models[f"{dtype or 'f32'} sparse"] = sd.compile_model(model, {"encoder.layer.*": spec}, backend=on)
+    own = "f32 sparse"
+    if int8_as[0] != FORMAT:
+        own = f"f32 {int8_as[0]}"
+        models[own] = sd.compile_model(model, {"encoder.layer.*": {**rule, "format": int8_as[0]}}, backend=int8_as[1])
     ids = torch.randint(1000, 20000, (8, 128), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     times = interleaved({name: (lambda m=m: m(**inputs)) for name, m in models.items()}, reps)
@@ -118,6 +135,8 @@ def model_rows(backend: str, reps: int) -> dict:
     out["cosine_vs_f32_sparse"] = {n: cosine(models[n], sentences.held_out, sentences.reference) for n in models}
     dense_ref = embed(model, sentences.held_out)
     out["cosine_vs_dense"] = {n: cosine(models[n], sentences.held_out, dense_ref) for n in models}
+    own_ref = embed(models[own], sentences.held_out)
+    out["cosine_vs_own_f32"] = {"int8 sparse": cosine(models["int8 sparse"], sentences.held_out, own_ref)}
     return out
 
 
@@ -127,6 +146,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 1024])
     parser.add_argument("--backend", default="tvm", choices=("tvm", "llvm"))
+    parser.add_argument(
+        "--int8",
+        nargs=2,
+        metavar=("FORMAT", "BACKEND"),
+        default=[FORMAT, None],
+        help="format and backend of the int8 layers (default: BSR(4, 1) on --backend)",
+    )
     parser.add_argument("--no-model", action="store_true", help="only the layer table")
     parser.add_argument(
         "--cpu-time",
@@ -136,6 +162,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "quantized.json")
     args = parser.parse_args()
+    int8_as = (args.int8[0], args.int8[1] or args.backend)
     torch.set_num_threads(args.threads)
     if args.cpu_time:
         if args.threads != 1:
@@ -146,12 +173,13 @@ def main() -> None:
     print(f"{host_cpu()}, {args.threads} threads, backend {args.backend}, dot-product extensions: {vnni or 'none'}")
     print(f"timed: {clock}")
     print(f"\n{FORMAT} {SPARSITY:.0%}: time / f32 sparse layer time (lower is better)")
+    print(f"int8 layers: {int8_as[0]} {SPARSITY:.0%} on the {int8_as[1]} backend")
     head = f"{'N x K':<11} {'tokens':>6} {'f32 ms':>7} {'int8':>6} {'kernel':>7} {'bf16':>6} {'dense':>6} "
     print(head + f"{'torch dyn':>9} {'int8/dyn':>8}  max |err| int8, bf16 (of max |y|)")
     rows = []
     for n, k in BERT:
         for tokens in args.tokens:
-            r = layer_row(n, k, tokens, args.backend, args.reps)
+            r = layer_row(n, k, tokens, args.backend, args.reps, int8_as)
             rows.append(r)
             v, e = r["vs_f32_sparse"], r["max_error"]
             print(
@@ -161,16 +189,19 @@ def main() -> None:
                 flush=True,
             )
     result = {"cpu": host_cpu(), "threads": args.threads, "backend": args.backend, "dot_product": vnni, "clock": clock}
+    result["int8"] = {"format": int8_as[0], "backend": int8_as[1]}
     result["layers"] = rows
     if not args.no_model:
-        m = model_rows(args.backend, max(5, args.reps // 3))
+        m = model_rows(args.backend, max(5, args.reps // 3), int8_as)
         result["minilm"] = m
-        print("\nMiniLM, 8 x 128 tokens, every encoder layer 90% BSR(4, 1):")
+        print(f"\nMiniLM, 8 x 128 tokens, every encoder layer 90% BSR(4, 1) (int8: {int8_as[0]}):")
         for name in m["ms"]:
             print(
-                f"  {name:<12} {m['ms'][name]:8.1f} ms  {m['speedup_vs_dense'][name]:5.2f}x dense  cosine "
+                f"  {name:<16} {m['ms'][name]:8.1f} ms  {m['speedup_vs_dense'][name]:5.2f}x dense  cosine "
                 f"{m['cosine_vs_f32_sparse'][name]:.4f} vs f32 sparse, {m['cosine_vs_dense'][name]:.4f} vs dense"
             )
+        own = m["cosine_vs_own_f32"]["int8 sparse"]
+        print(f"  int8 sparse against the f32 model of its own pattern: cosine {own:.4f}")
     args.out.write_text(json.dumps(result, indent=1))
 
 
