@@ -51,10 +51,8 @@ class _Product:
 
 
 def rewrite(func: L.LoopFunc, group: int) -> L.LoopFunc:
-    """``func`` with its int8 block products summed ``group`` k at a time (see the module's
-    docstring); unchanged when it has none or reads its staged activations another way."""
-    if group not in GROUPS:
-        raise ValueError(f"a dot product sums {GROUPS} products per lane, not {group}")
+    """``func`` with its int8 block products summed ``group`` (one of ``GROUPS``) k at a time (see
+    the module's docstring); unchanged when it has none or reads its staged activations another way."""
     local = {b.name for b in L.allocs(func.body)}
     products = [p for p in _products(func.body, group) if p.staged.name in local]
     staged = {p.staged.name for p in products}
