@@ -4,6 +4,7 @@ floats stored as integers rounded to nearest (even) and saturated, as torch does
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -256,3 +257,20 @@ def test_avx2_targets_get_vpmaddwd():
 
 def dot_products_source() -> str:
     return (Path(sd.__file__).parent / "nn.sdsl").read_text()
+
+
+def test_ahead_of_time_dot_product_kernel(tmp_path):
+    """An llvm AOT build of a BSR(1, 4) int8 kernel loads and stays bit-exact; its manifest's
+    features give the dot-product choice the build made (vpdpbusd needs avxvnni / avx512vnni)."""
+    source = "kernel ilin(X: i8[M, K], W: i8[N, K] @ BSR(1, 4)) -> (Y: i32[M, N]) {Y[m, n] = sum(k) X[m, k] * W[n, k]}"
+    sd.build(source, tmp_path, backend="llvm")
+    prog = sd.load(tmp_path)
+    fmt = prog.format("BSR(1, 4)")
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-128, 128, (16, 32), generator=gen, dtype=torch.int8)
+    w = w * (sd.prune(torch.randn(16, 32, generator=gen), fmt, 0.5) != 0)
+    for m in (1, 5, 70):
+        x = torch.randint(-128, 128, (m, 32), generator=gen, dtype=torch.int8)
+        assert torch.equal(prog.ilin(x, prog.pack(fmt, w)), _imm(x, w.T))
+    features = json.loads((tmp_path / "manifest.json").read_text())["target"]["features"]
+    assert host.dot_group(features) == host.dot_group(host.present())
