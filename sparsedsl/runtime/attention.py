@@ -43,10 +43,13 @@ def attention(
     batch, heads, _, dim = q.shape
     masks = _masks(block_mask, heads, q.shape[2], k.shape[2])
     keep = q.new_ones(batch, k.shape[2]) if key_padding_mask is None else key_padding_mask.to(q.dtype)
-    structure = [t for m in masks for t in m.structure()]
-    values = [m.values for m in masks]
-    fmt = masks[0].format.label if masks else ""
-    return attention_op(q, k, v, keep, structure, values, fmt, float(dim**-0.5 if scale is None else scale))
+    scale = float(dim**-0.5 if scale is None else scale)
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        structure = [t for m in masks for t in m.structure()]
+        fmt = masks[0].format.label if masks else ""
+        return attention_op(q, k, v, keep, structure, [m.values for m in masks], fmt, scale)
+    # outside autograd and tracing, skip the dispatcher: the op would run this same function
+    return _attend(q, k, v, keep, [m.with_values(_ones(m.values)) for m in masks], scale)
 
 
 ONES = "_sparsedsl_ones"  # the attribute of a mask's values caching ones of their shape
@@ -116,17 +119,25 @@ def attention_op(
     """The op behind ``attention``: ``keep`` [B, S] (1 attend, 0 padding); the block masks (none,
     one, or one per head) as their index buffers (``structure``, mask after mask) and values, all
     in format ``fmt``. The pattern is the mask: the values are read as ones."""
+    masks = []
+    if values:
+        form = nn_program().format(fmt)
+        per = len(structure) // len(values)
+        shape = (q.shape[2], k.shape[2])
+        masks = [
+            SparseTensor.from_structure(form, shape, structure[i * per : (i + 1) * per], _ones(vals))
+            for i, vals in enumerate(values)
+        ]
+    return _attend(q, k, v, keep, masks, scale)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, masks: list[SparseTensor], scale: float
+) -> torch.Tensor:
+    """The kernel calls of ``attention_op``, its masks' values ones."""
     nn = nn_program()
     batch, heads, tokens, dim = q.shape
     keys = k.shape[2]
-    masks = []
-    if values:
-        form = nn.format(fmt)
-        per = len(structure) // len(values)
-        masks = [
-            SparseTensor.from_structure(form, (tokens, keys), structure[i * per : (i + 1) * per], _ones(vals))
-            for i, vals in enumerate(values)
-        ]
     keep = keep.to(q.dtype).repeat_interleave(heads, 0)  # [B * H, S]
     if len(masks) <= 1:  # one call for every batch and head
         flat = [t.reshape(batch * heads, -1, dim).contiguous() for t in (q, k, v)]

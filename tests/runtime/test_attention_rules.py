@@ -216,3 +216,21 @@ def test_attention_rules_are_not_built_ahead_of_time(tmp_path):
     with pytest.raises(sd.SdslSemanticError, match="attention rules are not built ahead of time") as err:
         sd.build(LINEAR + 'model m {\n    attention "*"\n}', tmp_path)
     assert err.value.span.line == 6
+
+
+@pytest.mark.parametrize("heads_masks", [0, 1, 3])
+def test_sd_attention_without_autograd_skips_the_op_and_computes_the_same(heads_masks, monkeypatch):
+    """Outside autograd and tracing ``sd.attention`` calls the op's body directly (as
+    ``SparseLinear`` does): the same numbers."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 32, 8, generator=gen) for _ in range(3))
+    padding = torch.ones(2, 32, dtype=torch.bool)
+    padding[1, 20:] = False
+    pattern = BlockPattern("BSR(8, 8)", 9)
+    masks = [pattern.mask(32, 32)] * heads_masks if heads_masks != 1 else pattern.mask(32, 32)
+    masks = masks or None
+    want = sd.attention(q, k, v, block_mask=masks, key_padding_mask=padding)
+    monkeypatch.setattr(module, "attention_op", None)  # not called
+    with torch.inference_mode():
+        got = sd.attention(q, k, v, block_mask=masks, key_padding_mask=padding)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
