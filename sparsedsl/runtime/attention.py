@@ -267,10 +267,12 @@ def select(model: torch.nn.Module, plans: dict[str, BlockPattern | None]) -> str
         if is_attention_module(module):
             setattr(module, PLAN, plans.get(module_name, SDPA))
     unselected = [n for n in plans if model.get_submodule(n).config._attn_implementation != name]
-    if unselected:
-        how = "holds it" if not outer else "selects its attention implementation through AttentionInterface"
-        return f"'{unselected[0]}' runs its own attention: no transformers model that {how}"
-    return None
+    if not unselected:
+        return None
+    if not outer:
+        return f"'{unselected[0]}' is in no transformers model (a module with set_attn_implementation) to select it"
+    left = model.get_submodule(unselected[0]).config._attn_implementation
+    return f"'{unselected[0]}' still runs '{left}' attention: its model does not select it through AttentionInterface"
 
 
 def _key_padding(mask: torch.Tensor | None) -> torch.Tensor | None | bool:

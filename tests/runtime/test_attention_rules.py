@@ -182,6 +182,12 @@ def test_a_model_without_transformers_attention_is_refused():
         sd.compile_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), {"*": {"attention": True}})
 
 
+def test_attention_modules_outside_a_transformers_model_are_refused():
+    """A model's attention module alone: no model to select the "sdsl" implementation."""
+    with pytest.raises(sd.SdslSemanticError, match=r"'0' is in no transformers model \(a module with set_attn"):
+        sd.compile_model(torch.nn.Sequential(_bert(1).encoder.layer[0].attention.self), {"0": {"attention": True}})
+
+
 def test_report_lists_attention_and_fused_modules():
     rules = (EXAMPLES / "minilm_fused.sdsl").read_text()
     rules = rules.replace("model minilm_fused {", 'model minilm_fused {\n    attention "*.attention.self"', 1)
