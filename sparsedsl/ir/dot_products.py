@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.schedule import substitute
+from sparsedsl.ir.schedule import loops, substitute
 
 GROUPS = (2, 4)  # products per int32 lane: vpmaddwd's, vpdpbusd's
 OFFSET = 128  # i8 -> u8 for vpdpbusd's unsigned operand
@@ -60,9 +60,10 @@ def rewrite(func: L.LoopFunc, group: int) -> L.LoopFunc:
         return func
     x_t = products[0].staged
     reads = [ld for ld in L.loads(func.body) if ld.buffer.name == x_t.name]
-    if len(reads) != len(products):  # each product reads it once
+    copy = _staging_copy(func.body, x_t)
+    if len(reads) != len(products) or copy is None:  # each product reads it once
         return func
-    signed = _source_dtype(func.body, x_t) == "int8"
+    signed = L.dtype_of(copy.value) == "int8"
     x_q = L.Buffer(f"{x_t.name}q", "int32", (L.ceildiv(x_t.shape[0], group), x_t.shape[1]), x_t.scope)
     compensate = group == 4 and signed
     accs = {p.acc_store.buffer.name: p.acc_store.buffer for p in products}
@@ -71,10 +72,15 @@ def rewrite(func: L.LoopFunc, group: int) -> L.LoopFunc:
     return replace(func, body=rw.stmt(func.body))
 
 
-def _source_dtype(body: L.Stmt, x_t: L.Buffer) -> str:
-    """The dtype of the tensor the lowering stages into ``x_t``."""
-    store = next(s for s in L.stores(body) if s.buffer.name == x_t.name)
-    return L.dtype_of(store.value)
+def _staging_copy(body: L.Stmt, x_t: L.Buffer) -> L.Store | None:
+    """The lowering's one copy ``X_t[k, m_i] = X[..., k]`` into the staged tile, or None."""
+    copies = [s for s in L.stores(body) if s.buffer.name == x_t.name]
+    if len(copies) != 1 or not isinstance(copies[0].value, L.Load):
+        return None
+    copy = copies[0]
+    if copy.value.indices[-1] != copy.indices[0] or not isinstance(copy.indices[1], L.Var):
+        return None
+    return copy
 
 
 def _offset_of(e: L.Expr, k_i: str) -> L.Expr | None:
@@ -229,13 +235,11 @@ class _Rewriter:
 
     def _staging(self, nest: L.For) -> L.Stmt:
         """The copy into ``X_t[k, m_i]`` as a copy of words ``X_q[kb, m_i]`` (same outer loop kind)."""
-        store = next(s for s in L.stores(nest) if s.buffer.name == self.x_t.name)
+        store = next(s for s in L.stores(nest) if s.buffer.name == self.x_t.name)  # _staging_copy's
         source = store.value
-        if not isinstance(source, L.Load) or source.indices[-1] != store.indices[0]:
-            raise AssertionError(f"unexpected staging of {self.x_t.name}: {source}")
         g, extent = self.group, self.x_t.shape[0]
         kb, m_i = L.Var(f"{self.x_q.name}_k"), store.indices[1]
-        lane_loop = next(f for f in _loops(nest) if f.var == m_i)
+        lane_loop = next(f for f in loops(nest) if f.var == m_i)
         offset = OFFSET if g == 4 and source.buffer.dtype == "int8" else 0
         elements = []
         for j in range(g):
@@ -246,14 +250,3 @@ class _Rewriter:
         copy = L.Store(self.x_q, (kb, m_i), L.Call("pack", tuple(elements), "int32"))
         lanes = L.For(m_i, lane_loop.start, lane_loop.extent, copy)
         return L.For(kb, L.const(0), self.x_q.shape[0], lanes, nest.kind)
-
-
-def _loops(s: L.Stmt) -> list[L.For]:
-    match s:
-        case L.For(body=body):
-            return [s, *_loops(body)]
-        case L.Seq(stmts):
-            return [f for st in stmts for f in _loops(st)]
-        case L.If(_, then):
-            return _loops(then)
-    return []
