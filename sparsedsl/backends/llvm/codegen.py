@@ -485,8 +485,7 @@ class Codegen:
         self.scopes[-1].frees.append(ptr)
 
     def _for(self, loop: L.For, top: bool) -> None:
-        one = isinstance(loop.extent, L.Const) and loop.extent.value == 1 and loop.kind is not L.LoopKind.PARALLEL
-        if (loop.kind is L.LoopKind.UNROLLED or one) and isinstance(loop.extent, L.Const):
+        if loop.kind is L.LoopKind.UNROLLED and isinstance(loop.extent, L.Const):
             start = self.expr(loop.start)
             for i in range(int(loop.extent.value)):
                 self.scopes.append(_Scope({loop.var.name: self.b.add(start, ir.Constant(I64, i))}))
