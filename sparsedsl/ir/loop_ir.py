@@ -187,7 +187,22 @@ class TileMma:
 
 
 Tile = TileFill | TileCopy | TileMma
-Stmt = For | Seq | Store | Let | Alloc | If | Tile
+
+
+@dataclass(frozen=True)
+class Transpose:
+    """A square block copied transposed, in vector shuffles (CPU backends; ``ir/transposes.py``
+    makes them): ``dst[dst_at[c] with lane r added to its last index] = src[src_at[r] with lane c
+    added to its last index]`` for every ``r``, ``c`` below ``len(src_at)``. Each ``src_at[r]`` and
+    ``dst_at[c]`` starts a run of contiguous elements, every one of them in bounds."""
+
+    dst: Buffer
+    dst_at: tuple[tuple[Expr, ...], ...]
+    src: Buffer
+    src_at: tuple[tuple[Expr, ...], ...]
+
+
+Stmt = For | Seq | Store | Let | Alloc | If | Tile | Transpose
 
 
 @dataclass(frozen=True)
@@ -345,6 +360,8 @@ def stmt_exprs(s: Stmt) -> list[Expr]:
             return [value]
         case If(cond, then):
             return [cond, *stmt_exprs(then)]
+        case Transpose(_, dst_at, _, src_at):
+            return [i for at in (*dst_at, *src_at) for i in at]
     return []
 
 
@@ -440,6 +457,12 @@ def stmt_lines(s: Stmt, indent: int = 0) -> list[str]:
             return [f"{pad}{target} = {source}"]
         case TileMma(c, c_tile, a, a_tile, b, b_tile):
             return [f"{pad}{_tile_str(c, c_tile)} += {_tile_str(a, a_tile)} @ {_tile_str(b, b_tile)}"]
+        case Transpose(dst, dst_at, src, src_at):
+            n = len(src_at)
+            runs = [f"{src.name}[{', '.join(expr_str(i) for i in at)} +: {n}]" for at in src_at]
+            return [
+                f"{pad}{dst.name}[{', '.join(expr_str(i) for i in dst_at[0])} +: {n}]... = transpose({', '.join(runs)})"
+            ]
     raise TypeError(s)
 
 

@@ -212,10 +212,9 @@ def _load_library(backend: str, lib: Path, image: bytes, funcs, target: str = "c
             from sparsedsl.backends.llvm.jit import load_library
 
             return replace(load_library(private, funcs), library=lib)  # exported again from the build
-        from sparsedsl.backends.tvm.cpu import load
-        from sparsedsl.backends.tvm.tir import to_tir
+        from sparsedsl.backends.tvm.cpu import cpu_tir, load
 
-        return load(private, {f.name: to_tir(f) for f in funcs}, image)
+        return load(private, {f.name: cpu_tir(f) for f in funcs}, image)
 
 
 def _read_manifest(root: Path) -> dict:

@@ -23,6 +23,7 @@ from llvmlite import ir
 
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir.transposes import shuffles, vector_transposes
 
 I1, I32, I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
 
@@ -452,8 +453,24 @@ class Codegen:
                     self.scopes.append(_Scope())
                     self.stmt(then)
                     self._close_scope()
+            case L.Transpose(dst, dst_at, src, src_at):
+                self._transpose(dst, dst_at, src, src_at)
             case _:
                 raise BackendError(f"llvm backend: cannot generate {s}")
+
+    def _transpose(self, dst: L.Buffer, dst_at, src: L.Buffer, src_at) -> None:
+        """``L.Transpose``: vector loads, the shuffles of ``transposes.shuffles``, vector stores."""
+        lanes = len(src_at)
+        vector = ir.VectorType(TYPES[src.dtype], lanes).as_pointer()
+        values = {
+            f"r{r}": self.b.load(self.b.bitcast(self._address(src, at), vector), align=BYTES[src.dtype])
+            for r, at in enumerate(src_at)
+        }
+        for out, first, second, picks in shuffles():
+            mask = ir.Constant(ir.VectorType(I32, lanes), list(picks))
+            values[out] = self.b.shuffle_vector(values[first], values[second], mask)
+        for c, at in enumerate(dst_at):
+            self.b.store(values[f"o{c}"], self.b.bitcast(self._address(dst, at), vector), align=BYTES[dst.dtype])
 
     def _close_scope(self) -> None:
         scope = self.scopes.pop()
@@ -669,5 +686,5 @@ def generate(
     module = ir.Module(name=funcs[0].name)
     module.triple = triple
     for f in funcs:
-        _entry(module, Codegen(module, f, vector_width, features).finish(), f)
+        _entry(module, Codegen(module, vector_transposes(f), vector_width, features).finish(), f)
     return module

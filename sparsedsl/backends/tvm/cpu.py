@@ -20,6 +20,7 @@ from sparsedsl.backends.tvm.tir import to_tir
 from sparsedsl.config import num_threads
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir.transposes import vector_transposes
 
 _CPU = {"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu"}  # a host target before its CPU is named
 
@@ -95,7 +96,7 @@ class Built:
 def build(funcs: list[L.LoopFunc], cache_dir: Path | None = None) -> Built:
     """Compile loop-IR functions (variants of one kernel) into one module for the host CPU,
     through the on-disk cache when ``cache_dir`` is given."""
-    prims = {f.name: to_tir(f) for f in funcs}
+    prims = {f.name: cpu_tir(f) for f in funcs}
     target = host_target()
     key = cache.key_of(*(p.script() for p in prims.values()), str(target), tvm.__version__)
     if cache_dir is not None:
@@ -112,6 +113,11 @@ def build(funcs: list[L.LoopFunc], cache_dir: Path | None = None) -> Built:
         if cache_dir is not None:
             cache.store(Path(cache_dir), key, lambda entry: shutil.copyfile(path, entry), ".so")
         return load(path, prims, path.read_bytes())
+
+
+def cpu_tir(func: L.LoopFunc) -> tvm.tirx.PrimFunc:
+    """The TIR of a loop-IR function for the CPU: its transposing copies in vector shuffles."""
+    return to_tir(vector_transposes(func))
 
 
 def load(path: Path, prims: dict[str, tvm.tirx.PrimFunc], image: bytes) -> Built:

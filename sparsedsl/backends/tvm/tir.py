@@ -11,6 +11,7 @@ from tvm.tirx.script.builder import ir as T
 
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.schedule import cross_thread_sums
+from sparsedsl.ir.transposes import shuffles
 
 
 def _bound(tag: str):
@@ -132,8 +133,26 @@ class _Emitter:
                 acc, at = self.bufs[c.name].data, self.tile(c, c_tile)
                 args = (self.bufs[a.name].data, self.tile(a, a_tile), self.bufs[b.name].data, self.tile(b, b_tile))
                 T.evaluate(T.tvm_mma_sync(acc, at, *args, acc, at))
+            case L.Transpose(dst, dst_at, src, src_at):
+                self.transpose(dst, dst_at, src, src_at)
             case _:
                 raise TypeError(s)
+
+    def run(self, at: tuple[L.Expr, ...], lanes: int) -> list[tirx.PrimExpr]:
+        """The indices of ``lanes`` contiguous elements from ``at`` (a ramp in the last index)."""
+        return [*(self.expr(i) for i in at[:-1]), tirx.Ramp(self.expr(at[-1]), tirx.const(1, "int64"), lanes)]
+
+    def transpose(self, dst: L.Buffer, dst_at, src: L.Buffer, src_at) -> None:
+        """``L.Transpose``: vector loads, the shuffles of ``transposes.shuffles``, vector stores."""
+        lanes = len(src_at)
+        values = {
+            f"r{r}": T.Bind(tirx.BufferLoad(self.bufs[src.name], self.run(at, lanes))) for r, at in enumerate(src_at)
+        }
+        for out, first, second, picks in shuffles():
+            picked = [tirx.const(i, "int32") for i in picks]
+            values[out] = T.Bind(tirx.Shuffle([values[first], values[second]], picked))
+        for c, at in enumerate(dst_at):
+            T.buffer_store(self.bufs[dst.name], values[f"o{c}"], self.run(at, lanes))
 
     def span(self, buf: L.Buffer, access: str, offset: L.Expr, ld: L.Expr) -> tirx.PrimExpr:
         """A pointer to the 16 x 16 block of ``buf`` at ``offset`` (rows ``ld`` apart), with the
