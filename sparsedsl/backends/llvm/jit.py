@@ -131,7 +131,7 @@ class Built:
         if stage in ("llvm", "ll"):
             return self.llvm_ir
         if stage == "asm":
-            return _machine().emit_assembly(llvm.parse_assembly(self.llvm_ir))
+            return _machine().emit_assembly(_optimized(self.llvm_ir))  # the code that runs
         raise BackendError(f"the llvm backend emits 'llvm' and 'asm', not '{stage}'")
 
     def export(self, path: Path) -> None:
