@@ -46,6 +46,7 @@ class _Product:
     x_block: L.Expr  # the staged row index of k_i = 0, divided by the group
     weight: L.Expr  # the weight factor (an int32 cast of a load) at k_i
     k_i: str
+    lane: L.Var
     extent: int
     acc_store: L.Store
 
@@ -133,7 +134,7 @@ def _match(loop: L.For, group: int) -> _Product | None:
         base = _offset_of(xl.indices[0], k_i)
         block = _divided(base, group) if base is not None else None
         if block is not None:
-            return _Product(xl.buffer, block, w, k_i, int(loop.extent.value), store)
+            return _Product(xl.buffer, block, w, k_i, L.Var(lane), int(loop.extent.value), store)
     return None
 
 
@@ -218,7 +219,7 @@ class _Rewriter:
         steps, weights = [], []
         for t in range(p.extent // g):
             ws = [substitute(p.weight, p.k_i, L.const(t * g + j)) for j in range(g)]
-            word = L.Load(self.x_q, (L.add(p.x_block, L.const(t)), store.indices[1]))
+            word = L.Load(self.x_q, (L.add(p.x_block, L.const(t)), p.lane))
             steps.append(L.Store(store.buffer, store.indices, L.Call("dot", (acc, word, *ws), "int32")))
             weights += ws
         body = L.seq(*steps) if len(steps) > 1 else steps[0]
