@@ -252,12 +252,12 @@ def is_attention_module(module: torch.nn.Module) -> bool:
     return hasattr(getattr(module, "config", None), "_attn_implementation") and hasattr(module, "is_causal")
 
 
-def select(model: torch.nn.Module, plans: dict[str, BlockPattern | None]) -> str | None:
+def select(model: torch.nn.Module, plans: dict[str, BlockPattern | None]) -> tuple[str, str] | None:
     """Run the attention modules of ``model`` named in ``plans`` by ``transformers_attention``
     (dense for None, else the pattern) and the others by SDPA: every transformers model in
     ``model`` selects "sdsl" (transformers selects an implementation per model, not per module).
-    Returns why it cannot (no transformers model holds the modules, or one does not call its
-    attention through ``AttentionInterface``), else None."""
+    Returns a module it cannot select "sdsl" for and why (no transformers model holds it, or its
+    model does not call attention through ``AttentionInterface``), else None."""
     name = register_transformers()
     outer = [(n, m) for n, m in model.named_modules() if callable(getattr(m, "set_attn_implementation", None))]
     outer = [(n, m) for n, m in outer if not any(n.startswith(f"{o}.") or (o == "" and n) for o, _ in outer)]
@@ -269,10 +269,11 @@ def select(model: torch.nn.Module, plans: dict[str, BlockPattern | None]) -> str
     unselected = [n for n in plans if model.get_submodule(n).config._attn_implementation != name]
     if not unselected:
         return None
+    first = unselected[0]
     if not outer:
-        return f"'{unselected[0]}' is in no transformers model (a module with set_attn_implementation) to select it"
-    left = model.get_submodule(unselected[0]).config._attn_implementation
-    return f"'{unselected[0]}' still runs '{left}' attention: its model does not select it through AttentionInterface"
+        return first, f"'{first}' is in no transformers model (a module with set_attn_implementation) to select it"
+    left = model.get_submodule(first).config._attn_implementation
+    return first, f"'{first}' still runs '{left}' attention: its model does not select it through AttentionInterface"
 
 
 def _key_padding(mask: torch.Tensor | None) -> torch.Tensor | None | bool:

@@ -187,12 +187,12 @@ def _attention_from_dict(pattern: str, spec: dict, program: Program) -> Attentio
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise refuse(f'a block pattern needs "window": the tokens a query reaches, an integer >= 0, got {window!r}')
     try:
-        rank = program.format(fmt).rank
+        form = program.format(fmt)
     except SdslError as err:
         raise type(err)(f'attention rule "{pattern}": {err.message}') from None
-    if rank != 2:
-        raise refuse(f"format {fmt} stores {rank}-d tensors, but an attention block pattern is [tokens, keys]")
-    return AttentionRule(pattern, program.format(fmt).label, window)
+    if form.rank != 2:
+        raise refuse(f"format {fmt} stores {form.rank}-d tensors, but an attention block pattern is [tokens, keys]")
+    return AttentionRule(pattern, form.label, window)
 
 
 def _spec_fields(spec) -> tuple:
@@ -370,19 +370,21 @@ def _layers(model: nn.Module, rule_set: RuleSet) -> list[tuple[str, nn.Linear, R
 
 
 def _compile_attention(model: nn.Module, rule_set: RuleSet) -> list[AttentionReport]:
-    """Run the attention modules that an attention rule matches (the first, by name) by
-    sparsedsl's attention kernels, the others by SDPA; their report. A rule that matches no
+    """Run each attention module that an attention rule matches (the first rule matching its name)
+    by sparsedsl's attention kernels, the others by SDPA; their report. A rule that matches no
     attention module, or a block pattern for a causal one, is an error."""
     if not rule_set.attention:
         return []
     modules = [(n, m) for n, m in model.named_modules() if is_attention_module(m)]
     plans: dict[str, BlockPattern | None] = {}
     patterns: dict[int, BlockPattern | None] = {}  # per rule, one pattern (and its masks) for its modules
+    rule_of: dict[str, int] = {}
     rows = []
     for name, module in modules:
         index = next((i for i, r in enumerate(rule_set.attention) if fnmatch.fnmatchcase(name, r.pattern)), None)
         if index is None:
             continue
+        rule_of[name] = index
         if rule_set.attention[index].format and module.is_causal:
             raise rule_set.attention_error(
                 index,
@@ -401,9 +403,10 @@ def _compile_attention(model: nn.Module, rule_set: RuleSet) -> list[AttentionRep
                 "matches no attention module (transformers' modules that call its AttentionInterface, matched by "
                 f"their dotted names whole: {names})",
             )
-    why = select(model, plans)
-    if why is not None:
-        raise rule_set.attention_error(0, f"cannot be applied: {why}")
+    refused = select(model, plans)
+    if refused is not None:
+        name, why = refused
+        raise rule_set.attention_error(rule_of[name], f"cannot be applied: {why}")
     return rows
 
 
