@@ -738,6 +738,12 @@ class _Nest(_Lowering):
                 L.If(before_last, self._writeout("out")),
             )
             inner = L.For(kb, L.const(0), self.blocks, _wrap(plain, _wrap(outer, per_row)))
+            if outer and isinstance(outer[0], L.For):  # row chunks around the blocks: threads take chunks
+                row, chunk = outer[0], L.Var(f"{outer[0].var.name}_t")
+                start = L.mul(chunk, L.const(BLOCK_ROWS))
+                first = replace(row, start=start, extent=L.minimum(L.const(BLOCK_ROWS), L.sub(row.extent, start)))
+                blocks = L.For(kb, L.const(0), self.blocks, _wrap(plain, _wrap([first, *outer[1:]], per_row)))
+                inner = L.For(chunk, L.const(0), L.ceildiv(row.extent, BLOCK_ROWS), blocks)
         elif self.gather:  # inside the gathered result's tile (a kernel without sparse input: ``for n`` is plain)
             inner = _wrap(plain, _wrap(outer, L.seq(L.Alloc(acc), zero, reduce_part, writeout)))
         else:  # the accumulator is the whole output tile: zeroed once, each plain loop sums into its part
@@ -765,6 +771,8 @@ class _Nest(_Lowering):
         first: output row blocks (race-free only when gathering), token tiles."""
         token, outer, inner = self.token, self.nest[: self.alloc_depth], self.nest[self.alloc_depth :]
         rows = [it.var.name for it in outer if isinstance(it, L.For)] if self.gather else []
+        if self.block is not None and rows:
+            rows[0] = f"{rows[0]}_t"  # the row chunks, around the blocks
         siblings = rows[:1] + ["s_o"] + (["w_o"] if self.out_tile else [])
         kernel = self.kernel
         levels = len(self.fmt.levels) if self.fmt else 0
@@ -1002,6 +1010,10 @@ def _call(func: str, xs: list[L.Expr]) -> L.Expr:
 
 
 BLOCK = 16  # floats per cache line: transposes move whole lines on both sides
+# K-blocking: row blocks a chunk, each chunk running every block of the sum through its rows; the
+# chunks are what threads share (one fork per tile, not per block), each rereading a block from L2
+# once per chunk
+BLOCK_ROWS = 32
 # A row-wise sum into an output [t, c] (attention's P V): 2 columns x 32 lanes of accumulators
 # (8 AVX2 registers), so each row's 32 tile entries are loaded once for both columns.
 COLUMNS, PART = 2, 32

@@ -43,10 +43,10 @@ GPU_TILE = 128  # tokens per CUDA block (a warp of threads, up to 4 tokens each:
 TENSOR_TILE = 64  # tokens per warp on tensor cores (ir/tensor_cores.py)
 BACKENDS = ("tvm", "llvm")
 SMALL_TILE = 16
-# K-blocking: the staged activations of one block of the sum, this many bytes (L1's 32 KiB on znver3;
-# measured against 16 and 48 KiB), are reread from L1 while every row streams through them
-# (docs/BENCHMARKS.md, "K-blocking")
-L1_BLOCK_BYTES = 32 * 1024
+# K-blocking: the staged activations of one block of the sum, this many bytes, are what every row
+# rereads (from L1 and L2) instead of the whole tile; measured on znver3 (32 KiB L1) against 16, 32,
+# 64 and 96 KiB (docs/BENCHMARKS.md, "K-blocking"): 48 KiB was best or tied on every N:M shape
+L1_BLOCK_BYTES = 48 * 1024
 ONE_TOKEN_LANES = 8  # stored values a vector of partial sums takes at once (one token)
 
 
