@@ -45,8 +45,9 @@ def cases(quick: bool) -> list[dict]:
         rows += [{"tokens": 128, "n": n, "k": k, "fmt": f, "sparsity": 0.9} for f in FORMATS_90]
         rows += [{"tokens": 128, "n": n, "k": k, "fmt": f, "sparsity": None} for f in STRUCTURED]
     if not quick:
-        for n, k in [(1536, 384), (384, 1536)]:
+        for n, k in [(384, 384), (1536, 384), (384, 1536)]:  # MiniLM's layers (issue 14, item 6)
             rows += [{"tokens": 1024, "n": n, "k": k, "fmt": f, "sparsity": 0.9} for f in ("CSR", "BSR(4, 1)")]
+            rows.append({"tokens": 128, "n": n, "k": k, "fmt": "BSR(4, 1)", "sparsity": 0.9})
         rows += decode_cases()
     return rows
 
