@@ -162,12 +162,7 @@ def _rules_from_dict(rules: dict, program: Program) -> RuleSet:
         if dtype is not None and dtype not in QUANTIZED_DTYPES:
             known = ", ".join(QUANTIZED_DTYPES)
             raise SdslSemanticError(f'rule "{pattern}": dtype must be one of {known}, got {dtype!r}')
-        try:
-            rank = program.format(fmt).rank
-        except SdslError as err:
-            raise type(err)(f'rule "{pattern}": {err.message}') from None
-        if rank != 2:
-            raise SdslSemanticError(f'rule "{pattern}": format {fmt} stores {rank}-d tensors, a linear weight is 2-d')
+        _matrix_format(program, fmt, f'rule "{pattern}"', "a linear weight is 2-d")
         out.append(Rule(pattern, fmt, None if sparsity is None else float(sparsity), prune=method, dtype=dtype))
     return RuleSet(out, [None] * len(out), attention=attention, attention_spans=[None] * len(attention))
 
@@ -186,13 +181,20 @@ def _attention_from_dict(pattern: str, spec: dict, program: Program) -> Attentio
         return AttentionRule(pattern)
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise refuse(f'a block pattern needs "window": the tokens a query reaches, an integer >= 0, got {window!r}')
+    why = "but an attention block pattern is [tokens, keys]"
+    form = _matrix_format(program, fmt, f'attention rule "{pattern}"', why)
+    return AttentionRule(pattern, form.label, window)
+
+
+def _matrix_format(program: Program, fmt: str, rule: str, why: str) -> Format:
+    """Format ``fmt`` of a dict rule, which must store 2-d tensors (``why``); errors name ``rule``."""
     try:
         form = program.format(fmt)
     except SdslError as err:
-        raise type(err)(f'attention rule "{pattern}": {err.message}') from None
+        raise type(err)(f"{rule}: {err.message}") from None
     if form.rank != 2:
-        raise refuse(f"format {fmt} stores {form.rank}-d tensors, but an attention block pattern is [tokens, keys]")
-    return AttentionRule(pattern, form.label, window)
+        raise SdslSemanticError(f"{rule}: format {fmt} stores {form.rank}-d tensors, {why}")
+    return form
 
 
 def _spec_fields(spec) -> tuple:

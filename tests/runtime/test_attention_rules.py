@@ -124,20 +124,10 @@ def test_block_pattern_is_masked_sdpa_on_the_blocks_near_the_diagonal(tokens, ke
     torch.testing.assert_close(pattern.attend(q, k, v, keep, 0.3), want, rtol=1e-4, atol=1e-5)
 
 
-def test_llama_generate_runs_the_kernel_at_each_decoding_step(calls):
+def test_llama_generate_runs_the_kernel_at_each_decoding_step(calls, tiny_llama):
     """A causal model: the prompt's causal call goes to SDPA, each step's one query (against the
     KV cache, grouped keys repeated, left padding masked) to the kernel; the tokens are SDPA's."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama
     compiled = sd.compile_model(model, {"model.layers.*.self_attn": {"attention": True}})
     ids = torch.randint(0, 128, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.long)

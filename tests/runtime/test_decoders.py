@@ -44,18 +44,8 @@ def test_unmatched_conv1d_rule_names_what_it_matched():
         sd.compile_model(transformers.GPT2LMHeadModel(config), {"transformer.h.0.ln_1": "CSR"})
 
 
-def test_llama_generate_runs_the_sparse_kernels_one_token_a_step():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+def test_llama_generate_runs_the_sparse_kernels_one_token_a_step(tiny_llama):
+    model = tiny_llama
     sparse = sd.compile_model(
         model, {"model.layers.*.mlp.*_proj": ("NM(2, 4)", 0.5), "*.self_attn.o_proj": ("CSR", 0.5)}
     )
