@@ -54,17 +54,24 @@ def sparse_case(draw, formats=FORMATS):
 LOOP_VERBS = ("split", "reorder", "parallel", "vectorize", "unroll")
 SPLIT_FACTORS = (1, 2, 3, 4, 8, 16, 100)
 TILES = (1, 3, 8, 16, 64)
+BLOCKS = (1, 2, 4, 6, 64)  # ``block`` sizes: legal or not for a format's divisor
 
 
 @st.composite
-def schedule_block(draw, kernel: str, loops: list[str], token: str | None = None, layouts=()) -> str:
+def schedule_block(
+    draw, kernel: str, loops: list[str], token: str | None = None, layouts=(), summed: tuple[str, ...] = ()
+) -> str:
     """A random ``schedule KERNEL on cpu { ... }``: maybe a ``tile`` of the token index, maybe a
+    ``block`` of a summed index (``summed``) or of the token, maybe a
     ``layout`` (``layouts``: (tensor, its indices) pairs, any order drawn), then up to six loop
     directives over the loop names ``loops``, the names that earlier splits made, and one name no
     loop has. Legal or not: the compiler must either refuse it, located, or run it correctly."""
     directives = []
     if token is not None and draw(st.booleans()):
         directives.append(f"tile {token} by {draw(st.sampled_from(TILES))}")
+    if summed and draw(st.booleans()):
+        index = draw(st.sampled_from([*summed, *([token] if token else [])]))
+        directives.append(f"block {index} by {draw(st.sampled_from(BLOCKS))}")
     if layouts and draw(st.booleans()):
         tensor, indices = draw(st.sampled_from(list(layouts)))
         directives.append(f"layout {tensor} as [{', '.join(draw(st.permutations(indices)))}]")

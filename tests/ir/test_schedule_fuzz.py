@@ -9,6 +9,7 @@ a few fixed ones run in ``make test``.
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -123,7 +124,8 @@ def _arguments(prog: sd.Program, kernel: str, fmt: str, sizes: dict[str, int], s
 
 def _check(kernel: str, fmt: str, backend: str, data) -> None:
     names, token = _loops(kernel, fmt)
-    schedule = data.draw(schedule_block(kernel, names, token, KERNELS[kernel][2]), label="schedule")
+    summed = tuple(re.findall(r"sum\((\w+)\)", KERNELS[kernel][0]))
+    schedule = data.draw(schedule_block(kernel, names, token, KERNELS[kernel][2], summed), label="schedule")
     try:
         prog = sd.compile(_source(kernel, fmt) + schedule, backend=backend)
     except (sd.ScheduleError, sd.SdslSemanticError) as err:
