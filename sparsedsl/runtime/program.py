@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -193,6 +194,9 @@ class CompiledKernel:
             loop_directives = [d for d in directives if d.verb not in ("tile", "layout", "block")]
             if loop_directives:
                 return {"scheduled": sched.apply(func, loop_directives)}
+            if not any(d.verb == "tile" for d in directives) and _register_tile(func, opts.tile) != opts.tile:
+                opts = replace(opts, tile=_register_tile(func, opts.tile))
+                func = _lower_blocked(kernel, opts)
             variants = sched.default(func)
             if func.meta.get("token") and not any(d.verb == "tile" for d in directives):
                 # decode-sized calls: a 16-token tile for a few tokens, a 1-token tile for one (a big
@@ -390,6 +394,27 @@ def index_type_choices(fmt: Format | None) -> list[tuple[str, ...] | None]:
     if fmt is None:
         return [None]
     return [tuple(lv.type_name(d) for d in choice) for choice in fmt.index_dtype_choices()]
+
+
+def _register_tile(func: L.LoopFunc, tile: int) -> int:
+    """The token tile for ``func`` lowered with ``tile``: the widest power-of-two part of it, down
+    to ``SMALL_TILE``, whose accumulators (the constant-size local buffers with the tile last: a
+    ``[4, tile]`` block row of BSR(4, 1)) fit half of this CPU's vector registers, 8 of AVX2's 16
+    ymm, 16 of AVX-512's 32 zmm; ``tile`` when none does (they spill either way, and a wide tile
+    reads the weight fewer times). A 4 x 64 block row in 32 ymm registers spilled: 2.5x the time of
+    a 16-token tile on AVX2 (docs/BENCHMARKS.md, "Token tile and registers")."""
+    from sparsedsl.backends.llvm.jit import vector_bits
+
+    bits = vector_bits()
+    budget = (bits // 32) * (16 if bits >= 512 else 8)  # f32 lanes in half the vector registers
+    rows = 1
+    for buf in L.allocs(func.body):
+        if buf.shape and all(isinstance(d, L.Const) for d in buf.shape) and buf.shape[-1] == L.const(tile):
+            rows = max(rows, math.prod(d.value for d in buf.shape[:-1]))
+    fit = tile
+    while fit > SMALL_TILE and rows * fit > budget:
+        fit //= 2
+    return fit if rows * fit <= budget else tile
 
 
 def _lower_blocked(kernel: K.Kernel, opts: LowerOptions) -> L.LoopFunc:

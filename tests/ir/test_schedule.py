@@ -73,10 +73,18 @@ def test_kernels_correct_under_schedules(kernel, which, m):
         _check(prog, kernel, fmt, m)
 
 
+def _block_row_tile() -> int:
+    """The default token tile of a 4-row block (BSR(4, 1)): its accumulators fit half the vector
+    registers (program._register_tile), 64 tokens with AVX-512, 16 with AVX2."""
+    from sparsedsl.backends.llvm.jit import vector_bits
+
+    return 64 if vector_bits() >= 512 else 16
+
+
 def test_default_schedule_parallelizes_rows_and_vectorizes_tokens():
     ir = _program().kernels["linear"].source("ir")
     assert "for n_o in [0, (N // 4)) parallel:" in ir
-    assert "for m_i in [0, 64) vectorized:" in ir
+    assert f"for m_i in [0, {_block_row_tile()}) vectorized:" in ir
     assert "for n_i in [0, 4) unrolled:" in ir
     # the transposed product scatters along the sparse level: parallel over token tiles only
     assert "for m_o in [0, ((M + 63) // 64)) parallel:" in _program().kernels["linear_t"].source("ir")
@@ -90,7 +98,17 @@ def test_tile_changes_the_token_tile():
 def test_layout_controls_staging():
     staged = _program().kernels["linear"].source("ir")
     plain = _program("schedule linear on cpu { layout X as [m, k] }").kernels["linear"].source("ir")
-    assert "local X_t: float32[K, 64]" in staged and "X_t" not in plain
+    assert f"local X_t: float32[K, {_block_row_tile()}]" in staged and "X_t" not in plain
+
+
+@pytest.mark.parametrize(("fmt", "wide"), [("CSR", 64), ("BSR(4, 1)", None), ("BSR(16, 16)", 64)])
+def test_the_default_tile_fits_the_accumulators_in_registers(fmt, wide):
+    """One row a stored value keeps 64 tokens; a 4-row block the tile whose accumulators fit half
+    the registers; a 16-row block spills at any tile, so it keeps the widest (fewest weight reads)."""
+    prog = _program()
+    variants = prog.kernels["linear"].lowered(prog.format(fmt))
+    assert variants["tiles"].meta["tile"] == (wide or _block_row_tile())
+    assert variants["rows_small"].meta["tile"] == 16 and variants["rows_one"].meta["tile"] == 1
 
 
 def test_split_and_reorder_rewrite_loops():

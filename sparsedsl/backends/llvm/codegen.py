@@ -350,7 +350,10 @@ class Codegen:
             cmp = b.icmp_signed("<" if op == "min" else ">", a, c)
             return b.select(cmp, a, c)
         if is_float:
-            return {"+": b.fadd, "-": b.fsub, "*": b.fmul, "/": b.fdiv}[op](a, c)
+            result = {"+": b.fadd, "-": b.fsub, "*": b.fmul, "/": b.fdiv}[op](a, c)
+            if op != "/":  # a product and a sum may fuse into one FMA (one rounding fewer), as TVM's code does
+                result.flags.append("contract")
+            return result
         return {"+": b.add, "-": b.sub, "*": b.mul, "//": b.sdiv, "%": b.srem, "/": b.sdiv}[op](a, c)
 
     def _call(self, name: str, args: list[ir.Value]) -> ir.Value:
