@@ -8,13 +8,11 @@ medians of each round's ratios to ``F.linear``.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 
 import torch
 import torch.nn.functional as F
-from kernels import ROOT, warm_up
+from kernels import ROOT, comparison_parser, rule_chosen_threads, warm_up
 
 import sparsedsl as sd
 from sparsedsl.ir import schedule
@@ -40,16 +38,11 @@ def compare(progs: dict[int, sd.Program], weight: torch.Tensor, tokens: int, rou
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = comparison_parser(__doc__)
     parser.add_argument("--tokens", default="1,8")
     parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--backend", choices=("tvm", "llvm"), default="tvm")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ["SPARSEDSL_NUM_THREADS"] = str(args.threads)
-    os.environ["SPARSEDSL_TUNE"] = "0"  # the default variant rule, not a measured choice
+    rule_chosen_threads(args.threads)
     progs, weights = {}, []
     for parts in (1, schedule.SORTED_PARTS):
         schedule.SORTED_PARTS = parts  # read when the program lowers the kernel for a format

@@ -10,13 +10,11 @@ one iteration), interleaved with dense
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 
 import torch
 import torch.nn.functional as F
-from kernels import ROOT, warm_up
+from kernels import ROOT, comparison_parser, rule_chosen_threads, warm_up
 
 import sparsedsl as sd
 from sparsedsl.runtime import program
@@ -58,18 +56,13 @@ def compare(progs: dict[int, sd.Program], fmt: str, n: int, k: int, tokens: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = comparison_parser(__doc__)
     parser.add_argument("--formats", default="NM(2, 4);NM(1, 4);NM(2, 8);VNM", help="';'-separated")
     parser.add_argument("--tokens", default="64,128,512")
     parser.add_argument("--shapes", default="bert,gpt2", help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--bytes", default=str(program.L1_BLOCK_BYTES), help="block sizes to compare, in bytes")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--backend", choices=("tvm", "llvm"), default="tvm")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ["SPARSEDSL_NUM_THREADS"] = str(args.threads)
-    os.environ["SPARSEDSL_TUNE"] = "0"  # the default variant rule, not a measured choice
+    rule_chosen_threads(args.threads)
     sizes = [UNBLOCKED, *(int(b) for b in args.bytes.split(","))]
     progs = programs(args.backend, sizes)
     warm_up(progs[UNBLOCKED])

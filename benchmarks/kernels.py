@@ -31,6 +31,23 @@ FORMATS_90 = ["CSR", "BSR(4, 1)", "BSR(16, 16)", "BSR(32, 32)"]
 STRUCTURED = ["NM(2, 4)", "NM(1, 4)", "NM(2, 8)"]
 
 
+def comparison_parser(doc: str) -> argparse.ArgumentParser:
+    """The options shared by the scripts that compare builds of one kernel (kblock.py, coo_rows.py)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--backend", choices=("tvm", "llvm"), default="tvm")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def rule_chosen_threads(threads: int) -> None:
+    """``threads`` for torch and the kernels, and the default variant rule (``schedule.pick``)
+    instead of a measured choice, so that builds are compared on the same variant."""
+    torch.set_num_threads(threads)
+    os.environ["SPARSEDSL_NUM_THREADS"] = str(threads)
+    os.environ["SPARSEDSL_TUNE"] = "0"
+
+
 def decode_cases() -> list[dict]:
     """A few tokens (decoding) through a 4096 x 4096 weight: 90% unstructured and blocked, and N:M."""
     formats = [("CSR", 0.9), ("BSR(4, 1)", 0.9)] + [(f, None) for f in STRUCTURED]
