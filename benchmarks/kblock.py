@@ -1,5 +1,5 @@
 """K-blocking against the unblocked sum, in one process: each case's kernel compiled with the
-default blocks (``program.L1_BLOCK_BYTES`` of staged activations a block, or the sizes given) and
+default blocks (``variants.L1_BLOCK_BYTES`` of staged activations a block, or the sizes given) and
 with one block spanning the whole sum (the code before K-blocking, but for that block's loop of
 one iteration), interleaved with dense
 ``F.linear`` over several rounds; the medians of each round's ratios to ``F.linear``.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from kernels import ROOT, comparison_parser, rule_chosen_threads, warm_up
 
 import sparsedsl as sd
-from sparsedsl.runtime import program
+from sparsedsl.ir import variants
 from sparsedsl.runtime.prune import prune
 from sparsedsl.timing import median_time
 
@@ -31,7 +31,7 @@ def programs(backend: str, sizes: list[int]) -> dict[int, sd.Program]:
 
 
 def call(prog: sd.Program, size: int, *args) -> torch.Tensor:
-    program.L1_BLOCK_BYTES = size  # read when the program first builds the kernel for a format
+    variants.L1_BLOCK_BYTES = size  # read when the program first builds the kernel for a format
     return prog.linear(*args)
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--formats", default="NM(2, 4);NM(1, 4);NM(2, 8);VNM", help="';'-separated")
     parser.add_argument("--tokens", default="64,128,512")
     parser.add_argument("--shapes", default="bert,gpt2", help=f"of {', '.join(SHAPES)}")
-    parser.add_argument("--bytes", default=str(program.L1_BLOCK_BYTES), help="block sizes to compare, in bytes")
+    parser.add_argument("--bytes", default=str(variants.L1_BLOCK_BYTES), help="block sizes to compare, in bytes")
     args = parser.parse_args()
     rule_chosen_threads(args.threads)
     sizes = [UNBLOCKED, *(int(b) for b in args.bytes.split(","))]

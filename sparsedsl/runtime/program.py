@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -23,9 +22,10 @@ from sparsedsl.ir import kernel_ir as K
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir import schedule as sched
+from sparsedsl.ir import variants
 from sparsedsl.ir.buffer_names import stored_values
 from sparsedsl.ir.formats import Format
-from sparsedsl.ir.lowering import KBlock, LowerOptions, lower
+from sparsedsl.ir.lowering import LowerOptions, lower
 from sparsedsl.runtime import tuning
 from sparsedsl.runtime.calls import BoundCall, BoundCalls, signature, threads_for
 from sparsedsl.runtime.sparse_tensor import STAMP, SparseTensor
@@ -43,12 +43,6 @@ TARGETS = ("cpu", "cuda")
 GPU_TILE = 128  # tokens per CUDA block (a warp of threads, up to 4 tokens each: ir/gpu.py)
 TENSOR_TILE = 64  # tokens per warp on tensor cores (ir/tensor_cores.py)
 BACKENDS = ("tvm", "llvm")
-SMALL_TILE = 16
-# K-blocking: the staged activations of one block of the sum, this many bytes, are what every row
-# rereads (from L1 and L2) instead of the whole tile; measured on znver3 (32 KiB L1) against 16, 32,
-# 64 and 96 KiB (docs/BENCHMARKS.md, "K-blocking"): 48 KiB was best or tied on every N:M shape
-L1_BLOCK_BYTES = 48 * 1024
-ONE_TOKEN_LANES = 8  # stored values a vector of partial sums takes at once (one token)
 
 
 @dataclass
@@ -117,49 +111,6 @@ class Instance:
         return self.variants[sched.pick(self.variants, sizes.get(self.meta.get("token_size")), threads)].name
 
 
-def _sparse_indices(kernel: K.Kernel) -> set[str]:
-    sparse = kernel.sparse_input
-    return {i for a in K.accesses(kernel.value) if sparse and a.tensor == sparse.name for i in a.indices}
-
-
-def _lower_options(directives, kernel: K.Kernel) -> LowerOptions:
-    tile, stage, no_stage = LowerOptions.tile, set(), set()
-    explicit, block = False, None
-    for d in directives:
-        if d.verb == "tile":
-            token = next((i for i in kernel.indices if i not in _sparse_indices(kernel)), None)
-            if d.loops[0].text != token:
-                what = f"the token index is '{token}'" if token else "this kernel has no token index to tile"
-                raise ScheduleError(f"cannot tile '{d.loops[0].text}': {what}", d.loops[0].span)
-            tile = d.factor
-        elif d.verb == "block":
-            sums = [e for s in kernel.statements for e in K.subexprs(s.value) if isinstance(e, K.KSum)]
-            summed = {i for e in sums for i in e.indices}
-            if d.loops[0].text not in summed:
-                raise ScheduleError(
-                    f"cannot block '{d.loops[0].text}': it is not an index kernel '{kernel.name}' sums over "
-                    f"(it sums over {', '.join(sorted(summed)) or 'none'})",
-                    d.loops[0].span,
-                )
-            block = KBlock(d.loops[0].text, d.factor, d.span)
-        elif d.verb == "layout":
-            tensor, *order = [n.text for n in d.loops]
-            accesses = [a for a in K.accesses(kernel.value) if a.tensor == tensor]
-            if not accesses:
-                raise ScheduleError(f"'{tensor}' is not a tensor read by kernel '{kernel.name}'", d.loops[0].span)
-            natural = list(accesses[0].indices)
-            if sorted(order) != sorted(natural):
-                raise ScheduleError(f"layout of '{tensor}' must order its indices {', '.join(natural)}", d.span)
-            if order == natural:
-                no_stage.add(tensor)
-            elif len(order) >= 2 and order[:-1] == [i for i in natural if i != order[-1]]:
-                stage.add(tensor)
-                explicit = True
-            else:
-                raise ScheduleError(f"layout of '{tensor}' can keep its order or move the token index last", d.span)
-    return LowerOptions(tile, frozenset(stage) if explicit else None, frozenset(no_stage), block=block)
-
-
 @dataclass
 class CompiledKernel:
     """A kernel of a program, callable on torch tensors; instantiated per sparse format."""
@@ -187,26 +138,12 @@ class CompiledKernel:
         kernel = self.kernel.with_format(fmt) if fmt is not None else self.kernel
         directives = self.program.schedule_directives(self.name)
         try:
-            opts = replace(_lower_options(directives, kernel), index_dtypes=index_dtypes)
+            opts = replace(variants.lower_options(directives, kernel), index_dtypes=index_dtypes)
             if self.program.target == "cuda":
                 return {"cuda": self._gpu(kernel, opts, directives)}
-            func = _lower_blocked(kernel, opts)
-            loop_directives = [d for d in directives if d.verb not in ("tile", "layout", "block")]
-            if loop_directives:
-                return {"scheduled": sched.apply(func, loop_directives)}
-            if not any(d.verb == "tile" for d in directives) and _register_tile(func, opts.tile) != opts.tile:
-                opts = replace(opts, tile=_register_tile(func, opts.tile))
-                func = _lower_blocked(kernel, opts)
-            variants = sched.default(func)
-            if func.meta.get("token") and not any(d.verb == "tile" for d in directives):
-                # decode-sized calls: a 16-token tile for a few tokens, a 1-token tile for one (a big
-                # tile wastes most of its work); one tile has only its rows to share out
-                for suffix, tile in (("small", SMALL_TILE), ("one", 1)):
-                    few = sched.default(_lower_blocked(kernel, replace(opts, tile=tile)))
-                    kind = "rows" if "rows" in few else next(iter(few))
-                    variants[f"{kind}_{suffix}"] = _one_token(few[kind]) if tile == 1 else few[kind]
-                variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}
-            return variants
+            from sparsedsl.backends.llvm.jit import vector_bits
+
+            return variants.cpu(kernel, opts, directives, vector_bits())
         except SdslError as err:
             raise err.with_source(self.program.checked.source) from None
 
@@ -394,46 +331,6 @@ def index_type_choices(fmt: Format | None) -> list[tuple[str, ...] | None]:
     if fmt is None:
         return [None]
     return [tuple(lv.type_name(d) for d in choice) for choice in fmt.index_dtype_choices()]
-
-
-def _register_tile(func: L.LoopFunc, tile: int) -> int:
-    """The token tile for ``func`` lowered with ``tile``: the widest power-of-two part of it, down
-    to ``SMALL_TILE``, whose accumulators (the constant-size local buffers with the tile last: a
-    ``[4, tile]`` block row of BSR(4, 1)) fit half of this CPU's vector registers, 8 of AVX2's 16
-    ymm, 16 of AVX-512's 32 zmm; ``tile`` when none does (they spill either way, and a wide tile
-    reads the weight fewer times). A 4 x 64 block row in 32 ymm registers spilled: 2.5x the time of
-    a 16-token tile on AVX2 (docs/BENCHMARKS.md, "Token tile and registers")."""
-    from sparsedsl.backends.llvm.jit import vector_bits
-
-    bits = vector_bits()
-    budget = (bits // 32) * (16 if bits >= 512 else 8)  # f32 lanes in half the vector registers
-    rows = 1
-    for buf in L.allocs(func.body):
-        if buf.shape and all(isinstance(d, L.Const) for d in buf.shape) and buf.shape[-1] == L.const(tile):
-            rows = max(rows, math.prod(d.value for d in buf.shape[:-1]))
-    fit = tile
-    while fit > SMALL_TILE and rows * fit > budget:
-        fit //= 2
-    return fit if rows * fit <= budget else tile
-
-
-def _lower_blocked(kernel: K.Kernel, opts: LowerOptions) -> L.LoopFunc:
-    """The kernel lowered with K-blocking: the schedule's ``block``, else (a tile of several tokens)
-    blocks of ``L1_BLOCK_BYTES`` of staged activations where the format bounds a block without a
-    search (N:M, VNM: ``lowering.KBlock``), unblocked where it does not (CSR, ELL, BSR, COO)."""
-    if opts.block is not None or opts.tile == 1:
-        return lower(kernel, opts)
-    try:
-        return lower(kernel, replace(opts, block=KBlock(None, L1_BLOCK_BYTES // (4 * opts.tile))))
-    except ScheduleError:
-        return lower(kernel, opts)
-
-
-def _one_token(func: L.LoopFunc) -> L.LoopFunc:
-    """A one-token variant with its sum over a row's stored values in vector lanes (without tokens
-    to vectorise over, each add would wait on the one before): ``sched.vector_sums``."""
-    reduction = func.meta.get("sparse_reduction")
-    return func if reduction is None else sched.vector_sums(func, reduction, ONE_TOKEN_LANES)
 
 
 def _compact(arg):

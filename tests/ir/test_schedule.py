@@ -75,7 +75,7 @@ def test_kernels_correct_under_schedules(kernel, which, m):
 
 def _block_row_tile() -> int:
     """The default token tile of a 4-row block (BSR(4, 1)): its accumulators fit half the vector
-    registers (program._register_tile), 64 tokens with AVX-512, 16 with AVX2."""
+    registers (variants.register_tile), 64 tokens with AVX-512, 16 with AVX2."""
     from sparsedsl.backends.llvm.jit import vector_bits
 
     return 64 if vector_bits() >= 512 else 16
