@@ -118,8 +118,8 @@ def _blocked(outer: L.For, taken: set[str]) -> L.Stmt | None:
     if not (isinstance(body, L.Store) and isinstance(body.value, L.Load)) or body.atomic:
         return None
     store, load = body, body.value
-    if store.buffer.dtype not in _WIDE or load.buffer.dtype != store.buffer.dtype:
-        return None
+    if store.buffer.dtype not in _WIDE or load.buffer.dtype != store.buffer.dtype or load.buffer == store.buffer:
+        return None  # (a copy within one buffer: the block's loads before its stores would change it)
     names = (outer.var.name, inner.var.name)
     src_v, dst_v = _along(load.indices, names), _along(store.indices, names)
     if src_v is None or dst_v is None or src_v == dst_v:

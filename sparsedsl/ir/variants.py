@@ -77,8 +77,7 @@ def register_tile(func: L.LoopFunc, tile: int, vector_bits: int) -> int:
     8 of AVX2's 16 ymm, 16 of AVX-512's 32 zmm; ``tile`` when none does (they spill either way,
     and a wide tile reads the weight fewer times). A 4 x 64 block row in 32 ymm registers spilled:
     2.5x the time of a 16-token tile on AVX2 (docs/BENCHMARKS.md, "Token tile and registers")."""
-    bits = vector_bits
-    budget = (bits // 32) * (16 if bits >= 512 else 8)  # f32 lanes in half the vector registers
+    budget = (vector_bits // 32) * (16 if vector_bits >= 512 else 8)  # f32 lanes in half the registers
     rows = 1
     for buf in L.allocs(func.body):
         if buf.shape and all(isinstance(d, L.Const) for d in buf.shape) and buf.shape[-1] == L.const(tile):
@@ -116,8 +115,9 @@ def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> d
     if loop_directives:
         return {"scheduled": sched.apply(func, loop_directives)}
     tiled = any(d.verb == "tile" for d in directives)
-    if not tiled and register_tile(func, opts.tile, vector_bits) != opts.tile:
-        opts = replace(opts, tile=register_tile(func, opts.tile, vector_bits))
+    fit = opts.tile if tiled else register_tile(func, opts.tile, vector_bits)
+    if fit != opts.tile:
+        opts = replace(opts, tile=fit)
         func = lower_blocked(kernel, opts)
     variants = sched.default(func)
     if func.meta.get("token") and not tiled:
