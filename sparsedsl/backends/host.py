@@ -26,9 +26,11 @@ def used_in_code(features: Iterable[str]) -> list[str]:
     return sorted(f for f in features if _USED_IN_CODE.match(f))
 
 
+
 def dot_group(features: Iterable[str]) -> int:
     """Products per int32 lane of the integer dot-product instruction code for ``features`` uses
-    (``ir/dot_products.py``): 4 with ``vpdpbusd`` (AVX-VNNI, or AVX-512 VNNI with VL), else 2
-    (``vpmaddwd``, AVX2)."""
-    have = set(features)
-    return 4 if "avxvnni" in have or {"avx512vnni", "avx512vl"} <= have else 2
+    (``ir/dot_products.py``): 4 where the llvm backend's table has a 256-bit ``vpdpbusd`` for them
+    (AVX-VNNI, or AVX-512 VNNI with VL), else 2 (``vpmaddwd``)."""
+    from sparsedsl.backends.llvm.codegen import DOT_INTRINSICS, provides
+
+    return 4 if provides(DOT_INTRINSICS[(4, 8)], frozenset(features)) else 2

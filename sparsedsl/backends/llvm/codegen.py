@@ -80,6 +80,11 @@ DOT_INTRINSICS = {
 }
 
 
+def provides(intrinsic: tuple, features: frozenset[str]) -> bool:
+    """Whether a CPU with ``features`` has a ``DOT_INTRINSICS`` entry's instruction."""
+    return any(set(f.split("+")) <= features for f in intrinsic[1])
+
+
 def size_names(func: L.LoopFunc) -> list[str]:
     """Every size name the function's shapes and bounds use, sorted."""
     names: set[str] = set()
@@ -408,7 +413,7 @@ class Codegen:
         vty = ir.VectorType(I32, lanes)
         acc, wword = self._splat(acc, vty), self._splat(self._pack(weights), vty)
         intrinsic = DOT_INTRINSICS.get((group, lanes))
-        if intrinsic is None or not any(set(f.split("+")) <= self.features for f in intrinsic[1]):
+        if intrinsic is None or not provides(intrinsic, self.features):
             return self._dot_plain(acc, word, [self._splat(w, vty) for w in weights])
         name, _, accumulates = intrinsic
         ety = ir.VectorType(ir.IntType(32 // group), lanes * group)
