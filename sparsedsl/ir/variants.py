@@ -122,8 +122,11 @@ def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> d
     variants = sched.default(func)
     if func.meta.get("token") and not tiled:
         # decode-sized calls: a 16-token tile for a few tokens, a 1-token tile for one (a big
-        # tile wastes most of its work); one tile has only its rows to share out
+        # tile wastes most of its work); one tile has only its rows to share out. A tile no
+        # narrower than the default's (BSR(4, 1) on AVX2 already tiles 16) would compile it again
         for suffix, tile in (("small", SMALL_TILE), ("one", 1)):
+            if tile >= opts.tile:
+                continue
             few = sched.default(lower_blocked(kernel, replace(opts, tile=tile)))
             kind = "rows" if "rows" in few else next(iter(few))
             variants[f"{kind}_{suffix}"] = _one_token(few[kind]) if tile == 1 else few[kind]

@@ -107,8 +107,11 @@ def test_the_default_tile_fits_the_accumulators_in_registers(fmt, wide):
     the registers; a 16-row block spills at any tile, so it keeps the widest (fewest weight reads)."""
     prog = _program()
     variants = prog.kernels["linear"].lowered(prog.format(fmt))
-    assert variants["tiles"].meta["tile"] == (wide or _block_row_tile())
-    assert variants["rows_small"].meta["tile"] == 16 and variants["rows_one"].meta["tile"] == 1
+    tile = wide or _block_row_tile()
+    assert variants["tiles"].meta["tile"] == tile and variants["rows_one"].meta["tile"] == 1
+    assert ("rows_small" in variants) == (tile > 16)  # a 16-token default tile is not compiled twice
+    if tile > 16:
+        assert variants["rows_small"].meta["tile"] == 16
 
 
 def test_split_and_reorder_rewrite_loops():
