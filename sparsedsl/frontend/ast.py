@@ -183,9 +183,10 @@ class ScheduleDecl:
 
 @dataclass(frozen=True)
 class Rule:
-    """``linear "GLOB" use KERNEL [with FORMAT] [sparsity S] [prune METHOD] [fuse "GLOB"] [dtype T]``:
+    """``linear "GLOB" use KERNEL [with FORMAT] [sparsity S] [prune METHOD] [fuse "GLOB"] [dtype T [A]]``:
     ``prune`` names the pruning method; ``fuse`` the module (an activation after the layer) that the
-    kernel's epilogue replaces; ``dtype`` the type of the stored values (int8, bf16: a quantized layer)."""
+    kernel's epilogue replaces; ``dtype`` the type of the stored values (int8, bf16: a quantized layer)
+    and ``activations`` how an int8 layer's inputs are scaled (``static``, calibrated, or ``dynamic``)."""
 
     pattern: str
     kernel: Name
@@ -196,6 +197,7 @@ class Rule:
     fuse: str | None = None
     prune: Name | None = None
     dtype: Name | None = None
+    activations: Name | None = None
 
 
 @dataclass(frozen=True)

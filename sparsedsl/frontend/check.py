@@ -849,15 +849,55 @@ def _check_model(decl: ast.ModelDecl, program: Program) -> None:
         if rule.dtype is not None and rule.dtype.text not in QUANTIZED_DTYPES:
             known = ", ".join(QUANTIZED_DTYPES)
             raise SdslSemanticError(f"unknown dtype '{rule.dtype.text}' (known: {known})", rule.dtype.span)
-        if rule.dtype is not None and (rule.fuse is not None or kernel.rowwise):
-            raise SdslSemanticError(
-                f"a {rule.dtype.text} layer runs sparsedsl's quantized linear kernel and fuses nothing: "
-                "drop 'fuse' or the dtype",
-                rule.dtype.span,
-            )
+        if rule.dtype is not None:
+            _check_quantized_rule(rule, kernel, epilogue)
     for attention in decl.attention:
         _check_attention_rule(attention, program)
     program.models[decl.name.text] = decl
+
+
+def _check_quantized_rule(rule: ast.Rule, kernel: K.Kernel, epilogue: K.KExpr) -> None:
+    """A rule with a ``dtype``: the layer runs nn.sdsl's quantized kernels, which fuse an
+    activation (``QUANTIZED_ACTIVATIONS``) and no norm; ``static`` / ``dynamic`` scale int8 inputs."""
+    if kernel.rowwise:
+        raise SdslSemanticError(
+            f"an {rule.dtype.text} layer runs sparsedsl's quantized linear kernels, which fuse no norm: "
+            "drop the dtype or use a kernel without one",
+            rule.dtype.span,
+        )
+    applied = quantized_activation(kernel) if rule.fuse is not None else None
+    if rule.fuse is not None and applied not in QUANTIZED_ACTIVATIONS:
+        raise SdslSemanticError(
+            f"an {rule.dtype.text} layer fuses {' or '.join(QUANTIZED_ACTIVATIONS)} into its quantized kernel, but "
+            f"kernel '{kernel.name}' applies {_applied(epilogue)}: drop 'fuse' or the dtype",
+            rule.dtype.span,
+        )
+    if rule.activations is None:
+        return
+    if rule.activations.text not in ACTIVATION_SCALES:
+        raise SdslSemanticError(
+            f"unknown activation scaling '{rule.activations.text}' (known: {', '.join(ACTIVATION_SCALES)})",
+            rule.activations.span,
+        )
+    if rule.dtype.text != "int8":
+        raise SdslSemanticError(
+            f"'{rule.activations.text}' scales the activations of an int8 layer; {rule.dtype.text} layers keep "
+            "theirs in bf16",
+            rule.activations.span,
+        )
+
+
+def quantized_activation(kernel: K.Kernel) -> str | None:
+    """The function a linear kernel applies to ``x W^T + b`` (``gelu(sum ... + b[n])``), or None."""
+    epilogue = K.split_reduction(kernel.value)[1]
+    if isinstance(epilogue, K.KCall) and len(epilogue.args) == 1 and _adds_only_bias(kernel, epilogue.args[0]):
+        return epilogue.func
+    return None
+
+
+def _applied(epilogue: K.KExpr) -> str:
+    calls = [e.func for e in (epilogue, *_subexprs(epilogue)) if isinstance(e, K.KCall)]
+    return f"{', '.join(dict.fromkeys(calls))} in its epilogue" if calls else "no function to its sum"
 
 
 def _check_attention_rule(rule: ast.AttentionRule, program: Program) -> None:
@@ -877,6 +917,11 @@ def _check_attention_rule(rule: ast.AttentionRule, program: Program) -> None:
 
 # The types a model rule may store a layer's values in (``dtype T``): sparsedsl/runtime/quantized.py.
 QUANTIZED_DTYPES = ("int8", "bf16")
+# How an int8 layer scales its inputs (``dtype int8 static``): per token when called, or by one scale
+# calibrated ahead (runtime/quantized.py).
+ACTIVATION_SCALES = ("dynamic", "static")
+# The activations a quantized layer's kernel computes in its epilogue (``fuse``): nn.sdsl's qlinear_bias_*.
+QUANTIZED_ACTIVATIONS = ("gelu", "relu")
 
 # A sparsity asked of a fixed-density format is accepted if it is the format's own, rounded to a
 # percent ("NM(1, 3)" with 0.67).

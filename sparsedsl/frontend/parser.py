@@ -199,9 +199,18 @@ class _ToAst(Transformer):
         sparsity, sparsity_span = (float(number), _span_of(number)) if number is not None else (None, None)
         fuse = next((r for r in rest if isinstance(r, str) and not isinstance(r, Token)), None)
         method = next((r for r in rest if isinstance(r, ast.Name)), None)
-        dtype = next((r[1] for r in rest if isinstance(r, tuple)), None)
+        dtype, activations = next((r[1:] for r in rest if isinstance(r, tuple)), (None, None))
         return ast.Rule(
-            str(pattern)[1:-1], _name(kernel), fmt, sparsity, self._span(meta), sparsity_span, fuse, method, dtype
+            str(pattern)[1:-1],
+            _name(kernel),
+            fmt,
+            sparsity,
+            self._span(meta),
+            sparsity_span,
+            fuse,
+            method,
+            dtype,
+            activations,
         )
 
     def attention_rule(self, meta, children):
@@ -217,7 +226,8 @@ class _ToAst(Transformer):
         return str(children[0])[1:-1]
 
     def dtype(self, meta, children):
-        return ("dtype", _name(children[0]))  # tagged: ``prune`` gives a bare Name
+        activations = _name(children[1]) if len(children) > 1 else None
+        return ("dtype", _name(children[0]), activations)  # tagged: ``prune`` gives a bare Name
 
 
 def _describe(terminal: str, end: str) -> str:

@@ -26,12 +26,12 @@ from sparsedsl import cache
 from sparsedsl.backends.cuda.module import CudaModule, default_arch
 from sparsedsl.config import cache_dir as default_cache_dir
 from sparsedsl.errors import SdslError, SdslSemanticError, Source
-from sparsedsl.frontend.check import check
+from sparsedsl.frontend.check import check, quantized_activation
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir.formats import Format
 from sparsedsl.runtime import ops, tuning
 from sparsedsl.runtime.program import Instance, Program, index_type_choices, read_source
-from sparsedsl.runtime.quantized import KERNELS as QUANTIZED_KERNELS
+from sparsedsl.runtime.quantized import quantized_kernel
 from sparsedsl.runtime.rules import Rule, rules_of
 from sparsedsl.version import __version__
 
@@ -119,14 +119,19 @@ def _formats_to_build(program: Program) -> dict[str, list[Format | None]]:
 
 def _quantized_to_build(program: Program) -> dict[str, list[Format | None]]:
     """Per kernel of nn.sdsl: the formats of the model rules whose layers it runs (rules with a
-    ``dtype``), and the activations' quantization (dense) when a layer is int8."""
+    ``dtype``, their fused activation), and the activations' quantization (dense) when a layer is
+    int8; where a model has static int8 rules, its int8 layers' kernels that write the next
+    layer's int8 input too (runtime/requantize.py decides when the model is compiled)."""
     out: dict[str, list[Format | None]] = {}
     for model in program.checked.models.values():
+        static = any(r.activations is not None and r.activations.text == "static" for r in model.rules)
         for rule in model.rules:
             if rule.dtype is not None:
-                own = program.kernels[rule.kernel.text]._default_format()
-                fmt = program.checked.format(rule.format) if rule.format is not None else own
-                out.setdefault(QUANTIZED_KERNELS[rule.dtype.text], []).append(fmt)
+                kernel = program.kernels[rule.kernel.text]
+                fmt = program.checked.format(rule.format) if rule.format is not None else kernel._default_format()
+                activation = quantized_activation(kernel.kernel) if rule.fuse else None
+                for emits in (False, True) if static and rule.dtype.text == "int8" else (False,):
+                    out.setdefault(quantized_kernel(rule.dtype.text, activation, emits), []).append(fmt)
                 if rule.dtype.text == "int8":
                     out["quantize_rows"] = [None]
     return {name: list(dict.fromkeys(formats)) for name, formats in out.items()}

@@ -1,17 +1,19 @@
-"""Sequential calibration: prune a model's layers in forward order, each from the inputs it sees
-once the layers before it are pruned (as SparseGPT does).
+"""Sequential calibration: prune (or quantize) a model's layers in forward order, each from the
+inputs it sees once the layers before it are compiled (as SparseGPT does).
 
 The layers are grouped in *blocks*: the element of an ``nn.ModuleList`` or ``nn.Sequential`` that
 holds them, deepest first (a transformer block, ``encoder.layer.3``), or the layer alone when no
 container holds it. Each block costs one pass over the calibration batches: forward hooks add the
-inputs of the block's layers to their ``Gram`` (``X^T X``), the pass stops once the block's last
-layer has run, then the block's layers are pruned and replaced before the next block's pass.
+inputs of the block's layers to their ``Seen`` (the ``Gram`` ``X^T X`` where pruning needs it, the
+largest magnitude for a static int8 scale), the pass stops once the block's last layer has run,
+then the block's layers are compiled and replaced before the next block's pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +23,21 @@ from sparsedsl.errors import SdslSemanticError
 from sparsedsl.runtime.prune import Gram
 
 Layer = tuple[str, nn.Linear, Any]  # (qualified name, layer, what the caller pairs with it)
+
+
+@dataclass
+class Seen:
+    """What calibration measured of one layer's inputs: their ``Gram`` (None when the layer's
+    compilation does not need it) and their largest magnitude."""
+
+    gram: Gram | None
+    amax: float = 0.0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Account for ``inputs``, ``[..., features]``."""
+        if self.gram is not None:
+            self.gram.add(inputs)
+        self.amax = max(self.amax, float(inputs.detach().abs().max()))
 
 
 class _BlockDone(Exception):
@@ -41,21 +58,23 @@ def calibrate(
     model: nn.Module,
     layers: Sequence[Layer],
     batches: Iterable,
-    prune_layer: Callable[[Layer, Gram], None],
+    compile_layer: Callable[[Layer, Seen], None],
     progress: Callable[[Iterable, str], Iterable] = lambda items, _: items,
+    needs_gram: Callable[[Layer], bool] = lambda _: True,
 ) -> None:
-    """Call ``prune_layer`` on each of ``layers`` (modules of ``model``) in forward order, with the
-    ``Gram`` of the inputs it sees over ``batches`` once every layer before it is pruned."""
+    """Call ``compile_layer`` on each of ``layers`` (modules of ``model``) in forward order, with
+    what it sees over ``batches`` once every layer before it is compiled (its ``Gram`` if
+    ``needs_gram(layer)``)."""
     batches = list(batches)
     if not batches:
-        raise SdslSemanticError("calibration has no batch: pruning from inputs needs at least one")
+        raise SdslSemanticError("calibration has no batch: measuring the layers' inputs needs at least one")
     training = {module: module.training for module in model.modules()}
     model.eval()  # no dropout in the inputs measured
     try:
         for block in progress(_blocks(model, _forward_order(model, layers, batches[0])), "sparsedsl: calibrating"):
-            grams = _capture(model, block, batches)
+            seen = _capture(model, block, batches, needs_gram)
             for layer in block:
-                prune_layer(layer, grams[layer[0]])
+                compile_layer(layer, seen[layer[0]])
     finally:
         for module, mode in training.items():
             module.training = mode
@@ -77,7 +96,7 @@ def _forward_order(model: nn.Module, layers: Sequence[Layer], batch) -> list[Lay
     unseen = [name for name, _, _ in layers if name not in seen]
     if unseen:
         raise SdslSemanticError(
-            f"layer '{unseen[0]}' never runs on the calibration batches: its pruning method needs its inputs"
+            f"layer '{unseen[0]}' never runs on the calibration batches: its rule needs its inputs measured"
         )
     return sorted(layers, key=lambda layer: seen[layer[0]])
 
@@ -115,14 +134,16 @@ def _block_of(name: str, containers: set[str]) -> str:
     return name
 
 
-def _capture(model: nn.Module, block: list[Layer], batches: list) -> dict[str, Gram]:
-    """The ``Gram`` of each block layer's inputs over ``batches``, one pass each, stopped after the
+def _capture(
+    model: nn.Module, block: list[Layer], batches: list, needs_gram: Callable[[Layer], bool] = lambda _: True
+) -> dict[str, Seen]:
+    """What each block layer sees of its inputs over ``batches``, one pass each, stopped after the
     block's last layer."""
-    grams = {name: Gram.empty(linear.in_features) for name, linear, _ in block}
+    seen = {layer[0]: Seen(Gram.empty(layer[1].in_features) if needs_gram(layer) else None) for layer in block}
     last = block[-1][0]
 
     def take(args: tuple, kwargs: dict, name: str) -> None:
-        grams[name].add(args[0] if args else kwargs["input"])
+        seen[name].add(args[0] if args else kwargs["input"])
         if name == last:
             raise _BlockDone
 
@@ -137,7 +158,7 @@ def _capture(model: nn.Module, block: list[Layer], batches: list) -> dict[str, G
     finally:
         for h in hooks:
             h.remove()
-    return grams
+    return seen
 
 
 def _forward(model: nn.Module, batch) -> None:

@@ -15,16 +15,16 @@ from torch import nn
 
 from sparsedsl.errors import ArgumentError, SdslError, SdslSemanticError, Source, Span
 from sparsedsl.frontend import ast
-from sparsedsl.frontend.check import PRUNE_METHODS
+from sparsedsl.frontend.check import ACTIVATION_SCALES, PRUNE_METHODS, quantized_activation
 from sparsedsl.ir.formats import Format
-from sparsedsl.runtime import ops
+from sparsedsl.runtime import ops, requantize
 from sparsedsl.runtime.attention import DENSE, MASKED, BlockPattern, is_attention_module, select
-from sparsedsl.runtime.calibrate import Layer, calibrate
+from sparsedsl.runtime.calibrate import Layer, Seen, calibrate
 from sparsedsl.runtime.fused import fuse_residual_norm
 from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import TORCH_DTYPES, Program, compile, index_types
 from sparsedsl.runtime.prune import Gram, needs_inputs
-from sparsedsl.runtime.quantized import QUANTIZED_DTYPES, QuantizedSparseLinear
+from sparsedsl.runtime.quantized import QUANTIZED_DTYPES, QuantizedSparseLinear, static_scale
 from sparsedsl.runtime.rules import AttentionRule, Rule, attention_rules_of, rules_of
 
 # Above this density a sparse layer is not expected to beat dense F.linear on a CPU
@@ -33,12 +33,13 @@ MAX_SPARSE_DENSITY = 0.55
 
 DICT_FORMS = (
     '{glob: format}, {glob: (format, sparsity)} or {glob: {"format": format, "sparsity": sparsity, '
-    '"prune": method, "dtype": dtype}}, with format a string such as "BSR(4, 1)", sparsity None or a number '
-    f"in [0, 1), method one of {', '.join(PRUNE_METHODS)} and dtype one of {', '.join(QUANTIZED_DTYPES)} "
+    '"prune": method, "dtype": dtype, "activations": scaling}}, with format a string such as "BSR(4, 1)", '
+    f"sparsity None or a number in [0, 1), method one of {', '.join(PRUNE_METHODS)}, dtype one of "
+    f"{', '.join(QUANTIZED_DTYPES)} and scaling (an int8 layer's inputs) one of {', '.join(ACTIVATION_SCALES)} "
     '(only format is required); for attention modules {glob: {"attention": True}} or {glob: {"attention": '
     'format, "window": tokens}}'
 )
-SPEC_KEYS = ("format", "sparsity", "prune", "dtype")
+SPEC_KEYS = ("format", "sparsity", "prune", "dtype", "activations")
 ATTENTION_KEYS = ("attention", "window")
 # the tokens at which the report gives a block pattern's density, when the model's config names none
 REPORT_TOKENS = 512
@@ -148,7 +149,7 @@ def _rules_from_dict(rules: dict, program: Program) -> RuleSet:
         if isinstance(spec, dict) and isinstance(pattern, str) and "attention" in spec:
             attention.append(_attention_from_dict(pattern, spec, program))
             continue
-        fmt, sparsity, method, dtype = _spec_fields(spec)
+        fmt, sparsity, method, dtype, activations = _spec_fields(spec)
         if not isinstance(pattern, str) or not isinstance(fmt, str):
             raise SdslSemanticError(f"rule {pattern!r}: {spec!r} is not a rule; the rules are a dict {DICT_FORMS}")
         if sparsity is not None and (
@@ -162,8 +163,17 @@ def _rules_from_dict(rules: dict, program: Program) -> RuleSet:
         if dtype is not None and dtype not in QUANTIZED_DTYPES:
             known = ", ".join(QUANTIZED_DTYPES)
             raise SdslSemanticError(f'rule "{pattern}": dtype must be one of {known}, got {dtype!r}')
+        if activations not in ACTIVATION_SCALES:
+            known = ", ".join(repr(a) for a in ACTIVATION_SCALES)
+            raise SdslSemanticError(f'rule "{pattern}": "activations" must be one of {known}, got {activations!r}')
+        if activations != "dynamic" and dtype != "int8":
+            raise SdslSemanticError(
+                f'rule "{pattern}": "activations": {activations!r} scales the inputs of an int8 layer, '
+                f'give "dtype": "int8" (this rule\'s dtype is {dtype!r})'
+            )
         _matrix_format(program, fmt, f'rule "{pattern}"', "a linear weight is 2-d")
-        out.append(Rule(pattern, fmt, None if sparsity is None else float(sparsity), prune=method, dtype=dtype))
+        sparsity = None if sparsity is None else float(sparsity)
+        out.append(Rule(pattern, fmt, sparsity, prune=method, dtype=dtype, activations=activations))
     return RuleSet(out, [None] * len(out), attention=attention, attention_spans=[None] * len(attention))
 
 
@@ -198,14 +208,16 @@ def _matrix_format(program: Program, fmt: str, rule: str, why: str) -> Format:
 
 
 def _spec_fields(spec) -> tuple:
-    """(format, sparsity, method, dtype) of a dict rule's value; a format of None if it has none of the forms."""
+    """(format, sparsity, method, dtype, activations) of a dict rule's value; a format of None if it
+    has none of the forms."""
     if isinstance(spec, str):
-        return spec, None, None, None
+        return spec, None, None, None, "dynamic"
     if isinstance(spec, tuple | list) and len(spec) == 2:
-        return spec[0], spec[1], None, None
+        return spec[0], spec[1], None, None, "dynamic"
     if isinstance(spec, dict) and set(spec) <= set(SPEC_KEYS):
-        return spec.get("format"), spec.get("sparsity"), spec.get("prune"), spec.get("dtype")
-    return None, None, None, None
+        fields = (spec.get(key) for key in SPEC_KEYS[:-1])
+        return *fields, spec.get("activations", "dynamic")
+    return None, None, None, None, "dynamic"
 
 
 def compile_model(
@@ -252,9 +264,10 @@ def compile_model(
     if calibration is None:
         for index, rule in enumerate(rule_set.rules):
             if _calibrated(rule):
+                what = f"prunes by {rule.prune}" if _prunes_from_inputs(rule) else "scales its int8 inputs statically"
                 raise rule_set.error(
                     index,
-                    f"prunes by {rule.prune}, which measures the layers' inputs: pass calibration=, an iterable "
+                    f"{what}, which measures the layers' inputs: pass calibration=, an iterable "
                     "of model inputs (a dict is passed as model(**batch))",
                 )
     result = copy.deepcopy(model)
@@ -262,17 +275,28 @@ def compile_model(
     rows: dict[str, LayerReport] = {}
     fused_by: dict[str, str] = {}
 
-    def build(layer: Layer, gram: Gram | None = None) -> None:
+    def build(layer: Layer, seen: Seen | None = None) -> None:
         name, _, rule = layer
-        rows[name] = _compile_layer(
-            result, layer, program if rule.kernel and not rule.dtype else nn_prog, gram, keep_dense_above, fused_by
-        )
+        gram = seen.gram if seen is not None else None
+        if rule.dtype is not None:
+            activation = _activation(program, rule)
+            rows[name] = _compile_quantized(result, layer, nn_prog, gram, keep_dense_above, fused_by, activation, seen)
+        else:
+            owner = program if rule.kernel else nn_prog
+            rows[name] = _compile_layer(result, layer, owner, gram, keep_dense_above, fused_by)
 
     for layer in _progress([la for la in layers if not _calibrated(la[2])], verbose, "sparsedsl: compiling layers"):
         build(layer)
     calibrated = [la for la in layers if _calibrated(la[2])]
     if calibrated:
-        calibrate(result, calibrated, calibration, build, lambda items, desc: _progress(items, verbose, desc))
+        batches = list(calibration)
+        progress = lambda items, desc: _progress(items, verbose, desc)  # noqa: E731
+        calibrate(result, calibrated, batches, build, progress, lambda layer: _prunes_from_inputs(layer[2]))
+        if any(la[2].activations == "static" for la in calibrated):
+            compiled = {name: result.get_submodule(name) for name, _, _ in layers if rows[name].sparse}
+            for name, why in requantize.fuse(result, compiled, batches[0]).items():
+                note = ", ".join(n for n in (rows[name].note, why) if n)
+                rows[name] = replace(rows[name], note=note, kernel=compiled[name].kernel)
     attention = _compile_attention(result, rule_set)
     fused = [
         FusedReport(name, type(model.get_submodule(name)).__name__, layer, rows[layer].kernel)
@@ -286,8 +310,18 @@ def compile_model(
 
 
 def _calibrated(rule: Rule) -> bool:
-    """Whether ``rule`` prunes from the layers' inputs."""
+    """Whether ``rule``'s layers are compiled from their inputs: pruned from them, or given a
+    static int8 scale."""
+    return _prunes_from_inputs(rule) or rule.activations == "static"
+
+
+def _prunes_from_inputs(rule: Rule) -> bool:
     return rule.prune is not None and needs_inputs(rule.prune)
+
+
+def _activation(program: Program | None, rule: Rule) -> str | None:
+    """The function a quantized layer's kernel applies (that of the rule's kernel), when it fuses one."""
+    return quantized_activation(program.kernels[rule.kernel].kernel) if rule.fuse and program is not None else None
 
 
 def _compile_layer(
@@ -301,8 +335,6 @@ def _compile_layer(
     """Prune and pack one layer (from the ``Gram`` of its inputs for a calibrated method), put it in
     ``model`` unless its density keeps it dense, and say what was done."""
     name, linear, rule = layer
-    if rule.dtype is not None:
-        return _compile_quantized(model, layer, program, gram, keep_dense_above)
     # a row-wise kernel (residual and norm) runs in the parent's place; the layer keeps a plain one
     norm = rule.kernel is not None and program.kernels[rule.kernel].kernel.rowwise
     layer_program, layer_kernel = (ops.nn_program(program), None) if norm else (program, rule.kernel)
@@ -329,24 +361,37 @@ def _compile_layer(
 
 
 def _compile_quantized(
-    model: nn.Module, layer: Layer, program: Program, gram: Gram | None, keep_dense_above: float
+    model: nn.Module,
+    layer: Layer,
+    program: Program,
+    gram: Gram | None,
+    keep_dense_above: float,
+    fused_by: dict[str, str],
+    activation: str | None,
+    seen: Seen | None,
 ) -> LayerReport:
-    """``_compile_layer`` for a rule with a ``dtype``: a ``QuantizedSparseLinear`` (no fused module)."""
+    """``_compile_layer`` for a rule with a ``dtype``: a ``QuantizedSparseLinear``, its static
+    input scale from the largest input ``seen`` (``activations`` "static"), its kernel applying
+    ``activation`` in place of the module its ``fuse`` names."""
     name, linear, rule = layer
+    scale = static_scale(seen.amax) if rule.activations == "static" else None
     try:
         quantized = QuantizedSparseLinear.from_linear(
-            linear, rule.format, rule.dtype, rule.sparsity, program, method=rule.prune, inputs=gram
+            linear, rule.format, rule.dtype, rule.sparsity, program, rule.prune, gram, activation, scale
         )
     except SdslError as err:
         raise type(err)(f"layer '{name}': {err.message}") from None
-    row = LayerReport(name, rule.format, quantized.density, quantized.kernel, True, "", rule.dtype)
+    notes = [f"int8 static inputs, scale {scale:.3g}"] if scale is not None else []
+    row = LayerReport(name, rule.format, quantized.density, quantized.kernel, True, ", ".join(notes), rule.dtype)
     if quantized.density > keep_dense_above:
         return replace(row, sparse=False, note=f"kept dense: density {quantized.density:.2f} > {keep_dense_above}")
     quantized.program.kernels[quantized.kernel].instance(
         quantized.program.format(quantized.format), index_types(quantized)
     )
     _replace(model, name, quantized)
-    return row
+    if rule.fuse:
+        notes.append(f"fuses {_fuse(model, name, rule.fuse, quantized, fused_by)}")
+    return replace(row, note=", ".join(notes))
 
 
 def _layers(model: nn.Module, rule_set: RuleSet) -> list[tuple[str, nn.Linear, Rule]]:
@@ -494,7 +539,13 @@ def _check_fits(layer: SparseLinear) -> None:
         )
 
 
-def _fuse(model: nn.Module, layer: str, pattern: str, sparse: SparseLinear, fused_by: dict[str, str]) -> str:
+def _fuse(
+    model: nn.Module,
+    layer: str,
+    pattern: str,
+    sparse: SparseLinear | QuantizedSparseLinear,
+    fused_by: dict[str, str],
+) -> str:
     """Replace by ``nn.Identity`` the one module next to ``layer`` (a child of its parent) that
     matches ``pattern``: the kernel's epilogue computes it, and the layer keeps it for ``to_dense``.
     ``fused_by`` maps the modules fused so far to their layer."""
@@ -549,12 +600,19 @@ def _fuse_norm(model: nn.Module, layer: str, pattern: str, program: Program, ker
     return name
 
 
-def _computes_fused(sparse: SparseLinear) -> bool:
+def _computes_fused(layer: SparseLinear | QuantizedSparseLinear) -> bool:
     """Whether the layer, its kernel's epilogue included, matches its dense twin followed by the
-    fused module on a random input (a relu kernel fusing a GELU module does not)."""
-    x = torch.randn(4, sparse.in_features, generator=torch.Generator().manual_seed(0)).to(sparse.values.dtype)
+    fused module on a random input (a relu kernel fusing a GELU module does not); a quantized
+    layer, the same layer without its activation followed by the module."""
+    x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        got, want = sparse(x), sparse.to_dense()(x)
+        if isinstance(layer, QuantizedSparseLinear):
+            plain = copy.copy(layer)  # shares the tensors, not the activation
+            plain.activation = None
+            got, want = layer(x), layer.fused(plain(x))
+        else:
+            x = x.to(layer.values.dtype)
+            got, want = layer(x), layer.to_dense()(x)
     return torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
 
 

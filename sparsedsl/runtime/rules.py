@@ -14,7 +14,9 @@ from sparsedsl.runtime.program import Program
 class Rule:
     """Layers whose qualified name matches ``pattern`` use ``kernel`` with ``format``, pruned by
     ``prune`` (a method of ``PRUNE_METHODS``; None: by magnitude if a sparsity is given, else not),
-    their values stored as ``dtype`` (None: as the layer's; "int8" or "bf16": runtime/quantized.py)."""
+    their values stored as ``dtype`` (None: as the layer's; "int8" or "bf16": runtime/quantized.py),
+    an int8 layer's inputs scaled per token when called (``activations`` "dynamic") or by one scale
+    calibrated ahead ("static")."""
 
     pattern: str
     format: str
@@ -23,6 +25,7 @@ class Rule:
     fuse: str | None = None
     prune: str | None = None
     dtype: str | None = None
+    activations: str = "dynamic"
 
 
 @dataclass(frozen=True)
@@ -49,5 +52,6 @@ def rules_of(program: Program, decl: ast.ModelDecl) -> list[Rule]:
     for r in decl.rules:
         fmt = program.checked.format(r.format) if r.format else program.kernels[r.kernel.text]._default_format()
         prune, dtype = r.prune and r.prune.text, r.dtype and r.dtype.text
-        out.append(Rule(r.pattern, fmt.label, r.sparsity, r.kernel.text, r.fuse, prune, dtype))
+        activations = r.activations.text if r.activations else "dynamic"
+        out.append(Rule(r.pattern, fmt.label, r.sparsity, r.kernel.text, r.fuse, prune, dtype, activations))
     return out

@@ -12,12 +12,14 @@ import llvmlite.binding as llvm_ir
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sparsedsl as sd
 from sparsedsl.backends import host
 from sparsedsl.backends.llvm.codegen import generate
 from sparsedsl.ir import dot_products
-from tests.strategies import prune_to_fit, sparse_case
+from sparsedsl.runtime.ops import nn_program
+from tests.strategies import FORMATS, prune_to_fit, sparse_case
 
 SOURCE = """
 format VNM = (i, j) -> (i / 4: dense, j / 4: dense, j % 4: nm(2, 4), i % 4: dense)
@@ -274,3 +276,35 @@ def test_ahead_of_time_dot_product_kernel(tmp_path):
         assert torch.equal(prog.ilin(x, prog.pack(fmt, w)), _imm(x, w.T))
     features = json.loads((tmp_path / "manifest.json").read_text())["target"]["features"]
     assert host.dot_group(features) == host.dot_group(host.present())
+
+
+# ---- nn.sdsl's kernels that write the next layer's int8 input (runtime/requantize.py) -----------
+
+NEXT_INPUT_FORMATS = [f for f in FORMATS if f[0] in ("CSR", "BSR(4, 1)", "NM(2, 4)")]
+ACTIVATIONS = {"": lambda y: y, "_gelu": torch.nn.functional.gelu, "_relu": torch.relu}
+
+
+@pytest.fixture(scope="module", params=["tvm", "llvm"])
+def nn_prog(request):
+    return nn_program(None, "cpu", request.param)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=sparse_case(NEXT_INPUT_FORMATS), activation=st.sampled_from(sorted(ACTIVATIONS)))
+def test_next_layer_input_rounded_and_saturated(nn_prog, case, activation):
+    """``qlinear_bias[_act]_quant``: ``act(acc * sx * sw + b) * inv_s`` stored as int8, rounded half
+    to even and saturated, as torch computes it in f32; an element may differ by one only where
+    the f32 value lies within rounding noise of a half (the kernel may contract a product and a sum
+    into one FMA; its erf is a polynomial)."""
+    w, W, gen = _int8_weight(nn_prog, case)
+    m, (n, k) = case[3], w.shape
+    x = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    sx, sw, b = torch.rand(m, generator=gen) / 8, torch.rand(n, generator=gen) / 8, torch.randn(n, generator=gen)
+    inv = float(torch.rand(1, generator=gen)) * 4  # some outputs saturate at -128 or 127
+    value = ACTIVATIONS[activation](_imm(x, w.T).float() * sx[:, None] * sw + b) * inv
+    expected = torch.round(value).clamp(-128, 127).to(torch.int8)
+    got = nn_prog.kernels[f"qlinear_bias{activation}_quant"](x, sx, W, sw, b, inv)
+    assert got.dtype == torch.int8
+    off = got.int() != expected.int()
+    near_half = ((value - value.floor() - 0.5).abs() <= 1e-4 * value.abs().clamp(min=1)) & (value.abs() < 128)
+    assert not (off & ~near_half).any() and (got.int() - expected.int()).abs().max() <= 1

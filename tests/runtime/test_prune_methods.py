@@ -97,9 +97,9 @@ def test_calibration_is_sequential_the_second_layer_sees_the_pruned_first(monkey
     sparse = sd.compile_model(_mlp(), rules, calibration=batches)
     assert set(grams) == {"0", "2"}
     hidden = torch.cat([torch.relu(sparse[0](x)) for x in batches]).double()
-    torch.testing.assert_close(grams["2"].xtx, hidden.T @ hidden)
+    torch.testing.assert_close(grams["2"].gram.xtx, hidden.T @ hidden)
     dense_hidden = torch.cat([torch.relu(_mlp()[0](x)) for x in batches]).double()
-    assert not torch.allclose(grams["2"].xtx, dense_hidden.T @ dense_hidden)
+    assert not torch.allclose(grams["2"].gram.xtx, dense_hidden.T @ dense_hidden)
     assert [r.sparse for r in sd.report(sparse)] == [True, True]
 
 
