@@ -26,11 +26,17 @@ def used_in_code(features: Iterable[str]) -> list[str]:
     return sorted(f for f in features if _USED_IN_CODE.match(f))
 
 
-
 def dot_group(features: Iterable[str]) -> int:
     """Products per int32 lane of the integer dot-product instruction code for ``features`` uses
     (``ir/dot_products.py``): 4 where the llvm backend's table has a 256-bit ``vpdpbusd`` for them
     (AVX-VNNI, or AVX-512 VNNI with VL), else 2 (``vpmaddwd``)."""
     from sparsedsl.backends.llvm.codegen import DOT_INTRINSICS, provides
 
-    return 4 if provides(DOT_INTRINSICS[(4, 8)], frozenset(features)) else 2
+    return 4 if provides(DOT_INTRINSICS[("int8", 4, 8)], frozenset(features)) else 2
+
+
+def bf16_dot(features: Iterable[str]) -> bool:
+    """Whether code for ``features`` sums bf16 pairs with ``vdpbf16ps`` (AVX-512 BF16 with VL)."""
+    from sparsedsl.backends.llvm.codegen import DOT_INTRINSICS, provides
+
+    return provides(DOT_INTRINSICS[("bf16", 2, 8)], frozenset(features))

@@ -1,4 +1,4 @@
-"""Integer block products onto the CPU's dot-product instructions (a loop-IR rewrite).
+"""Integer and bf16 block products onto the CPU's dot-product instructions (a loop-IR rewrite).
 
 An int8 kernel whose stored blocks hold consecutive k of one output row (``BSR(1, 4)``: each stored
 value group is 4 k of one row) sums, per token, products that belong to the same accumulator lane:
@@ -23,19 +23,57 @@ exactly what ``vpdpbusd`` (AVX-512 VNNI / AVX-VNNI: 4 u8 x s8 products summed in
   after the sum.
 
 Every integer stays exact: u8 x s8 and i16 x i16 products and their sums fit int32 lanes (as they
-do in the unrewritten kernel). A function whose staged activations are read any other way is
-returned unchanged.
+do in the unrewritten kernel).
+
+``rewrite(func, 2, "bf16")`` does the same for a bf16 kernel (``acc[.., m_i] += float32(X_t[base +
+k_i, m_i]) * float32(W_vals[w + k_i])``, f32 accumulators): the words hold a token's 2 consecutive
+bf16 activations (the first in the low half, 0 past K) and ``dot(acc, word, w_0, w_1)`` takes the
+two bf16 weights themselves; the backend emits ``vdpbf16ps`` (AVX-512 BF16) for it, or two f32 FMAs
+on the widened halves, the unrewritten kernel's arithmetic in its order. A bf16 product is exact
+in f32, so ``vdpbf16ps`` rounds once per product as those FMAs do, adding the pair's second product
+first and reading bf16 denormals as 0 and flushing denormal sums to 0 (Intel's DAZ / FTZ).
+
+A function whose staged activations are read any other way is returned unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.schedule import loops, substitute
 
-GROUPS = (2, 4)  # products per int32 lane: vpmaddwd's, vpdpbusd's
+GROUPS = (2, 4)  # int8 products per int32 lane: vpmaddwd's, vpdpbusd's
+BF16_GROUP = 2  # bf16 products per f32 lane: vdpbf16ps's
 OFFSET = 128  # i8 -> u8 for vpdpbusd's unsigned operand
+
+
+@dataclass(frozen=True)
+class _Operands:
+    """The products a rewrite takes: the accumulator's dtype, the stored dtypes of the activations
+    and weights it reads (each cast to the accumulator's dtype), the groups it sums."""
+
+    acc: str
+    activations: tuple[str, ...]
+    weights: tuple[str, ...]
+    groups: tuple[int, ...]
+
+    def weight(self, factor: L.Cast) -> L.Expr:
+        """The ``dot`` operand of a weight factor: the int32 cast, or the bf16 value itself."""
+        return factor if self.acc == "int32" else factor.value
+
+    def element(self, read: L.Load, offset: int) -> tuple[L.Expr, L.Expr]:
+        """A staged word's element from an activation read, and the element past K."""
+        if self.acc == "int32":
+            return L.Bin("+", L.Cast("int32", read), L.const(offset, "int32")), L.const(offset, "int32")
+        return read, L.Const(0.0, read.buffer.dtype)
+
+
+OPERANDS = {
+    "int8": _Operands("int32", ("int8", "uint8"), ("int8",), GROUPS),
+    "bf16": _Operands("float32", ("bfloat16",), ("bfloat16",), (BF16_GROUP,)),
+}
 
 
 @dataclass(frozen=True)
@@ -44,18 +82,22 @@ class _Product:
 
     staged: L.Buffer
     x_block: L.Expr  # the staged row index of k_i = 0, divided by the group
-    weight: L.Expr  # the weight factor (an int32 cast of a load) at k_i
+    weight: L.Cast  # the weight factor (a cast of a load to the accumulator's dtype) at k_i
     k_i: str
     lane: L.Var
     extent: int
     acc_store: L.Store
 
 
-def rewrite(func: L.LoopFunc, group: int) -> L.LoopFunc:
-    """``func`` with its int8 block products summed ``group`` (one of ``GROUPS``) k at a time (see
-    the module's docstring); unchanged when it has none or reads its staged activations another way."""
+def rewrite(func: L.LoopFunc, group: int, dtype: str = "int8") -> L.LoopFunc:
+    """``func`` with its ``dtype`` (a key of ``OPERANDS``) block products summed ``group`` (one of
+    its groups) k at a time (see the module's docstring); unchanged when it has none or reads its
+    staged activations another way."""
+    operands = OPERANDS[dtype]
+    if group not in operands.groups:
+        raise BackendError(f"{dtype} dot products sum {' or '.join(map(str, operands.groups))} k, not {group}")
     local = {b.name for b in L.allocs(func.body)}
-    products = [p for p in _products(func.body, group) if p.staged.name in local]
+    products = [p for p in _products(func.body, group, operands) if p.staged.name in local]
     staged = {p.staged.name for p in products}
     if len(staged) != 1:
         return func
@@ -69,7 +111,8 @@ def rewrite(func: L.LoopFunc, group: int) -> L.LoopFunc:
     compensate = group == 4 and signed
     accs = {p.acc_store.buffer.name: p.acc_store.buffer for p in products}
     sums = {name: L.Buffer(f"{name}_wsum", "int32", acc.shape[:-1], acc.scope) for name, acc in accs.items()}
-    rw = _Rewriter(group, x_t, x_q, {id(p.acc_store.value): p for p in products}, sums if compensate else {})
+    by_store = {id(p.acc_store.value): p for p in products}
+    rw = _Rewriter(group, operands, x_t, x_q, by_store, sums if compensate else {})
     return replace(func, body=rw.stmt(func.body))
 
 
@@ -106,13 +149,14 @@ def _divided(e: L.Expr, group: int) -> L.Expr | None:
     return None
 
 
-def _int8_read(e: L.Expr) -> L.Load | None:
-    if isinstance(e, L.Cast) and e.dtype == "int32" and isinstance(e.value, L.Load):
-        return e.value if e.value.buffer.dtype in ("int8", "uint8") else None
+def _read(e: L.Expr, acc: str, dtypes: tuple[str, ...]) -> L.Load | None:
+    """The load of ``e`` when it is a cast to ``acc`` of a load of one of ``dtypes``."""
+    if isinstance(e, L.Cast) and e.dtype == acc and isinstance(e.value, L.Load):
+        return e.value if e.value.buffer.dtype in dtypes else None
     return None
 
 
-def _match(loop: L.For, group: int) -> _Product | None:
+def _match(loop: L.For, group: int, operands: _Operands) -> _Product | None:
     """The block product ``for k_i: for m_i vectorized: acc[.., m_i] += X_t[base + k_i, m_i] * w``."""
     inner = loop.body
     if not (isinstance(loop.extent, L.Const) and loop.extent.value % group == 0 and isinstance(inner, L.For)):
@@ -121,13 +165,13 @@ def _match(loop: L.For, group: int) -> _Product | None:
         return None
     store, k_i, lane = inner.body, loop.var.name, inner.var.name
     value = store.value
-    if store.buffer.dtype != "int32" or not (isinstance(value, L.Bin) and value.op == "+"):
+    if store.buffer.dtype != operands.acc or not (isinstance(value, L.Bin) and value.op == "+"):
         return None
     if value.a != L.Load(store.buffer, store.indices) or not (isinstance(value.b, L.Bin) and value.b.op == "*"):
         return None
     for x, w in ((value.b.a, value.b.b), (value.b.b, value.b.a)):
-        xl, wl = _int8_read(x), _int8_read(w)
-        if xl is None or wl is None or wl.buffer.dtype != "int8":
+        xl, wl = _read(x, operands.acc, operands.activations), _read(w, operands.acc, operands.weights)
+        if xl is None or wl is None:
             continue
         if len(xl.indices) != 2 or xl.indices[1] != L.Var(lane) or L.uses(w, lane):
             continue
@@ -138,23 +182,24 @@ def _match(loop: L.For, group: int) -> _Product | None:
     return None
 
 
-def _products(s: L.Stmt, group: int) -> list[_Product]:
+def _products(s: L.Stmt, group: int, operands: _Operands) -> list[_Product]:
     found = []
     match s:
         case L.For(body=body):
-            product = _match(s, group)
-            found += [product] if product is not None else _products(body, group)
+            product = _match(s, group, operands)
+            found += [product] if product is not None else _products(body, group, operands)
         case L.Seq(stmts):
             for st in stmts:
-                found += _products(st, group)
+                found += _products(st, group, operands)
         case L.If(_, then):
-            found += _products(then, group)
+            found += _products(then, group, operands)
     return found
 
 
 @dataclass
 class _Rewriter:
     group: int
+    operands: _Operands
     x_t: L.Buffer
     x_q: L.Buffer
     products: dict[int, _Product]  # by the identity of the matched store's value
@@ -220,7 +265,8 @@ class _Rewriter:
         for t in range(p.extent // g):
             ws = [substitute(p.weight, p.k_i, L.const(t * g + j)) for j in range(g)]
             word = L.Load(self.x_q, (L.add(p.x_block, L.const(t)), p.lane))
-            steps.append(L.Store(store.buffer, store.indices, L.Call("dot", (acc, word, *ws), "int32")))
+            operands = (acc, word, *(self.operands.weight(w) for w in ws))
+            steps.append(L.Store(store.buffer, store.indices, L.Call("dot", operands, store.buffer.dtype)))
             weights += ws
         body = L.seq(*steps) if len(steps) > 1 else steps[0]
         vector = replace(lanes, body=body)
@@ -246,8 +292,8 @@ class _Rewriter:
         for j in range(g):
             k = L.add(L.mul(kb, L.const(g)), L.const(j))
             read = replace(source, indices=(*source.indices[:-1], L.minimum(k, L.sub(extent, L.const(1)))))
-            value = L.Bin("+", L.Cast("int32", read), L.const(offset, "int32"))
-            elements.append(L.Select(L.Bin("<", k, extent), value, L.const(offset, "int32")))
+            value, past = self.operands.element(read, offset)
+            elements.append(L.Select(L.Bin("<", k, extent), value, past))
         copy = L.Store(self.x_q, (kb, m_i), L.Call("pack", tuple(elements), "int32"))
         lanes = L.For(m_i, lane_loop.start, lane_loop.extent, copy)
         return L.For(kb, L.const(0), self.x_q.shape[0], lanes, nest.kind)

@@ -10,9 +10,10 @@ vectors when their body is a store whose lane-dependent accesses are contiguous 
 variable; otherwise as scalar loops. Unrolled loops are unrolled here, so accumulators indexed by
 them become constant offsets that LLVM keeps in registers.
 
-The integer ``dot`` of ``ir/dot_products.py`` becomes the target's dot-product instruction where
+The ``dot`` of ``ir/dot_products.py`` becomes the target's dot-product instruction where
 ``features`` has it (``DOT_INTRINSICS``: ``vpdpbusd`` with AVX-512 VNNI or AVX-VNNI, ``vpmaddwd``
-with AVX2 / AVX-512 BW), else its meaning in plain integer vector operations.
+with AVX2 / AVX-512 BW, ``vdpbf16ps`` with AVX-512 BF16), else its meaning in plain integer vector
+operations, or for bf16 in two f32 FMAs on the widened halves.
 """
 
 from __future__ import annotations
@@ -68,15 +69,19 @@ BYTES = {
 }
 VECTOR_STORES = (*FLOATS, "int32", "int8", "uint8")  # what vectorised loops store (values, accumulators)
 STACK_LIMIT = 1 << 14  # bytes: larger constant buffers and symbolic ones go to the heap
-# (products per lane, lanes) -> (intrinsic, the features any one of which provides it, whether the
-# intrinsic adds the accumulator itself). LLVM 22's vpdpbusd takes its operands as i8 vectors.
+# (operands, products per lane, lanes) -> (intrinsic, the features any one of which provides it,
+# whether the intrinsic adds the accumulator itself). LLVM 22's vpdpbusd takes its operands as i8
+# vectors, vdpbf16ps as bfloat vectors.
 DOT_INTRINSICS = {
-    (4, 4): ("llvm.x86.avx512.vpdpbusd.128", ("avxvnni", "avx512vnni+avx512vl"), True),
-    (4, 8): ("llvm.x86.avx512.vpdpbusd.256", ("avxvnni", "avx512vnni+avx512vl"), True),
-    (4, 16): ("llvm.x86.avx512.vpdpbusd.512", ("avx512vnni",), True),
-    (2, 4): ("llvm.x86.sse2.pmadd.wd", ("sse2",), False),
-    (2, 8): ("llvm.x86.avx2.pmadd.wd", ("avx2",), False),
-    (2, 16): ("llvm.x86.avx512.pmaddw.d.512", ("avx512bw",), False),
+    ("int8", 4, 4): ("llvm.x86.avx512.vpdpbusd.128", ("avxvnni", "avx512vnni+avx512vl"), True),
+    ("int8", 4, 8): ("llvm.x86.avx512.vpdpbusd.256", ("avxvnni", "avx512vnni+avx512vl"), True),
+    ("int8", 4, 16): ("llvm.x86.avx512.vpdpbusd.512", ("avx512vnni",), True),
+    ("int8", 2, 4): ("llvm.x86.sse2.pmadd.wd", ("sse2",), False),
+    ("int8", 2, 8): ("llvm.x86.avx2.pmadd.wd", ("avx2",), False),
+    ("int8", 2, 16): ("llvm.x86.avx512.pmaddw.d.512", ("avx512bw",), False),
+    ("bf16", 2, 4): ("llvm.x86.avx512bf16.dpbf16ps.128", ("avx512bf16+avx512vl",), True),
+    ("bf16", 2, 8): ("llvm.x86.avx512bf16.dpbf16ps.256", ("avx512bf16+avx512vl",), True),
+    ("bf16", 2, 16): ("llvm.x86.avx512bf16.dpbf16ps.512", ("avx512bf16",), True),
 }
 
 
@@ -393,8 +398,10 @@ class Codegen:
         return ir.Constant(I32, value)
 
     def _pack(self, parts: list[ir.Value]) -> ir.Value:
-        """``len(parts)`` integers as the low bytes (4) or halves (2) of an int32 word, first lowest."""
+        """``len(parts)`` integers as the low bytes (4) or halves (2) of an int32 word, first lowest;
+        bf16 values by their bits."""
         bits = 32 // len(parts)
+        parts = [self._bf16_bits(p) for p in parts]
         count = next((p.type.count for p in parts if isinstance(p.type, ir.VectorType)), None)
         if count is not None:
             parts = [self._splat(p, ir.VectorType(I32, count)) for p in parts]
@@ -404,36 +411,58 @@ class Codegen:
             word = part if word is None else self.b.or_(word, part)
         return word
 
+    def _bf16_bits(self, v: ir.Value) -> ir.Value:
+        """A bf16 value's (or vector's) bits in the low half of an int32; other values as they are."""
+        element = v.type.element if isinstance(v.type, ir.VectorType) else v.type
+        if not isinstance(element, BFloatType):
+            return v
+        count = v.type.count if isinstance(v.type, ir.VectorType) else None
+        i16 = ir.VectorType(ir.IntType(16), count) if count else ir.IntType(16)
+        return self.b.zext(self.b.bitcast(v, i16), ir.VectorType(I32, count) if count else I32)
+
     def _dot(self, acc: ir.Value, word: ir.Value, weights: list[ir.Value]) -> ir.Value:
-        """``acc + sum_j element_j(word) * weights[j]``: 4 u8 bytes or 2 s16 halves per lane."""
+        """``acc + sum_j element_j(word) * weights[j]``: 4 u8 bytes or 2 s16 halves per int32 lane,
+        or 2 bf16 halves per f32 lane (with bf16 weights)."""
         b, group = self.b, len(weights)
         if not isinstance(word.type, ir.VectorType):
             return self._dot_plain(acc, word, weights)
         lanes = word.type.count
-        vty = ir.VectorType(I32, lanes)
-        acc, wword = self._splat(acc, vty), self._splat(self._pack(weights), vty)
-        intrinsic = DOT_INTRINSICS.get((group, lanes))
+        bf16 = isinstance(weights[0].type, BFloatType)
+        acc = self._splat(acc, ir.VectorType(TYPES["float32"] if bf16 else I32, lanes))
+        intrinsic = DOT_INTRINSICS.get(("bf16" if bf16 else "int8", group, lanes))
         if intrinsic is None or not provides(intrinsic, self.features):
-            return self._dot_plain(acc, word, [self._splat(w, vty) for w in weights])
+            return self._dot_plain(acc, word, weights)
         name, _, accumulates = intrinsic
-        ety = ir.VectorType(ir.IntType(32 // group), lanes * group)
+        wword = self._splat(self._pack(weights), word.type)
+        ety = ir.VectorType(TYPES["bfloat16"] if bf16 else ir.IntType(32 // group), lanes * group)
         operands = [b.bitcast(word, ety), b.bitcast(wword, ety)]
         if accumulates:
-            fn = _declare(self.module, name, ir.FunctionType(vty, [vty, ety, ety]))
+            fn = _declare(self.module, name, ir.FunctionType(acc.type, [acc.type, ety, ety]))
             return b.call(fn, [acc, *operands])
-        fn = _declare(self.module, name, ir.FunctionType(vty, [ety, ety]))
+        fn = _declare(self.module, name, ir.FunctionType(acc.type, [ety, ety]))
         return b.add(acc, b.call(fn, operands))
 
     def _dot_plain(self, acc: ir.Value, word: ir.Value, weights: list[ir.Value]) -> ir.Value:
-        """``dot`` in plain integer operations (scalars, or a target without the instruction)."""
+        """``dot`` without the instruction (scalars, or a target without it): integer elements
+        multiplied and added; bf16 halves widened to f32 and multiply-added in order, the
+        unrewritten kernel's FMAs."""
         b, group = self.b, len(weights)
         bits = 32 // group
-        for j, w in enumerate(weights):
+        vector = isinstance(word.type, ir.VectorType)
+        for j, weight in enumerate(weights):
+            if isinstance(weight.type, BFloatType):  # half j's bits as the high half of an f32
+                high = b.shl(word, self._int32s(word, 16)) if j == 0 else b.and_(word, self._int32s(word, -(1 << 16)))
+                w = self._cast(weight, "float32", "bfloat16")
+                product = b.fmul(b.bitcast(high, acc.type), self._splat(w, acc.type) if vector else w)
+                acc = b.fadd(acc, product)
+                product.flags.append("contract")
+                acc.flags.append("contract")
+                continue
             if group == 4:  # unsigned byte j
                 element = b.and_(b.lshr(word, self._int32s(word, bits * j)), self._int32s(word, 255))
             else:  # signed half j
                 element = b.ashr(b.shl(word, self._int32s(word, bits * (1 - j))), self._int32s(word, bits))
-            acc = b.add(acc, b.mul(element, w))
+            acc = b.add(acc, b.mul(element, self._splat(weight, word.type) if vector else weight))
         return acc
 
     # ---- statements ------------------------------------------------------------------------

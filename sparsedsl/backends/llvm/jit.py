@@ -171,11 +171,12 @@ def optimized_engine(text: str) -> llvm.ExecutionEngine:
 
 
 def build(funcs: list[L.LoopFunc]) -> Built:
-    """Generate, optimise and JIT the functions; int8 block products on this CPU's dot-product
-    instruction (``ir/dot_products.py``)."""
+    """Generate, optimise and JIT the functions; int8 and bf16 block products on this CPU's
+    dot-product instructions (``ir/dot_products.py``)."""
     features = host.present()
-    group = host.dot_group(features)
-    funcs = [dot_products.rewrite(f, group) for f in funcs]
+    funcs = [dot_products.rewrite(f, host.dot_group(features)) for f in funcs]
+    if host.bf16_dot(features):  # else the f32 FMAs on widened values, unrewritten
+        funcs = [dot_products.rewrite(f, dot_products.BF16_GROUP, "bf16") for f in funcs]
     text = str(generate(funcs, vector_bits(), llvm.get_process_triple(), features))
     try:
         engine = optimized_engine(text)
