@@ -1,7 +1,9 @@
 """Quantized sparse layers against the same f32 sparse layer, dense f32 and torch's dynamically
 quantized dense int8 linear (``torch.ao.quantization.quantize_dynamic``), same process; then
-all-MiniLM-L6-v2 with int8 sparse layers against dense f32 eager, with the sentence-embedding
-cosine against the f32 sparse model.
+all-MiniLM-L6-v2 with int8 sparse layers (activations quantized per token, or by calibrated static
+scales, with or without the next layer's quantization fused into intermediate.dense's kernel) and
+bf16 ones against dense f32 eager, with the errors of the last hidden states and the
+sentence-embedding cosine against the f32 sparse model.
 
 Each layer time is the median of --reps calls, the configurations of one row interleaved call by
 call (so that a burst of load on these shared machines hits them alike). "int8" is the whole
@@ -9,7 +11,7 @@ layer: the per-token quantization of the activations plus the kernel; "int8 kern
 kernel alone on pre-quantized activations; "bf16" includes casting the activations to bf16.
 
     .venv/bin/python benchmarks/quantized.py [--threads 2] [--reps 30] [--tokens 128 512 1024]
-        [--backend tvm] [--int8 "BSR(1, 4)" llvm] [--no-model] [--out benchmarks/quantized.json]
+        [--backend tvm] [--int8 "BSR(1, 4)" llvm] [--no-model] [--quick] [--out benchmarks/quantized.json]
 
 ``--int8 FORMAT BACKEND`` gives the int8 layers (and the int8 model) their own format and backend,
 the f32 and bf16 ones keeping BSR(4, 1) on ``--backend``: ``BSR(1, 4)`` on ``llvm`` is the kernel
@@ -104,14 +106,55 @@ def layer_row(n: int, k: int, tokens: int, backend: str, reps: int, int8_as: tup
     }
 
 
-def model_rows(backend: str, reps: int, int8_as: tuple[str, str]) -> dict:
-    """MiniLM at 8 x 128: dense f32 eager, f32 sparse and int8 / bf16 sparse (90% BSR(4, 1) on
-    every encoder linear layer, magnitude pruning), timed interleaved; the cosine of the sentence
-    embeddings of 256 held-out sentences against the f32 sparse model. With int8 layers of another
-    format, the f32 sparse model of that format too, the int8 model's own reference
-    (``cosine_vs_own_f32``)."""
+# The static int8 models' rules (a model block: the dict form has no ``fuse``): every encoder layer
+# int8 with a calibrated input scale; "fused" also computes intermediate.dense's GELU in its kernel,
+# which then writes output.dense's int8 input (runtime/requantize.py finds the pair).
+STATIC_RULES = """
+kernel linear(X: f32[M, K], W: f32[N, K] @ CSR, b: f32[N]) -> (Y: f32[M, N]) {{
+    Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n]
+}}
+kernel linear_gelu(X: f32[M, K], W: f32[N, K] @ CSR, b: f32[N]) -> (Y: f32[M, N]) {{
+    Y[m, n] = gelu(sum(k) X[m, k] * W[n, k] + b[n])
+}}
+model minilm {{
+    {gelu}
+    linear "encoder.layer.*" use linear with {format} sparsity {sparsity} dtype int8 static
+}}
+"""
+FUSED_GELU = (
+    'linear "*.intermediate.dense" use linear_gelu with {format} sparsity {sparsity} '
+    'fuse "*.intermediate_act_fn" dtype int8 static'
+)
+INT8_MODELS = ("int8 sparse", "int8 static", "int8 static fused")
+
+
+def static_rules(fmt: str, fused: bool) -> str:
+    gelu = FUSED_GELU.format(format=fmt, sparsity=SPARSITY) if fused else ""
+    return STATIC_RULES.format(gelu=gelu, format=fmt, sparsity=SPARSITY)
+
+
+def hidden_errors(model, reference, inputs: list[dict]) -> tuple[float, float]:
+    """Max and mean |error| of ``model``'s last hidden states against ``reference``'s over the
+    tokens of ``inputs`` (padding left out)."""
+    errors = []
+    with torch.no_grad():
+        for batch in inputs:
+            keep = batch["attention_mask"].bool()
+            errors.append((model(**batch).last_hidden_state - reference(**batch).last_hidden_state)[keep].abs())
+    every = torch.cat([e.flatten() for e in errors])
+    return every.max().item(), every.mean().item()
+
+
+def model_rows(backend: str, reps: int, int8_as: tuple[str, str], quick: bool = False) -> dict:
+    """MiniLM at 8 x 128 (2 x 32 with ``quick``): dense f32 eager, f32 sparse, int8 (dynamic,
+    static, static with the fused next-layer quantization) and bf16 sparse (90% BSR(4, 1) on every
+    encoder linear layer, magnitude pruning), timed interleaved; against the f32 sparse model, the
+    max and mean error of the last hidden states and the cosine of the sentence embeddings of 256
+    held-out sentences (32 with ``quick``); the static scales from 64 other sentences (16). With
+    int8 layers of another format, the f32 sparse model of that format too, the int8 models' own
+    reference (``cosine_vs_own_f32``)."""
     sys.path.insert(0, str(ROOT / "examples"))
-    from sentences import cosine, embed, measure, minilm
+    from sentences import batches, cosine, embed, measure, minilm
 
     model, tokenizer = minilm()
     rule = {"format": FORMAT, "sparsity": SPARSITY}
@@ -122,21 +165,33 @@ def model_rows(backend: str, reps: int, int8_as: tuple[str, str]) -> dict:
         if dtype == "int8":
             spec, on = {**spec, "format": int8_as[0]}, int8_as[1]
         models[f"{dtype or 'f32'} sparse"] = sd.compile_model(model, {"encoder.layer.*": spec}, backend=on)
+    sentences = measure(
+        models["f32 sparse"], tokenizer, seed=0, calibration=16 if quick else 64, held_out=32 if quick else 256
+    )
+    calibration = batches(tokenizer, sentences.calibration_texts, 16)
+    for name, fused in (("int8 static", False), ("int8 static fused", True)):
+        rules = static_rules(int8_as[0], fused)
+        models[name] = sd.compile_model(model, rules, backend=int8_as[1], calibration=calibration)
     own = "f32 sparse"
     if int8_as[0] != FORMAT:
         own = f"f32 {int8_as[0]}"
         models[own] = sd.compile_model(model, {"encoder.layer.*": {**rule, "format": int8_as[0]}}, backend=int8_as[1])
-    ids = torch.randint(1000, 20000, (8, 128), generator=torch.Generator().manual_seed(0))
+    shape = (2, 32) if quick else (8, 128)
+    ids = torch.randint(1000, 20000, shape, generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     times = interleaved({name: (lambda m=m: m(**inputs)) for name, m in models.items()}, reps)
-    sentences = measure(models["f32 sparse"], tokenizer, seed=0, calibration=0, held_out=256)
     base = times["dense f32"]
-    out = {"ms": {n: t * 1e3 for n, t in times.items()}, "speedup_vs_dense": {n: base / t for n, t in times.items()}}
+    out = {"shape": list(shape), "ms": {n: t * 1e3 for n, t in times.items()}}
+    out["speedup_vs_dense"] = {n: base / t for n, t in times.items()}
     out["cosine_vs_f32_sparse"] = {n: cosine(models[n], sentences.held_out, sentences.reference) for n in models}
+    errors = {n: hidden_errors(models[n], models["f32 sparse"], sentences.held_out) for n in models}
+    out["max_error_vs_f32_sparse"] = {n: e[0] for n, e in errors.items()}
+    out["mean_error_vs_f32_sparse"] = {n: e[1] for n, e in errors.items()}
     dense_ref = embed(model, sentences.held_out)
     out["cosine_vs_dense"] = {n: cosine(models[n], sentences.held_out, dense_ref) for n in models}
     own_ref = embed(models[own], sentences.held_out)
-    out["cosine_vs_own_f32"] = {"int8 sparse": cosine(models["int8 sparse"], sentences.held_out, own_ref)}
+    out["cosine_vs_own_f32"] = {n: cosine(models[n], sentences.held_out, own_ref) for n in INT8_MODELS}
+    out["fused_pairs"] = sum("emits" in r.note for r in sd.report(models["int8 static fused"]))
     return out
 
 
@@ -155,6 +210,11 @@ def main() -> None:
     )
     parser.add_argument("--no-model", action="store_true", help="only the layer table")
     parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a check that it runs: 16 tokens, 3 repetitions, MiniLM at 2 x 32 with 32 held-out sentences",
+    )
+    parser.add_argument(
         "--cpu-time",
         action="store_true",
         help="time the calling thread's CPU time (with --threads 1 every kernel and torch op runs on it): "
@@ -163,6 +223,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "quantized.json")
     args = parser.parse_args()
     int8_as = (args.int8[0], args.int8[1] or args.backend)
+    if args.quick:
+        args.tokens, args.reps = [16], 3
     torch.set_num_threads(args.threads)
     if args.cpu_time:
         if args.threads != 1:
@@ -192,16 +254,20 @@ def main() -> None:
     result["int8"] = {"format": int8_as[0], "backend": int8_as[1]}
     result["layers"] = rows
     if not args.no_model:
-        m = model_rows(args.backend, max(5, args.reps // 3), int8_as)
+        m = model_rows(args.backend, 2 if args.quick else max(5, args.reps // 3), int8_as, args.quick)
         result["minilm"] = m
-        print(f"\nMiniLM, 8 x 128 tokens, every encoder layer 90% BSR(4, 1) (int8: {int8_as[0]}):")
+        batch, tokens = m["shape"]
+        print(f"\nMiniLM, {batch} x {tokens} tokens, every encoder layer 90% BSR(4, 1) (int8: {int8_as[0]}):")
+        print("errors of the last hidden states and cosine of the sentence embeddings against the f32 sparse model:")
         for name in m["ms"]:
             print(
-                f"  {name:<16} {m['ms'][name]:8.1f} ms  {m['speedup_vs_dense'][name]:5.2f}x dense  cosine "
+                f"  {name:<18} {m['ms'][name]:8.1f} ms  {m['speedup_vs_dense'][name]:5.2f}x dense  max |err| "
+                f"{m['max_error_vs_f32_sparse'][name]:.3g}, mean {m['mean_error_vs_f32_sparse'][name]:.3g}  cosine "
                 f"{m['cosine_vs_f32_sparse'][name]:.4f} vs f32 sparse, {m['cosine_vs_dense'][name]:.4f} vs dense"
             )
-        own = m["cosine_vs_own_f32"]["int8 sparse"]
-        print(f"  int8 sparse against the f32 model of its own pattern: cosine {own:.4f}")
+        print(f"  int8 static fused: {m['fused_pairs']} layers write the next layer's int8 input")
+        for name, own in m["cosine_vs_own_f32"].items():
+            print(f"  {name} against the f32 model of its own pattern: cosine {own:.4f}")
     args.out.write_text(json.dumps(result, indent=1))
 
 
