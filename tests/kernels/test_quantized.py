@@ -1,6 +1,7 @@
 """Integer (i8 / u8 operands, i32 accumulators) and bf16 kernels, every format, both CPU backends:
-integer results bit-exact against torch's int32 matmul, bf16 within f32 accumulation's bound;
-floats stored as integers rounded to nearest (even) and saturated, as torch does."""
+integer results bit-exact against torch's int32 matmul, bf16 within f32 accumulation's bound (and
+``vdpbf16ps``'s denormals read and flushed as 0); floats stored as integers rounded to nearest (even)
+and saturated, as torch does."""
 
 from __future__ import annotations
 
@@ -146,19 +147,52 @@ def test_requantized_output(prog, case):
     assert torch.equal(prog.requantize(x, W, s), expected)
 
 
-@SETTINGS
-@given(case=sparse_case())
-def test_bf16_within_rounding_bound(prog, case):
-    """bf16 products are exact in f32; the f32 sum of K of them errs by at most K ulp of sum |x w|."""
+# Blocks of 2j consecutive k in one row: the llvm backend sums them in pairs with vdpbf16ps where the
+# CPU has AVX-512 BF16 (and BSR(8, 4), BSR(16, 16) of FORMATS too).
+BF16_DOT_FORMATS = [("BSR(1, 2)", 1, 2), ("BSR(1, 4)", 1, 4), ("BSR(2, 4)", 2, 4)]
+FLT_MIN = torch.finfo(torch.float32).tiny  # the smallest normal f32 (and bf16)
+
+
+def _bf16_inputs(prog, case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 activations, a pruned bf16 weight and a bias, over many magnitudes: a fifth of the
+    tokens and of the weight's rows scaled by 2^-70 (their products underflow f32), a fifth by
+    2^-130 (bf16 denormals); no bias on the scaled rows, whose outputs are all tiny."""
     fmt, n, k, m, sparsity, seed = case
     gen = torch.Generator().manual_seed(seed)
-    w = prune_to_fit(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity).bfloat16()
-    x, b = torch.randn(m, k, generator=gen).bfloat16(), torch.randn(n, generator=gen)
-    y = prog.blinear(x, prog.pack(fmt, w), b)
-    exact = x.double() @ w.double().T + b.double()
-    bound = (k + 1) * torch.finfo(torch.float32).eps * (x.double().abs() @ w.double().abs().T + b.double().abs())
+
+    def scale(rows: int) -> torch.Tensor:
+        u = torch.rand(rows, 1, generator=gen)
+        return torch.where(u < 0.2, 2.0**-70, 1.0) * torch.where(u > 0.8, 2.0**-130, 1.0)
+
+    w_scale = scale(n)
+    w = (prune_to_fit(torch.randn(n, k, generator=gen), prog.format(fmt), sparsity) * w_scale).bfloat16()
+    x = (torch.randn(m, k, generator=gen) * scale(m)).bfloat16()
+    return x, w, torch.randn(n, generator=gen) * (w_scale[:, 0] == 1)
+
+
+def _bf16_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How far a bf16 kernel may be from the exact ``x w^T + b``: bf16 products are exact in f32,
+    the f32 sum of K + 1 terms rounds K + 1 times (at most K + 1 ulp of sum |x w| + |b|);
+    ``vdpbf16ps`` also reads a bf16 denormal as 0 (DAZ: its products lost) and flushes a denormal
+    sum to 0 (FTZ: less than the smallest normal f32 per product)."""
+    xd, wd, k = x.double(), w.double(), x.shape[1]
+    rounding = (k + 1) * torch.finfo(torch.float32).eps * (xd.abs() @ wd.abs().T + b.double().abs())
+
+    def denormal(t: torch.Tensor) -> torch.Tensor:
+        return t.abs() * (t.abs() < FLT_MIN)
+
+    lost = denormal(xd) @ wd.abs().T + xd.abs() @ denormal(wd).T
+    return rounding + lost + k * FLT_MIN
+
+
+@SETTINGS
+@given(case=sparse_case([*FORMATS, *BF16_DOT_FORMATS]))
+def test_bf16_within_rounding_bound(prog, case):
+    """Against the exact sum of the bf16 values, every format, tiny and denormal values included."""
+    x, w, b = _bf16_inputs(prog, case)
+    y = prog.blinear(x, prog.pack(case[0], w), b)
     assert y.dtype == torch.float32
-    assert ((y.double() - exact).abs() <= bound + 1e-30).all()
+    assert ((y.double() - (x.double() @ w.double().T + b.double())).abs() <= _bf16_bound(x, w, b)).all()
 
 
 def test_integer_dtypes_in_the_checker():
@@ -214,12 +248,16 @@ def test_each_dot_product_group_bit_exact(group, case):
         _check_dot_kernels(sd.compile(SOURCE, backend="llvm"), case)
 
 
-def _assembly(source: str, kernel: str, group: int, cpu: str, features: set[str], bits: int) -> str:
-    """The optimised assembly of ``kernel`` (BSR(1, 4)) for another CPU, rewritten for ``group``."""
+def _assembly(
+    source: str, kernel: str, group: int, cpu: str, features: set[str], bits: int, fmt="BSR(1, 4)", dtype="int8"
+) -> str:
+    """The optimised assembly of ``kernel`` on ``fmt`` for another CPU, its ``dtype`` products
+    rewritten for ``group``."""
     llvm_ir.initialize_native_target()
     llvm_ir.initialize_native_asmprinter()
     prog = sd.compile(source, backend="llvm")
-    funcs = [dot_products.rewrite(f, group) for f in prog.kernels[kernel].lowered(prog.format("BSR(1, 4)")).values()]
+    lowered = prog.kernels[kernel].lowered(prog.format(fmt)).values()
+    funcs = [dot_products.rewrite(f, group, dtype) for f in lowered]
     module = llvm_ir.parse_assembly(str(generate(funcs, bits, "x86_64-unknown-linux-gnu", frozenset(features))))
     machine = llvm_ir.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(cpu=cpu, opt=3)
     passes = llvm_ir.create_pass_builder(machine, llvm_ir.create_pipeline_tuning_options(speed_level=3))
@@ -257,14 +295,74 @@ def test_avx2_targets_get_vpmaddwd():
     assert "vpdpbusd" not in asm
 
 
+BF16_CPUS = [  # (LLVM CPU name, the features the backend would see there, vector bits)
+    ("znver5", {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512bf16"}, 512),
+    ("sapphirerapids", {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512bf16"}, 256),
+]
+
+
+@pytest.mark.parametrize(("cpu", "features", "bits"), BF16_CPUS)
+def test_bf16_targets_get_vdpbf16ps(cpu, features, bits):
+    """Compiled for an AVX-512 BF16 CPU, a BSR(1, 2) bf16 block is one ``vdpbf16ps`` per vector of
+    tokens, the pair of weights one broadcast word."""
+    assert host.bf16_dot(features)
+    asm = _assembly(dot_products_source(), "blinear_bias", 2, cpu, features, bits, "BSR(1, 2)", "bf16")
+    assert "vdpbf16ps" in asm
+
+
+def test_avx2_targets_keep_f32_fmas_for_bf16():
+    """Without AVX-512 BF16 the rewrite is not made (``host.bf16_dot``); made anyway, its ``dot`` is
+    the f32 FMAs on the widened halves."""
+    features = {"avx2", "fma"}
+    assert not host.bf16_dot(features)
+    asm = _assembly(dot_products_source(), "blinear_bias", 2, "znver3", features, 256, "BSR(1, 2)", "bf16")
+    assert "vdpbf16ps" not in asm
+    assert "vfmadd" in asm
+
+
+def test_bf16_plain_dot_is_the_unrewritten_kernel():
+    """The rewrite's plain ``dot`` (a CPU without the instruction; scalar and 1-token loops on any)
+    adds the two widened products in order, as the unrewritten kernel does: bit-identical to it,
+    tiny and denormal values included."""
+    without = host.present() - {"avx512bf16"}
+    cases = [(fmt, 24, 40, m, 0.5, seed) for seed, fmt in enumerate(("BSR(1, 2)", "BSR(2, 4)")) for m in (1, 70)]
+    results = {}
+    for rewritten in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(host, "present", lambda: without)
+            patch.setattr(host, "bf16_dot", lambda features, rewritten=rewritten: rewritten)
+            prog = sd.compile(SOURCE, backend="llvm")
+            for case in cases:
+                x, w, b = _bf16_inputs(prog, case)
+                results.setdefault(case, []).append(prog.blinear(x, prog.pack(case[0], w), b))
+                llvm = prog.kernels["blinear"].source("llvm", case[0])
+                assert ("X_tq" in llvm) == rewritten and "dpbf16ps" not in llvm
+    for case, (plain, unrewritten) in results.items():
+        assert torch.equal(plain, unrewritten), case
+
+
+def test_this_cpu_runs_its_dot_product_instructions():
+    """The kernels built here (not cross-compiled) use the dot-product instructions this CPU has."""
+    prog = sd.compile(dot_products_source(), backend="llvm")
+    int8 = prog.kernels["qlinear_bias"].source("asm", "BSR(1, 4)")
+    bf16 = prog.kernels["blinear_bias"].source("asm", "BSR(1, 2)")
+    assert ("vpdpbusd" if host.dot_group(host.present()) == 4 else "vpmaddwd") in int8
+    assert ("vdpbf16ps" in bf16) == host.bf16_dot(host.present())
+
+
 def dot_products_source() -> str:
     return (Path(sd.__file__).parent / "nn.sdsl").read_text()
 
 
 def test_ahead_of_time_dot_product_kernel(tmp_path):
-    """An llvm AOT build of a BSR(1, 4) int8 kernel loads and stays bit-exact; its manifest's
-    features give the dot-product choice the build made (vpdpbusd needs avxvnni / avx512vnni)."""
-    source = "kernel ilin(X: i8[M, K], W: i8[N, K] @ BSR(1, 4)) -> (Y: i32[M, N]) {Y[m, n] = sum(k) X[m, k] * W[n, k]}"
+    """An llvm AOT build of a BSR(1, 4) int8 kernel loads and stays bit-exact, a BSR(1, 2) bf16 one
+    within its bound; its manifest's features give the dot-product choices the build made (vpdpbusd
+    needs avxvnni / avx512vnni, vdpbf16ps avx512bf16)."""
+    source = """
+kernel ilin(X: i8[M, K], W: i8[N, K] @ BSR(1, 4)) -> (Y: i32[M, N]) {Y[m, n] = sum(k) X[m, k] * W[n, k]}
+kernel blin(X: bf16[M, K], W: bf16[N, K] @ BSR(1, 2), b: f32[N]) -> (Y: f32[M, N]) {
+    Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n]
+}"""
     sd.build(source, tmp_path, backend="llvm")
     prog = sd.load(tmp_path)
     fmt = prog.format("BSR(1, 4)")
@@ -274,8 +372,12 @@ def test_ahead_of_time_dot_product_kernel(tmp_path):
     for m in (1, 5, 70):
         x = torch.randint(-128, 128, (m, 32), generator=gen, dtype=torch.int8)
         assert torch.equal(prog.ilin(x, prog.pack(fmt, w)), _imm(x, w.T))
+    x, wb, b = _bf16_inputs(prog, ("BSR(1, 2)", 16, 32, 70, 0.5, 0))
+    y = prog.blin(x, prog.pack(prog.format("BSR(1, 2)"), wb), b)
+    assert ((y.double() - (x.double() @ wb.double().T + b.double())).abs() <= _bf16_bound(x, wb, b)).all()
     features = json.loads((tmp_path / "manifest.json").read_text())["target"]["features"]
     assert host.dot_group(features) == host.dot_group(host.present())
+    assert host.bf16_dot(features) == host.bf16_dot(host.present())
 
 
 # ---- nn.sdsl's kernels that write the next layer's int8 input (runtime/requantize.py) -----------
