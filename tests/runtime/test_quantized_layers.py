@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import sparsedsl as sd
+from sparsedsl.backends import host
 from sparsedsl.runtime.quantized import QuantizedSparseLinear
 
 
@@ -71,6 +72,18 @@ def test_compile_model_dtype_rules_and_report(backend):
     x = torch.randn(4, 10, 64)
     cosine = nn.functional.cosine_similarity(compiled(x).flatten(), f32(x).flatten(), dim=0)
     assert cosine > 0.999
+
+
+def test_bf16_pairs_of_k_run_on_the_dot_product_instruction():
+    """A bf16 rule whose blocks are pairs of consecutive k (BSR(1, 2)) runs on ``vdpbf16ps`` on the
+    llvm backend where the CPU has it (else as f32 FMAs), the sum of the bf16 values in f32."""
+    rule = {"format": "BSR(1, 2)", "sparsity": 0.5, "dtype": "bf16"}
+    layer = sd.compile_model(_mlp(), {"0": rule}, backend="llvm")[0]
+    asm = layer.program.kernels[layer.kernel].source("asm", "BSR(1, 2)")
+    assert ("vdpbf16ps" in asm) == host.bf16_dot(host.present())
+    x = torch.randn(4, 10, 64)
+    exact = x.bfloat16().double() @ layer.sparse_weight().to_dense().double().T + layer.bias.double()
+    torch.testing.assert_close(layer(x).double(), exact, rtol=1e-5, atol=1e-5)
 
 
 def test_an_unknown_dtype_is_refused():
