@@ -8,14 +8,18 @@ sentence-embedding cosine against the f32 sparse model.
 Each layer time is the median of --reps calls, the configurations of one row interleaved call by
 call (so that a burst of load on these shared machines hits them alike). "int8" is the whole
 layer: the per-token quantization of the activations plus the kernel; "int8 kernel" the
-kernel alone on pre-quantized activations; "bf16" includes casting the activations to bf16.
+kernel alone on pre-quantized activations; "bf16" includes casting the activations to bf16, "bf16
+kernel" is the kernel alone on bf16 activations.
 
     .venv/bin/python benchmarks/quantized.py [--threads 2] [--reps 30] [--tokens 128 512 1024]
-        [--backend tvm] [--int8 "BSR(1, 4)" llvm] [--no-model] [--quick] [--out benchmarks/quantized.json]
+        [--backend tvm] [--int8 "BSR(1, 4)" llvm] [--bf16 "BSR(1, 2)" llvm] [--no-model] [--quick]
+        [--out benchmarks/quantized.json]
 
-``--int8 FORMAT BACKEND`` gives the int8 layers (and the int8 model) their own format and backend,
-the f32 and bf16 ones keeping BSR(4, 1) on ``--backend``: ``BSR(1, 4)`` on ``llvm`` is the kernel
-whose blocks the dot-product instructions fit (``ir/dot_products.py``).
+``--int8 FORMAT BACKEND`` gives the int8 layers (and the int8 models) their own format and backend,
+``--bf16 FORMAT BACKEND`` the bf16 ones, the f32 ones keeping BSR(4, 1) on ``--backend``: ``BSR(1,
+4)`` int8 and ``BSR(1, 2)`` bf16 on ``llvm`` are the kernels whose blocks the dot-product
+instructions fit (``ir/dot_products.py``). Each quantized layer's (and model's) error is against
+the f32 one of its own pattern.
 """
 
 from __future__ import annotations
@@ -63,35 +67,41 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, fl
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def layer_row(n: int, k: int, tokens: int, backend: str, reps: int, int8_as: tuple[str, str]) -> dict:
+def layer_row(n: int, k: int, tokens: int, backend: str, reps: int, quantized_as: dict[str, tuple[str, str]]) -> dict:
+    """One layer shape at ``tokens`` tokens; ``quantized_as``: each dtype's (format, backend)."""
     gen = torch.Generator().manual_seed(0)
     linear = nn.Linear(k, n)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(n, k, generator=gen) / k**0.5)
     f32 = sd.SparseLinear.from_linear(linear, FORMAT, SPARSITY, nn_program(None, "cpu", backend))
-    int8_program = nn_program(None, "cpu", int8_as[1])
-    int8 = QuantizedSparseLinear.from_linear(linear, int8_as[0], "int8", SPARSITY, int8_program)
-    bf16 = QuantizedSparseLinear.from_linear(linear, FORMAT, "bf16", SPARSITY, f32.program)
+    int8, bf16 = (
+        QuantizedSparseLinear.from_linear(linear, fmt, dtype, SPARSITY, nn_program(None, "cpu", on))
+        for dtype, (fmt, on) in quantized_as.items()
+    )
     dense = f32.to_dense()
     dynamic = torch.ao.quantization.quantize_dynamic(nn.Sequential(dense), {nn.Linear}, dtype=torch.qint8)
     x = torch.randn(tokens, k, generator=gen)
     xq, sx = int8.quantize(x)
+    xb = x.bfloat16()
     kernel, weight = int8.program.kernels[int8.kernel], int8.sparse_weight()
+    bkernel, bweight = bf16.program.kernels[bf16.kernel], bf16.sparse_weight()
     fns = {
         "f32 sparse": lambda: f32(x),
         "int8": lambda: int8(x),
         "int8 kernel": lambda: kernel(xq, sx, weight, int8.weight_scale, int8.bias),
         "bf16": lambda: bf16(x),
+        "bf16 kernel": lambda: bkernel(xb, bweight, bf16.bias),
         "dense f32": lambda: dense(x),
         "torch dynamic int8": lambda: dynamic(x),
     }
     times = interleaved(fns, reps)
     # each quantized layer's error against the f32 sparse layer of its own pattern
-    same = f32 if int8_as[0] == FORMAT else sd.SparseLinear.from_linear(linear, int8_as[0], SPARSITY, f32.program)
     with torch.inference_mode():
         ref = f32(x)
-        errors = {name: (fns[name]() - ref).abs() for name in ("bf16", "torch dynamic int8")}
-        errors["int8"] = (int8(x) - same(x)).abs()
+        errors = {"torch dynamic int8": (dynamic(x) - ref).abs()}
+        for name, layer in (("int8", int8), ("bf16", bf16)):
+            same = f32 if layer.format == FORMAT else sd.SparseLinear.from_linear(linear, layer.format, SPARSITY)
+            errors[name] = (layer(x) - same(x)).abs()
     base = times["f32 sparse"]
     return {
         "n": n,
@@ -145,13 +155,13 @@ def hidden_errors(model, reference, inputs: list[dict]) -> tuple[float, float]:
     return every.max().item(), every.mean().item()
 
 
-def model_rows(backend: str, reps: int, int8_as: tuple[str, str], quick: bool = False) -> dict:
+def model_rows(backend: str, reps: int, quantized_as: dict[str, tuple[str, str]], quick: bool = False) -> dict:
     """MiniLM at 8 x 128 (2 x 32 with ``quick``): dense f32 eager, f32 sparse, int8 (dynamic,
     static, static with the fused next-layer quantization) and bf16 sparse (90% BSR(4, 1) on every
     encoder linear layer, magnitude pruning), timed interleaved; against the f32 sparse model, the
     max and mean error of the last hidden states and the cosine of the sentence embeddings of 256
     held-out sentences (32 with ``quick``); the static scales from 64 other sentences (16). With
-    int8 layers of another format, the f32 sparse model of that format too, the int8 models' own
+    quantized layers of another format, the f32 sparse model of that format too, their own
     reference (``cosine_vs_own_f32``)."""
     sys.path.insert(0, str(ROOT / "examples"))
     from sentences import batches, cosine, embed, measure, minilm
@@ -159,12 +169,11 @@ def model_rows(backend: str, reps: int, int8_as: tuple[str, str], quick: bool = 
     model, tokenizer = minilm()
     rule = {"format": FORMAT, "sparsity": SPARSITY}
     models = {"dense f32": model}
-    for dtype in (None, "int8", "bf16"):
-        spec = rule if dtype is None else {**rule, "dtype": dtype}
-        on = backend
-        if dtype == "int8":
-            spec, on = {**spec, "format": int8_as[0]}, int8_as[1]
-        models[f"{dtype or 'f32'} sparse"] = sd.compile_model(model, {"encoder.layer.*": spec}, backend=on)
+    int8_as = quantized_as["int8"]
+    models["f32 sparse"] = sd.compile_model(model, {"encoder.layer.*": rule}, backend=backend)
+    for dtype, (fmt, on) in quantized_as.items():
+        spec = {**rule, "format": fmt, "dtype": dtype}
+        models[f"{dtype} sparse"] = sd.compile_model(model, {"encoder.layer.*": spec}, backend=on)
     sentences = measure(
         models["f32 sparse"], tokenizer, seed=0, calibration=16 if quick else 64, held_out=32 if quick else 256
     )
@@ -172,10 +181,10 @@ def model_rows(backend: str, reps: int, int8_as: tuple[str, str], quick: bool = 
     for name, fused in (("int8 static", False), ("int8 static fused", True)):
         rules = static_rules(int8_as[0], fused)
         models[name] = sd.compile_model(model, rules, backend=int8_as[1], calibration=calibration)
-    own = "f32 sparse"
-    if int8_as[0] != FORMAT:
-        own = f"f32 {int8_as[0]}"
-        models[own] = sd.compile_model(model, {"encoder.layer.*": {**rule, "format": int8_as[0]}}, backend=int8_as[1])
+    owns = {name: quantized_as["bf16" if name == "bf16 sparse" else "int8"] for name in (*INT8_MODELS, "bf16 sparse")}
+    for fmt, on in set(owns.values()):
+        if fmt != FORMAT:
+            models[f"f32 {fmt}"] = sd.compile_model(model, {"encoder.layer.*": {**rule, "format": fmt}}, backend=on)
     shape = (2, 32) if quick else (8, 128)
     ids = torch.randint(1000, 20000, shape, generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -189,8 +198,11 @@ def model_rows(backend: str, reps: int, int8_as: tuple[str, str], quick: bool = 
     out["mean_error_vs_f32_sparse"] = {n: e[1] for n, e in errors.items()}
     dense_ref = embed(model, sentences.held_out)
     out["cosine_vs_dense"] = {n: cosine(models[n], sentences.held_out, dense_ref) for n in models}
-    own_ref = embed(models[own], sentences.held_out)
-    out["cosine_vs_own_f32"] = {n: cosine(models[n], sentences.held_out, own_ref) for n in INT8_MODELS}
+    refs = {
+        fmt: sentences.reference if fmt == FORMAT else embed(models[f"f32 {fmt}"], sentences.held_out)
+        for fmt, _ in owns.values()
+    }
+    out["cosine_vs_own_f32"] = {n: cosine(models[n], sentences.held_out, refs[fmt]) for n, (fmt, _) in owns.items()}
     out["fused_pairs"] = sum("emits" in r.note for r in sd.report(models["int8 static fused"]))
     return out
 
@@ -201,13 +213,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 1024])
     parser.add_argument("--backend", default="tvm", choices=("tvm", "llvm"))
-    parser.add_argument(
-        "--int8",
-        nargs=2,
-        metavar=("FORMAT", "BACKEND"),
-        default=[FORMAT, None],
-        help="format and backend of the int8 layers (default: BSR(4, 1) on --backend)",
-    )
+    for dtype in ("int8", "bf16"):
+        parser.add_argument(
+            f"--{dtype}",
+            nargs=2,
+            metavar=("FORMAT", "BACKEND"),
+            default=[FORMAT, None],
+            help=f"format and backend of the {dtype} layers (default: BSR(4, 1) on --backend)",
+        )
     parser.add_argument("--no-model", action="store_true", help="only the layer table")
     parser.add_argument(
         "--quick",
@@ -222,7 +235,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "quantized.json")
     args = parser.parse_args()
-    int8_as = (args.int8[0], args.int8[1] or args.backend)
+    quantized_as = {dtype: (fmt, on or args.backend) for dtype, (fmt, on) in (("int8", args.int8), ("bf16", args.bf16))}
+    int8_as, bf16_as = quantized_as["int8"], quantized_as["bf16"]
     if args.quick:
         args.tokens, args.reps = [16], 3
     torch.set_num_threads(args.threads)
@@ -236,28 +250,32 @@ def main() -> None:
     print(f"timed: {clock}")
     print(f"\n{FORMAT} {SPARSITY:.0%}: time / f32 sparse layer time (lower is better)")
     print(f"int8 layers: {int8_as[0]} {SPARSITY:.0%} on the {int8_as[1]} backend")
-    head = f"{'N x K':<11} {'tokens':>6} {'f32 ms':>7} {'int8':>6} {'kernel':>7} {'bf16':>6} {'dense':>6} "
+    print(f"bf16 layers: {bf16_as[0]} {SPARSITY:.0%} on the {bf16_as[1]} backend")
+    head = (
+        f"{'N x K':<11} {'tokens':>6} {'f32 ms':>7} {'int8':>6} {'kernel':>7} {'bf16':>6} {'kernel':>7} {'dense':>6} "
+    )
     print(head + f"{'torch dyn':>9} {'int8/dyn':>8}  max |err| int8, bf16 (of max |y|)")
     rows = []
     for n, k in BERT:
         for tokens in args.tokens:
-            r = layer_row(n, k, tokens, args.backend, args.reps, int8_as)
+            r = layer_row(n, k, tokens, args.backend, args.reps, quantized_as)
             rows.append(r)
             v, e = r["vs_f32_sparse"], r["max_error"]
             print(
                 f"{n}x{k:<6} {tokens:>6} {r['ms']['f32 sparse']:>7.2f} {v['int8']:>6.2f} {v['int8 kernel']:>7.2f} "
-                f"{v['bf16']:>6.2f} {v['dense f32']:>6.2f} {v['torch dynamic int8']:>9.2f} "
+                f"{v['bf16']:>6.2f} {v['bf16 kernel']:>7.2f} {v['dense f32']:>6.2f} {v['torch dynamic int8']:>9.2f} "
                 f"{r['int8_vs_torch_dynamic']:>8.2f}  {e['int8']:.3g}, {e['bf16']:.3g} (of {r['output_scale']:.3g})",
                 flush=True,
             )
     result = {"cpu": host_cpu(), "threads": args.threads, "backend": args.backend, "dot_product": vnni, "clock": clock}
-    result["int8"] = {"format": int8_as[0], "backend": int8_as[1]}
+    result |= {dtype: {"format": fmt, "backend": on} for dtype, (fmt, on) in quantized_as.items()}
     result["layers"] = rows
     if not args.no_model:
-        m = model_rows(args.backend, 2 if args.quick else max(5, args.reps // 3), int8_as, args.quick)
+        m = model_rows(args.backend, 2 if args.quick else max(5, args.reps // 3), quantized_as, args.quick)
         result["minilm"] = m
         batch, tokens = m["shape"]
-        print(f"\nMiniLM, {batch} x {tokens} tokens, every encoder layer 90% BSR(4, 1) (int8: {int8_as[0]}):")
+        formats = f"int8: {int8_as[0]}, bf16: {bf16_as[0]}"
+        print(f"\nMiniLM, {batch} x {tokens} tokens, every encoder layer 90% BSR(4, 1) ({formats}):")
         print("errors of the last hidden states and cosine of the sentence embeddings against the f32 sparse model:")
         for name in m["ms"]:
             print(
