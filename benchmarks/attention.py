@@ -6,7 +6,12 @@ CPU time instead of the wall clock (steadier on a shared machine; one thread onl
 
 ``--model``: all-MiniLM-L6-v2 with transformers' SDPA and with ``sd.attention``.
 
-    python benchmarks/attention.py [--threads 2] [--flex] [--model] [--cpu-time] [--out benchmarks/attention.json]
+``--layout``: at ``[8, 12, 128, 32]`` on transformers' layout (``q``, ``k``, ``v`` [B, H, T, D] views
+of [B, T, H, D] tensors, the output wanted [B, T, H, D]): ``sd.attention`` reading them in place
+(nn.sdsl's ``attention_bthd``), the same copying them into [B * H, T, D] first and the output
+back (the path before), and SDPA.
+
+    python benchmarks/attention.py [--threads 2] [--flex] [--model] [--layout] [--cpu-time] [--out ...]
 """
 
 from __future__ import annotations
@@ -53,6 +58,21 @@ def dense_rows(clock) -> list[dict]:
         sdpa = best_ms(lambda args=args: F.scaled_dot_product_attention(*args), clock)
         rows.append({"shape": shape, "sdsl_ms": ours, "sdpa_ms": sdpa, "ratio": ours / sdpa, "max_diff": diff})
     return rows
+
+
+def layout_row(clock, shape: tuple[int, int, int, int] = DENSE[0]) -> dict:
+    """The three ways of ``--layout``, each returning [B, T, H, D] as transformers wants it."""
+    b, h, t, d = shape
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, t, h, d, generator=gen).transpose(1, 2) for _ in range(3))
+    ways = {
+        "in_place": lambda: sd.attention(q, k, v).transpose(1, 2).contiguous(),
+        "copying": lambda: sd.attention(q.contiguous(), k.contiguous(), v.contiguous()).transpose(1, 2).contiguous(),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).contiguous(),
+    }
+    diff = (ways["in_place"]() - ways["sdpa"]()).abs().max().item()
+    ms = {name: best_ms(fn, clock) for name, fn in ways.items()}
+    return {"shape": shape, **{f"{name}_ms": t for name, t in ms.items()}, "max_diff": diff}
 
 
 def sparse_row(clock, flex: bool) -> dict:
@@ -128,11 +148,18 @@ def main() -> None:
     parser.add_argument("--flex", action="store_true", help="also time FlexAttention (a compile of several seconds)")
     parser.add_argument("--cpu-time", action="store_true", help="time CPU seconds (with --threads 1)")
     parser.add_argument("--model", action="store_true", help="also MiniLM with SDPA and with sd.attention")
+    parser.add_argument("--layout", action="store_true", help="only transformers' layout: in place, copying, SDPA")
+    parser.add_argument("--shape", type=int, nargs=4, default=DENSE[0], help="the shape of --layout [B, H, T, D]")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "attention.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["SPARSEDSL_NUM_THREADS"] = str(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
+    if args.layout:
+        with torch.inference_mode():
+            row = layout_row(clock, tuple(args.shape))
+        print(json.dumps(row))
+        return
     with torch.inference_mode():
         result = {"threads": args.threads, "cpu_time": args.cpu_time, "dense": dense_rows(clock)}
         result["block_sparse"] = sparse_row(clock, args.flex)

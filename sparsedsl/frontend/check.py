@@ -477,24 +477,35 @@ def _check_rows(kernel: K.Kernel, decl: ast.KernelDecl) -> None:
 
 
 def _check_batch(kernel: K.Kernel, decl: ast.KernelDecl) -> None:
-    """A row-wise kernel with an output ``[b, t, c]``: the batch ``b`` is the first index of every
-    statement and of every access of a batched tensor (first dimension the output's), and of no
-    other access."""
-    b, size = kernel.batch, kernel.output.shape[0]
+    """A row-wise kernel with batch indices (``K.Kernel.batch``): every statement is indexed by all
+    of them, each tensor reads them at the same dimensions in every access, and the sparse input by
+    none (one pattern for every batch element)."""
+    batch, sparse = kernel.batch, kernel.sparse_input
+    names = ", ".join(f"'{b}'" for b in batch)
+    seen: dict[str, tuple[str, Span]] = {}  # tensor -> its batch dimensions, where first read
     for checked, stmt in zip(kernel.statements, decl.body):
-        if checked.indices[0] != b:
+        missing = [b for b in batch if b not in checked.indices]
+        if missing:
             raise SdslSemanticError(
-                f"the output is indexed [{b}, ...]: a batched kernel indexes every statement by its batch '{b}' first",
+                f"a batched kernel indexes every statement by its batch indices {names} (the first statement's "
+                f"indices before its token): '{missing[0]}' is missing",
                 stmt.target.span,
             )
-        for read in _reads(stmt.value):
-            shape = kernel.param(read.tensor.text).shape
-            indices = [i.text for i in read.indices]
-            if (b in indices or bool(shape) and shape[0] == size) and indices[:1] != [b]:
+        for access in (stmt.target, *_reads(stmt.value)):
+            name, indices = access.tensor.text, [i.text for i in access.indices]
+            dims = "[" + ", ".join(i if i in batch else "_" for i in indices) + "]"
+            if sparse is not None and name == sparse.name and any(i in batch for i in indices):
                 raise SdslSemanticError(
-                    f"the batch '{b}' is the first index of the tensors whose first dimension is {size}, and of "
-                    "no other",
-                    read.span,
+                    f"the sparse input '{name}' is one pattern for every batch element: it is not indexed by the "
+                    f"batch indices {names}",
+                    access.span,
+                )
+            first, where = seen.setdefault(name, (dims, access.span))
+            if dims != first:
+                raise SdslSemanticError(
+                    f"'{name}' is read with its batch indices at {dims} here but at {first} on line {where.line}: "
+                    "a tensor's batch dimensions are the same in every access",
+                    access.span,
                 )
 
 

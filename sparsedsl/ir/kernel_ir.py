@@ -145,23 +145,45 @@ class Kernel:
         return bool(self.lets) or any(r.op != "sum" for r in reductions)
 
     @property
-    def batch(self) -> str | None:
-        """A row-wise kernel's leading **batch** index ``b`` (its output indexed ``[b, t, c]``):
-        every statement and every access of a batched tensor (whose first dimension is the
-        output's) starts with it; the kernel is the 2-d one of ``unbatched`` once per ``b``."""
-        return self.indices[0] if self.rowwise and len(self.indices) == 3 else None
+    def batch(self) -> tuple[str, ...]:
+        """A row-wise kernel's **batch** indices: its first statement's indices before its token,
+        the last of them that is not a row (a row: the output's last index or one a later statement
+        reduces over). ``s[b, h, t, j]`` has batch ``b, h``, token ``t``, row ``j``. Every statement
+        is indexed by all of them, at any position (``O[b, t, h, d]``), and each tensor reads them at
+        the same dimensions in every access (``batch_dims``); the kernel is the 2-d one of
+        ``unbatched`` once per batch element."""
+        if not self.rowwise:
+            return ()
+        later = (e for s in self.statements[1:] for e in subexprs(s.value) if isinstance(e, KSum))
+        rows = {self.indices[-1], *(i for e in later for i in e.indices)}
+        first = self.statements[0].indices
+        return (first[:-1] if first[-1] in rows else first)[:-1]
+
+    def batch_dims(self, name: str) -> dict[int, str]:
+        """The dimensions of tensor ``name`` read by batch indices (dimension -> index), as its
+        first access (or definition) reads them: frontend/check.py holds every access to them."""
+        batch = self.batch
+        for s in self.statements:
+            for a in (KAccess(s.target.name, s.indices), *accesses(s.value)):
+                if a.tensor == name:
+                    return {n: i for n, i in enumerate(a.indices) if i in batch}
+        return {}
 
     def unbatched(self) -> Kernel:
-        """This kernel without its batch index: each batched tensor's first dimension dropped."""
-        b, size = self.batch, self.output.shape[0]
+        """This kernel without its batch indices: each tensor's batch dimensions dropped."""
+        batch = self.batch
 
         def param(p: TensorParam) -> TensorParam:
-            return replace(p, shape=p.shape[1:]) if p.shape and p.shape[0] == size else p
+            dims = self.batch_dims(p.name) if p.shape else {}
+            return replace(p, shape=tuple(d for n, d in enumerate(p.shape) if n not in dims)) if dims else p
+
+        def drop(indices: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(i for i in indices if i not in batch)
 
         def expr(e: KExpr) -> KExpr:
             match e:
-                case KAccess(t, indices) if indices[:1] == (b,):
-                    return KAccess(t, indices[1:])
+                case KAccess(t, indices):
+                    return KAccess(t, drop(indices))
                 case KBin(op, a, c):
                     return KBin(op, expr(a), expr(c))
                 case KCall(f, args):
@@ -170,11 +192,10 @@ class Kernel:
                     return KSum(indices, expr(body), op)
             return e
 
-        lets = tuple(Let(param(s.target), s.indices[1:], expr(s.value)) for s in self.lets)
+        lets = tuple(Let(param(s.target), drop(s.indices), expr(s.value)) for s in self.lets)
         inputs = tuple(param(p) for p in self.inputs)
-        return replace(
-            self, inputs=inputs, output=param(self.output), indices=self.indices[1:], value=expr(self.value), lets=lets
-        )
+        output, indices, value = param(self.output), drop(self.indices), expr(self.value)
+        return replace(self, inputs=inputs, output=output, indices=indices, value=value, lets=lets)
 
     @property
     def row(self) -> str:

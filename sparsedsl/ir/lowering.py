@@ -796,16 +796,23 @@ class _Nest(_Lowering):
 
 
 def _batched(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:
-    """A batched kernel from its unbatched one's loop IR: a parallel loop over the batch around
-    it, each batched tensor's access led by the batch index (its tile buffers are allocated inside
-    the loop, per batch)."""
-    b, size = L.Var(kernel.batch), kernel.output.shape[0]
-    names = {p.name for p in (*kernel.inputs, kernel.output) if p.shape and p.shape[0] == size}
+    """A batched kernel from its unbatched one's loop IR: one parallel loop around it over every
+    batch element (the batch indices fused, row-major in the first statement's order, and taken
+    apart again at the top of its body), each tensor's accesses given its batch indices at their
+    own dimensions (``K.Kernel.batch_dims``: ``Q[b, t, h, d]`` is read in place); tile buffers are
+    allocated inside the loop, per batch element."""
+    extents = [_sym(kernel.output.shape[kernel.indices.index(b)]) for b in kernel.batch]
+    dims = {p.name: kernel.batch_dims(p.name) for p in (*kernel.inputs, kernel.output) if p.shape}
     batched = {
-        p.name: L.Buffer(p.name, p.dtype, (_sym(size), *p.shape))
+        p.name: L.Buffer(p.name, p.dtype, tuple(_sym(d) for d in kernel.param(p.name).shape))
         for p in func.params
-        if isinstance(p, L.Buffer) and p.name in names
+        if isinstance(p, L.Buffer) and dims.get(p.name)
     }
+
+    def placed(name: str, indices: tuple[L.Expr, ...]) -> tuple[L.Expr, ...]:
+        rest = iter(indices)
+        at = dims[name]
+        return tuple(L.Var(at[n]) if n in at else next(rest) for n in range(len(indices) + len(at)))
 
     def rewrite(node):
         if isinstance(node, tuple):
@@ -814,12 +821,21 @@ def _batched(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:
             return node
         node = replace(node, **{f.name: rewrite(getattr(node, f.name)) for f in fields(node)})
         if isinstance(node, L.Load | L.Store) and node.buffer.name in batched:
-            node = replace(node, buffer=batched[node.buffer.name], indices=(b, *node.indices))
+            node = replace(node, buffer=batched[node.buffer.name], indices=placed(node.buffer.name, node.indices))
         return node
 
-    body = L.For(b, L.const(0), _sym(size), rewrite(func.body), L.LoopKind.PARALLEL)
+    body = rewrite(func.body)
+    if len(kernel.batch) == 1:
+        loop = L.Var(kernel.batch[0])
+    else:
+        loop = L.Var("_".join(kernel.batch))
+        taken = [L.Let(L.Var(b), i) for b, i in zip(kernel.batch, L.unflatten(loop, extents))]
+        body = L.seq(*taken, body)
+    size = extents[0]
+    for extent in extents[1:]:
+        size = L.mul(size, extent)
     params = tuple(batched.get(p.name, p) if isinstance(p, L.Buffer) else p for p in func.params)
-    out = L.LoopFunc(kernel.name, params, body)
+    out = L.LoopFunc(kernel.name, params, L.For(loop, L.const(0), size, body, L.LoopKind.PARALLEL))
     out.meta.update(func.meta, parallel=[], out_indices=kernel.indices)
     return out
 

@@ -6,7 +6,10 @@ key padding mask; a ``torch.library`` op (``sparsedsl::attention``) with a fake 
 Meaning: ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` with the boolean mask the
 block mask's pattern and the key padding give, except that a query row with no key to attend to
 returns zeros (as FlexAttention does), not NaN. One kernel call computes every batch and head
-(its batch index runs over both); masks of their own per head take a call per head.
+(its batch indices run over both); masks of their own per head take a call per head. ``q``, ``k``
+and ``v`` that are [B, H, T, D] views of contiguous [B, T, H, D] tensors (what transformers hands
+its attention functions) are read in place by the ``*_bthd`` kernels, which write the output
+[B, T, H, D] (returned as its [B, H, T, D] view); other layouts are copied into [B * H, T, D].
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from sparsedsl.runtime.ops import nn_program
 from sparsedsl.runtime.sparse_tensor import SparseTensor
 
 DENSE, MASKED = "attention", "block_attention"  # nn.sdsl's kernels
+DENSE_BTHD, MASKED_BTHD = "attention_bthd", "block_attention_bthd"  # the same, on [B, T, H, D] storage
 
 
 def attention(
@@ -138,7 +142,11 @@ def _attend(
     nn = nn_program()
     batch, heads, tokens, dim = q.shape
     keys = k.shape[2]
-    keep = keep.to(q.dtype).repeat_interleave(heads, 0)  # [B * H, S]
+    keep = keep.to(q.dtype)
+    if in_place(q, k, v, masks):  # the [B, T, H, D] storage read as it is, the output written so
+        kernel = nn.kernels[MASKED_BTHD if masks else DENSE_BTHD]
+        return kernel(*(t.transpose(1, 2) for t in (q, k, v)), *masks, keep, scale).transpose(1, 2)
+    keep = keep.repeat_interleave(heads, 0)  # [B * H, S]
     if len(masks) <= 1:  # one call for every batch and head
         flat = [t.reshape(batch * heads, -1, dim).contiguous() for t in (q, k, v)]
         kernel = nn.kernels[MASKED if masks else DENSE]
@@ -151,8 +159,26 @@ def _attend(
     return out.transpose(0, 1).contiguous()
 
 
+def in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: Sequence) -> bool:
+    """Whether ``_attend`` reads ``q``, ``k``, ``v`` in place: each a [B, H, T, D] view of a
+    contiguous, non-empty [B, T, H, D] tensor (strides compared exactly), with one block mask at
+    most; its output is then the [B, H, T, D] view of a [B, T, H, D] tensor."""
+    return len(masks) <= 1 and all(t.numel() and _compact(t.transpose(1, 2)) for t in (q, k, v))
+
+
+def _compact(t: torch.Tensor) -> bool:
+    stride = 1
+    for size, step in zip(reversed(t.shape), reversed(t.stride())):
+        if step != stride:
+            return False
+        stride *= size
+    return True
+
+
 @attention_op.register_fake
 def _(q, k, v, keep, structure, values, fmt, scale):
+    if in_place(q, k, v, values):
+        return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
     return q.new_empty(q.shape)
 
 
@@ -243,7 +269,7 @@ def transformers_attention(module, query, key, value, attention_mask, dropout=0.
         out = plan.attend(query, key, value, padding, scaling)
     else:
         out = attention(query, key, value, key_padding_mask=padding, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), None  # no copy when q, k, v were read in place (``in_place``)
 
 
 def is_attention_module(module: torch.nn.Module) -> bool:
