@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,19 +25,40 @@ from sparsedsl.runtime.prune import Gram
 Layer = tuple[str, nn.Linear, Any]  # (qualified name, layer, what the caller pairs with it)
 
 
+SLACK, SLACK_MIN = 4, 4096  # Seen's margin of magnitudes kept
+
+
 @dataclass
 class Seen:
     """What calibration measured of one layer's inputs: their ``Gram`` (None when the layer's
-    compilation does not need it) and their largest magnitude."""
+    compilation does not need it) and their largest magnitudes (``top``, largest first, of the
+    ``count`` seen), for the ``quantile`` of them all. ``top`` keeps ``SLACK`` times the values
+    above the quantile so far, plus ``SLACK_MIN``: the quantile's rank grows with the inputs still to
+    come, and a value dropped is missed only if the inputs after it outnumber those before it
+    ``SLACK`` to 1 (never for a quantile whose rank stays below ``SLACK_MIN``)."""
 
     gram: Gram | None
-    amax: float = 0.0
+    quantile: float = 1.0
+    top: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    count: int = 0
 
     def add(self, inputs: torch.Tensor) -> None:
         """Account for ``inputs``, ``[..., features]``."""
         if self.gram is not None:
             self.gram.add(inputs)
-        self.amax = max(self.amax, float(inputs.detach().abs().max()))
+        magnitudes = inputs.detach().float().abs().flatten()
+        self.count += len(magnitudes)
+        candidates = torch.cat([self.top, magnitudes])
+        self.top = candidates.topk(min(SLACK * self._rank() + SLACK_MIN, len(candidates))).values
+
+    @property
+    def magnitude(self) -> float:
+        """The ``quantile`` of the magnitudes seen (the largest for 1; 0 before any input): the one
+        with ``floor(count * (1 - quantile))`` above it."""
+        return float(self.top[self._rank() - 1]) if self.count else 0.0
+
+    def _rank(self) -> int:
+        return int(self.count * (1 - self.quantile)) + 1
 
 
 class _BlockDone(Exception):
@@ -61,10 +82,11 @@ def calibrate(
     compile_layer: Callable[[Layer, Seen], None],
     progress: Callable[[Iterable, str], Iterable] = lambda items, _: items,
     needs_gram: Callable[[Layer], bool] = lambda _: True,
+    quantile: float = 1.0,
 ) -> None:
     """Call ``compile_layer`` on each of ``layers`` (modules of ``model``) in forward order, with
     what it sees over ``batches`` once every layer before it is compiled (its ``Gram`` if
-    ``needs_gram(layer)``)."""
+    ``needs_gram(layer)``, the ``quantile`` of its inputs' magnitudes)."""
     batches = list(batches)
     if not batches:
         raise SdslSemanticError("calibration has no batch: measuring the layers' inputs needs at least one")
@@ -72,7 +94,7 @@ def calibrate(
     model.eval()  # no dropout in the inputs measured
     try:
         for block in progress(_blocks(model, _forward_order(model, layers, batches[0])), "sparsedsl: calibrating"):
-            seen = _capture(model, block, batches, needs_gram)
+            seen = _capture(model, block, batches, needs_gram, quantile)
             for layer in block:
                 compile_layer(layer, seen[layer[0]])
     finally:
@@ -135,11 +157,17 @@ def _block_of(name: str, containers: set[str]) -> str:
 
 
 def _capture(
-    model: nn.Module, block: list[Layer], batches: list, needs_gram: Callable[[Layer], bool] = lambda _: True
+    model: nn.Module,
+    block: list[Layer],
+    batches: list,
+    needs_gram: Callable[[Layer], bool] = lambda _: True,
+    quantile: float = 1.0,
 ) -> dict[str, Seen]:
     """What each block layer sees of its inputs over ``batches``, one pass each, stopped after the
     block's last layer."""
-    seen = {layer[0]: Seen(Gram.empty(layer[1].in_features) if needs_gram(layer) else None) for layer in block}
+    seen = {
+        layer[0]: Seen(Gram.empty(layer[1].in_features) if needs_gram(layer) else None, quantile) for layer in block
+    }
     last = block[-1][0]
 
     def take(args: tuple, kwargs: dict, name: str) -> None:

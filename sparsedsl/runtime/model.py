@@ -24,7 +24,7 @@ from sparsedsl.runtime.fused import fuse_residual_norm
 from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import TORCH_DTYPES, Program, compile, index_types
 from sparsedsl.runtime.prune import Gram, needs_inputs
-from sparsedsl.runtime.quantized import QUANTIZED_DTYPES, QuantizedSparseLinear, static_scale
+from sparsedsl.runtime.quantized import QUANTIZED_DTYPES, STATIC_QUANTILE, QuantizedSparseLinear, static_scale
 from sparsedsl.runtime.rules import AttentionRule, Rule, attention_rules_of, rules_of
 
 # Above this density a sparse layer is not expected to beat dense F.linear on a CPU
@@ -291,7 +291,8 @@ def compile_model(
     if calibrated:
         batches = list(calibration)
         progress = lambda items, desc: _progress(items, verbose, desc)  # noqa: E731
-        calibrate(result, calibrated, batches, build, progress, lambda layer: _prunes_from_inputs(layer[2]))
+        needs_gram = lambda layer: _prunes_from_inputs(layer[2])  # noqa: E731
+        calibrate(result, calibrated, batches, build, progress, needs_gram, STATIC_QUANTILE)
         if any(la[2].activations == "static" for la in calibrated):
             compiled = {name: result.get_submodule(name) for name, _, _ in layers if rows[name].sparse}
             for name, why in requantize.fuse(result, compiled, batches[0]).items():
@@ -371,10 +372,10 @@ def _compile_quantized(
     seen: Seen | None,
 ) -> LayerReport:
     """``_compile_layer`` for a rule with a ``dtype``: a ``QuantizedSparseLinear``, its static
-    input scale from the largest input ``seen`` (``activations`` "static"), its kernel applying
+    input scale from the inputs ``seen`` (``activations`` "static"), its kernel applying
     ``activation`` in place of the module its ``fuse`` names."""
     name, linear, rule = layer
-    scale = static_scale(seen.amax) if rule.activations == "static" else None
+    scale = static_scale(seen.magnitude) if rule.activations == "static" else None
     try:
         quantized = QuantizedSparseLinear.from_linear(
             linear, rule.format, rule.dtype, rule.sparsity, program, rule.prune, gram, activation, scale

@@ -87,8 +87,8 @@ def test_calibration_is_sequential_the_second_layer_sees_the_pruned_first(monkey
     grams = {}
     real = calibrate._capture
 
-    def spy(model, block, batches):
-        out = real(model, block, batches)
+    def spy(model, block, batches, *options):
+        out = real(model, block, batches, *options)
         grams.update(out)
         return out
 
