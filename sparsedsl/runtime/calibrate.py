@@ -90,13 +90,20 @@ def calibrate(
     batches = list(batches)
     if not batches:
         raise SdslSemanticError("calibration has no batch: measuring the layers' inputs needs at least one")
-    training = {module: module.training for module in model.modules()}
-    model.eval()  # no dropout in the inputs measured
-    try:
+    with evaluating(model):  # no dropout in the inputs measured
         for block in progress(_blocks(model, _forward_order(model, layers, batches[0])), "sparsedsl: calibrating"):
             seen = _capture(model, block, batches, needs_gram, quantile)
             for layer in block:
                 compile_layer(layer, seen[layer[0]])
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode within, each module's mode restored after."""
+    training = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
     finally:
         for module, mode in training.items():
             module.training = mode

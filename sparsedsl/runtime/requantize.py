@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sparsedsl.errors import SdslError
-from sparsedsl.runtime.calibrate import run
+from sparsedsl.runtime.calibrate import evaluating, run
 from sparsedsl.runtime.quantized import QuantizedSparseLinear
 
 MIN_COSINE = 0.999  # of the model's outputs on a calibration batch, fused against unfused
@@ -36,6 +36,13 @@ def fuse(model: nn.Module, layers: Mapping[str, nn.Module], batch) -> dict[str, 
     static = {n: m for n, m in int8.items() if m.static}
     if not static:
         return {}
+    with evaluating(model):  # no dropout in the outputs compared
+        return _fuse(model, int8, static, batch)
+
+
+def _fuse(
+    model: nn.Module, int8: dict[str, QuantizedSparseLinear], static: dict[str, QuantizedSparseLinear], batch
+) -> dict[str, str]:
     feeds, why = _observe(model, int8, static, batch)
     notes = {name: f"quantizes its input ({reason})" for name, reason in why.items()}
     reference = _output(model, batch)

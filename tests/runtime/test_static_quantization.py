@@ -80,9 +80,10 @@ def test_static_scale_is_calibrated_and_saturates():
 def test_fused_pair_emits_the_next_layers_int8_input(backend):
     """Layer 0 (GELU fused) feeds layer 2 (static) alone: its kernel writes layer 2's int8 input,
     and the model gives the numbers of the unfused quantized model."""
-    compiled = sd.compile_model(_mlp(), RULES, calibration=BATCHES, backend=backend)
+    compiled = sd.compile_model(_mlp().train(), RULES, calibration=BATCHES, backend=backend)
     first, second = compiled[0], compiled[2]
     assert first.emits_int8 and torch.equal(first.output_scale, second.input_scale)
+    assert compiled.training and first.training  # the modes the model came with
     rows = sd.report(compiled)
     assert rows[0].kernel == "qlinear_bias_gelu_quant" and "emits 2's int8 input" in rows[0].note
     assert "int8 input from 0" in rows[1].note and "fuses 1" in rows[0].note
