@@ -10,13 +10,18 @@ ROW_SUM = "acc_r"  # a row-wise kernel's sum over the rows into one output colum
 ROW_OUT = "acc_o"  # those columns, [other output dim, tile], written out blocked
 RESERVED = (ACC, ACC_SHARED, DIRECT, ROW_SUM, ROW_OUT)
 
-TILE_COPY, SHARED_COPY, FRAGMENT, VALUES = "_t", "_s", "_frag", "_vals"
-DERIVED = (TILE_COPY, SHARED_COPY, FRAGMENT, VALUES)  # suffixes of buffers derived from a tensor
+TILE_COPY, SHARED_COPY, FRAGMENT, VALUES, BATCH_COPY = "_t", "_s", "_frag", "_vals", "_b"
+DERIVED = (TILE_COPY, SHARED_COPY, FRAGMENT, VALUES, BATCH_COPY)  # suffixes of buffers derived from a tensor
 
 
 def tile_copy(tensor: str) -> str:
     """A tensor's token-tile copy (a CPU kernel's staged input, its output tile)."""
     return tensor + TILE_COPY
+
+
+def batch_copy(tensor: str) -> str:
+    """A batched kernel's compact copy of one batch element's slice of a strided input."""
+    return tensor + BATCH_COPY
 
 
 def shared_copy(tensor: str) -> str:

@@ -35,7 +35,7 @@ from sparsedsl.errors import BackendError, ScheduleError, SdslSemanticError, Spa
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.buffer_names import ACC, ROW_OUT, ROW_SUM, stored_values, tile_copy
+from sparsedsl.ir.buffer_names import ACC, ROW_OUT, ROW_SUM, batch_copy, stored_values, tile_copy
 from sparsedsl.ir.formats import Format
 
 ACC_DTYPE = "float32"
@@ -814,17 +814,27 @@ def _batched(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:
         at = dims[name]
         return tuple(L.Var(at[n]) if n in at else next(rest) for n in range(len(indices) + len(at)))
 
+    copies = _batch_copies(kernel, func, dims)
+
     def rewrite(node):
         if isinstance(node, tuple):
             return tuple(rewrite(x) for x in node)
         if not is_dataclass(node) or isinstance(node, L.Buffer | L.LoopFunc):
             return node
         node = replace(node, **{f.name: rewrite(getattr(node, f.name)) for f in fields(node)})
+        if isinstance(node, L.Load) and node.buffer.name in copies:
+            return replace(node, buffer=copies[node.buffer.name])
         if isinstance(node, L.Load | L.Store) and node.buffer.name in batched:
             node = replace(node, buffer=batched[node.buffer.name], indices=placed(node.buffer.name, node.indices))
         return node
 
     body = rewrite(func.body)
+    for name, copy in copies.items():  # each strided slice copied once per batch element, compact
+        loops = [L.Var(f"{name}_{n}") for n in range(len(copy.shape))]
+        nest: L.Stmt = L.Store(copy, tuple(loops), L.load(batched[name], *placed(name, tuple(loops))))
+        for var, extent in reversed(list(zip(loops, copy.shape))):
+            nest = L.For(var, L.const(0), extent, nest)
+        body = L.seq(L.Alloc(copy), nest, body)
     if len(kernel.batch) == 1:
         loop = L.Var(kernel.batch[0])
     else:
@@ -838,6 +848,25 @@ def _batched(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:
     out = L.LoopFunc(kernel.name, params, L.For(loop, L.const(0), size, body, L.LoopKind.PARALLEL))
     out.meta.update(func.meta, parallel=[], out_indices=kernel.indices)
     return out
+
+
+def _batch_copies(kernel: K.Kernel, func: L.LoopFunc, dims: dict[str, dict[int, str]]) -> dict[str, L.Buffer]:
+    """The inputs a batched kernel copies per batch element (name -> its compact local copy): those
+    whose slice is strided (a batch index after another dimension: ``K[b, j, h, d]``) and that the
+    unbatched nest reads in place, not through a token tile (not indexed by the token). Read over
+    and over from rows ``H * D`` apart, such a slice's rows fall into a few cache sets and miss;
+    a copy is read from L1."""
+    unbatched = kernel.unbatched()
+    token = unbatched.indices[0]
+    tiled = {a.tensor for s in unbatched.statements for a in K.accesses(s.value) if token in a.indices}
+    strided = {
+        name for name, at in dims.items() if at and sorted(at) != list(range(len(at))) and name != kernel.output.name
+    }
+    return {
+        p.name: L.Buffer(batch_copy(p.name), p.dtype, p.shape)
+        for p in func.params
+        if isinstance(p, L.Buffer) and p.name in strided - tiled
+    }
 
 
 def _statement_extents(kernel: K.Kernel) -> dict[str, L.Expr]:

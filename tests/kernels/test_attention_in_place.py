@@ -121,14 +121,17 @@ def test_sd_attention_reads_transformers_views_in_place_and_copies_the_rest(shap
 
 
 def test_batch_indices_fuse_into_one_parallel_loop():
-    """b and h: one parallel loop over B * H, taken apart at its top; Q read at [b, t, h, d]."""
+    """b and h: one parallel loop over B * H, taken apart at its top; Q read at [b, t, h, d] into
+    its token tile, K and V (strided slices read in place) copied once per (b, h), compact."""
     func = lower(nn_program().kernels["attention_bthd"].kernel)
     loop = func.body
     assert loop.var.name == "b_h" and loop.kind is L.LoopKind.PARALLEL
     assert L.expr_str(loop.extent) == "(B * H)"
     assert [s.var.name for s in loop.body.stmts[:2]] == ["b", "h"]
-    reads = [x for x in L.loads(loop.body) if x.buffer.name == "Q"]
+    reads = [x for x in L.loads(loop.body) if x.buffer.name in ("Q", "K", "V")]
     assert reads and all(r.indices[0] == L.Var("b") and r.indices[2] == L.Var("h") for r in reads)
+    assert {b.name for b in L.allocs(loop.body)} >= {"K_b", "V_b", "Q_t"} and "Q_b" not in str(L.allocs(loop.body))
+    assert [len([r for r in reads if r.buffer.name == n]) for n in ("K", "V")] == [1, 1]  # the copies only
 
 
 BATCH_ORDER = """
