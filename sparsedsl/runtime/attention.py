@@ -237,11 +237,17 @@ class BlockPattern:
         padded_tokens, padded_keys = self.padded(tokens, keys)
         keep = torch.ones(k.shape[0], keys, dtype=torch.bool) if padding is None else padding
         if (padded_tokens, padded_keys) != (tokens, keys):
-            q = F.pad(q, (0, 0, 0, padded_tokens - tokens))
-            k, v = (F.pad(t, (0, 0, 0, padded_keys - keys)) for t in (k, v))
+            q = _padded(q, padded_tokens - tokens)
+            k, v = (_padded(t, padded_keys - keys) for t in (k, v))
             keep = torch.cat([keep, keep.new_zeros(keep.shape[0], padded_keys - keys)], 1)
         out = attention(q, k, v, self.mask(padded_tokens, padded_keys), keep, scale)
         return out[:, :, :tokens]
+
+
+def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` [B, H, T, D] with ``n`` tokens of zeros after its own, as the [B, H, T + n, D] view of
+    a [B, T + n, H, D] tensor (what ``in_place`` reads without a copy)."""
+    return F.pad(x.transpose(1, 2), (0, 0, 0, 0, 0, n)).transpose(1, 2)
 
 
 def transformers_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -263,8 +269,8 @@ def transformers_attention(module, query, key, value, attention_mask, dropout=0.
     if plan == SDPA or causal or (dropout and module.training) or padding is False or query.dtype != torch.float32:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if key.shape[1] != query.shape[1]:  # grouped keys: each serves heads // groups query heads
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        groups = query.shape[1] // key.shape[1]  # repeated in [B, S, H, D] storage: read in place
+        key, value = (t.transpose(1, 2).repeat_interleave(groups, 2).transpose(1, 2) for t in (key, value))
     if isinstance(plan, BlockPattern):
         out = plan.attend(query, key, value, padding, scaling)
     else:

@@ -182,3 +182,22 @@ def test_transformers_bert_reads_q_k_v_in_place(monkeypatch):
     out, _ = module.transformers_attention(torch.nn.Module(), q, k, v, None)
     assert out.data_ptr() == outputs[-1].data_ptr() and out.shape == (2, 7, 4, 8) and out.is_contiguous()
     _close(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
+
+
+def test_grouped_keys_and_block_padding_stay_in_place(monkeypatch):
+    """Grouped keys are repeated, and a block pattern's tokens padded, in [B, T, H, D] storage:
+    the kernels still read them in place."""
+    seen = []
+    in_place = module.in_place
+    monkeypatch.setattr(module, "in_place", lambda *a: seen.append(in_place(*a)) or seen[-1])
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 19, 4, 8, generator=gen).transpose(1, 2)
+    k, v = (torch.randn(2, 19, 2, 8, generator=gen).transpose(1, 2) for _ in range(2))
+    layer = torch.nn.Module()
+    out, _ = module.transformers_attention(layer, q, k, v, None)
+    want = F.scaled_dot_product_attention(q, *(t.repeat_interleave(2, 1) for t in (k, v)))
+    _close(out, want.transpose(1, 2))
+    setattr(layer, module.PLAN, module.BlockPattern("BSR(16, 16)", 40))  # every key: 19 tokens padded to 32
+    out, _ = module.transformers_attention(layer, q, k, v, None)
+    _close(out, want.transpose(1, 2))
+    assert seen == [True, True]
