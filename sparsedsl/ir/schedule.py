@@ -414,6 +414,67 @@ def vector_sums(func: L.LoopFunc, name: str, lanes: int) -> L.LoopFunc:
     return replace(func, body=rewrite_loops(func.body, lambda f: new if f == loop else None))
 
 
+def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
+    """Sum reduction loop ``name`` into ``copies`` independent partial sums: its iterations in
+    groups of ``copies``, unrolled, iteration ``u`` of a group adding into copy ``u`` of the
+    accumulator; the iterations left over, then the copies, are added into the accumulator. For a
+    sum that ``vector_sums`` cannot put in lanes (its body holds loops: a block's rows, one token
+    through ``BSR(4, 1)``), whose every add would otherwise wait on the one before. Left alone
+    unless the body only sums ``acc[i] = acc[i] + e`` into one small constant-shaped accumulator
+    read nowhere else in it."""
+    loop = next((f for f in loops(func.body) if f.var.name == name), None)
+    if loop is None:
+        return func
+    sums = L.stores(loop.body)
+    accs = {st.buffer for st in sums}
+    if len(accs) != 1 or not all(_is_sum(st, name) for st in sums):
+        return func
+    (acc,) = accs
+    if copies * _values(acc) > MAX_REDUCED or not _only_added_to(loop.body, acc.name, len(sums)):
+        return func
+    part = L.Buffer(f"{acc.name}_u", acc.dtype, (L.const(copies), *acc.shape), acc.scope)
+    group, copy = L.Var(f"{name}_g"), L.Var(f"{name}_u")
+    at = L.add(loop.start, L.add(L.mul(group, L.const(copies)), copy))
+    in_copies = rewrite_stores(
+        substitute(_lanes_of_block(loop.body), name, at),
+        lambda st: L.Store(part, (copy, *st.indices), L.add(L.Load(part, (copy, *st.indices)), st.value.b)),
+    )
+    done = L.mul(L.floordiv(loop.extent, L.const(copies)), L.const(copies))
+    elements = [L.Var(f"{name}_e{d}") for d in range(len(acc.shape))]
+    zero = L.Store(part, (copy, *elements), L.const(0.0, acc.dtype))
+    total = L.Store(acc, tuple(elements), L.add(L.Load(acc, tuple(elements)), L.Load(part, (copy, *elements))))
+    for e, d in reversed([(copy, L.const(copies)), *zip(elements, acc.shape)]):
+        zero, total = (L.For(e, L.const(0), d, st, L.LoopKind.UNROLLED) for st in (zero, total))
+    new = L.seq(
+        L.Alloc(part),
+        zero,
+        L.For(
+            group,
+            L.const(0),
+            L.floordiv(loop.extent, L.const(copies)),
+            L.For(copy, L.const(0), L.const(copies), in_copies, L.LoopKind.UNROLLED),
+        ),
+        replace(loop, start=L.add(loop.start, done), extent=L.sub(loop.extent, done)),
+        total,
+    )
+    return replace(func, body=rewrite_loops(func.body, lambda f: new if f == loop else None))
+
+
+def _lanes_of_block(body: L.Stmt) -> L.Stmt:
+    """``body`` without its loops of one iteration, each unrolled loop around a lone store to an
+    element it chooses (a stored block's rows, one add each) vectorized: its adds in the lanes of
+    one vector."""
+
+    def lanes(f: L.For) -> L.For | None:
+        store = f.body
+        if f.kind is not L.LoopKind.UNROLLED or not isinstance(store, L.Store) or not isinstance(f.extent, L.Const):
+            return None
+        chooses = any(L.uses(i, f.var.name) for i in store.indices)
+        return replace(f, kind=L.LoopKind.VECTORIZED) if chooses else None
+
+    return rewrite_loops(_without_unit_loops(body), lanes)
+
+
 SORTED_PARTS = 32  # parts of a sum over sorted rows (COO) shared among threads: balanced up to 32 threads
 SEARCH_STEPS = 32  # halvings of a binary search over int32 positions: at most 2^31 of them
 

@@ -23,6 +23,7 @@ SMALL_TILE = 16
 # 64 and 96 KiB (docs/BENCHMARKS.md, "K-blocking"): 48 KiB was best or tied on every N:M shape
 L1_BLOCK_BYTES = 48 * 1024
 ONE_TOKEN_LANES = 8  # stored values a vector of partial sums takes at once (one token)
+ONE_TOKEN_COPIES = 4  # stored blocks summed at once, each into its own partial sums (one token)
 
 
 def _sparse_indices(kernel: K.Kernel) -> set[str]:
@@ -101,10 +102,15 @@ def lower_blocked(kernel: K.Kernel, opts: LowerOptions) -> L.LoopFunc:
 
 
 def _one_token(func: L.LoopFunc) -> L.LoopFunc:
-    """A one-token variant with its sum over a row's stored values in vector lanes (without tokens
-    to vectorise over, each add would wait on the one before): ``sched.vector_sums``."""
+    """A one-token variant with its sum over a row's stored values in vector lanes, or where a
+    stored block holds several rows (``BSR(4, 1)``), in ``ONE_TOKEN_COPIES`` interleaved partial
+    sums (without tokens to vectorise over, each add would wait on the one before):
+    ``sched.vector_sums``, ``sched.interleaved_sums``."""
     reduction = func.meta.get("sparse_reduction")
-    return func if reduction is None else sched.vector_sums(func, reduction, ONE_TOKEN_LANES)
+    if reduction is None:
+        return func
+    summed = sched.vector_sums(func, reduction, ONE_TOKEN_LANES)
+    return sched.interleaved_sums(func, reduction, ONE_TOKEN_COPIES) if summed is func else summed
 
 
 def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> dict[str, L.LoopFunc]:
