@@ -419,9 +419,10 @@ def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
     groups of ``copies``, unrolled, iteration ``u`` of a group adding into copy ``u`` of the
     accumulator; the iterations left over, then the copies, are added into the accumulator. For a
     sum that ``vector_sums`` cannot put in lanes (its body holds loops: a block's rows, one token
-    through ``BSR(4, 1)``), whose every add would otherwise wait on the one before. Left alone
-    unless the body only sums ``acc[i] = acc[i] + e`` into one small constant-shaped accumulator
-    read nowhere else in it."""
+    through ``BSR(4, 1)``), whose every add would otherwise wait on the one before; the block's
+    rows in the lanes of a vector. Left alone unless the body only sums ``acc[i] = acc[i] + e``
+    into one small constant-shaped accumulator read nowhere else in it, one element a row of the
+    block (a block of several k, ``BSR(1, 4)``, keeps the shape ``ir/dot_products.py`` matches)."""
     loop = next((f for f in loops(func.body) if f.var.name == name), None)
     if loop is None:
         return func
@@ -430,13 +431,14 @@ def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
     if len(accs) != 1 or not all(_is_sum(st, name) for st in sums):
         return func
     (acc,) = accs
-    if copies * _values(acc) > MAX_REDUCED or not _only_added_to(loop.body, acc.name, len(sums)):
+    lanes = _lanes_of_block(loop.body)
+    if lanes is None or copies * _values(acc) > MAX_REDUCED or not _only_added_to(loop.body, acc.name, len(sums)):
         return func
     part = L.Buffer(f"{acc.name}_u", acc.dtype, (L.const(copies), *acc.shape), acc.scope)
     group, copy = L.Var(f"{name}_g"), L.Var(f"{name}_u")
     at = L.add(loop.start, L.add(L.mul(group, L.const(copies)), copy))
     in_copies = rewrite_stores(
-        substitute(_lanes_of_block(loop.body), name, at),
+        substitute(lanes, name, at),
         lambda st: L.Store(part, (copy, *st.indices), L.add(L.Load(part, (copy, *st.indices)), st.value.b)),
     )
     done = L.mul(L.floordiv(loop.extent, L.const(copies)), L.const(copies))
@@ -460,10 +462,10 @@ def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
     return replace(func, body=rewrite_loops(func.body, lambda f: new if f == loop else None))
 
 
-def _lanes_of_block(body: L.Stmt) -> L.Stmt:
+def _lanes_of_block(body: L.Stmt) -> L.Stmt | None:
     """``body`` without its loops of one iteration, each unrolled loop around a lone store to an
     element it chooses (a stored block's rows, one add each) vectorized: its adds in the lanes of
-    one vector."""
+    one vector; None when it has no such loop."""
 
     def lanes(f: L.For) -> L.For | None:
         store = f.body
@@ -472,7 +474,8 @@ def _lanes_of_block(body: L.Stmt) -> L.Stmt:
         chooses = any(L.uses(i, f.var.name) for i in store.indices)
         return replace(f, kind=L.LoopKind.VECTORIZED) if chooses else None
 
-    return rewrite_loops(_without_unit_loops(body), lanes)
+    vectorized = rewrite_loops(_without_unit_loops(body), lanes)
+    return vectorized if any(f.kind is L.LoopKind.VECTORIZED for f in loops(vectorized)) else None
 
 
 SORTED_PARTS = 32  # parts of a sum over sorted rows (COO) shared among threads: balanced up to 32 threads
