@@ -418,11 +418,11 @@ def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
     """Sum reduction loop ``name`` into ``copies`` independent partial sums: its iterations in
     groups of ``copies``, unrolled, iteration ``u`` of a group adding into copy ``u`` of the
     accumulator; the iterations left over, then the copies, are added into the accumulator. For a
-    sum that ``vector_sums`` cannot put in lanes (its body holds loops: a block's rows, one token
-    through ``BSR(4, 1)``), whose every add would otherwise wait on the one before; the block's
-    rows in the lanes of a vector. Left alone unless the body only sums ``acc[i] = acc[i] + e``
-    into one small constant-shaped accumulator read nowhere else in it, one element a row of the
-    block (a block of several k, ``BSR(1, 4)``, keeps the shape ``ir/dot_products.py`` matches)."""
+    sum whose every add would otherwise wait on the one before: ``vector_sums``' groups of lanes,
+    or one token through row blocks (``BSR(4, 1)``), whose rows go into the lanes of a vector.
+    Left alone unless the body only sums ``acc[i] = acc[i] + e`` into one small constant-shaped
+    accumulator read nowhere else in it, in vector lanes or one element a row of the block (a
+    block of several k, ``BSR(1, 4)``, keeps the shape ``ir/dot_products.py`` matches)."""
     loop = next((f for f in loops(func.body) if f.var.name == name), None)
     if loop is None:
         return func
@@ -431,7 +431,8 @@ def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
     if len(accs) != 1 or not all(_is_sum(st, name) for st in sums):
         return func
     (acc,) = accs
-    lanes = _lanes_of_block(loop.body)
+    wide = any(f.kind is L.LoopKind.VECTORIZED and f.extent != L.const(1) for f in loops(loop.body))
+    lanes = loop.body if wide else _lanes_of_block(loop.body)
     if lanes is None or copies * _values(acc) > MAX_REDUCED or not _only_added_to(loop.body, acc.name, len(sums)):
         return func
     part = L.Buffer(f"{acc.name}_u", acc.dtype, (L.const(copies), *acc.shape), acc.scope)

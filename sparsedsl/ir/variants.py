@@ -102,15 +102,17 @@ def lower_blocked(kernel: K.Kernel, opts: LowerOptions) -> L.LoopFunc:
 
 
 def _one_token(func: L.LoopFunc) -> L.LoopFunc:
-    """A one-token variant with its sum over a row's stored values in vector lanes, or where a
-    stored block holds several rows (``BSR(4, 1)``), in ``ONE_TOKEN_COPIES`` interleaved partial
-    sums (without tokens to vectorise over, each add would wait on the one before):
-    ``sched.vector_sums``, ``sched.interleaved_sums``."""
+    """A one-token variant with its sum over a row's stored values in vector lanes (or where a
+    stored block holds several rows, ``BSR(4, 1)``, the rows in the lanes), the vectors summed in
+    ``ONE_TOKEN_COPIES`` interleaved partial sums: without tokens to vectorise over, each add
+    would wait on the one before (``sched.vector_sums``, ``sched.interleaved_sums``)."""
     reduction = func.meta.get("sparse_reduction")
     if reduction is None:
         return func
     summed = sched.vector_sums(func, reduction, ONE_TOKEN_LANES)
-    return sched.interleaved_sums(func, reduction, ONE_TOKEN_COPIES) if summed is func else summed
+    if summed is func:
+        return sched.interleaved_sums(func, reduction, ONE_TOKEN_COPIES)
+    return sched.interleaved_sums(summed, f"{reduction}_g", ONE_TOKEN_COPIES)
 
 
 def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> dict[str, L.LoopFunc]:

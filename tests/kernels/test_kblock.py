@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import sparsedsl as sd
 from sparsedsl.ir.loop_ir import func_str
-from tests.strategies import prune_to_fit
+from tests.strategies import fuzz_examples, prune_to_fit
 
 KERNELS = """
 format VNM = (i, j) -> (i / 4: dense, j / 4: dense, j % 4: nm(2, 4), i % 4: dense)
@@ -35,7 +35,7 @@ kernel layernorm(X: f32[M, K], W: f32[N, K] @ NM(2, 4), b: f32[N], gamma: f32[N]
 # accumulator) and a dense level over k / 4: the levels whose positions are affine in k. Blocks of
 # 8 or 24 values of k: K up to 64 spans up to 8 blocks.
 BLOCKABLE = [("NM(2, 4)", 1, 4), ("NM(1, 4)", 1, 4), ("NM(2, 8)", 1, 8), ("VNM", 4, 4), ("DENSE4", 1, 4)]
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=fuzz_examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _schedules(size: int, tile: int | None) -> str:
