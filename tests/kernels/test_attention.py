@@ -18,6 +18,7 @@ from sparsedsl.ir.lowering import LowerOptions, lower
 from sparsedsl.runtime.attention import attention
 from sparsedsl.runtime.ops import nn_program
 from tests.kernels.test_differential import BACKENDS, _close
+from tests.models import padded_tiny_bert
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -160,27 +161,18 @@ def test_sd_attention_refuses_misfits():
 def test_transformers_models_select_it_by_name(monkeypatch):
     """BERT with attn_implementation "sdsl" computes as with "sdpa", a padded batch included, every
     layer through sd.attention; a causal (decoder) call goes to SDPA."""
-    from transformers import BertConfig, BertModel
-
     from sparsedsl.runtime import attention as module
 
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-    torch.manual_seed(0)
-    model = BertModel(config).eval()
-    ids = torch.randint(0, config.vocab_size, (3, 17))
-    mask = torch.ones(3, 17, dtype=torch.long)
-    mask[1, 9:], mask[2, 3:] = 0, 0
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    model, ids, mask, want = padded_tiny_bert(17, (9, 3))
     calls = []
     monkeypatch.setattr(module, "attention", lambda *a, **k: calls.append(1) or attention(*a, **k))
     model.set_attn_implementation(module.register_transformers())
     with torch.no_grad():
         _close(model(input_ids=ids, attention_mask=mask).last_hidden_state, want)
-    assert len(calls) == config.num_hidden_layers
+    assert len(calls) == model.config.num_hidden_layers
     q = torch.randn(1, 2, 5, 8)
     causal = torch.nn.Module()
     causal.is_causal = True
     out, _ = module.transformers_attention(causal, q, q, q, None)
     _close(out, F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2))
-    assert len(calls) == config.num_hidden_layers
+    assert len(calls) == model.config.num_hidden_layers

@@ -18,6 +18,7 @@ from sparsedsl.runtime import attention as module
 from sparsedsl.runtime.ops import nn_program
 from tests.kernels.test_attention import SETTINGS, _blocks, _want
 from tests.kernels.test_differential import BACKENDS, _close
+from tests.models import padded_tiny_bert
 
 FEWER = settings(SETTINGS, max_examples=15)  # each new shape bucket is tuned, each format built
 
@@ -161,16 +162,7 @@ def test_transformers_bert_reads_q_k_v_in_place(monkeypatch):
     """A tiny BERT with a padded batch (a sequence of one kept token): every layer's attention runs
     attention_bthd on the views transformers hands over; the attention function returns the
     kernel's [B, T, H, D] output itself, no copy."""
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-    torch.manual_seed(0)
-    model = BertModel(config).eval()
-    ids = torch.randint(0, config.vocab_size, (3, 21))
-    mask = torch.ones(3, 21, dtype=torch.long)
-    mask[1, 9:], mask[2, 1:] = 0, 0
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    model, ids, mask, want = padded_tiny_bert(21, (9, 1))
     outputs = []
     kernels = nn_program().kernels
     kernel = kernels[module.DENSE_BTHD]
@@ -179,7 +171,7 @@ def test_transformers_bert_reads_q_k_v_in_place(monkeypatch):
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert (got - want).abs().max() <= 2e-4
-    assert len(outputs) == config.num_hidden_layers
+    assert len(outputs) == model.config.num_hidden_layers
     q, k, v = (torch.randn(2, 7, 4, 8).transpose(1, 2) for _ in range(3))
     out, _ = module.transformers_attention(torch.nn.Module(), q, k, v, None)
     assert out.data_ptr() == outputs[-1].data_ptr() and out.shape == (2, 7, 4, 8) and out.is_contiguous()
