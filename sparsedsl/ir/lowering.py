@@ -27,6 +27,7 @@ tile (``_Lowering.rows``), their intermediates tile buffers, never whole tensors
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -841,9 +842,7 @@ def _batched(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:
         loop = L.Var("_".join(kernel.batch))
         taken = [L.Let(L.Var(b), i) for b, i in zip(kernel.batch, L.unflatten(loop, extents))]
         body = L.seq(*taken, body)
-    size = extents[0]
-    for extent in extents[1:]:
-        size = L.mul(size, extent)
+    size = functools.reduce(L.mul, extents)
     params = tuple(batched.get(p.name, p) if isinstance(p, L.Buffer) else p for p in func.params)
     out = L.LoopFunc(kernel.name, params, L.For(loop, L.const(0), size, body, L.LoopKind.PARALLEL))
     out.meta.update(func.meta, parallel=[], out_indices=kernel.indices)

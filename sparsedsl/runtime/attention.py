@@ -161,18 +161,9 @@ def _attend(
 
 def in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: Sequence) -> bool:
     """Whether ``_attend`` reads ``q``, ``k``, ``v`` in place: each a [B, H, T, D] view of a
-    contiguous, non-empty [B, T, H, D] tensor (strides compared exactly), with one block mask at
+    contiguous, non-empty [B, T, H, D] tensor (``Tensor.is_contiguous``), with one block mask at
     most; its output is then the [B, H, T, D] view of a [B, T, H, D] tensor."""
-    return len(masks) <= 1 and all(t.numel() and _compact(t.transpose(1, 2)) for t in (q, k, v))
-
-
-def _compact(t: torch.Tensor) -> bool:
-    stride = 1
-    for size, step in zip(reversed(t.shape), reversed(t.stride())):
-        if step != stride:
-            return False
-        stride *= size
-    return True
+    return len(masks) <= 1 and all(t.numel() and t.transpose(1, 2).is_contiguous() for t in (q, k, v))
 
 
 @attention_op.register_fake
