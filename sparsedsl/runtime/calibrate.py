@@ -32,13 +32,13 @@ SLACK, SLACK_MIN = 4, 4096  # Seen's margin of magnitudes kept
 class Seen:
     """What calibration measured of one layer's inputs: their ``Gram`` (None when the layer's
     compilation does not need it) and their largest magnitudes (``top``, largest first, of the
-    ``count`` seen), for the ``quantile`` of them all. ``top`` keeps ``SLACK`` times the values
+    ``count`` seen), for the ``quantile`` of them all (None: not measured). ``top`` keeps ``SLACK`` times the values
     above the quantile so far, plus ``SLACK_MIN``: the quantile's rank grows with the inputs still to
     come, and a value dropped is missed only if the inputs after it outnumber those before it
     ``SLACK`` to 1 (never for a quantile whose rank stays below ``SLACK_MIN``)."""
 
     gram: Gram | None
-    quantile: float = 1.0
+    quantile: float | None = 1.0
     top: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     count: int = 0
 
@@ -46,6 +46,8 @@ class Seen:
         """Account for ``inputs``, ``[..., features]``."""
         if self.gram is not None:
             self.gram.add(inputs)
+        if self.quantile is None:
+            return
         magnitudes = inputs.detach().float().abs().flatten()
         self.count += len(magnitudes)
         candidates = torch.cat([self.top, magnitudes])
@@ -81,18 +83,17 @@ def calibrate(
     batches: Iterable,
     compile_layer: Callable[[Layer, Seen], None],
     progress: Callable[[Iterable, str], Iterable] = lambda items, _: items,
-    needs_gram: Callable[[Layer], bool] = lambda _: True,
-    quantile: float = 1.0,
+    measures: Callable[[Layer], Seen] = lambda layer: Seen(Gram.empty(layer[1].in_features), None),
 ) -> None:
     """Call ``compile_layer`` on each of ``layers`` (modules of ``model``) in forward order, with
-    what it sees over ``batches`` once every layer before it is compiled (its ``Gram`` if
-    ``needs_gram(layer)``, the ``quantile`` of its inputs' magnitudes)."""
+    what it sees over ``batches`` once every layer before it is compiled: ``measures(layer)``, an
+    empty ``Seen`` saying what to measure (by default the ``Gram`` alone)."""
     batches = list(batches)
     if not batches:
         raise SdslSemanticError("calibration has no batch: measuring the layers' inputs needs at least one")
     with evaluating(model):  # no dropout in the inputs measured
         for block in progress(_blocks(model, _forward_order(model, layers, batches[0])), "sparsedsl: calibrating"):
-            seen = _capture(model, block, batches, needs_gram, quantile)
+            seen = _capture(model, block, batches, measures)
             for layer in block:
                 compile_layer(layer, seen[layer[0]])
 
@@ -163,18 +164,10 @@ def _block_of(name: str, containers: set[str]) -> str:
     return name
 
 
-def _capture(
-    model: nn.Module,
-    block: list[Layer],
-    batches: list,
-    needs_gram: Callable[[Layer], bool] = lambda _: True,
-    quantile: float = 1.0,
-) -> dict[str, Seen]:
-    """What each block layer sees of its inputs over ``batches``, one pass each, stopped after the
-    block's last layer."""
-    seen = {
-        layer[0]: Seen(Gram.empty(layer[1].in_features) if needs_gram(layer) else None, quantile) for layer in block
-    }
+def _capture(model: nn.Module, block: list[Layer], batches: list, measures: Callable[[Layer], Seen]) -> dict[str, Seen]:
+    """What each block layer sees of its inputs over ``batches`` (what ``measures`` says to
+    measure), one pass each, stopped after the block's last layer."""
+    seen = {layer[0]: measures(layer) for layer in block}
     last = block[-1][0]
 
     def take(args: tuple, kwargs: dict, name: str) -> None:

@@ -291,8 +291,7 @@ def compile_model(
     if calibrated:
         batches = list(calibration)
         progress = lambda items, desc: _progress(items, verbose, desc)  # noqa: E731
-        needs_gram = lambda layer: _prunes_from_inputs(layer[2])  # noqa: E731
-        calibrate(result, calibrated, batches, build, progress, needs_gram, STATIC_QUANTILE)
+        calibrate(result, calibrated, batches, build, progress, _measures)
         if any(la[2].activations == "static" for la in calibrated):
             compiled = {name: result.get_submodule(name) for name, _, _ in layers if rows[name].sparse}
             for name, why in requantize.fuse(result, compiled, batches[0]).items():
@@ -314,6 +313,14 @@ def _calibrated(rule: Rule) -> bool:
     """Whether ``rule``'s layers are compiled from their inputs: pruned from them, or given a
     static int8 scale."""
     return _prunes_from_inputs(rule) or rule.activations == "static"
+
+
+def _measures(layer: Layer) -> Seen:
+    """What calibration measures of a layer's inputs: the ``Gram`` its pruning method needs, the
+    magnitudes its static int8 scale needs."""
+    rule = layer[2]
+    gram = Gram.empty(layer[1].in_features) if _prunes_from_inputs(rule) else None
+    return Seen(gram, STATIC_QUANTILE if rule.activations == "static" else None)
 
 
 def _prunes_from_inputs(rule: Rule) -> bool:

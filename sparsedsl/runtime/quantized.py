@@ -159,7 +159,7 @@ class QuantizedSparseLinear(nn.Module):
         round, clamp and cast take three)."""
         x = x.float().contiguous()
         if self.static:
-            scale = self.input_scale.expand(len(x)).contiguous()
+            scale = self._static_scales(len(x))
         else:
             amax = x.abs().amax(dim=1)
             scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
@@ -209,7 +209,11 @@ class QuantizedSparseLinear(nn.Module):
             raise ArgumentError(
                 "this layer quantizes its inputs per token: it takes int8 inputs only with a static input scale"
             )
-        return xq.contiguous(), self.input_scale.expand(len(xq)).contiguous()
+        return xq.contiguous(), self._static_scales(len(xq))
+
+    def _static_scales(self, tokens: int) -> torch.Tensor:
+        """``input_scale`` for each of ``tokens`` tokens (the kernels take a scale a token)."""
+        return self.input_scale.expand(tokens).contiguous()
 
     density = SparseLinear.density  # stored values over the weight's size, as a SparseLinear says it
 
