@@ -354,6 +354,12 @@ def _without_unit_loops(s: L.Stmt) -> L.Stmt:
     return rewrite_loops(s, lambda f: substitute(f.body, f.var.name, f.start) if f.extent == L.const(1) else None)
 
 
+def groups_of(name: str) -> str:
+    """The loop over groups of iterations of loop ``name`` that ``vector_sums`` (lanes) and
+    ``interleaved_sums`` (copies) make."""
+    return f"{name}_g"
+
+
 def vector_sums(func: L.LoopFunc, name: str, lanes: int) -> L.LoopFunc:
     """Sum reduction loop ``name`` in vector lanes: its iterations (with the constant-extent loops
     nested in it, flattened) in groups of ``lanes``, one a lane, each lane adding into its own
@@ -381,7 +387,7 @@ def vector_sums(func: L.LoopFunc, name: str, lanes: int) -> L.LoopFunc:
     if lanes * _values(acc) > MAX_REDUCED or not _only_added_to(body, acc.name, len(sums)):
         return func
     part = L.Buffer(f"{acc.name}_v", acc.dtype, (*acc.shape, L.const(lanes)), acc.scope)
-    group, lane = L.Var(f"{name}_g"), L.Var(f"{name}_v")
+    group, lane = L.Var(groups_of(name)), L.Var(f"{name}_v")
     in_lanes = rewrite_stores(
         substitute(body, flat.name, L.add(L.mul(group, L.const(lanes)), lane)),
         lambda st: L.Store(part, (*st.indices, lane), L.add(L.Load(part, (*st.indices, lane)), st.value.b)),
@@ -436,7 +442,7 @@ def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
     if lanes is None or copies * _values(acc) > MAX_REDUCED or not _only_added_to(loop.body, acc.name, len(sums)):
         return func
     part = L.Buffer(f"{acc.name}_u", acc.dtype, (L.const(copies), *acc.shape), acc.scope)
-    group, copy = L.Var(f"{name}_g"), L.Var(f"{name}_u")
+    group, copy = L.Var(groups_of(name)), L.Var(f"{name}_u")
     at = L.add(loop.start, L.add(L.mul(group, L.const(copies)), copy))
     in_copies = rewrite_stores(
         substitute(lanes, name, at),

@@ -112,7 +112,7 @@ def _one_token(func: L.LoopFunc) -> L.LoopFunc:
     summed = sched.vector_sums(func, reduction, ONE_TOKEN_LANES)
     if summed is func:
         return sched.interleaved_sums(func, reduction, ONE_TOKEN_COPIES)
-    return sched.interleaved_sums(summed, f"{reduction}_g", ONE_TOKEN_COPIES)
+    return sched.interleaved_sums(summed, sched.groups_of(reduction), ONE_TOKEN_COPIES)
 
 
 def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> dict[str, L.LoopFunc]:
