@@ -7,7 +7,9 @@ sparsedsl / TVM / torch, the target with its CPU and the instruction-set extensi
 each artifact's SHA-256. A build does not know the shapes of the weights it will meet, and a
 level's coordinate type follows its extent (``Format.index_dtypes``), so each format is built for
 every combination of index types its tensors can have (``Format.index_dtype_choices``: one for
-N:M, three for CSR, nine for COO). Loading checks all of it and never compiles.
+N:M, three for CSR, nine for COO). The kernels of sparsedsl/nn.sdsl that the model rules run (the
+quantized layers', the attention rules') are built beside the file's. Loading checks all of it
+and never compiles.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from sparsedsl.frontend.check import check, quantized_activation
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir.formats import Format
 from sparsedsl.runtime import ops, tuning
+from sparsedsl.runtime.attention import DENSE, DENSE_BTHD, MASKED, MASKED_BTHD
 from sparsedsl.runtime.program import Instance, Program, index_type_choices, read_source
 from sparsedsl.runtime.quantized import quantized_kernel
-from sparsedsl.runtime.rules import Rule, rules_of
+from sparsedsl.runtime.rules import AttentionRule, Rule, attention_rules_of, rules_of
 from sparsedsl.version import __version__
 
-SCHEMA_VERSION = 3  # 2: the target lists the CPU features the code needs; 3: each kernel its index types
+SCHEMA_VERSION = 4  # 2: the target lists the CPU features the code needs; 3: each kernel its index types;
+# 4: the attention rules, with their kernels
 CPU_ONLY = ("cpu", "features")  # where a CPU build loads, its CPU may differ; its features are checked
 MANIFEST = "manifest.json"
 SOURCE = "source.sdsl"
@@ -121,7 +125,8 @@ def _quantized_to_build(program: Program) -> dict[str, list[Format | None]]:
     """Per kernel of nn.sdsl: the formats of the model rules whose layers it runs (rules with a
     ``dtype``, their fused activation), and the activations' quantization (dense) when a layer is
     int8; where a model has static int8 rules, its int8 layers' kernels that write the next
-    layer's int8 input too (runtime/requantize.py decides when the model is compiled)."""
+    layer's int8 input too (runtime/requantize.py decides when the model is compiled); where a
+    rule fuses an activation, the kernel without it too (compile_model checks the fusion by it)."""
     out: dict[str, list[Format | None]] = {}
     for model in program.checked.models.values():
         static = any(r.activations is not None and r.activations.text == "static" for r in model.rules)
@@ -130,10 +135,40 @@ def _quantized_to_build(program: Program) -> dict[str, list[Format | None]]:
                 kernel = program.kernels[rule.kernel.text]
                 fmt = program.checked.format(rule.format) if rule.format is not None else kernel._default_format()
                 activation = quantized_activation(kernel.kernel) if rule.fuse else None
-                for emits in (False, True) if static and rule.dtype.text == "int8" else (False,):
-                    out.setdefault(quantized_kernel(rule.dtype.text, activation, emits), []).append(fmt)
+                names = [
+                    quantized_kernel(rule.dtype.text, activation, emits)
+                    for emits in ((False, True) if static and rule.dtype.text == "int8" else (False,))
+                ]
+                for name in names + ([quantized_kernel(rule.dtype.text)] if activation else []):
+                    out.setdefault(name, []).append(fmt)
                 if rule.dtype.text == "int8":
                     out["quantize_rows"] = [None]
+    return {name: list(dict.fromkeys(formats)) for name, formats in out.items()}
+
+
+def _attention_to_build(program: Program, nn: Program) -> dict[str, list[Format | None]]:
+    """Per attention kernel of nn.sdsl: what the attention rules reach when called
+    (runtime/attention.py's ``_attend``): a rule without a block pattern the dense kernels, one
+    with a pattern the block kernels for its format, each on [B, T, H, D] storage read in place
+    (what transformers hands over) and on [B * H, T, D] copies (any other layout). A rule for
+    another target than the CPU, or a format the block kernels cannot read, is an error at it."""
+    out: dict[str, list[Format | None]] = {}
+    source = program.checked.source
+    for model in program.checked.models.values():
+        for rule in model.attention:
+            if program.target != "cpu":
+                message = f"attention rules run the attention kernels on the CPU, not {program.target}"
+                raise SdslSemanticError(message, rule.span, source)
+            fmt = program.checked.format(rule.format) if rule.format else None
+            for name in (MASKED, MASKED_BTHD) if fmt else (DENSE, DENSE_BTHD):
+                try:
+                    if fmt is not None:
+                        nn.kernels[name].lowered(fmt)
+                except SdslError as err:
+                    raise SdslSemanticError(
+                        f'attention rule "{rule.pattern}" with {fmt.label}: {err.message}', rule.span, source
+                    ) from None
+                out.setdefault(name, []).append(fmt)
     return {name: list(dict.fromkeys(formats)) for name, formats in out.items()}
 
 
@@ -144,21 +179,14 @@ def build(
     source = read_source(path_or_source)
     program = Program(check(source), target, backend, arch=arch)
     program.cache_dir = None
-    attention = next((r for decl in program.checked.models.values() for r in decl.attention), None)
-    if attention is not None:
-        raise SdslSemanticError(
-            "attention rules are not built ahead of time yet: compile the model from the .sdsl file "
-            "(compile_model(model, path)), or build without them",
-            attention.span,
-            source,
-        )
+    nn = ops.nn_program(program)  # the quantized layers' and attention's kernels, knowing the file's formats
+    nn.cache_dir = None
+    nn_todo = _quantized_to_build(program) | _attention_to_build(program, nn)  # no kernel in both
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / SOURCE).write_text(source.text)
     kernels = []
-    nn = ops.nn_program(program)  # the quantized layers' kernels, knowing the file's formats
-    nn.cache_dir = None
-    sources = (("file", program, _formats_to_build(program)), ("nn", nn, _quantized_to_build(program)))
+    sources = (("file", program, _formats_to_build(program)), ("nn", nn, nn_todo))
     for origin, owner, todo in sources:
         for name, formats in todo.items():
             compiled = owner.kernels[name]
@@ -182,6 +210,7 @@ def build(
                         }
                     )
     rules = [asdict(r) for decl in program.checked.models.values() for r in rules_of(program, decl)]
+    attention = [asdict(r) for decl in program.checked.models.values() for r in attention_rules_of(program, decl)]
     built = [inst for _, owner, _ in sources for kernel in owner.kernels.values() for inst in kernel.instances.values()]
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -190,6 +219,7 @@ def build(
         "source": {"file": SOURCE, "sha256": hashlib.sha256(source.text.encode()).hexdigest(), "name": source.filename},
         "kernels": kernels,
         "rules": rules,
+        "attention": attention,
         "choices": _machine_choices({inst.code for inst in built}) if target == "cpu" else {},
     }
     cache.atomic_write(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
@@ -236,6 +266,7 @@ def _read_manifest(root: Path) -> dict:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise AotError(f"{root}: build schema {manifest.get('schema_version')}, this sparsedsl reads {SCHEMA_VERSION}")
     source, kernels, rules = manifest.get("source"), manifest.get("kernels"), manifest.get("rules")
+    attention = manifest.get("attention")
     wrong = [
         name
         for name, ok in (
@@ -244,6 +275,7 @@ def _read_manifest(root: Path) -> dict:
             ("source", isinstance(source, dict) and _strings(source, "sha256", "name")),
             ("kernels", isinstance(kernels, list) and all(_kernel_entry(k) for k in kernels)),
             ("rules", isinstance(rules, list) and all(_rule_entry(r) for r in rules)),
+            ("attention", isinstance(attention, list) and all(_attention_entry(a) for a in attention)),
         )
         if not ok
     ]
@@ -260,6 +292,16 @@ def _rule_entry(entry) -> bool:
     """A rule entry: a pattern, a format and nothing ``Rule`` does not have."""
     fields = set(Rule.__dataclass_fields__)
     return isinstance(entry, dict) and _strings(entry, "pattern", "format") and set(entry) <= fields
+
+
+def _attention_entry(entry) -> bool:
+    """An attention rule entry: a pattern, a format and a window (both or neither), nothing else."""
+    fields = set(AttentionRule.__dataclass_fields__)
+    if not isinstance(entry, dict) or not _strings(entry, "pattern") or not set(entry) <= fields:
+        return False
+    fmt, window = entry.get("format"), entry.get("window")
+    pattern = isinstance(fmt, str) and isinstance(window, int) and not isinstance(window, bool) and window >= 0
+    return pattern or (fmt is None and window is None)
 
 
 def _kernel_entry(entry) -> bool:
@@ -328,8 +370,9 @@ def load(directory: str | os.PathLike) -> Program:
             raise AotError(f"{lib}: its variants {entry['variants']} differ from this compiler's {list(variants)}")
         built = _load_library(backend, lib, image, list(variants.values()), program.target)
         compiled.instances[(fmt, index_dtypes)] = Instance(variants, built)
-    program.aot = root
+    program.aot = ops.nn_program(program).aot = root  # a kernel the build lacks is an error, never compiled
     program.rules = [Rule(**r) for r in manifest["rules"]]
+    program.attention_rules = [AttentionRule(**a) for a in manifest["attention"]]
     choices = manifest.get("choices", {})
     if not isinstance(choices, dict) or not all(isinstance(v, str) for v in choices.values()):
         raise AotError(f"{root / MANIFEST} is damaged: 'choices' must map keys to variant names")

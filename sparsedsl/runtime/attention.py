@@ -10,6 +10,8 @@ returns zeros (as FlexAttention does), not NaN. One kernel call computes every b
 and ``v`` that are [B, H, T, D] views of contiguous [B, T, H, D] tensors (what transformers hands
 its attention functions) are read in place by the ``*_bthd`` kernels, which write the output
 [B, T, H, D] (returned as its [B, H, T, D] view); other layouts are copied into [B * H, T, D].
+The kernels are those of an nn.sdsl program (``ops.nn_program``): by default the TVM one; a compiled
+model's attention runs its own program's (its backend, or the kernels of an ahead-of-time build).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsedsl.errors import ArgumentError, BackendError
-from sparsedsl.runtime.ops import nn_program
+from sparsedsl.runtime.ops import lookup, nn_program, register
+from sparsedsl.runtime.program import Program
 from sparsedsl.runtime.sparse_tensor import SparseTensor
 
 DENSE, MASKED = "attention", "block_attention"  # nn.sdsl's kernels
@@ -35,6 +38,7 @@ def attention(
     block_mask: SparseTensor | Sequence[SparseTensor] | None = None,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    program: Program | None = None,
 ) -> torch.Tensor:
     """Attention of ``q`` [B, H, T, D] over ``k``, ``v`` [B, H, S, D] (float32, CPU).
 
@@ -42,7 +46,8 @@ def attention(
     first level is ``t / bq: dense`` with ``t % bq: dense`` below it), one pattern for every batch
     and head, or a sequence of H of them, one per head: a query attends to the keys of its row's
     stored blocks. ``key_padding_mask``: [B, S] bool, True for a key to attend to (HF's attention
-    mask). ``scale``: default ``D ** -0.5``."""
+    mask). ``scale``: default ``D ** -0.5``. ``program``: the nn.sdsl program whose kernels run
+    (``ops.nn_program``; default the TVM one); a block mask is in one of its formats."""
     _check(q, k, v, key_padding_mask)
     batch, heads, _, dim = q.shape
     masks = _masks(block_mask, heads, q.shape[2], k.shape[2])
@@ -51,11 +56,13 @@ def attention(
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         structure = [t for m in masks for t in m.structure()]
         fmt = masks[0].format.label if masks else ""
-        return attention_op(q, k, v, keep, structure, [m.values for m in masks], fmt, scale)
+        key = DEFAULT_PROGRAM if program is None else register(program)  # nn_program() made by the op, not traced
+        return attention_op(q, k, v, keep, structure, [m.values for m in masks], fmt, scale, key)
     # outside autograd and tracing, skip the dispatcher: the op would run this same function
-    return _attend(q, k, v, keep, [m.with_values(_ones(m.values)) for m in masks], scale)
+    return _attend(program or nn_program(), q, k, v, keep, [m.with_values(_ones(m.values)) for m in masks], scale)
 
 
+DEFAULT_PROGRAM = ""  # the op's program key for ``nn_program()``
 ONES = "_sparsedsl_ones"  # the attribute of a mask's values caching ones of their shape
 
 
@@ -119,27 +126,35 @@ def attention_op(
     values: list[torch.Tensor],
     fmt: str,
     scale: float,
+    program: str,
 ) -> torch.Tensor:
     """The op behind ``attention``: ``keep`` [B, S] (1 attend, 0 padding); the block masks (none,
     one, or one per head) as their index buffers (``structure``, mask after mask) and values, all
-    in format ``fmt``. The pattern is the mask: the values are read as ones."""
+    in format ``fmt``; the kernels of the program registered as ``program`` (``ops.register``;
+    ``DEFAULT_PROGRAM``: ``nn_program()``). The pattern is the mask: the values are read as ones."""
+    nn = nn_program() if program == DEFAULT_PROGRAM else lookup(program)
     masks = []
     if values:
-        form = nn_program().format(fmt)
+        form = nn.format(fmt)
         per = len(structure) // len(values)
         shape = (q.shape[2], k.shape[2])
         masks = [
             SparseTensor.from_structure(form, shape, structure[i * per : (i + 1) * per], _ones(vals))
             for i, vals in enumerate(values)
         ]
-    return _attend(q, k, v, keep, masks, scale)
+    return _attend(nn, q, k, v, keep, masks, scale)
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, masks: list[SparseTensor], scale: float
+    nn: Program,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    masks: list[SparseTensor],
+    scale: float,
 ) -> torch.Tensor:
-    """The kernel calls of ``attention_op``, its masks' values ones."""
-    nn = nn_program()
+    """The kernel calls of ``attention_op``, by ``nn``'s kernels, its masks' values ones."""
     batch, heads, tokens, dim = q.shape
     keys = k.shape[2]
     keep = keep.to(q.dtype)
@@ -167,7 +182,7 @@ def in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: Sequence)
 
 
 @attention_op.register_fake
-def _(q, k, v, keep, structure, values, fmt, scale):
+def _(q, k, v, keep, structure, values, fmt, scale, program):
     if in_place(q, k, v, values):
         return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
     return q.new_empty(q.shape)
@@ -189,15 +204,43 @@ PLAN = "_sparsedsl_attention"  # an attention module's attribute: how compile_mo
 SDPA = "sdpa"  # the plan of a module no attention rule matched: torch's SDPA
 
 
-class BlockPattern:
+class Plan:
+    """How an attention rule runs the modules it matches, by the kernels of ``program`` (an
+    ``ops.nn_program``: the compiled model's, by default the TVM one), held by its
+    ``ops.register`` key so that copies of a model share it."""
+
+    def __init__(self, program: Program | None = None):
+        self.key = register(program or nn_program())
+
+    @property
+    def program(self) -> Program:
+        return lookup(self.key)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding, scale) -> torch.Tensor:
+        """Attention of ``q`` over ``k`` and ``v`` with the key ``padding`` mask (or None)."""
+        raise NotImplementedError
+
+
+class Dense(Plan):
+    """An attention rule without a block pattern: ``attention`` over every key."""
+
+    def __str__(self) -> str:
+        return "dense"
+
+    def attend(self, q, k, v, padding, scale):
+        return attention(q, k, v, key_padding_mask=padding, scale=scale, program=self.program)
+
+
+class BlockPattern(Plan):
     """An attention rule's block pattern, for any number of tokens: the blocks of ``format`` (a
-    format of nn.sdsl's program) holding a query ``t`` and a key ``s`` with ``|t - s| <= window``.
+    format of the program) holding a query ``t`` and a key ``s`` with ``|t - s| <= window``.
     Tokens and keys are padded to the format's block multiples (padded keys masked, padded
     queries dropped); the mask of each padded shape is packed once."""
 
-    def __init__(self, format: str, window: int):
+    def __init__(self, format: str, window: int, program: Program | None = None):
+        super().__init__(program)
         self.format, self.window = format, window
-        fmt = nn_program().format(format)
+        fmt = self.program.format(format)
         self.multiples = tuple(
             math.lcm(*(m.factor for m in fmt.maps if m.dim == dim and m.op is not None)) for dim in (0, 1)
         )
@@ -215,7 +258,7 @@ class BlockPattern:
         mask = self._masks.get((tokens, keys))
         if mask is None:
             near = (torch.arange(tokens)[:, None] - torch.arange(keys)[None, :]).abs() <= self.window
-            mask = self._masks[tokens, keys] = nn_program().pack(self.format, near.float())
+            mask = self._masks[tokens, keys] = self.program.pack(self.format, near.float())
         return mask
 
     def density(self, tokens: int) -> float:
@@ -231,7 +274,7 @@ class BlockPattern:
             q = _padded(q, padded_tokens - tokens)
             k, v = (_padded(t, padded_keys - keys) for t in (k, v))
             keep = torch.cat([keep, keep.new_zeros(keep.shape[0], padded_keys - keys)], 1)
-        out = attention(q, k, v, self.mask(padded_tokens, padded_keys), keep, scale)
+        out = attention(q, k, v, self.mask(padded_tokens, padded_keys), keep, scale, self.program)
         return out[:, :, :tokens]
 
 
@@ -244,8 +287,8 @@ def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
 def transformers_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """``attention`` with the signature of transformers' attention functions (``AttentionInterface``):
     ``query`` [B, H, T, D], returns ``([B, T, H, D], None)``. Runs what ``compile_model``'s rules
-    chose for ``module`` (its ``PLAN``: ``SDPA``, a ``BlockPattern``, or dense attention, also
-    when the model selected "sdsl" itself). Attention with a key padding mask (a boolean
+    chose for ``module`` (its ``PLAN``: ``SDPA`` or a ``Plan``; ``Dense()`` when the model
+    selected "sdsl" itself). Attention with a key padding mask (a boolean
     ``[B, 1, T, S]`` mask whose rows agree, or none), grouped keys repeated per query head;
     anything else (a causal or per-query mask over more than one query, dropout in training, not
     float32) is handed to torch's SDPA. One query (a decoding step with a KV cache) sees every
@@ -262,10 +305,7 @@ def transformers_attention(module, query, key, value, attention_mask, dropout=0.
     if key.shape[1] != query.shape[1]:  # grouped keys: each serves heads // groups query heads
         groups = query.shape[1] // key.shape[1]  # repeated in [B, S, H, D] storage: read in place
         key, value = (t.transpose(1, 2).repeat_interleave(groups, 2).transpose(1, 2) for t in (key, value))
-    if isinstance(plan, BlockPattern):
-        out = plan.attend(query, key, value, padding, scaling)
-    else:
-        out = attention(query, key, value, key_padding_mask=padding, scale=scaling)
+    out = (plan or Dense()).attend(query, key, value, padding, scaling)
     return out.transpose(1, 2).contiguous(), None  # no copy when q, k, v were read in place (``in_place``)
 
 
@@ -275,9 +315,9 @@ def is_attention_module(module: torch.nn.Module) -> bool:
     return hasattr(getattr(module, "config", None), "_attn_implementation") and hasattr(module, "is_causal")
 
 
-def select(model: torch.nn.Module, plans: dict[str, BlockPattern | None]) -> tuple[str, str] | None:
+def select(model: torch.nn.Module, plans: dict[str, Plan]) -> tuple[str, str] | None:
     """Run the attention modules of ``model`` named in ``plans`` by ``transformers_attention``
-    (dense for None, else the pattern) and the others by SDPA: every transformers model in
+    (by their plan) and the others by SDPA: every transformers model in
     ``model`` selects "sdsl" (transformers selects an implementation per model, not per module).
     Returns a module it cannot select "sdsl" for and why (no transformers model holds it, or its
     model does not call attention through ``AttentionInterface``), else None."""

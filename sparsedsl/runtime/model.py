@@ -18,7 +18,7 @@ from sparsedsl.frontend import ast
 from sparsedsl.frontend.check import ACTIVATION_SCALES, PRUNE_METHODS, quantized_activation
 from sparsedsl.ir.formats import Format
 from sparsedsl.runtime import ops, requantize
-from sparsedsl.runtime.attention import DENSE, MASKED, BlockPattern, is_attention_module, select
+from sparsedsl.runtime.attention import DENSE, MASKED, BlockPattern, Dense, Plan, is_attention_module, select
 from sparsedsl.runtime.calibrate import Layer, Seen, calibrate
 from sparsedsl.runtime.fused import fuse_residual_norm
 from sparsedsl.runtime.modules import SparseLinear
@@ -252,7 +252,8 @@ def compile_model(
         from sparsedsl.runtime.aot import load
 
         program = load(aot)
-        rule_set = RuleSet(program.rules, [None] * len(program.rules))
+        rules, attention = program.rules, program.attention_rules
+        rule_set = RuleSet(rules, [None] * len(rules), attention=attention, attention_spans=[None] * len(attention))
     elif isinstance(rules, dict):
         program = None
         rule_set = _rules_from_dict(rules, ops.nn_program(None, target, backend))
@@ -297,7 +298,7 @@ def compile_model(
             for name, why in requantize.fuse(result, compiled, batches[0]).items():
                 note = ", ".join(n for n in (rows[name].note, why) if n)
                 rows[name] = replace(rows[name], note=note, kernel=compiled[name].kernel)
-    attention = _compile_attention(result, rule_set)
+    attention = _compile_attention(result, rule_set, nn_prog)
     fused = [
         FusedReport(name, type(model.get_submodule(name)).__name__, layer, rows[layer].kernel)
         for name, layer in fused_by.items()
@@ -424,15 +425,17 @@ def _layers(model: nn.Module, rule_set: RuleSet) -> list[tuple[str, nn.Linear, R
     return out
 
 
-def _compile_attention(model: nn.Module, rule_set: RuleSet) -> list[AttentionReport]:
+def _compile_attention(model: nn.Module, rule_set: RuleSet, program: Program) -> list[AttentionReport]:
     """Run each attention module that an attention rule matches (the first rule matching its name)
-    by sparsedsl's attention kernels, the others by SDPA; their report. A rule that matches no
-    attention module, or a block pattern for a causal one, is an error."""
+    by the attention kernels of ``program`` (nn.sdsl's), the others by SDPA; their report. A rule
+    that matches no attention module, or a block pattern for a causal one, is an error."""
     if not rule_set.attention:
         return []
+    if program.target != "cpu":
+        raise rule_set.attention_error(0, f"runs the attention kernels on the CPU, not {program.target}")
     modules = [(n, m) for n, m in model.named_modules() if is_attention_module(m)]
-    plans: dict[str, BlockPattern | None] = {}
-    patterns: dict[int, BlockPattern | None] = {}  # per rule, one pattern (and its masks) for its modules
+    plans: dict[str, Plan] = {}
+    patterns: dict[int, Plan] = {}  # per rule, one plan (a pattern's masks) for its modules
     rule_of: dict[str, int] = {}
     rows = []
     for name, module in modules:
@@ -447,7 +450,7 @@ def _compile_attention(model: nn.Module, rule_set: RuleSet) -> list[AttentionRep
                 "each query (a rule without a pattern runs a decoder's decoding steps, and its causal calls by SDPA)",
             )
         if index not in patterns:
-            patterns[index] = _pattern(rule_set, index) if rule_set.attention[index].format else None
+            patterns[index] = _pattern(rule_set, index, program) if rule_set.attention[index].format else Dense(program)
         plans[name] = patterns[index]
         rows.append(_attention_row(name, module, plans[name]))
     for index in range(len(rule_set.attention)):
@@ -465,12 +468,12 @@ def _compile_attention(model: nn.Module, rule_set: RuleSet) -> list[AttentionRep
     return rows
 
 
-def _pattern(rule_set: RuleSet, index: int) -> BlockPattern:
-    """The block pattern of attention rule ``index``, its kernel built now (a format the kernel
-    cannot read is an error at the rule)."""
+def _pattern(rule_set: RuleSet, index: int, program: Program) -> BlockPattern:
+    """The block pattern of attention rule ``index``, its kernel of ``program`` built now (a format
+    the kernel cannot read is an error at the rule)."""
     rule = rule_set.attention[index]
     try:
-        pattern = BlockPattern(rule.format, rule.window)
+        pattern = BlockPattern(rule.format, rule.window, program)
         tokens, keys = pattern.multiples
         q = torch.zeros(1, 1, tokens, 1)
         pattern.attend(q, q.new_zeros(1, 1, keys, 1), q.new_zeros(1, 1, keys, 1), None, 1.0)
@@ -479,12 +482,12 @@ def _pattern(rule_set: RuleSet, index: int) -> BlockPattern:
     return pattern
 
 
-def _attention_row(name: str, module: nn.Module, pattern: BlockPattern | None) -> AttentionReport:
+def _attention_row(name: str, module: nn.Module, plan: Plan) -> AttentionReport:
     note = "SDPA for calls of more than one query (causal)" if module.is_causal else ""
-    if pattern is None:
-        return AttentionReport(name, DENSE, "dense", 1.0, None, note)
+    if not isinstance(plan, BlockPattern):
+        return AttentionReport(name, DENSE, str(plan), 1.0, None, note)
     tokens = getattr(module.config, "max_position_embeddings", None) or REPORT_TOKENS
-    return AttentionReport(name, MASKED, str(pattern), pattern.density(tokens), tokens, note)
+    return AttentionReport(name, MASKED, str(plan), plan.density(tokens), tokens, note)
 
 
 def _is_conv1d(module: nn.Module) -> bool:

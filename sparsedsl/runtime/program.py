@@ -457,6 +457,7 @@ class Program:
         self._choices: tuning.Choices | None = None
         self.aot: Path | None = None  # the build directory of a program from ``sd.load``
         self.rules: list = []  # and its model rules (``sparsedsl.runtime.rules.Rule``)
+        self.attention_rules: list = []  # and attention rules (``sparsedsl.runtime.rules.AttentionRule``)
         self.kernels = {name: CompiledKernel(self, k) for name, k in checked.kernels.items()}
         # ``prog.<kernel>`` as a plain attribute (through ``__getattr__`` it costs a failed lookup,
         # ~1 µs a call); a kernel named like a Program attribute stays in ``kernels`` only

@@ -179,10 +179,8 @@ def test_attention_modules_outside_a_transformers_model_are_refused():
 
 
 def test_report_lists_attention_and_fused_modules():
-    rules = (EXAMPLES / "minilm_fused.sdsl").read_text()
-    rules = rules.replace("model minilm_fused {", 'model minilm_fused {\n    attention "*.attention.self"', 1)
     model = _bert()
-    compiled = sd.compile_model(model, rules)
+    compiled = sd.compile_model(model, EXAMPLES / "minilm_fused.sdsl")  # with its attention rule
     report = sd.report(compiled)
     assert len(report) == 2 * 6 and all(r.sparse for r in report)
     assert [(a.module, a.kernel, a.pattern, a.density) for a in report.attention] == [
@@ -208,10 +206,44 @@ def test_report_lists_attention_and_fused_modules():
     assert _run(compiled, batch).shape == _run(model, batch).shape
 
 
-def test_attention_rules_are_not_built_ahead_of_time(tmp_path):
-    with pytest.raises(sd.SdslSemanticError, match="attention rules are not built ahead of time") as err:
-        sd.build(LINEAR + 'model m {\n    attention "*"\n}', tmp_path)
-    assert err.value.span.line == 6
+BLOCK_RULE = 'model m {\n    attention "encoder.layer.*.attention.self" with BSR(16, 16) window 4\n}'
+
+
+@pytest.fixture(scope="module")
+def block_build(tmp_path_factory):
+    """An ahead-of-time build (llvm: it compiles fastest) of a block-pattern attention rule."""
+    out = tmp_path_factory.mktemp("aot")
+    sd.build(BLOCK_RULE, out, backend="llvm")
+    return out
+
+
+def test_an_aot_build_runs_the_rules_block_attention_without_compiling(block_build, calls, monkeypatch):
+    """The build holds the block kernels for the rule's format (in place and copied layouts, every
+    index type); the model compiled from it computes what the one compiled from the source does,
+    compiling nothing; a format it lacks is the BackendError naming the build."""
+    from sparsedsl.backends.llvm import jit
+
+    model = _bert()
+    batch = _padded_batch(model.config.vocab_size, 40)
+    want = _run(sd.compile_model(model, BLOCK_RULE, backend="llvm"), batch)
+    monkeypatch.setattr(jit, "build", lambda *a, **k: pytest.fail("a kernel was compiled"))
+    loaded = sd.compile_model(model, None, aot=block_build)
+    calls.clear()
+    torch.testing.assert_close(_run(loaded, batch), want, rtol=0, atol=1e-6)
+    assert calls == [(3, 4, 48, 16)] * 2  # 40 tokens padded to the blocks
+    assert [a.pattern for a in sd.report(loaded).attention] == ["BSR(16, 16) window 4"] * 2
+    plan = getattr(loaded.encoder.layer[0].attention.self, module.PLAN)
+    assert plan.program.aot == block_build
+    q = torch.randn(1, 2, 32, 8)
+    with pytest.raises(sd.BackendError, match=r"'block_attention' was not built ahead of time for BSR\(8, 8\)"):
+        module.attention(q, q, q, plan.program.pack("BSR(8, 8)", torch.ones(32, 32)), program=plan.program)
+
+
+def test_an_aot_build_refuses_a_format_the_attention_kernel_cannot_read(tmp_path):
+    rules = 'model m {\n    attention "*" with CSC window 4\n}'
+    with pytest.raises(sd.SdslSemanticError, match=r'attention rule "\*" with CSC: .*t / b: dense') as err:
+        sd.build(rules, tmp_path, backend="llvm")
+    assert err.value.span.line == 2
 
 
 @pytest.mark.parametrize("heads_masks", [0, 1, 3])

@@ -151,6 +151,7 @@ def test_compile_model_with_aot(build_dir, no_compiler):
         (lambda m, d: m["kernels"][0].update(file="../manifest.json"), "kernels missing or malformed"),
         (lambda m, d: m["kernels"][0].update(kernel="nope"), "a kernel 'nope' that source.sdsl does not define"),
         (lambda m, d: m["rules"].append({"pattern": "x"}), "rules missing or malformed"),
+        (lambda m, d: m["attention"].append({"pattern": "x", "window": 4}), "attention missing or malformed"),
         (lambda m, d: m.pop("source"), "source missing or malformed"),
         (lambda m, d: m.update(schema_version=99), "build schema 99"),
         (lambda m, d: (d / m["kernels"][0]["file"]).write_bytes(b"junk"), "does not match its SHA-256"),

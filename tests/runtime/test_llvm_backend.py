@@ -18,6 +18,9 @@ ROOT = Path(__file__).parents[2]
 
 
 def test_llvm_backend_never_imports_tvm(tmp_path):
+    """Neither compiling nor loading an AOT build of examples/minilm.sdsl, nor running a BERT
+    compiled from it (its attention rule by the build's attention kernel, computing what SDPA
+    does), imports TVM."""
     script = (
         "import sys, torch, sparsedsl as sd\n"
         f"prog = sd.compile({str(ROOT / 'examples' / 'linear.sdsl')!r}, backend='llvm')\n"
@@ -25,6 +28,18 @@ def test_llvm_backend_never_imports_tvm(tmp_path):
         "x = torch.randn(5, 16)\n"
         "assert torch.allclose(prog.linear(x, prog.pack('NM(2, 4)', w), torch.zeros(32)), x @ w.T, atol=1e-5)\n"
         f"sd.load({str(tmp_path)!r})\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from tests.models import padded_tiny_bert\n"
+        "from sparsedsl.runtime.attention import PLAN\n"
+        "model, ids, mask, _ = padded_tiny_bert(24, (10, 3))\n"
+        f"compiled = sd.compile_model(model, None, aot={str(tmp_path)!r})\n"
+        "with torch.inference_mode():\n"
+        "    got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state\n"
+        "    compiled.set_attn_implementation('sdpa')\n"
+        "    want = compiled(input_ids=ids, attention_mask=mask).last_hidden_state\n"
+        "kernels = getattr(compiled.encoder.layer[0].attention.self, PLAN).program.kernels\n"
+        "assert kernels['attention_bthd'].bound.calls, 'the attention kernel did not run'\n"
+        "assert (got - want).abs().max() < 1e-4, (got - want).abs().max()\n"
         "assert 'tvm' not in sys.modules, 'tvm was imported'\n"
     )
     assert cli(["build", str(ROOT / "examples" / "minilm.sdsl"), "-o", str(tmp_path), "--backend", "llvm"]) == 0
@@ -79,3 +94,22 @@ def test_compile_model_llvm_backend():
     torch.testing.assert_close(sparse(x), reference(x), rtol=1e-4, atol=1e-5)
     sparse(x).sum().backward()
     assert sparse[0].values.grad is not None
+
+
+def test_the_few_token_variants_run_on_every_thread_and_gather(monkeypatch, set_threads):
+    """A body that is not one parallel loop (the few-token variants: staging, rows and write-out
+    each parallel) hands the call's thread count to each parallel loop in it; its vector loop over a
+    row's nonzeros gathers the activations (``masked.gather``) instead of running lane by lane."""
+    set_threads(2)
+    monkeypatch.setattr(calls, "PARALLEL_WORK", 1)
+    prog = sd.compile(ROOT / "examples" / "linear.sdsl", backend="llvm")
+    w = prog.pack("NM(2, 4)", sd.prune(torch.randn(64, 32), "NM(2, 4)"))
+    x, b = torch.randn(1, 32), torch.randn(64)
+    inst = prog.linear.instance_for(w)
+    kernel = inst.built.functions["linear_rows_one"]
+    assert not kernel.parallel and kernel.forks
+    seen, run = [], kernel.cfunc
+    kernel.cfunc = lambda *args: seen.append(args[-1]) or run(*args)
+    torch.testing.assert_close(prog.linear(x, w, b), x @ w.to_dense().T + b)
+    assert seen == [2]
+    assert "llvm.masked.gather" in inst.built.source("llvm")

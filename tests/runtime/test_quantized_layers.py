@@ -118,6 +118,25 @@ def test_model_block_dtype_and_aot_build(tmp_path):
     assert torch.equal(loaded(x), compiled(x))
 
 
+def test_an_aot_build_holds_the_kernel_a_fused_layer_is_checked_by(tmp_path, monkeypatch):
+    """compile_model checks an int8 layer's fused GELU against the layer's kernel without it: the
+    build holds that kernel too, so compiling the model from it compiles nothing."""
+    from sparsedsl.backends.llvm import jit
+
+    rules = """
+kernel lgelu(X: f32[M, K], W: f32[N, K] @ NM(2, 4), b: f32[N]) -> (Y: f32[M, N]) {
+    Y[m, n] = gelu(sum(k) X[m, k] * W[n, k] + b[n])
+}
+model m {
+    linear "0" use lgelu sparsity 0.5 fuse "1" dtype int8
+}
+"""
+    sd.build(rules, tmp_path, backend="llvm")
+    monkeypatch.setattr(jit, "build", lambda *a, **k: pytest.fail("a kernel was compiled"))
+    loaded = sd.compile_model(_mlp(), None, aot=tmp_path)
+    assert [(f.module, f.kernel) for f in sd.report(loaded).fused] == [("1", "qlinear_bias_gelu")]
+
+
 def test_model_block_dtype_errors():
     with pytest.raises(sd.SdslSemanticError, match="unknown dtype 'int4' \\(known: int8, bf16\\)"):
         sd.compile(RULES.replace("dtype bf16", "dtype int4"))
