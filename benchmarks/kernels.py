@@ -51,7 +51,7 @@ def rule_chosen_threads(threads: int) -> None:
 def decode_cases() -> list[dict]:
     """A few tokens (decoding) through a 4096 x 4096 weight: 90% unstructured and blocked, and N:M."""
     formats = [("CSR", 0.9), ("BSR(4, 1)", 0.9)] + [(f, None) for f in STRUCTURED]
-    return [{"tokens": t, "n": 4096, "k": 4096, "fmt": f, "sparsity": s} for t in (16, 4, 1) for f, s in formats]
+    return [{"tokens": t, "n": 4096, "k": 4096, "fmt": f, "sparsity": s} for t in (16, 8, 4, 1) for f, s in formats]
 
 
 def cases(quick: bool) -> list[dict]:

@@ -146,45 +146,88 @@ def size_names(func: L.LoopFunc) -> list[str]:
 
 
 def _unit_stride(e, name: str) -> bool:
-    """Whether ``e`` is ``invariant + name`` (so consecutive lanes are consecutive elements)."""
+    """Whether ``e`` is ``invariant + name`` (so consecutive lanes are consecutive elements), also
+    written as ``(invariant + x // c) * c + x % c`` with ``x`` unit-stride (a fused loop's split)."""
     if isinstance(e, L.Var) and e.name == name:
         return True
     if isinstance(e, L.Bin) and e.op == "+":
-        return (_unit_stride(e.a, name) and not L.uses(e.b, name)) or (
-            _unit_stride(e.b, name) and not L.uses(e.a, name)
+        return (
+            (_unit_stride(e.a, name) and not L.uses(e.b, name))
+            or (_unit_stride(e.b, name) and not L.uses(e.a, name))
+            or _recombined(e.a, e.b, name)
         )
     return False
 
 
+def _recombined(scaled: L.Expr, rest: L.Expr, name: str) -> bool:
+    """Whether ``scaled + rest`` is ``(invariant + x // c) * c + x % c``, which is ``invariant * c + x``
+    for any integer ``x`` (so unit-stride when ``x`` is)."""
+    match scaled, rest:
+        case L.Bin("*", inner, L.Const(c)), L.Bin("%", x, L.Const(c2)) if c == c2:
+            quotient = L.Bin("//", x, L.Const(c))
+            if inner == quotient:
+                return _unit_stride(x, name)
+            if isinstance(inner, L.Bin) and inner.op == "+" and quotient in (inner.a, inner.b):
+                other = inner.b if inner.a == quotient else inner.a
+                return not L.uses(other, name) and _unit_stride(x, name)
+    return False
+
+
+def _mangled(ty: ir.Type) -> str:
+    """An element type as LLVM's intrinsic names spell it (``f32``, ``i8``)."""
+    return (
+        f"i{ty.width}"
+        if isinstance(ty, ir.IntType)
+        else {"float": "f32", "double": "f64", "half": "f16", "bfloat": "bf16"}[str(ty)]
+    )
+
+
+def _uses_any(e: L.Expr, names: set[str]) -> bool:
+    return any(L.uses(e, n) for n in names)
+
+
+def _contiguous(idx: tuple[L.Expr, ...], name: str, lanes: set[str]) -> bool:
+    """Whether a load or store at ``idx`` reads consecutive elements in consecutive lanes of loop
+    ``name`` (``lanes``: the names whose values differ between lanes)."""
+    return (
+        not _uses_any(idx[-1], lanes - {name})
+        and all(not _uses_any(i, lanes) for i in idx[:-1])
+        and _unit_stride(idx[-1], name)
+    )
+
+
 def _vectorizable(loop: L.For) -> bool:
-    """A store (or stores) whose lane-dependent loads and stores are unit-stride in the last index."""
-    stores = loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,)
-    name = loop.var.name
+    """Stores, after any ``let``s, whose lane-dependent stores are unit-stride in the last index; a
+    lane-dependent load is unit-stride there too, or any other index (a gather)."""
+    stmts = loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,)
+    lanes = {loop.var.name}
 
     def ok_expr(e) -> bool:
         match e:
             case L.Load(_, idx):
-                return all(not L.uses(i, name) for i in idx[:-1]) and (
-                    not L.uses(idx[-1], name) or _unit_stride(idx[-1], name)
-                )
+                return all(ok_expr(i) for i in idx)
             case L.Bin(op, a, b):
-                return op in ("+", "-", "*", "/", "min", "max") and ok_expr(a) and ok_expr(b)
+                return op in ("+", "-", "*", "/", "//", "%", "min", "max") and ok_expr(a) and ok_expr(b)
             case L.Cast(_, v):
                 return ok_expr(v)
             case L.Call(_, args, _):
                 return all(ok_expr(a) for a in args)
-            case L.Var(n):
-                return n != name
-            case L.Const() | L.SizeVar():
+            case L.Var() | L.Const() | L.SizeVar():
                 return True
         return False
 
-    for s in stores:
-        if not isinstance(s, L.Store) or not ok_expr(L.Load(s.buffer, s.indices)) or not ok_expr(s.value):
+    stores = 0
+    for s in stmts:
+        if isinstance(s, L.Let) and not stores and ok_expr(s.value):
+            if _uses_any(s.value, lanes):
+                lanes.add(s.var.name)
+            continue
+        if not isinstance(s, L.Store) or not ok_expr(s.value) or s.buffer.dtype not in VECTOR_STORES:
             return False
-        if not L.uses(s.indices[-1], name) or s.buffer.dtype not in VECTOR_STORES:
+        if not _contiguous(s.indices, loop.var.name, lanes):
             return False
-    return isinstance(loop.extent, L.Const)
+        stores += 1
+    return stores > 0 and isinstance(loop.extent, L.Const)
 
 
 @dataclass
@@ -200,6 +243,7 @@ class Codegen:
         self.module = module
         self.func = func
         self.width = vector_width
+        self.lanes: set[str] = set()  # in a vector loop: the names whose values are vectors
         self.features = features
         self.sizes = size_names(func)
         arg_types = []
@@ -258,13 +302,39 @@ class Codegen:
             vec, ir.Constant(ty, ir.Undefined), ir.Constant(ir.VectorType(I32, ty.count), [0] * ty.count)
         )
 
-    def _address(self, buf: L.Buffer, indices, lane: str | None = None) -> ir.Value:
-        base, decl = self.buffers[buf.name]
+    def _flat(self, buf: L.Buffer, indices, lane: str | None = None, vec: ir.VectorType | None = None) -> ir.Value:
+        """The row-major element number of ``buf[indices]``: a vector of them in vector mode."""
+        decl = self.buffers[buf.name][1]
         flat = None
         for i, idx in enumerate(indices):
-            v = self.expr(idx, lane=None)
-            flat = self.b.add(self.b.mul(flat, self.expr(decl.shape[i])), v) if flat is not None else v
-        return self.b.gep(base, [flat if flat is not None else ir.Constant(I64, 0)])
+            v = self.expr(idx, lane, vec)
+            if flat is not None:
+                extent = self.expr(decl.shape[i])
+                if isinstance(v.type, ir.VectorType) or isinstance(flat.type, ir.VectorType):
+                    flat, extent, v = (self._splat(x, vec) for x in (flat, extent, v))
+                v = self.b.add(self.b.mul(flat, extent), v)
+            flat = v
+        return flat if flat is not None else ir.Constant(I64, 0)
+
+    def _address(self, buf: L.Buffer, indices) -> ir.Value:
+        return self.b.gep(self.buffers[buf.name][0], [self._flat(buf, indices)])
+
+    def _gather(self, buf: L.Buffer, indices, lane: str, vty: ir.VectorType) -> ir.Value:
+        """``buf[indices]`` in each lane, the indices differing between lanes: one ``masked.gather``
+        (``vgather`` where the CPU has it) of addresses ``base + flat * size``."""
+        b, count = self.b, vty.count
+        i64s = ir.VectorType(I64, count)
+        flat = self._splat(self._flat(buf, indices, lane, i64s), i64s)
+        base = self._splat(b.ptrtoint(self.buffers[buf.name][0], I64), i64s)
+        size = ir.Constant(i64s, [BYTES[buf.dtype]] * count)
+        pointers = b.inttoptr(b.add(base, b.mul(flat, size)), ir.VectorType(vty.element.as_pointer(), count))
+        name = f"llvm.masked.gather.v{count}{_mangled(vty.element)}.v{count}p0{_mangled(vty.element)}"
+        mask = ir.VectorType(ir.IntType(1), count)
+        gather = self.module.globals.get(name) or ir.Function(
+            self.module, ir.FunctionType(vty, [pointers.type, I32, mask, vty]), name=name
+        )
+        alignment = ir.Constant(I32, BYTES[buf.dtype])
+        return b.call(gather, [pointers, alignment, ir.Constant(mask, [1] * count), ir.Constant(vty, ir.Undefined)])
 
     # ---- expressions -----------------------------------------------------------------------
 
@@ -282,15 +352,23 @@ class Codegen:
     def _expr(self, e: L.Expr, lane: str | None, vec: ir.VectorType | None) -> ir.Value:
         b = self.b
         match e:
+            case L.Var(name) if name == lane:  # lane i of the vector loop's chunk: first + i
+                count = vec.count
+                return b.add(
+                    self._splat(self.lookup(name), ir.VectorType(I64, count)),
+                    ir.Constant(ir.VectorType(I64, count), list(range(count))),
+                )
             case L.Var(name) | L.SizeVar(name):
                 return self.lookup(name)
             case L.Const(value, dtype):
                 return ir.Constant(TYPES[dtype], value if dtype in FLOATS else int(value))
             case L.Load(buf, idx):
-                ptr = self._address(buf, idx)  # in vector mode: the address of the first lane
-                if lane is None or not L.uses(idx[-1], lane):
-                    return b.load(ptr)
+                if lane is None or not any(_uses_any(i, self.lanes) for i in idx):
+                    return b.load(self._address(buf, idx))
                 vty = ir.VectorType(TYPES[buf.dtype], vec.count)
+                if not _contiguous(idx, lane, self.lanes):
+                    return self._gather(buf, idx, lane, vty)
+                ptr = self._address(buf, idx)  # the address of the first lane
                 return b.load(b.bitcast(ptr, vty.as_pointer()), align=BYTES[buf.dtype])
             case L.Cast(dtype, value):
                 return self._cast(self.expr(value, lane, vec), dtype, L.dtype_of(value))
@@ -627,28 +705,39 @@ class Codegen:
         b.position_at_end(done)
 
     def _lanes(self, loop: L.For) -> int:
-        bits = max(
-            8 * BYTES[s.buffer.dtype] for s in (loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,))
-        )
+        stmts = loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,)
+        bits = max(8 * BYTES[s.buffer.dtype] for s in stmts if isinstance(s, L.Store))
         return max(1, min(int(loop.extent.value), self.width // bits))
 
     def _vector_for(self, loop: L.For) -> None:
-        """``W`` lanes at a time, chunks unrolled (constant offsets keep accumulators in registers)."""
+        """``W`` lanes at a time, chunks unrolled (constant offsets keep accumulators in registers);
+        a ``let`` whose value differs between lanes holds a vector (of gather indices, say)."""
         lanes = self._lanes(loop)
         start = self.expr(loop.start)
         name = loop.var.name
-        stores = loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,)
+        stmts = loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,)
         for chunk in range(int(loop.extent.value) // lanes):
             base = self.b.add(start, ir.Constant(I64, chunk * lanes))
             self.scopes.append(_Scope({name: base}))
-            for s in stores:
+            self.lanes = {name}
+            for s in stmts:
                 self.memo = {}
+                if isinstance(s, L.Let):
+                    if _uses_any(s.value, self.lanes):
+                        vty = ir.VectorType(TYPES[s.var.dtype], lanes)
+                        value = self._cast(self.expr(s.value, lane=name, vec=vty), s.var.dtype, L.dtype_of(s.value))
+                        self.lanes.add(s.var.name)
+                    else:
+                        value = self.expr(s.value)
+                    self.scopes[-1].values[s.var.name] = value
+                    continue
                 vty = ir.VectorType(TYPES[s.buffer.dtype], lanes)
                 value = self.expr(s.value, lane=name, vec=vty)
                 value = self._splat(self._cast(value, s.buffer.dtype, L.dtype_of(s.value)), vty)
                 ptr = self._address(s.buffer, s.indices)
                 self.b.store(value, self.b.bitcast(ptr, vty.as_pointer()), align=BYTES[s.buffer.dtype])
             self.scopes.pop()
+        self.lanes = set()
 
     def finish(self) -> ir.Function:
         self.stmt(self.func.body, top=parallel_on_top(self.func))
@@ -671,13 +760,13 @@ def _entry(module: ir.Module, body: ir.Function, func: L.LoopFunc) -> None:
     """The exported function ``func.name(params..., sizes..., i64 nthreads)``. A body that is one
     parallel loop runs on ``nthreads`` OpenMP threads (``GOMP_parallel``: the pool torch already
     uses, so the two never compete), each taking its chunk, or here without a fork when
-    ``nthreads`` is 1; any other body runs once."""
+    ``nthreads`` is 1; any other body runs once, each parallel loop in it on ``nthreads`` threads."""
     arg_types = [a.type for a in body.args][:-2]
     entry = ir.Function(module, ir.FunctionType(ir.VoidType(), [*arg_types, I64]), name=func.name)
     b = ir.IRBuilder(entry.append_basic_block("entry"))
     args, nthreads = list(entry.args[:-1]), entry.args[-1]
-    if not parallel_on_top(func):
-        b.call(body, [*args, ir.Constant(I64, 0), ir.Constant(I64, 1)])
+    if not parallel_on_top(func):  # its parallel loops inside fork a team of ``nthreads`` each
+        b.call(body, [*args, ir.Constant(I64, 0), nthreads])
         b.ret_void()
         return
     i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
