@@ -206,12 +206,18 @@ def test_report_lists_attention_and_fused_modules():
     assert _run(compiled, batch).shape == _run(model, batch).shape
 
 
-BLOCK_RULE = 'model m {\n    attention "encoder.layer.*.attention.self" with BSR(16, 16) window 4\n}'
+BLOCK_RULE = """
+format Band(b) = (t, s) -> (t / b: dense, s / b: compressed, t % b: dense, s % b: dense)
+model m {
+    attention "encoder.layer.*.attention.self" with Band(16) window 4
+}
+"""
 
 
 @pytest.fixture(scope="module")
 def block_build(tmp_path_factory):
-    """An ahead-of-time build (llvm: it compiles fastest) of a block-pattern attention rule."""
+    """An ahead-of-time build (llvm: it compiles fastest) of a block-pattern attention rule, in a
+    format of the file (which nn.sdsl's kernels learn)."""
     out = tmp_path_factory.mktemp("aot")
     sd.build(BLOCK_RULE, out, backend="llvm")
     return out
@@ -231,7 +237,7 @@ def test_an_aot_build_runs_the_rules_block_attention_without_compiling(block_bui
     calls.clear()
     torch.testing.assert_close(_run(loaded, batch), want, rtol=0, atol=1e-6)
     assert calls == [(3, 4, 48, 16)] * 2  # 40 tokens padded to the blocks
-    assert [a.pattern for a in sd.report(loaded).attention] == ["BSR(16, 16) window 4"] * 2
+    assert [a.pattern for a in sd.report(loaded).attention] == ["Band(16) window 4"] * 2
     plan = getattr(loaded.encoder.layer[0].attention.self, module.PLAN)
     assert plan.program.aot == block_build
     q = torch.randn(1, 2, 32, 8)
