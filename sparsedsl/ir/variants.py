@@ -24,6 +24,7 @@ SMALL_TILE = 16
 L1_BLOCK_BYTES = 48 * 1024
 ONE_TOKEN_LANES = 8  # stored values a vector of partial sums takes at once (one token)
 ONE_TOKEN_COPIES = 4  # stored blocks summed at once, each into its own partial sums (one token)
+FEW_TOKEN_COPIES = 4  # stored values summed at once into their own vectors of partial sums (a few tokens)
 
 
 def _sparse_indices(kernel: K.Kernel) -> set[str]:
@@ -115,6 +116,19 @@ def _one_token(func: L.LoopFunc) -> L.LoopFunc:
     return sched.interleaved_sums(summed, sched.groups_of(reduction), ONE_TOKEN_COPIES)
 
 
+def _few_tokens(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:
+    """A few-token variant with its sum over a row's stored values in ``FEW_TOKEN_COPIES``
+    interleaved vectors of partial sums: a row of one value a step (CSR, N:M) adds one vector of
+    the tile's tokens per stored value, each add waiting on the one before (``sched.interleaved_sums``
+    leaves a block of several rows, whose rows are independent sums already, alone). Float
+    products only: integer and bf16 ones are summed by dot-product instructions
+    (``ir/dot_products.py``), which match the sum as the lowering wrote it."""
+    reduction = func.meta.get("sparse_reduction")
+    if reduction is None or any(p.dtype != "float32" for p in kernel.inputs):
+        return func
+    return sched.interleaved_sums(func, reduction, FEW_TOKEN_COPIES)
+
+
 def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> dict[str, L.LoopFunc]:
     """The variants of ``kernel`` lowered with ``opts`` (``lower_options`` of ``directives``) for a
     CPU whose vectors are ``vector_bits`` wide, by name."""
@@ -137,6 +151,6 @@ def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> d
                 continue
             few = sched.default(lower_blocked(kernel, replace(opts, tile=tile)))
             kind = "rows" if "rows" in few else next(iter(few))
-            variants[f"{kind}_{suffix}"] = _one_token(few[kind]) if tile == 1 else few[kind]
+            variants[f"{kind}_{suffix}"] = _one_token(few[kind]) if tile == 1 else _few_tokens(kernel, few[kind])
         variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}
     return variants
