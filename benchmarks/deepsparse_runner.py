@@ -2,8 +2,11 @@
 
     .venv-deepsparse/bin/python benchmarks/deepsparse_runner.py MODEL.onnx INPUTS.npz OUT.npy --threads 2
 
-INPUTS.npz holds the model's inputs in order (arr_0, arr_1, ...). Writes the first output to OUT.npy
-and prints one line of JSON: DeepSparse's version, the median and all run times in ms. Needs no torch.
+INPUTS.npz holds the model's inputs in order (arr_0, arr_1, ...). Compiles the model, writes the first
+output to OUT.npy and prints one line of JSON: DeepSparse's version, the compile time and the cores.
+Then serves timings until stdin closes: for each line ``n`` read, it runs the model ``n`` times and
+prints their times in ms as one JSON list (so that model.py can time it in rounds alternating with
+its other rows: a machine whose speed drifts slows every row alike). Needs no torch.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # no network here: no usage reporting
@@ -25,7 +29,6 @@ def main() -> None:
     parser.add_argument("inputs")
     parser.add_argument("output")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
 
     with np.load(args.inputs) as data:
@@ -33,25 +36,16 @@ def main() -> None:
     start = time.perf_counter()
     engine = deepsparse.Engine(model=args.model, batch_size=inputs[0].shape[0], num_cores=args.threads)
     compile_s = time.perf_counter() - start
-    out = engine.run(inputs)
-    engine.run(inputs)
-    times = []
-    for _ in range(args.reps):
-        start = time.perf_counter()
-        engine.run(inputs)
-        times.append((time.perf_counter() - start) * 1e3)
-    np.save(args.output, out[0])
-    print(
-        json.dumps(
-            {
-                "version": deepsparse.__version__,
-                "median_ms": float(np.median(times)),
-                "times_ms": times,
-                "compile_s": compile_s,
-                "num_cores": engine.num_cores,
-            }
-        )
-    )
+    np.save(args.output, engine.run(inputs)[0])
+    info = {"version": deepsparse.__version__, "compile_s": compile_s, "num_cores": engine.num_cores}
+    print(json.dumps(info), flush=True)
+    for line in sys.stdin:
+        times = []
+        for _ in range(int(line)):
+            start = time.perf_counter()
+            engine.run(inputs)
+            times.append((time.perf_counter() - start) * 1e3)
+        print(json.dumps(times), flush=True)
 
 
 if __name__ == "__main__":

