@@ -346,6 +346,8 @@ def _key_padding(mask: torch.Tensor | None) -> torch.Tensor | None | bool:
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
         return False
     keys = mask[:, 0, 0, :]
+    if mask.shape[2] == 1:  # one row that every query shares (``padding_mask``): nothing to compare
+        return keys.contiguous()
     return keys.contiguous() if bool((mask[:, 0] == keys[:, None, :]).all()) else False
 
 
@@ -354,9 +356,21 @@ def register_transformers() -> str:
     mask for it) under ``"sdsl"``, which ``model.set_attn_implementation("sdsl")`` then selects;
     returns the name. Idempotent; nothing is registered before it is called."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(IMPLEMENTATION, transformers_attention)
     if IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+        AttentionMaskInterface.register(IMPLEMENTATION, padding_mask)
     return IMPLEMENTATION
+
+
+def padding_mask(*args, **kwargs) -> torch.Tensor | None:
+    """transformers' ``sdpa_mask``, except that an encoder's mask (bidirectional: key padding
+    only) is made for one query row, ``[B, 1, 1, S]``, which every query shares: attention then
+    takes its key padding by its shape, without comparing its rows (a test on the mask's values,
+    which would break torch.compile's graph at every layer)."""
+    from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
+
+    if kwargs.get("mask_function") is bidirectional_mask_function and "q_length" in kwargs:
+        kwargs["q_length"] = 1
+    return sdpa_mask(*args, **kwargs)

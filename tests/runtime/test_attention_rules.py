@@ -268,3 +268,27 @@ def test_sd_attention_without_autograd_skips_the_op_and_computes_the_same(heads_
     with torch.inference_mode():
         got = sd.attention(q, k, v, block_mask=masks, key_padding_mask=padding)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_torch_compile_keeps_the_rules_attention_in_one_graph(calls):
+    """An encoder's mask is made for one query row that all queries share (``padding_mask``), so
+    that attention takes its key padding by its shape: under torch.compile, no graph break at each
+    layer for a test of the mask's values. A mask of one row per query is still compared: rows that
+    agree run the kernel, others SDPA."""
+    model = _bert()
+    batch = _padded_batch(model.config.vocab_size)
+    compiled = sd.compile_model(model, {"encoder.layer.*.attention.self": {"attention": True}})
+    with torch.inference_mode():
+        got = torch.compile(lambda b: compiled(**b).last_hidden_state, fullgraph=True)(batch)
+    assert (got - _run(model, batch)).abs().max() <= 2e-4
+    layer = compiled.encoder.layer[0].attention.self
+    q, (k, v) = torch.randn(2, 3, 4, 8), torch.randn(2, 2, 3, 5, 8).unbind(0)  # [B, H, T or S, D]
+    keys = torch.rand(2, 5, generator=torch.Generator().manual_seed(2)) < 0.8
+    keys[:, 0] = True
+    rows = keys[:, None, None, :].expand(2, 1, 4, 5)
+    cases = ((keys[:, None, None, :], 1), (rows, 1), (rows & torch.ones(4, 5).tril().bool(), 0))
+    for mask, kernel_calls in cases:  # one row; rows that agree; rows that differ
+        before = len(calls)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+        torch.testing.assert_close(module.transformers_attention(layer, q, k, v, mask)[0], want, rtol=1e-4, atol=1e-5)
+        assert len(calls) - before == kernel_calls, mask.shape
