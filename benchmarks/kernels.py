@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BERT = [(768, 768), (3072, 768), (768, 3072)]
 FORMATS_90 = ["CSR", "BSR(4, 1)", "BSR(16, 16)", "BSR(32, 32)"]
 STRUCTURED = ["NM(2, 4)", "NM(1, 4)", "NM(2, 8)"]
+ROUNDS = 3  # rounds over the libraries of a row (measure)
 
 
 def comparison_parser(doc: str) -> argparse.ArgumentParser:
@@ -95,8 +97,14 @@ def measure(progs: dict, case: dict, reps: int) -> dict:
         bsr = weight.to_sparse_bsr(block)
         fns["torch_bsr"] = lambda: torch.sparse.mm(bsr, x.t()).t()
     # each in its own hot loop, dense first: the steady state of each library (interleaving them
-    # measures their thread pools waking each other instead; docs/BENCHMARKS.md)
-    times = {name: median_time(fn, reps, budget=0.5) for name, fn in fns.items()}
+    # call by call measures their thread pools waking each other instead; docs/BENCHMARKS.md), in
+    # ROUNDS rounds, the median of the rounds' medians: the memory bandwidth these machines leave
+    # a few-token call drifts over seconds, and rounds spread the drift over every library alike
+    rounds = {name: [] for name in fns}
+    for _ in range(ROUNDS):
+        for name, fn in fns.items():
+            rounds[name].append(median_time(fn, reps, budget=0.5 / ROUNDS))
+    times = {name: statistics.median(medians) for name, medians in rounds.items()}
     result = dict(case, density=packed.density, max_error=error, dense_ms=times["dense"] * 1e3)
     result.update({name: t / times["dense"] for name, t in times.items() if name != "dense"})
     result["vs_torch_csr"] = result["torch_csr"] / result["sparsedsl"]

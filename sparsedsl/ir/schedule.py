@@ -452,8 +452,11 @@ def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
     elements = [L.Var(f"{name}_e{d}") for d in range(len(acc.shape))]
     zero = L.Store(part, (copy, *elements), L.const(0.0, acc.dtype))
     total = L.Store(acc, tuple(elements), L.add(L.Load(acc, tuple(elements)), L.Load(part, (copy, *elements))))
-    for e, d in reversed([(copy, L.const(copies)), *zip(elements, acc.shape)]):
-        zero, total = (L.For(e, L.const(0), d, st, L.LoopKind.UNROLLED) for st in (zero, total))
+    nest = [(copy, L.const(copies)), *zip(elements, acc.shape)]
+    for depth, (e, d) in reversed(list(enumerate(nest))):
+        # the copies' lanes zeroed and added a vector at a time (wide: acc's last index is lanes)
+        kind = L.LoopKind.VECTORIZED if wide and depth == len(nest) - 1 else L.LoopKind.UNROLLED
+        zero, total = (L.For(e, L.const(0), d, st, kind) for st in (zero, total))
     new = L.seq(
         L.Alloc(part),
         zero,
