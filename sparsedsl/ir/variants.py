@@ -120,8 +120,8 @@ def _few_tokens(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:
     """A few-token variant with its sum over a row's stored values in ``FEW_TOKEN_COPIES``
     interleaved vectors of partial sums: a row of one value a step (CSR, N:M) adds one vector of
     the tile's tokens per stored value, each add waiting on the one before (``sched.interleaved_sums``
-    leaves a block of several rows, whose rows are independent sums already, alone). Float
-    products only: integer and bf16 ones are summed by dot-product instructions
+    leaves a block of several rows, whose rows are independent sums already, alone). Kernels of
+    float32 inputs only: integer and bf16 products are summed by dot-product instructions
     (``ir/dot_products.py``), which match the sum as the lowering wrote it."""
     reduction = func.meta.get("sparse_reduction")
     if reduction is None or any(p.dtype != "float32" for p in kernel.inputs):

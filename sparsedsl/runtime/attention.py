@@ -346,7 +346,7 @@ def _key_padding(mask: torch.Tensor | None) -> torch.Tensor | None | bool:
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
         return False
     keys = mask[:, 0, 0, :]
-    if mask.shape[2] == 1:  # one row that every query shares (``padding_mask``): nothing to compare
+    if mask.shape[2] == 1 or mask.stride(2) == 0:  # one row every query shares (``padding_mask``)
         return keys.contiguous()
     return keys.contiguous() if bool((mask[:, 0] == keys[:, None, :]).all()) else False
 
@@ -366,11 +366,14 @@ def register_transformers() -> str:
 
 def padding_mask(*args, **kwargs) -> torch.Tensor | None:
     """transformers' ``sdpa_mask``, except that an encoder's mask (bidirectional: key padding
-    only) is made for one query row, ``[B, 1, 1, S]``, which every query shares: attention then
-    takes its key padding by its shape, without comparing its rows (a test on the mask's values,
-    which would break torch.compile's graph at every layer)."""
+    only) is made for one query row and expanded to ``[B, 1, T, S]`` (the shape transformers
+    promises: an encoder-decoder concatenates masks), its rows one row in memory (stride 0):
+    attention then takes its key padding from that stride, without comparing its rows (a test on
+    the mask's values, which would break torch.compile's graph at every layer)."""
     from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
 
-    if kwargs.get("mask_function") is bidirectional_mask_function and "q_length" in kwargs:
-        kwargs["q_length"] = 1
-    return sdpa_mask(*args, **kwargs)
+    queries = kwargs.get("q_length")
+    if kwargs.get("mask_function") is not bidirectional_mask_function or queries is None:
+        return sdpa_mask(*args, **kwargs)
+    mask = sdpa_mask(*args, **{**kwargs, "q_length": 1})
+    return None if mask is None else mask.expand(-1, -1, queries, -1)

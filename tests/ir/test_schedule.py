@@ -305,6 +305,7 @@ def test_a_few_tokens_sum_a_row_into_interleaved_vectors(fmt, backend):
     )
     small = prog.lin.instance().variants["rows_small"]
     assert "acc_u: float32[4, 16]" in L.func_str(small)
+    assert "_e0 in [0, 16) vectorized:" in L.func_str(small)  # the copies added a vector at a time
     gen = torch.Generator().manual_seed(6)
     for m, k in ((3, 4), (8, 20), (16, 100)):  # fewer groups than copies, and leftovers
         w = prune_to_fit(torch.randn(24, k, generator=gen), prog.format(fmt), 0.5)

@@ -292,3 +292,22 @@ def test_torch_compile_keeps_the_rules_attention_in_one_graph(calls):
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
         torch.testing.assert_close(module.transformers_attention(layer, q, k, v, mask)[0], want, rtol=1e-4, atol=1e-5)
         assert len(calls) - before == kernel_calls, mask.shape
+
+
+def test_the_shared_row_mask_keeps_the_shape_transformers_promises():
+    """``padding_mask``: an encoder's mask is ``[B, 1, T, S]`` with its rows one row in memory (an
+    encoder-decoder concatenates it with the decoder's own mask along the keys); a causal mask is
+    transformers' own."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    keys = torch.ones(2, 7, dtype=torch.long)
+    keys[1, 5:] = 0
+    shared = module.padding_mask(
+        batch_size=2, q_length=5, kv_length=7, mask_function=bidirectional_mask_function, attention_mask=keys
+    )
+    assert shared.shape == (2, 1, 5, 7) and shared.stride(2) == 0
+    assert torch.equal(shared, keys.bool()[:, None, None, :].expand(2, 1, 5, 7))
+    assert torch.cat([torch.ones(2, 1, 5, 5, dtype=torch.bool), shared], dim=-1).shape == (2, 1, 5, 12)
+    causal = {"batch_size": 2, "q_length": 7, "kv_length": 7, "mask_function": causal_mask_function}
+    causal["attention_mask"] = keys
+    torch.testing.assert_close(module.padding_mask(**causal), sdpa_mask(**causal))

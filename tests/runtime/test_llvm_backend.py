@@ -103,8 +103,9 @@ def test_the_few_token_variants_run_on_every_thread_and_gather(monkeypatch, set_
     set_threads(2)
     monkeypatch.setattr(calls, "PARALLEL_WORK", 1)
     prog = sd.compile(ROOT / "examples" / "linear.sdsl", backend="llvm")
-    w = prog.pack("NM(2, 4)", sd.prune(torch.randn(64, 32), "NM(2, 4)"))
-    x, b = torch.randn(1, 32), torch.randn(64)
+    # 76 stored values a row: 2 groups of 4 x 8 lanes, a leftover group of 8 and 4 values alone
+    w = prog.pack("NM(2, 4)", sd.prune(torch.randn(64, 152), "NM(2, 4)"))
+    x, b = torch.randn(1, 152), torch.randn(64)
     inst = prog.linear.instance_for(w)
     kernel = inst.built.functions["linear_rows_one"]
     assert not kernel.parallel and kernel.forks

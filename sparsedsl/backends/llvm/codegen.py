@@ -6,8 +6,9 @@ pointers, scalars by value), every size name its shapes and bounds use (i64, sor
 threads (see ``_entry``); a parallel loop anywhere else is an error.
 
 Vectorised loops are emitted with explicit vector types ``<W x float>`` for the host's widest
-vectors when their body is a store whose lane-dependent accesses are contiguous in the loop
-variable; otherwise as scalar loops. Unrolled loops are unrolled here, so accumulators indexed by
+vectors when their body is ``let``s then stores contiguous in the loop variable; a lane-dependent
+load is a vector load where it is contiguous too, else a gather (``llvm.masked.gather``); other
+vectorised loops are scalar loops. Unrolled loops are unrolled here, so accumulators indexed by
 them become constant offsets that LLVM keeps in registers.
 
 The ``dot`` of ``ir/dot_products.py`` becomes the target's dot-product instruction where
@@ -183,15 +184,16 @@ def _mangled(ty: ir.Type) -> str:
 
 
 def _uses_any(e: L.Expr, names: set[str]) -> bool:
+    """Whether ``e`` reads any of ``names``."""
     return any(L.uses(e, n) for n in names)
 
 
-def _contiguous(idx: tuple[L.Expr, ...], name: str, lanes: set[str]) -> bool:
+def _contiguous(idx: tuple[L.Expr, ...], name: str, varying: set[str]) -> bool:
     """Whether a load or store at ``idx`` reads consecutive elements in consecutive lanes of loop
-    ``name`` (``lanes``: the names whose values differ between lanes)."""
+    ``name`` (``varying``: the names whose values differ between lanes)."""
     return (
-        not _uses_any(idx[-1], lanes - {name})
-        and all(not _uses_any(i, lanes) for i in idx[:-1])
+        not _uses_any(idx[-1], varying - {name})
+        and all(not _uses_any(i, varying) for i in idx[:-1])
         and _unit_stride(idx[-1], name)
     )
 
@@ -200,7 +202,7 @@ def _vectorizable(loop: L.For) -> bool:
     """Stores, after any ``let``s, whose lane-dependent stores are unit-stride in the last index; a
     lane-dependent load is unit-stride there too, or any other index (a gather)."""
     stmts = loop.body.stmts if isinstance(loop.body, L.Seq) else (loop.body,)
-    lanes = {loop.var.name}
+    varying = {loop.var.name}
 
     def ok_expr(e) -> bool:
         match e:
@@ -219,12 +221,12 @@ def _vectorizable(loop: L.For) -> bool:
     stores = 0
     for s in stmts:
         if isinstance(s, L.Let) and not stores and ok_expr(s.value):
-            if _uses_any(s.value, lanes):
-                lanes.add(s.var.name)
+            if _uses_any(s.value, varying):
+                varying.add(s.var.name)
             continue
         if not isinstance(s, L.Store) or not ok_expr(s.value) or s.buffer.dtype not in VECTOR_STORES:
             return False
-        if not _contiguous(s.indices, loop.var.name, lanes):
+        if not _contiguous(s.indices, loop.var.name, varying):
             return False
         stores += 1
     return stores > 0 and isinstance(loop.extent, L.Const)
@@ -243,7 +245,7 @@ class Codegen:
         self.module = module
         self.func = func
         self.width = vector_width
-        self.lanes: set[str] = set()  # in a vector loop: the names whose values are vectors
+        self.varying: set[str] = set()  # in a vector loop: the names whose values differ between lanes
         self.features = features
         self.sizes = size_names(func)
         arg_types = []
@@ -307,7 +309,7 @@ class Codegen:
         decl = self.buffers[buf.name][1]
         flat = None
         for i, idx in enumerate(indices):
-            v = self.expr(idx, lane, vec)
+            v = self._cast(self.expr(idx, lane, vec), "int64", L.dtype_of(idx))  # an int32 index too
             if flat is not None:
                 extent = self.expr(decl.shape[i])
                 if isinstance(v.type, ir.VectorType) or isinstance(flat.type, ir.VectorType):
@@ -363,10 +365,10 @@ class Codegen:
             case L.Const(value, dtype):
                 return ir.Constant(TYPES[dtype], value if dtype in FLOATS else int(value))
             case L.Load(buf, idx):
-                if lane is None or not any(_uses_any(i, self.lanes) for i in idx):
+                if lane is None or not any(_uses_any(i, self.varying) for i in idx):
                     return b.load(self._address(buf, idx))
                 vty = ir.VectorType(TYPES[buf.dtype], vec.count)
-                if not _contiguous(idx, lane, self.lanes):
+                if not _contiguous(idx, lane, self.varying):
                     return self._gather(buf, idx, lane, vty)
                 ptr = self._address(buf, idx)  # the address of the first lane
                 return b.load(b.bitcast(ptr, vty.as_pointer()), align=BYTES[buf.dtype])
@@ -719,14 +721,14 @@ class Codegen:
         for chunk in range(int(loop.extent.value) // lanes):
             base = self.b.add(start, ir.Constant(I64, chunk * lanes))
             self.scopes.append(_Scope({name: base}))
-            self.lanes = {name}
+            self.varying = {name}
             for s in stmts:
                 self.memo = {}
                 if isinstance(s, L.Let):
-                    if _uses_any(s.value, self.lanes):
+                    if _uses_any(s.value, self.varying):
                         vty = ir.VectorType(TYPES[s.var.dtype], lanes)
                         value = self._cast(self.expr(s.value, lane=name, vec=vty), s.var.dtype, L.dtype_of(s.value))
-                        self.lanes.add(s.var.name)
+                        self.varying.add(s.var.name)
                     else:
                         value = self.expr(s.value)
                     self.scopes[-1].values[s.var.name] = value
@@ -737,7 +739,7 @@ class Codegen:
                 ptr = self._address(s.buffer, s.indices)
                 self.b.store(value, self.b.bitcast(ptr, vty.as_pointer()), align=BYTES[s.buffer.dtype])
             self.scopes.pop()
-        self.lanes = set()
+        self.varying = set()
 
     def finish(self) -> ir.Function:
         self.stmt(self.func.body, top=parallel_on_top(self.func))
