@@ -287,9 +287,9 @@ def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
 def transformers_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """``attention`` with the signature of transformers' attention functions (``AttentionInterface``):
     ``query`` [B, H, T, D], returns ``([B, T, H, D], None)``. Runs what ``compile_model``'s rules
-    chose for ``module`` (its ``PLAN``: ``SDPA`` or a ``Plan``; ``Dense()`` when the model
-    selected "sdsl" itself). Attention with a key padding mask (a boolean
-    ``[B, 1, T, S]`` mask whose rows agree, or none), grouped keys repeated per query head;
+    chose for ``module`` (its ``PLAN``: ``SDPA`` or a ``Plan``; dense ``attention`` on the
+    default program when the model selected "sdsl" itself). Attention with a key padding mask (a
+    boolean ``[B, 1, T, S]`` mask whose rows agree, or none), grouped keys repeated per query head;
     anything else (a causal or per-query mask over more than one query, dropout in training, not
     float32) is handed to torch's SDPA. One query (a decoding step with a KV cache) sees every
     key, so a causal module's decoding steps run here."""
@@ -305,7 +305,10 @@ def transformers_attention(module, query, key, value, attention_mask, dropout=0.
     if key.shape[1] != query.shape[1]:  # grouped keys: each serves heads // groups query heads
         groups = query.shape[1] // key.shape[1]  # repeated in [B, S, H, D] storage: read in place
         key, value = (t.transpose(1, 2).repeat_interleave(groups, 2).transpose(1, 2) for t in (key, value))
-    out = (plan or Dense()).attend(query, key, value, padding, scaling)
+    if plan is None:  # a model that selected "sdsl" itself: the default program, by its op key
+        out = attention(query, key, value, key_padding_mask=padding, scale=scaling)
+    else:
+        out = plan.attend(query, key, value, padding, scaling)
     return out.transpose(1, 2).contiguous(), None  # no copy when q, k, v were read in place (``in_place``)
 
 
