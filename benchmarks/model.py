@@ -191,7 +191,7 @@ def deepsparse(s: Setup) -> dict:
             with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer warnings
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    Hidden(s.pruned),
+                    Hidden(copy.deepcopy(s.pruned)),  # the exporter may leave its model changed
                     (s.inputs["input_ids"], s.inputs["attention_mask"]),
                     str(onnx_path),
                     input_names=list(s.inputs),
