@@ -6,6 +6,7 @@ constants so that index arithmetic of block formats stays readable.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -300,6 +301,13 @@ def seq(*stmts: Stmt | None) -> Stmt:
             continue
         flat.extend(s.stmts if isinstance(s, Seq) else (s,))
     return flat[0] if len(flat) == 1 else Seq(tuple(flat))
+
+
+def nest(body: Stmt, loops: Sequence[tuple[Var, Expr, LoopKind]]) -> Stmt:
+    """``body`` inside ``loops``, outermost first, each ``(variable, extent, kind)`` from 0."""
+    for var, extent, kind in reversed(loops):
+        body = For(var, const(0), extent, body, kind)
+    return body
 
 
 def with_body(loop: For, body: Stmt) -> For:

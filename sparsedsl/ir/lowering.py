@@ -705,9 +705,7 @@ class _Nest(_Lowering):
         elif token:
             store = L.If(L.Bin("<", env[token], self.extents[token]), store)
             store = L.For(lane[0], L.const(0), L.const(self.opts.tile), store)
-        for v, extent in reversed(loops):
-            store = L.For(v, L.const(0), extent, store)
-        return store
+        return L.nest(store, [(v, extent, L.LoopKind.SERIAL) for v, extent in loops])
 
     def function(self, rows: Callable[[], list[L.Stmt]] | None = None) -> L.LoopFunc:
         """The kernel: per token tile, the staging, the nest (zero, sum, write-out) and the output
@@ -831,11 +829,9 @@ def _batched(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:
 
     body = rewrite(func.body)
     for name, copy in copies.items():  # each strided slice copied once per batch element, compact
-        loops = [L.Var(f"{name}_{n}") for n in range(len(copy.shape))]
-        nest: L.Stmt = L.Store(copy, tuple(loops), L.load(batched[name], *placed(name, tuple(loops))))
-        for var, extent in reversed(list(zip(loops, copy.shape))):
-            nest = L.For(var, L.const(0), extent, nest)
-        body = L.seq(L.Alloc(copy), nest, body)
+        at = tuple(L.Var(f"{name}_{n}") for n in range(len(copy.shape)))
+        store = L.Store(copy, at, L.load(batched[name], *placed(name, at)))
+        body = L.seq(L.Alloc(copy), L.nest(store, [(v, d, L.LoopKind.SERIAL) for v, d in zip(at, copy.shape)]), body)
     if len(kernel.batch) == 1:
         loop = L.Var(kernel.batch[0])
     else:
@@ -976,11 +972,9 @@ def _fill(buf: L.Buffer, value: L.Expr, lane: L.Var | None = None) -> L.Stmt:
     vars_ = [L.Var(f"z{d}") for d in range(len(buf.shape))]
     if lane is not None:
         vars_[-1] = lane
-    stmt: L.Stmt = L.Store(buf, tuple(vars_), value)
-    for v, extent in reversed(list(zip(vars_, buf.shape))):
-        kind = L.LoopKind.VECTORIZED if v is vars_[-1] and isinstance(extent, L.Const) else L.LoopKind.SERIAL
-        stmt = L.For(v, L.const(0), extent, stmt, kind)
-    return stmt
+    kinds = [L.LoopKind.SERIAL] * (len(vars_) - 1)
+    kinds.append(L.LoopKind.VECTORIZED if isinstance(buf.shape[-1], L.Const) else L.LoopKind.SERIAL)
+    return L.nest(L.Store(buf, tuple(vars_), value), list(zip(vars_, buf.shape, kinds)))
 
 
 # erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (and +-1 beyond): the float32 rational approximation of

@@ -395,21 +395,11 @@ def vector_sums(func: L.LoopFunc, name: str, lanes: int) -> L.LoopFunc:
     whole = L.floordiv(extent, L.const(lanes))
     done = L.mul(whole, L.const(lanes))
     elements = [L.Var(f"{name}_e{d}") for d in range(len(acc.shape))]
-    zero = L.For(
-        lane,
-        L.const(0),
-        L.const(lanes),
-        L.Store(part, (*elements, lane), L.const(0.0, acc.dtype)),
-        L.LoopKind.VECTORIZED,
-    )
-    total = L.For(
-        lane,
-        L.const(0),
-        L.const(lanes),
-        L.Store(acc, tuple(elements), L.add(L.Load(acc, tuple(elements)), L.Load(part, (*elements, lane)))),
-    )
-    for e, d in reversed(list(zip(elements, acc.shape))):
-        zero, total = (L.For(e, L.const(0), d, st, L.LoopKind.UNROLLED) for st in (zero, total))
+    each = [(e, d, L.LoopKind.UNROLLED) for e, d in zip(elements, acc.shape)]
+    zeroed = L.Store(part, (*elements, lane), L.const(0.0, acc.dtype))
+    zero = L.nest(zeroed, [*each, (lane, L.const(lanes), L.LoopKind.VECTORIZED)])
+    add = L.Store(acc, tuple(elements), L.add(L.Load(acc, tuple(elements)), L.Load(part, (*elements, lane))))
+    total = L.nest(add, [*each, (lane, L.const(lanes), L.LoopKind.SERIAL)])  # the lanes added one by one
     new = L.seq(
         L.Alloc(part),
         zero,
@@ -450,13 +440,12 @@ def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
     )
     done = L.mul(L.floordiv(loop.extent, L.const(copies)), L.const(copies))
     elements = [L.Var(f"{name}_e{d}") for d in range(len(acc.shape))]
-    zero = L.Store(part, (copy, *elements), L.const(0.0, acc.dtype))
-    total = L.Store(acc, tuple(elements), L.add(L.Load(acc, tuple(elements)), L.Load(part, (copy, *elements))))
-    nest = [(copy, L.const(copies)), *zip(elements, acc.shape)]
-    for depth, (e, d) in reversed(list(enumerate(nest))):
-        # the copies' lanes zeroed and added a vector at a time (wide: acc's last index is lanes)
-        kind = L.LoopKind.VECTORIZED if wide and depth == len(nest) - 1 else L.LoopKind.UNROLLED
-        zero, total = (L.For(e, L.const(0), d, st, kind) for st in (zero, total))
+    each = [(e, d, L.LoopKind.UNROLLED) for e, d in [(copy, L.const(copies)), *zip(elements, acc.shape)]]
+    if wide:  # the copies' lanes zeroed and added a vector at a time (acc's last index is lanes)
+        each[-1] = (*each[-1][:2], L.LoopKind.VECTORIZED)
+    zero = L.nest(L.Store(part, (copy, *elements), L.const(0.0, acc.dtype)), each)
+    add = L.Store(acc, tuple(elements), L.add(L.Load(acc, tuple(elements)), L.Load(part, (copy, *elements))))
+    total = L.nest(add, each)
     new = L.seq(
         L.Alloc(part),
         zero,

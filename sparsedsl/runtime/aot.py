@@ -117,7 +117,7 @@ def _formats_to_build(program: Program) -> dict[str, list[Format | None]]:
             for rule in model.rules:
                 if rule.kernel.text == name and rule.format is not None:
                     formats.append(program.checked.format(rule.format))
-        out[name] = list(dict.fromkeys(formats))
+        out[name] = formats
     return out
 
 
@@ -143,7 +143,7 @@ def _quantized_to_build(program: Program) -> dict[str, list[Format | None]]:
                     out.setdefault(name, []).append(fmt)
                 if rule.dtype.text == "int8":
                     out["quantize_rows"] = [None]
-    return {name: list(dict.fromkeys(formats)) for name, formats in out.items()}
+    return out
 
 
 def _attention_to_build(program: Program, nn: Program) -> dict[str, list[Format | None]]:
@@ -169,7 +169,7 @@ def _attention_to_build(program: Program, nn: Program) -> dict[str, list[Format 
                         f'attention rule "{rule.pattern}" with {fmt.label}: {err.message}', rule.span, source
                     ) from None
                 out.setdefault(name, []).append(fmt)
-    return {name: list(dict.fromkeys(formats)) for name, formats in out.items()}
+    return out
 
 
 def build(
@@ -190,7 +190,7 @@ def build(
     for origin, owner, todo in sources:
         for name, formats in todo.items():
             compiled = owner.kernels[name]
-            for fmt in formats:
+            for fmt in dict.fromkeys(formats):  # rules may repeat a format
                 for index_dtypes in index_type_choices(fmt):
                     inst = compiled.instance(fmt, index_dtypes)
                     suffix = ".cuda.json" if target == "cuda" else ".so"

@@ -13,18 +13,22 @@ from sparsedsl.runtime.calibrate import Seen
 from sparsedsl.runtime.quantized import QuantizedSparseLinear
 
 BATCHES = [torch.randn(6, 64, generator=torch.Generator().manual_seed(s)) for s in range(2)]
-RULES = """
-kernel linear(X: f32[M, K], W: f32[N, K] @ BSR(4, 1), b: f32[N]) -> (Y: f32[M, N]) {
+KERNELS = """
+kernel linear(X: f32[M, K], W: f32[N, K] @ {format}, b: f32[N]) -> (Y: f32[M, N]) {{
     Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n]
-}
-kernel linear_gelu(X: f32[M, K], W: f32[N, K] @ BSR(4, 1), b: f32[N]) -> (Y: f32[M, N]) {
+}}
+kernel linear_gelu(X: f32[M, K], W: f32[N, K] @ {format}, b: f32[N]) -> (Y: f32[M, N]) {{
     Y[m, n] = gelu(sum(k) X[m, k] * W[n, k] + b[n])
-}
-model m {
+}}
+"""
+RULES = (
+    KERNELS.format(format="BSR(4, 1)")
+    + """model m {
     linear "0" use linear_gelu sparsity 0.5 fuse "1" dtype int8
     linear "2" use linear with CSR sparsity 0.5 dtype int8 static
 }
 """
+)
 
 
 def _mlp() -> nn.Module:
@@ -112,18 +116,14 @@ def test_fusion_refused_where_the_output_feeds_more():
     assert "quantizes its input (not an int8 layer's output)" in sd.report(alone)[0].note
 
 
-BERT_RULES = """
-kernel linear(X: f32[M, K], W: f32[N, K] @ NM(2, 4), b: f32[N]) -> (Y: f32[M, N]) {
-    Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n]
-}
-kernel linear_gelu(X: f32[M, K], W: f32[N, K] @ NM(2, 4), b: f32[N]) -> (Y: f32[M, N]) {
-    Y[m, n] = gelu(sum(k) X[m, k] * W[n, k] + b[n])
-}
-model bert {
+BERT_RULES = (
+    KERNELS.format(format="NM(2, 4)")
+    + """model bert {
     linear "*.intermediate.dense" use linear_gelu sparsity 0.5 fuse "*.intermediate_act_fn" dtype int8 static
     linear "encoder.*" use linear sparsity 0.5 dtype int8 static
 }
 """
+)
 
 
 def test_tiny_bert_fuses_intermediate_into_output(tmp_path):

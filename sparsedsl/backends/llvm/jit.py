@@ -6,7 +6,6 @@ import ctypes
 import ctypes.util
 import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from sparsedsl.backends.llvm.codegen import TYPES, generate, parallel_on_top, si
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import dot_products
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.schedule import loops
 
 _CTYPES = {"float32": ctypes.c_float, "float64": ctypes.c_double, "int32": ctypes.c_int32, "int64": ctypes.c_int64}
 
@@ -76,8 +74,6 @@ class Kernel:
         argtypes += [ctypes.c_int64] * (len(self.sizes) + 1)
         self.cfunc = ctypes.CFUNCTYPE(None, *argtypes)(self.address)
         self.parallel = parallel_on_top(self.func)
-        # a serial body forks a team for each parallel loop in it (staging, rows, write-out)
-        self.forks = any(loop.kind is L.LoopKind.PARALLEL for loop in loops(self.func.body))
 
     def prepare(self, example: Sequence) -> Callable[[Sequence, int], None]:
         """This function for calls whose arguments are shaped like ``example``: ``call(args,
@@ -90,12 +86,14 @@ class Kernel:
             else:
                 values[p.name] = a
         sizes = [values[n] for n in self.sizes]
-        most = self._iterations(values) if self.parallel else (sys.maxsize if self.forks else 1)
+        # one parallel loop on top: no more threads than its iterations; a serial body forks each
+        # parallel loop in it (staging, rows, write-out) on the call's threads
+        most = self._iterations(values) if self.parallel else None
         cfunc = self.cfunc
 
         def call(args: Sequence, threads: int) -> None:
             cargs = [a.data_ptr() if buffer else a for a, buffer in zip(args, buffers)]
-            cfunc(*cargs, *sizes, min(threads, most))
+            cfunc(*cargs, *sizes, threads if most is None else min(threads, most))
 
         return call
 
