@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.gpu import map_buffer
-from sparsedsl.ir.schedule import rewrite_loops, rewrite_stores
+from sparsedsl.ir.schedule import map_buffer, rewrite_loops, rewrite_stores
 
 _GPU = (L.LoopKind.BLOCK_X, L.LoopKind.BLOCK_Y, L.LoopKind.THREAD_X)
 

@@ -28,7 +28,16 @@ from dataclasses import replace
 from sparsedsl.errors import BackendError, ScheduleError, Span
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.buffer_names import ACC
-from sparsedsl.ir.schedule import loops, reorder, rewrite_loops, rewrite_stores, set_kind, split, substitute
+from sparsedsl.ir.schedule import (
+    loops,
+    map_buffer,
+    reorder,
+    rewrite_loops,
+    rewrite_stores,
+    set_kind,
+    split,
+    substitute,
+)
 
 
 def _without_lane(s: L.Stmt, lane: str) -> L.Stmt:
@@ -93,46 +102,6 @@ def check_vector_lanes(func: L.LoopFunc, span: Span) -> None:
             f"(a larger 'tile {func.meta['token']} by ...' gives each thread up to {MAX_TOKENS_PER_THREAD})",
             span,
         )
-
-
-def map_buffer(s: L.Stmt, old: str, new: L.Buffer, index: Callable[[tuple], tuple]) -> L.Stmt:
-    """Rewrite every access to buffer ``old`` as an access to ``new`` at ``index(indices)``; the
-    declaration of ``old`` stays only when ``new`` is a local buffer (a parameter, or a buffer
-    declared elsewhere, needs none)."""
-
-    def expr(e):
-        match e:
-            case L.Load(buf, idx) if buf.name == old:
-                return L.Load(new, tuple(index(tuple(expr(i) for i in idx))))
-            case L.Load(buf, idx):
-                return L.Load(buf, tuple(expr(i) for i in idx))
-            case L.Bin(op, a, b):
-                return L.Bin(op, expr(a), expr(b))
-            case L.Call(f, args, dt):
-                return L.Call(f, tuple(expr(a) for a in args), dt)
-            case L.Cast(dt, v):
-                return L.Cast(dt, expr(v))
-            case L.Select(c, t, o):
-                return L.Select(expr(c), expr(t), expr(o))
-        return e
-
-    match s:
-        case L.For(var, start, extent, body, kind):
-            return L.For(var, expr(start), expr(extent), map_buffer(body, old, new, index), kind)
-        case L.Seq(stmts):
-            return L.seq(*(map_buffer(st, old, new, index) for st in stmts))
-        case L.If(cond, then):
-            return L.If(expr(cond), map_buffer(then, old, new, index))
-        case L.Store(buf, idx, value):
-            target, where = (
-                (new, index(tuple(expr(i) for i in idx))) if buf.name == old else (buf, tuple(expr(i) for i in idx))
-            )
-            return replace(s, buffer=target, indices=tuple(where), value=expr(value))
-        case L.Let(var, value):
-            return L.Let(var, expr(value))
-        case L.Alloc(buf) if buf.name == old:
-            return L.Alloc(new) if new.scope == "local" else L.seq()
-    return s
 
 
 def rebind(s: L.Stmt, name: str, kind: L.LoopKind) -> L.Stmt:

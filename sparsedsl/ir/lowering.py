@@ -66,6 +66,9 @@ class LowerOptions:
     # the sparse input's index buffer types, in format order (``Format.index_dtypes``); None: int32
     index_dtypes: tuple[str, ...] | None = None
     block: KBlock | None = None  # K-blocking of the sum (``block k by kc``)
+    # f32 accumulator lanes that fit half the vector registers (``variants.register_lanes``): 64 in
+    # 8 of AVX2's 16 ymm, 256 in 16 of AVX-512's 32 zmm
+    register_lanes: int = 64
 
 
 def _sym(name: str) -> L.SizeVar:
@@ -315,30 +318,40 @@ class _Lowering:
         token, col = last.indices
         lane, extent = L.Var(f"{token}_i"), self.extents[col]
         cols = L.Buffer(ROW_OUT, ACC_DTYPE, (extent, L.const(self.opts.tile)))
-        done = L.mul(L.floordiv(extent, L.const(COLUMNS)), L.const(COLUMNS))
+        columns, part = self._column_tile()
+        done = L.mul(L.floordiv(extent, L.const(columns)), L.const(columns))
         out = self.buffers[self.kernel.output.name]
         write = self.blocked(
             col, "w", lambda env: L.load(cols, env[col], lane), lambda env: (env[token], env[col]), out, clamp=False
         )
         return [
             L.Alloc(cols),
-            self._columns(last, row, cols, L.const(0), L.floordiv(extent, L.const(COLUMNS)), COLUMNS),
-            self._columns(last, row, cols, done, L.sub(extent, done), 1),
+            self._columns(last, row, cols, L.const(0), L.floordiv(extent, L.const(columns)), columns, part),
+            self._columns(last, row, cols, done, L.sub(extent, done), 1, part),
             write,
         ]
 
-    def _columns(self, last: K.Let, row: str, cols: L.Buffer, base: L.Expr, count: L.Expr, width: int) -> L.Stmt:
+    def _column_tile(self) -> tuple[int, int]:
+        """``row_sum``'s register tile, ``(columns, part)``: parts of the token tile as wide as half
+        the register lanes allow (the whole tile on AVX-512, 32 lanes on AVX2), then as many columns
+        as fill them (up to ``MAX_COLUMNS``): 4 x 64 lanes in 16 zmm, 2 x 32 in 8 ymm."""
+        tile, lanes = self.opts.tile, self.opts.register_lanes
+        part = tile if 2 * tile <= lanes or tile % (lanes // 2) else lanes // 2
+        return max(1, min(MAX_COLUMNS, lanes // part)), part
+
+    def _columns(
+        self, last: K.Let, row: str, cols: L.Buffer, base: L.Expr, count: L.Expr, width: int, part: int
+    ) -> L.Stmt:
         """``count`` groups of ``width`` output columns from ``base``, summed over the rows into ``cols``."""
         token, col = last.indices
         tile = self.opts.tile
-        part = PART if tile % PART == 0 else tile
         reduction, epilogue = K.split_reduction(last.value)
         co, ci, rv = L.Var(f"{col}_o"), L.Var(f"{col}_i"), L.Var(f"{row}_{last.target.name}")
         h, lv_ = L.Var(f"{token}_h"), L.Var(f"{token}_l")
         lane = L.add(L.mul(h, L.const(part)), lv_)
         c = L.add(L.add(base, L.mul(co, L.const(width))), ci)
         env = {token: self.clamped_token(lane), row: rv, col: c}
-        acc = L.Buffer(ROW_SUM, ACC_DTYPE, (L.const(COLUMNS), L.const(part)))
+        acc = L.Buffer(ROW_SUM, ACC_DTYPE, (L.const(width), L.const(part)))
         term = self.expr(reduction.body, env, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE)
         final = self.expr(epilogue, env, L.const(0), [lane], clamp=True, acc=L.load(acc, ci, lv_), dtype=ACC_DTYPE)
 
@@ -1052,6 +1065,6 @@ BLOCK = 16  # floats per cache line: transposes move whole lines on both sides
 # chunks are what threads share (one fork per tile, not per block), each rereading a block from L2
 # once per chunk
 BLOCK_ROWS = 32
-# A row-wise sum into an output [t, c] (attention's P V): 2 columns x 32 lanes of accumulators
-# (8 AVX2 registers), so each row's 32 tile entries are loaded once for both columns.
-COLUMNS, PART = 2, 32
+# A row-wise sum into an output [t, c] (attention's P V): at most this many columns of
+# accumulators at once (``_Lowering._column_tile``), each row's tile entries loaded once for all
+MAX_COLUMNS = 8

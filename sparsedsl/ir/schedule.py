@@ -298,6 +298,46 @@ def substitute(s, name: str, value: L.Expr):
     return s
 
 
+def map_buffer(s: L.Stmt, old: str, new: L.Buffer, index: Callable[[tuple], tuple]) -> L.Stmt:
+    """Rewrite every access to buffer ``old`` as an access to ``new`` at ``index(indices)``; the
+    declaration of ``old`` stays only when ``new`` is a local buffer (a parameter, or a buffer
+    declared elsewhere, needs none)."""
+
+    def expr(e):
+        match e:
+            case L.Load(buf, idx) if buf.name == old:
+                return L.Load(new, tuple(index(tuple(expr(i) for i in idx))))
+            case L.Load(buf, idx):
+                return L.Load(buf, tuple(expr(i) for i in idx))
+            case L.Bin(op, a, b):
+                return L.Bin(op, expr(a), expr(b))
+            case L.Call(f, args, dt):
+                return L.Call(f, tuple(expr(a) for a in args), dt)
+            case L.Cast(dt, v):
+                return L.Cast(dt, expr(v))
+            case L.Select(c, t, o):
+                return L.Select(expr(c), expr(t), expr(o))
+        return e
+
+    match s:
+        case L.For(var, start, extent, body, kind):
+            return L.For(var, expr(start), expr(extent), map_buffer(body, old, new, index), kind)
+        case L.Seq(stmts):
+            return L.seq(*(map_buffer(st, old, new, index) for st in stmts))
+        case L.If(cond, then):
+            return L.If(expr(cond), map_buffer(then, old, new, index))
+        case L.Store(buf, idx, value):
+            target, where = (
+                (new, index(tuple(expr(i) for i in idx))) if buf.name == old else (buf, tuple(expr(i) for i in idx))
+            )
+            return replace(s, buffer=target, indices=tuple(where), value=expr(value))
+        case L.Let(var, value):
+            return L.Let(var, expr(value))
+        case L.Alloc(buf) if buf.name == old:
+            return L.Alloc(new) if new.scope == "local" else L.seq()
+    return s
+
+
 def used_names(func: L.LoopFunc) -> set[str]:
     """Every name the function gives a variable or buffer: parameters, sizes, loops, lets, locals."""
     exprs = [e for x in L.stmt_exprs(func.body) for e in L.subexprs(x)]
@@ -459,6 +499,78 @@ def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
         total,
     )
     return replace(func, body=rewrite_loops(func.body, lambda f: new if f == loop else None))
+
+
+MAX_JAMMED = 8  # rows of a loop whose accumulators ``jammed_rows`` keeps at once
+
+
+def jammed_rows(func: L.LoopFunc, acc: str, lanes: int) -> L.LoopFunc:
+    """Unroll and jam each loop whose iterations each sum into their own small accumulator ``acc``
+    (allocated first thing in its body: a row of a dense product, attention's scores of one key):
+    ``rows`` iterations at a time share one pass over the loops inside, iteration ``r`` summing
+    into row ``r`` of ``acc[rows, ...]``, every vector loop (and lone statement) inside repeated
+    for the rows, unrolled. An operand the rows share (the staged token tile) is then loaded once
+    for all of them, and the adds of different rows are independent, where one row's adds wait on
+    each other. ``rows``: as many accumulators as fit ``lanes`` f32 lanes (at most ``MAX_JAMMED``);
+    the iterations left over run as before. Left alone where the loops inside have bounds that
+    depend on the row (a CSR row's stored values), or where iterations write the same place."""
+    taken = used_names(func)
+
+    def jam(loop: L.For) -> L.Stmt | None:
+        stmts = list(loop.body.stmts) if isinstance(loop.body, L.Seq) else [loop.body]
+        lets = []
+        while stmts and isinstance(stmts[0], L.Let):
+            lets.append(stmts.pop(0))
+        if not stmts or not isinstance(stmts[0], L.Alloc) or stmts[0].buffer.name != acc:
+            return None
+        buf = stmts[0].buffer
+        if not all(isinstance(d, L.Const) for d in buf.shape):
+            return None
+        rows = min(MAX_JAMMED, lanes // _values(buf))
+        name = loop.var.name
+        group, row = L.Var(f"{name}_j"), L.Var(f"{name}_r")
+        if rows < 2 or group.name in taken or row.name in taken:
+            return None
+        try:
+            _check_independent(loop, "jam", None)
+        except ScheduleError:
+            return None
+        rest = L.seq(*stmts[1:])
+        for let in reversed(lets):
+            rest = substitute(rest, let.var.name, let.value)
+        jammed = L.Buffer(buf.name, buf.dtype, (L.const(rows), *buf.shape), buf.scope)
+        at = L.add(loop.start, L.add(L.mul(group, L.const(rows)), row))
+
+        def each_row(s: L.Stmt) -> L.Stmt:
+            mine = map_buffer(substitute(s, name, at), acc, jammed, lambda idx: (row, *idx))
+            return L.For(row, L.const(0), L.const(rows), mine, L.LoopKind.UNROLLED)
+
+        def spread(s: L.Stmt) -> L.Stmt | None:
+            match s:
+                case L.Seq(inner):
+                    parts = [spread(x) for x in inner]
+                    return None if any(p is None for p in parts) else L.seq(*parts)
+                case L.For(_, start, extent, body, kind) if kind is not L.LoopKind.VECTORIZED:
+                    if L.uses(start, name) or L.uses(extent, name):
+                        return None
+                    inner = spread(body)
+                    return None if inner is None else replace(s, body=inner)
+                case L.For() | L.Store() | L.If():
+                    return each_row(s)
+            return None  # a let or a local buffer of its own: not repeated per row here
+
+        body = spread(rest)
+        if body is None:
+            return None
+        whole = L.floordiv(loop.extent, L.const(rows))
+        done = L.mul(whole, L.const(rows))
+        left = replace(loop, start=L.add(loop.start, done), extent=L.sub(loop.extent, done))
+        return L.seq(
+            L.For(group, L.const(0), whole, L.seq(L.Alloc(jammed), body), loop.kind),
+            None if left.extent == L.const(0) else left,
+        )
+
+    return replace(func, body=rewrite_loops(func.body, jam))
 
 
 def _lanes_of_block(body: L.Stmt) -> L.Stmt | None:

@@ -27,8 +27,7 @@ from dataclasses import replace
 from sparsedsl.errors import ScheduleError, Span
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.buffer_names import shared_copy
-from sparsedsl.ir.gpu import map_buffer
-from sparsedsl.ir.schedule import loops, rewrite_loops
+from sparsedsl.ir.schedule import loops, map_buffer, rewrite_loops
 
 SHARED_BYTES = 48 * 1024  # static shared memory a CUDA block may declare
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int32": 4, "int64": 8}  # per element

@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 from sparsedsl.errors import ScheduleError, Span
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.buffer_names import ACC, ACC_SHARED, DIRECT, fragment, shared_copy
-from sparsedsl.ir.gpu import WARP, map_buffer, rebind, split_lanes, transpose_operands
-from sparsedsl.ir.schedule import loops, rewrite_loops, substitute
+from sparsedsl.ir.gpu import WARP, rebind, split_lanes, transpose_operands
+from sparsedsl.ir.schedule import loops, map_buffer, rewrite_loops, substitute
 from sparsedsl.ir.staging import BYTES, SHARED_BYTES, Box, affine, box_of, copy_box, unwrap
 
 MAX_ACC_TILES = 16  # accumulator fragments per warp: 8 registers each

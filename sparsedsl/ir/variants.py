@@ -15,6 +15,7 @@ from sparsedsl.errors import ScheduleError
 from sparsedsl.ir import kernel_ir as K
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir import schedule as sched
+from sparsedsl.ir.buffer_names import ACC
 from sparsedsl.ir.lowering import KBlock, LowerOptions, lower
 
 SMALL_TILE = 16
@@ -72,14 +73,20 @@ def lower_options(directives, kernel: K.Kernel) -> LowerOptions:
     return LowerOptions(tile, frozenset(stage) if explicit else None, frozenset(no_stage), block=block)
 
 
+def register_lanes(vector_bits: int) -> int:
+    """The f32 lanes of half the vector registers of ``vector_bits``-wide vectors: 8 of AVX2's 16
+    ymm, 16 of AVX-512's 32 zmm (the rest hold the operands)."""
+    return (vector_bits // 32) * (16 if vector_bits >= 512 else 8)
+
+
 def register_tile(func: L.LoopFunc, tile: int, vector_bits: int) -> int:
     """The token tile for ``func`` lowered with ``tile``: the widest power-of-two part of it, down
     to ``SMALL_TILE``, whose accumulators (the constant-size local buffers with the tile last: a
-    ``[4, tile]`` block row of BSR(4, 1)) fit half the registers of ``vector_bits``-wide vectors,
-    8 of AVX2's 16 ymm, 16 of AVX-512's 32 zmm; ``tile`` when none does (they spill either way,
-    and a wide tile reads the weight fewer times). A 4 x 64 block row in 32 ymm registers spilled:
-    2.5x the time of a 16-token tile on AVX2 (docs/BENCHMARKS.md, "Token tile and registers")."""
-    budget = (vector_bits // 32) * (16 if vector_bits >= 512 else 8)  # f32 lanes in half the registers
+    ``[4, tile]`` block row of BSR(4, 1)) fit ``register_lanes``; ``tile`` when none does (they
+    spill either way, and a wide tile reads the weight fewer times). A 4 x 64 block row in 32 ymm
+    registers spilled: 2.5x the time of a 16-token tile on AVX2 (docs/BENCHMARKS.md, "Token tile
+    and registers")."""
+    budget = register_lanes(vector_bits)
     rows = 1
     for buf in L.allocs(func.body):
         if buf.shape and all(isinstance(d, L.Const) for d in buf.shape) and buf.shape[-1] == L.const(tile):
@@ -129,9 +136,16 @@ def _few_tokens(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:
     return sched.interleaved_sums(func, reduction, FEW_TOKEN_COPIES)
 
 
+def _jammed(kernel: K.Kernel, func: L.LoopFunc, opts: LowerOptions) -> L.LoopFunc:
+    """A row-wise kernel with its rows of a dense product (attention's scores, one key a row)
+    summed several at a time into the registers (``sched.jammed_rows``)."""
+    return sched.jammed_rows(func, ACC, opts.register_lanes) if kernel.rowwise else func
+
+
 def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> dict[str, L.LoopFunc]:
     """The variants of ``kernel`` lowered with ``opts`` (``lower_options`` of ``directives``) for a
     CPU whose vectors are ``vector_bits`` wide, by name."""
+    opts = replace(opts, register_lanes=register_lanes(vector_bits))
     func = lower_blocked(kernel, opts)
     loop_directives = [d for d in directives if d.verb not in ("tile", "layout", "block")]
     if loop_directives:
@@ -141,7 +155,7 @@ def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> d
     if fit != opts.tile:
         opts = replace(opts, tile=fit)
         func = lower_blocked(kernel, opts)
-    variants = sched.default(func)
+    variants = sched.default(_jammed(kernel, func, opts))
     if func.meta.get("token") and not tiled:
         # decode-sized calls: a 16-token tile for a few tokens, a 1-token tile for one (a big
         # tile wastes most of its work); one tile has only its rows to share out. A tile no
@@ -149,7 +163,7 @@ def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> d
         for suffix, tile in (("small", SMALL_TILE), ("one", 1)):
             if tile >= opts.tile:
                 continue
-            few = sched.default(lower_blocked(kernel, replace(opts, tile=tile)))
+            few = sched.default(_jammed(kernel, lower_blocked(kernel, replace(opts, tile=tile)), opts))
             kind = "rows" if "rows" in few else next(iter(few))
             variants[f"{kind}_{suffix}"] = _one_token(few[kind]) if tile == 1 else _few_tokens(kernel, few[kind])
         variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}

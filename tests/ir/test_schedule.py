@@ -3,6 +3,8 @@ errors, and kernels stay correct under hand-written schedules."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -315,3 +317,36 @@ def test_a_few_tokens_sum_a_row_into_interleaved_vectors(fmt, backend):
         "kernel q(X: i8[M, K], W: i8[N, K] @ CSR) -> (Y: i32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }"
     )
     assert "acc_u" not in L.func_str(quantized.q.instance().variants["rows_small"])
+
+
+@pytest.mark.parametrize(("lanes", "rows", "columns"), [(64, None, "2, 32"), (256, 4, "4, 64")])
+def test_attention_keeps_its_register_tiles_in_half_the_registers(lanes, rows, columns):
+    """Attention's scores and its P V sum as many rows (keys) and columns at once as fit half the
+    registers: AVX2's 8 ymm hold one key's 64 lanes and a 2 x 32 tile of P V, AVX-512's 16 zmm 4
+    keys (each staged query vector loaded once for the 4) and 4 x 64; the keys left over one by one."""
+    from sparsedsl.ir.buffer_names import ACC
+    from sparsedsl.ir.lowering import LowerOptions, lower
+    from sparsedsl.ir.schedule import jammed_rows
+
+    kernel = sd.compile(Path(sd.__file__).parent / "nn.sdsl").kernels["attention"].kernel
+    func = lower(kernel, LowerOptions(register_lanes=lanes))
+    ir = L.func_str(jammed_rows(func, ACC, lanes))
+    assert f"local acc_r: float32[{columns}]" in ir
+    if rows is None:
+        assert ir == L.func_str(func)
+    else:
+        assert f"local acc: float32[{rows}, 64]" in ir and f"for j_r in [0, {rows}) unrolled:" in ir
+        assert "for j in [((S // 4) * 4)" in ir  # the keys left over
+
+
+def test_jammed_rows_leave_rows_of_their_own_length_alone():
+    """A CSR row's stored values bound its loop: rows of different lengths cannot share a pass."""
+    from sparsedsl.ir.buffer_names import ACC
+    from sparsedsl.ir.lowering import LowerOptions, lower
+    from sparsedsl.ir.schedule import jammed_rows
+
+    prog = sd.compile(
+        "kernel lin(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }"
+    )
+    func = lower(prog.kernels["lin"].kernel.with_format(prog.format("CSR")), LowerOptions(register_lanes=256))
+    assert jammed_rows(func, ACC, 256) == func
