@@ -35,7 +35,7 @@ from sparsedsl.runtime import ops, tuning
 from sparsedsl.runtime.attention import DENSE, DENSE_BTHD, MASKED, MASKED_BTHD
 from sparsedsl.runtime.program import Instance, Program, index_type_choices, read_source
 from sparsedsl.runtime.quantized import quantized_kernel
-from sparsedsl.runtime.rules import AttentionRule, Rule, attention_rules_of, rules_of
+from sparsedsl.runtime.rules import AttentionRule, Rule, attention_rules_of, attention_target_problem, rules_of
 from sparsedsl.version import __version__
 
 SCHEMA_VERSION = 4  # 2: the target lists the CPU features the code needs; 3: each kernel its index types;
@@ -156,14 +156,14 @@ def _attention_to_build(program: Program, nn: Program) -> dict[str, list[Format 
     source = program.checked.source
     for model in program.checked.models.values():
         for rule in model.attention:
-            if program.target != "cpu":
-                message = f"attention rules run the attention kernels on the CPU, not {program.target}"
-                raise SdslSemanticError(message, rule.span, source)
+            problem = attention_target_problem(program.target)
+            if problem:
+                raise SdslSemanticError(f'attention rule "{rule.pattern}" {problem}', rule.span, source)
             fmt = program.checked.format(rule.format) if rule.format else None
             for name in (MASKED, MASKED_BTHD) if fmt else (DENSE, DENSE_BTHD):
-                try:
-                    if fmt is not None:
-                        nn.kernels[name].lowered(fmt)
+                try:  # built here, where an error is the rule's; the build below finds them built
+                    for index_dtypes in index_type_choices(fmt) if fmt is not None else ():
+                        nn.kernels[name].instance(fmt, index_dtypes)
                 except SdslError as err:
                     raise SdslSemanticError(
                         f'attention rule "{rule.pattern}" with {fmt.label}: {err.message}', rule.span, source

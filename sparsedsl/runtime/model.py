@@ -25,7 +25,7 @@ from sparsedsl.runtime.modules import SparseLinear
 from sparsedsl.runtime.program import TORCH_DTYPES, Program, compile, index_types
 from sparsedsl.runtime.prune import Gram, needs_inputs
 from sparsedsl.runtime.quantized import QUANTIZED_DTYPES, STATIC_QUANTILE, QuantizedSparseLinear, static_scale
-from sparsedsl.runtime.rules import AttentionRule, Rule, attention_rules_of, rules_of
+from sparsedsl.runtime.rules import AttentionRule, Rule, attention_rules_of, attention_target_problem, rules_of
 
 # Above this density a sparse layer is not expected to beat dense F.linear on a CPU
 # (docs/BENCHMARKS.md): such layers are kept dense and the report says so.
@@ -431,8 +431,9 @@ def _compile_attention(model: nn.Module, rule_set: RuleSet, program: Program) ->
     that matches no attention module, or a block pattern for a causal one, is an error."""
     if not rule_set.attention:
         return []
-    if program.target != "cpu":
-        raise rule_set.attention_error(0, f"runs the attention kernels on the CPU, not {program.target}")
+    problem = attention_target_problem(program.target)
+    if problem:
+        raise rule_set.attention_error(0, problem)
     modules = [(n, m) for n, m in model.named_modules() if is_attention_module(m)]
     plans: dict[str, Plan] = {}
     patterns: dict[int, Plan] = {}  # per rule, one plan (a pattern's masks) for its modules

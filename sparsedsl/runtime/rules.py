@@ -39,6 +39,12 @@ class AttentionRule:
     window: int | None = None
 
 
+def attention_target_problem(target: str) -> str | None:
+    """Why attention rules cannot apply to a program for ``target``, or None: the attention
+    kernels run on the CPU."""
+    return None if target == "cpu" else f"runs the attention kernels on the CPU, not {target}"
+
+
 def attention_rules_of(program: Program, decl: ast.ModelDecl) -> list[AttentionRule]:
     """The attention rules of a checked ``model`` block, formats resolved."""
     return [

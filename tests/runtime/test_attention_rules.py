@@ -252,6 +252,21 @@ def test_an_aot_build_refuses_a_format_the_attention_kernel_cannot_read(tmp_path
     assert err.value.span.line == 2
 
 
+def test_attention_rules_for_a_gpu_are_refused_at_the_rule(tmp_path):
+    """The attention kernels run on the CPU: a rule in a CUDA program is refused where it is
+    written, by compile_model and by an AOT build alike, before anything compiles."""
+    rules = 'model m {\n    attention "*.self"\n}'
+    for attempt in (
+        lambda: sd.compile_model(_bert(1), rules, target="cuda"),
+        lambda: sd.build(rules, tmp_path, "cuda"),
+    ):
+        with pytest.raises(
+            sd.SdslSemanticError, match='attention rule "\\*.self" runs the attention kernels on the CPU, not cuda'
+        ) as err:
+            attempt()
+        assert err.value.span.line == 2
+
+
 @pytest.mark.parametrize("heads_masks", [0, 1, 3])
 def test_sd_attention_without_autograd_skips_the_op_and_computes_the_same(heads_masks, monkeypatch):
     """Outside autograd and tracing ``sd.attention`` calls the op's body directly (as
