@@ -118,6 +118,7 @@ class _Lowering:
         self.buffers: dict[str, L.Buffer] = {}  # tensor name (or sparse buffer name) -> buffer
         self.scalars: dict[str, L.Var] = {}
         self.staged: dict[str, L.Buffer] = {}
+        self.staging_loops: list[str] = []  # the outer loops of the blocked staging copies
         self.sum_dtype = ACC_DTYPE  # the accumulator's: int32 for a sum of integer products
         self.out_dtype = ACC_DTYPE  # what the epilogue computes in: int32 for an integer output
         self.out_tile: L.Buffer | None = None  # results [other output dim, tile], written out blocked
@@ -180,7 +181,7 @@ class _Lowering:
                 indices, other = access.indices, others[0]
                 copy = self.blocked(
                     other,
-                    "s",
+                    self._staging_loop(),
                     lambda env, src=src, indices=indices: L.load(src, *[env[i] for i in indices]),
                     lambda env, other=other: (env[other], lane),
                     staged,
@@ -195,6 +196,14 @@ class _Lowering:
                     copy = L.For(env[i], L.const(0), self.extents[i], copy)
             stmts += [L.Alloc(staged), copy]
         return stmts
+
+    def _staging_loop(self) -> str:
+        """The prefix of the next blocked staging copy's loops: ``s`` (``s_o``, ``s_i``), then
+        ``s1``, ``s2``... for the further tensors staged in the same tile (recorded in
+        ``staging_loops``, the parallel candidates)."""
+        prefix = f"s{len(self.staging_loops)}" if self.staging_loops else "s"
+        self.staging_loops.append(f"{prefix}_o")
+        return prefix
 
     def clamped_token(self, lane: L.Var) -> L.Expr:
         """The token index of a lane, clamped into range: lanes past the end compute junk, never stored."""
@@ -302,8 +311,27 @@ class _Lowering:
             self.staged[name] = buf
         if last.indices[1] != row:
             return [*out, *self.row_sum(last, row)]
-        out.append(self.tile_out(row, lambda env: self.expr(last.value, env, L.const(0), [lane], clamp=False)))
+        tile_buf = self.out_tile
+        if tile_buf is not None and tile_buf.dtype == ACC_DTYPE and self._in_place(last):
+            # the output's values a vector of tokens at a time, in place in the tile, then the
+            # plain transpose out (computed inside the transpose, each value took a strided read)
+            rv = L.Var(f"{row}_{last.target.name}")
+            value = self.expr(last.value, {token: m, row: rv}, L.const(0), [lane], clamp=True, dtype=ACC_DTYPE)
+            out.append(self.each_row(rv, lanes(L.Store(tile_buf, (rv, lane), value))))
+            out.append(self.tile_out(row, lambda env: L.load(tile_buf, env[row], lane)))
+        else:
+            out.append(self.tile_out(row, lambda env: self.expr(last.value, env, L.const(0), [lane], clamp=False)))
         return out
+
+    def _in_place(self, last: K.Let) -> bool:
+        """Whether ``last`` reads the output tile only where it writes it (``[token, row]``), so its
+        values can replace the tile's row by row."""
+        token, row = self.kernel.indices[0], self.kernel.row
+        return all(
+            a.indices == (token, row)
+            for a in K.accesses(last.value)
+            if self.staged.get(a.tensor) is self.out_tile
+        )
 
     def each_row(self, rv: L.Var, body: L.Stmt) -> L.Stmt:
         """``body`` for every row ``rv`` of a token tile (a masked kernel: the mask's stored ones)."""
@@ -732,6 +760,9 @@ class _Nest(_Lowering):
         if blocked and (self.gather or self.rowwise):
             shape = (self.extents[other[0]], L.const(self.tile))
             self.out_tile = L.Buffer(tile_copy(self.kernel.output.name), self.out_dtype, shape)
+            # the epilogue runs a vector of tokens at a time into the output tile: an input indexed
+            # [token, row] there (a residual) is staged too, or each vector would be a strided gather
+            stage += self.stage(self.epilogue, lane[0])
         zero = _fill(acc, L.const(0, self.sum_dtype), lane[0] if token else None)
         writeout = self._writeout()
         if blocked and not self.gather and not self.rowwise:
@@ -785,7 +816,7 @@ class _Nest(_Lowering):
         rows = [it.var.name for it in outer if isinstance(it, L.For)] if self.gather else []
         if self.block is not None and rows:
             rows[0] = f"{rows[0]}_t"  # the row chunks, around the blocks
-        siblings = rows[:1] + ["s_o"] + (["w_o"] if self.out_tile else [])
+        siblings = rows[:1] + (self.staging_loops or ["s_o"]) + (["w_o"] if self.out_tile else [])
         kernel = self.kernel
         levels = len(self.fmt.levels) if self.fmt else 0
         summed = self.gather and self.first_red < levels

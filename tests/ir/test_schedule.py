@@ -350,3 +350,16 @@ def test_jammed_rows_leave_rows_of_their_own_length_alone():
     )
     func = lower(prog.kernels["lin"].kernel.with_format(prog.format("CSR")), LowerOptions(register_lanes=256))
     assert jammed_rows(func, ACC, 256) == func
+
+
+def test_an_epilogue_reads_its_residual_and_writes_its_norm_a_vector_of_tokens_at_a_time():
+    """A residual [m, n] in the epilogue is staged per tile like the activations (read in place,
+    each vector of tokens was a strided gather), and a row-wise kernel's output statement is
+    computed into the output tile a vector at a time before the plain transpose out (computed
+    inside the transpose, it read the tile strided): the fused LayerNorm kernel at 1024 tokens
+    went from 1.35x to 0.8x the time of its linear, add and F.layer_norm."""
+    prog = sd.compile(Path(__file__).parents[2] / "examples" / "minilm_fused.sdsl")
+    ir = prog.kernels["linear_residual_norm"].source("ir")
+    assert "local R_t: float32[N, " in ir and "for s1_o in" in ir  # a second staging copy, its own loops
+    assert "+ R_t[((n_o * 4) + w_n_i), m_i])" in ir
+    assert "Y[((m_o * " in ir and "= Y_t[((w_o * 16) + w_i), m_i]" in ir  # the plain transpose out
