@@ -166,12 +166,15 @@ class _Lowering:
             return False
         return self.opts.stage is None or access.tensor in self.opts.stage
 
-    def stage(self, body: K.KExpr, lane: L.Var) -> list[L.Stmt]:
-        """Copy each stageable input's token tile into ``<X>_t[other dims..., tile]`` (token last)."""
+    def stage(self, body: K.KExpr, lane: L.Var, token_last: bool = True) -> list[L.Stmt]:
+        """Copy each stageable input's token tile into ``<X>_t[other dims..., tile]`` (token last);
+        not ``token_last``: only the inputs whose token index is not already last."""
         stmts: list[L.Stmt] = []
         tile = self.opts.tile
         for access in K.accesses(body):
             if access.tensor in self.staged or not self._stageable(access):
+                continue
+            if not token_last and access.indices[-1] == self.token:
                 continue
             src = self.buffers[access.tensor]
             others = [i for i in access.indices if i != self.token]
@@ -338,11 +341,11 @@ class _Lowering:
         return L.For(rv, L.const(0), self.extents[self.kernel.row], body)
 
     def row_sum(self, last: K.Let, row: str) -> list[L.Stmt]:
-        """The output statement ``O[t, c] = epilogue(sum(r) body)`` of a token tile: ``COLUMNS``
-        columns ``c`` at a time (then the rest one by one), for each part of ``PART`` lanes, the rows
-        summed into a register accumulator ``acc_r[COLUMNS, PART]`` (each row's tile entries loaded
-        once for all the columns), the epilogue applied into ``acc_o[c, tile]``, which is then
-        written out in blocks."""
+        """The output statement ``O[t, c] = epilogue(sum(r) body)`` of a token tile: ``columns``
+        columns ``c`` at a time (then the rest one by one), for each part of ``part`` lanes
+        (``_column_tile``), the rows summed into a register accumulator ``acc_r[columns, part]``
+        (each row's tile entries loaded once for all the columns), the epilogue applied into
+        ``acc_o[c, tile]``, which is then written out in blocks."""
         token, col = last.indices
         lane, extent = L.Var(f"{token}_i"), self.extents[col]
         cols = L.Buffer(ROW_OUT, ACC_DTYPE, (extent, L.const(self.opts.tile)))
@@ -364,7 +367,7 @@ class _Lowering:
         the register lanes allow (the whole tile on AVX-512, 32 lanes on AVX2), then as many columns
         as fill them (up to ``MAX_COLUMNS``): 4 x 64 lanes in 16 zmm, 2 x 32 in 8 ymm."""
         tile, lanes = self.opts.tile, self.opts.register_lanes
-        part = tile if 2 * tile <= lanes or tile % (lanes // 2) else lanes // 2
+        part = tile if 2 * tile <= lanes or tile % (lanes // 2) != 0 else lanes // 2
         return max(1, min(MAX_COLUMNS, lanes // part)), part
 
     def _columns(
@@ -762,7 +765,7 @@ class _Nest(_Lowering):
             self.out_tile = L.Buffer(tile_copy(self.kernel.output.name), self.out_dtype, shape)
             # the epilogue runs a vector of tokens at a time into the output tile: an input indexed
             # [token, row] there (a residual) is staged too, or each vector would be a strided gather
-            stage += self.stage(self.epilogue, lane[0])
+            stage += self.stage(self.epilogue, lane[0], token_last=False)
         zero = _fill(acc, L.const(0, self.sum_dtype), lane[0] if token else None)
         writeout = self._writeout()
         if blocked and not self.gather and not self.rowwise:

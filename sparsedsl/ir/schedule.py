@@ -219,6 +219,7 @@ def set_kind(func: L.LoopFunc, name: str, kind: L.LoopKind, span: Span | None = 
 
 MAX_LANES = 4096  # a vectorized loop's extent, and a token tile's (check.MAX_TILE): wider ones crash LLVM
 MAX_UNROLLED = 1024  # copies of one statement that nested unrolled loops may make
+MAX_JAMMED = 8  # rows of a loop whose accumulators ``jammed_rows`` keeps at once
 
 
 def _copies(s: L.Stmt) -> tuple[int, str | None]:
@@ -501,19 +502,19 @@ def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
     return replace(func, body=rewrite_loops(func.body, lambda f: new if f == loop else None))
 
 
-MAX_JAMMED = 8  # rows of a loop whose accumulators ``jammed_rows`` keeps at once
-
-
 def jammed_rows(func: L.LoopFunc, acc: str, lanes: int) -> L.LoopFunc:
     """Unroll and jam each loop whose iterations each sum into their own small accumulator ``acc``
     (allocated first thing in its body: a row of a dense product, attention's scores of one key):
-    ``rows`` iterations at a time share one pass over the loops inside, iteration ``r`` summing
-    into row ``r`` of ``acc[rows, ...]``, every vector loop (and lone statement) inside repeated
-    for the rows, unrolled. An operand the rows share (the staged token tile) is then loaded once
-    for all of them, and the adds of different rows are independent, where one row's adds wait on
-    each other. ``rows``: as many accumulators as fit ``lanes`` f32 lanes (at most ``MAX_JAMMED``);
-    the iterations left over run as before. Left alone where the loops inside have bounds that
-    depend on the row (a CSR row's stored values), or where iterations write the same place."""
+    as many iterations as their accumulators fit ``lanes`` f32 lanes (at most ``MAX_JAMMED``)
+    share one pass over the loops inside, iteration ``r`` of a group summing into row ``r`` of
+    ``acc[rows, ...]``, every vector loop (and lone statement) inside repeated for the group's
+    rows, unrolled. An operand the rows share (the staged token tile) is then loaded once for all
+    of them, and the adds of different rows are independent, where one row's adds wait on each
+    other. The iterations left over run as before; the group loop keeps the loop's kind. Left
+    alone unless the iterations are independent: the loops inside have bounds that do not depend
+    on the row (a CSR row's stored values do), every store outside ``acc`` is indexed by the row,
+    and nothing the loop stores there is read in it (a read could then move before the write of
+    an earlier row)."""
     taken = used_names(func)
 
     def jam(loop: L.For) -> L.Stmt | None:
@@ -534,6 +535,10 @@ def jammed_rows(func: L.LoopFunc, acc: str, lanes: int) -> L.LoopFunc:
         try:
             _check_independent(loop, "jam", None)
         except ScheduleError:
+            return None
+        private = {b.name for b in L.allocs(loop.body)}
+        written = {st.buffer.name for st in L.stores(loop.body)} - private
+        if any(ld.buffer.name in written for ld in L.loads(loop.body)):
             return None
         rest = L.seq(*stmts[1:])
         for let in reversed(lets):

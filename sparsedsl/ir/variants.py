@@ -155,7 +155,7 @@ def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> d
     if fit != opts.tile:
         opts = replace(opts, tile=fit)
         func = lower_blocked(kernel, opts)
-    variants = sched.default(_jammed(kernel, func, opts))
+    variants = sched.default(func)
     if func.meta.get("token") and not tiled:
         # decode-sized calls: a 16-token tile for a few tokens, a 1-token tile for one (a big
         # tile wastes most of its work); one tile has only its rows to share out. A tile no
@@ -163,8 +163,9 @@ def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> d
         for suffix, tile in (("small", SMALL_TILE), ("one", 1)):
             if tile >= opts.tile:
                 continue
-            few = sched.default(_jammed(kernel, lower_blocked(kernel, replace(opts, tile=tile)), opts))
+            few = sched.default(lower_blocked(kernel, replace(opts, tile=tile)))
             kind = "rows" if "rows" in few else next(iter(few))
             variants[f"{kind}_{suffix}"] = _one_token(few[kind]) if tile == 1 else _few_tokens(kernel, few[kind])
         variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}
-    return variants
+    # after the default schedule, which marks parallel loops by name: a jammed loop keeps its kind
+    return {k: _jammed(kernel, v, opts) for k, v in variants.items()}

@@ -27,7 +27,7 @@ import torch
 from sparsedsl import cache
 from sparsedsl.backends.cuda.module import CudaModule, default_arch
 from sparsedsl.config import cache_dir as default_cache_dir
-from sparsedsl.errors import SdslError, SdslSemanticError, Source
+from sparsedsl.errors import BackendError, SdslError, SdslSemanticError, Source
 from sparsedsl.frontend.check import check, quantized_activation
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir.formats import Format
@@ -154,9 +154,9 @@ def _attention_to_build(program: Program, nn: Program) -> dict[str, list[Format 
     another target than the CPU, or a format the block kernels cannot read, is an error at it."""
     out: dict[str, list[Format | None]] = {}
     source = program.checked.source
+    problem = attention_target_problem(program.target)
     for model in program.checked.models.values():
         for rule in model.attention:
-            problem = attention_target_problem(program.target)
             if problem:
                 raise SdslSemanticError(f'attention rule "{rule.pattern}" {problem}', rule.span, source)
             fmt = program.checked.format(rule.format) if rule.format else None
@@ -165,6 +165,8 @@ def _attention_to_build(program: Program, nn: Program) -> dict[str, list[Format 
                     for index_dtypes in index_type_choices(fmt) if fmt is not None else ():
                         nn.kernels[name].instance(fmt, index_dtypes)
                 except SdslError as err:
+                    if isinstance(err, BackendError):  # the compiler's failure, not the rule's
+                        raise
                     raise SdslSemanticError(
                         f'attention rule "{rule.pattern}" with {fmt.label}: {err.message}', rule.span, source
                     ) from None

@@ -363,3 +363,24 @@ def test_an_epilogue_reads_its_residual_and_writes_its_norm_a_vector_of_tokens_a
     assert "local R_t: float32[N, " in ir and "for s1_o in" in ir  # a second staging copy, its own loops
     assert "+ R_t[((n_o * 4) + w_n_i), m_i])" in ir
     assert "Y[((m_o * " in ir and "= Y_t[((w_o * 16) + w_i), m_i]" in ir  # the plain transpose out
+
+
+def test_a_jammed_row_loop_keeps_its_kind_and_leaves_rows_that_read_back_alone():
+    """A row loop shared out among threads stays shared out once jammed (variants.cpu jams after
+    the default schedule has marked it parallel); rows whose loop reads back what it stores (a
+    K-blocked sum carries its partial sums through the output tile) are not jammed: a read could
+    move before an earlier row's write."""
+    from sparsedsl.ir.buffer_names import ACC
+    from sparsedsl.ir.lowering import KBlock, LowerOptions, lower
+    from sparsedsl.ir.schedule import jammed_rows, set_kind
+
+    dense = sd.compile(
+        """format D = (i, j) -> (i: dense, j: dense)
+        kernel lin(X: f32[M, K], W: f32[N, K] @ D) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }"""
+    )
+    kernel = dense.kernels["lin"].kernel.with_format(dense.format("D"))
+    shared = set_kind(lower(kernel, LowerOptions()), "n", L.LoopKind.PARALLEL)
+    jammed = L.func_str(jammed_rows(shared, ACC, 256))
+    assert "acc: float32[4, 64]" in jammed and "for n_j in [0, (N // 4)) parallel:" in jammed
+    blocked = lower(kernel, LowerOptions(block=KBlock(None, 32)))
+    assert jammed_rows(blocked, ACC, 256) == blocked
