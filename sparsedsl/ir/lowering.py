@@ -331,9 +331,7 @@ class _Lowering:
         values can replace the tile's row by row."""
         token, row = self.kernel.indices[0], self.kernel.row
         return all(
-            a.indices == (token, row)
-            for a in K.accesses(last.value)
-            if self.staged.get(a.tensor) is self.out_tile
+            a.indices == (token, row) for a in K.accesses(last.value) if self.staged.get(a.tensor) is self.out_tile
         )
 
     def each_row(self, rv: L.Var, body: L.Stmt) -> L.Stmt:
@@ -819,7 +817,7 @@ class _Nest(_Lowering):
         rows = [it.var.name for it in outer if isinstance(it, L.For)] if self.gather else []
         if self.block is not None and rows:
             rows[0] = f"{rows[0]}_t"  # the row chunks, around the blocks
-        siblings = rows[:1] + (self.staging_loops or ["s_o"]) + (["w_o"] if self.out_tile else [])
+        siblings = rows[:1] + self.staging_loops + (["w_o"] if self.out_tile else [])
         kernel = self.kernel
         levels = len(self.fmt.levels) if self.fmt else 0
         summed = self.gather and self.first_red < levels

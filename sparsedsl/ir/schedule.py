@@ -474,12 +474,11 @@ def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
         return func
     part = L.Buffer(f"{acc.name}_u", acc.dtype, (L.const(copies), *acc.shape), acc.scope)
     group, copy = L.Var(groups_of(name)), L.Var(f"{name}_u")
-    at = L.add(loop.start, L.add(L.mul(group, L.const(copies)), copy))
+    whole, at, left = _in_groups(loop, copies, group, copy)
     in_copies = rewrite_stores(
         substitute(lanes, name, at),
         lambda st: L.Store(part, (copy, *st.indices), L.add(L.Load(part, (copy, *st.indices)), st.value.b)),
     )
-    done = L.mul(L.floordiv(loop.extent, L.const(copies)), L.const(copies))
     elements = [L.Var(f"{name}_e{d}") for d in range(len(acc.shape))]
     each = [(e, d, L.LoopKind.UNROLLED) for e, d in [(copy, L.const(copies)), *zip(elements, acc.shape)]]
     if wide:  # the copies' lanes zeroed and added a vector at a time (acc's last index is lanes)
@@ -490,13 +489,8 @@ def interleaved_sums(func: L.LoopFunc, name: str, copies: int) -> L.LoopFunc:
     new = L.seq(
         L.Alloc(part),
         zero,
-        L.For(
-            group,
-            L.const(0),
-            L.floordiv(loop.extent, L.const(copies)),
-            L.For(copy, L.const(0), L.const(copies), in_copies, L.LoopKind.UNROLLED),
-        ),
-        replace(loop, start=L.add(loop.start, done), extent=L.sub(loop.extent, done)),
+        L.For(group, L.const(0), whole, L.For(copy, L.const(0), L.const(copies), in_copies, L.LoopKind.UNROLLED)),
+        left,
         total,
     )
     return replace(func, body=rewrite_loops(func.body, lambda f: new if f == loop else None))
@@ -544,7 +538,7 @@ def jammed_rows(func: L.LoopFunc, acc: str, lanes: int) -> L.LoopFunc:
         for let in reversed(lets):
             rest = substitute(rest, let.var.name, let.value)
         jammed = L.Buffer(buf.name, buf.dtype, (L.const(rows), *buf.shape), buf.scope)
-        at = L.add(loop.start, L.add(L.mul(group, L.const(rows)), row))
+        whole, at, left = _in_groups(loop, rows, group, row)
 
         def each_row(s: L.Stmt) -> L.Stmt:
             mine = map_buffer(substitute(s, name, at), acc, jammed, lambda idx: (row, *idx))
@@ -567,15 +561,20 @@ def jammed_rows(func: L.LoopFunc, acc: str, lanes: int) -> L.LoopFunc:
         body = spread(rest)
         if body is None:
             return None
-        whole = L.floordiv(loop.extent, L.const(rows))
-        done = L.mul(whole, L.const(rows))
-        left = replace(loop, start=L.add(loop.start, done), extent=L.sub(loop.extent, done))
-        return L.seq(
-            L.For(group, L.const(0), whole, L.seq(L.Alloc(jammed), body), loop.kind),
-            None if left.extent == L.const(0) else left,
-        )
+        return L.seq(L.For(group, L.const(0), whole, L.seq(L.Alloc(jammed), body), loop.kind), left)
 
     return replace(func, body=rewrite_loops(func.body, jam))
+
+
+def _in_groups(loop: L.For, size: int, group: L.Var, member: L.Var) -> tuple[L.Expr, L.Expr, L.Stmt | None]:
+    """``loop`` taken ``size`` iterations at a time (``interleaved_sums``' copies, ``jammed_rows``'
+    rows): the number of whole groups, the iteration that ``member`` of group ``group`` is, and
+    the loop over the iterations left over (None where none can be)."""
+    whole = L.floordiv(loop.extent, L.const(size))
+    done = L.mul(whole, L.const(size))
+    left = replace(loop, start=L.add(loop.start, done), extent=L.sub(loop.extent, done))
+    at = L.add(loop.start, L.add(L.mul(group, L.const(size)), member))
+    return whole, at, None if left.extent == L.const(0) else left
 
 
 def _lanes_of_block(body: L.Stmt) -> L.Stmt | None:

@@ -32,7 +32,7 @@ from sparsedsl.frontend.check import check, quantized_activation
 from sparsedsl.ir import levels as lv
 from sparsedsl.ir.formats import Format
 from sparsedsl.runtime import ops, tuning
-from sparsedsl.runtime.attention import DENSE, DENSE_BTHD, MASKED, MASKED_BTHD
+from sparsedsl.runtime.attention import kernels_for
 from sparsedsl.runtime.program import Instance, Program, index_type_choices, read_source
 from sparsedsl.runtime.quantized import quantized_kernel
 from sparsedsl.runtime.rules import AttentionRule, Rule, attention_rules_of, attention_target_problem, rules_of
@@ -160,7 +160,7 @@ def _attention_to_build(program: Program, nn: Program) -> dict[str, list[Format 
             if problem:
                 raise SdslSemanticError(f'attention rule "{rule.pattern}" {problem}', rule.span, source)
             fmt = program.checked.format(rule.format) if rule.format else None
-            for name in (MASKED, MASKED_BTHD) if fmt else (DENSE, DENSE_BTHD):
+            for name in kernels_for(fmt is not None):
                 try:  # built here, where an error is the rule's; the build below finds them built
                     for index_dtypes in index_type_choices(fmt) if fmt is not None else ():
                         nn.kernels[name].instance(fmt, index_dtypes)

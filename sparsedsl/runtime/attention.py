@@ -31,6 +31,12 @@ DENSE, MASKED = "attention", "block_attention"  # nn.sdsl's kernels
 DENSE_BTHD, MASKED_BTHD = "attention_bthd", "block_attention_bthd"  # the same, on [B, T, H, D] storage
 
 
+def kernels_for(masked: bool) -> tuple[str, str]:
+    """The nn.sdsl kernels that attention with (``masked``) or without a block mask may call:
+    ``(in place, copied)``, on [B, T, H, D] storage read in place and on [B * H, T, D] copies."""
+    return (MASKED_BTHD, MASKED) if masked else (DENSE_BTHD, DENSE)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -158,19 +164,18 @@ def _attend(
     batch, heads, tokens, dim = q.shape
     keys = k.shape[2]
     keep = keep.to(q.dtype)
+    placed, copied = (nn.kernels[name] for name in kernels_for(bool(masks)))
     if in_place(q, k, v, masks):  # the [B, T, H, D] storage read as it is, the output written so
-        kernel = nn.kernels[MASKED_BTHD if masks else DENSE_BTHD]
-        return kernel(*(t.transpose(1, 2) for t in (q, k, v)), *masks, keep, scale).transpose(1, 2)
+        return placed(*(t.transpose(1, 2) for t in (q, k, v)), *masks, keep, scale).transpose(1, 2)
     keep = keep.repeat_interleave(heads, 0)  # [B * H, S]
     if len(masks) <= 1:  # one call for every batch and head
         flat = [t.reshape(batch * heads, -1, dim).contiguous() for t in (q, k, v)]
-        kernel = nn.kernels[MASKED if masks else DENSE]
-        return kernel(*flat, *masks, keep, scale).view(batch, heads, tokens, dim)
+        return copied(*flat, *masks, keep, scale).view(batch, heads, tokens, dim)
     out = torch.empty(heads, batch, tokens, dim, dtype=q.dtype)
     keep = keep.view(batch, heads, keys).transpose(0, 1)
     for h, mask in enumerate(masks):  # a mask per head: a call per head
         args = [t[:, h].contiguous() for t in (q, k, v)]
-        out[h] = nn.kernels[MASKED](*args, mask, keep[h].contiguous(), scale)
+        out[h] = copied(*args, mask, keep[h].contiguous(), scale)
     return out.transpose(0, 1).contiguous()
 
 
