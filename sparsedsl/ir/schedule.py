@@ -265,13 +265,28 @@ def _map_loops(s: L.Stmt, ids: set[int], fn) -> L.Stmt:
     return s
 
 
+def _unflattened(e: L.Bin) -> L.Expr:
+    """``e`` with a position rebuilt from a flat index folded back into it: ``(a + x // c) * c + x % c``
+    is ``a * c + x`` (and ``(x // c) * c + x % c`` is ``x``). Flattening a nest (``vector_sums``)
+    substitutes ``x // c`` and ``x % c`` for its two loop variables; unfolded, a position that is
+    contiguous in ``x`` would not look so to the vectorisers (a gather of the stored values)."""
+    match e:
+        case L.Bin("+", L.Bin("*", outer, L.Const(c)), L.Bin("%", x, L.Const(c2))) if c == c2:
+            match outer:
+                case L.Bin("//", y, L.Const(c3)) if c3 == c and y == x:
+                    return x
+                case L.Bin("+", a, L.Bin("//", y, L.Const(c3))) if c3 == c and y == x:
+                    return L.add(L.mul(a, L.const(c, dtype=L.dtype_of(x))), x)
+    return e
+
+
 def substitute(s, name: str, value: L.Expr):
     """Replace variable ``name`` by ``value`` in a statement or expression."""
     match s:
         case L.Var(n) if n == name:
             return value
         case L.Bin(op, a, b):
-            return L.Bin(op, substitute(a, name, value), substitute(b, name, value))
+            return _unflattened(L.Bin(op, substitute(a, name, value), substitute(b, name, value)))
         case L.Load(buf, idx):
             return L.Load(buf, tuple(substitute(i, name, value) for i in idx))
         case L.Call(f, args, dt):

@@ -24,7 +24,9 @@ from pathlib import Path
 from sparsedsl import cache
 
 MEASURED_WORK = 1 << 20  # multiply-adds from which a call's variant is measured
-RUNS = 3  # timed runs of each variant (after one to warm it), the fastest counted
+RUNS = 3  # timed runs of each variant at least (after one to warm it), the fastest counted
+MIN_SPAN_S = 0.02  # seconds the rounds span at least, while under MAX_ROUNDS
+MAX_ROUNDS = 25
 
 
 def enabled() -> bool:
@@ -40,16 +42,23 @@ def key(code: str, sizes: dict[str, int], token: str | None, threads: int) -> st
 
 
 def fastest(runs: dict[str, Callable[[], None]]) -> str:
-    """The name of the fastest of ``runs``: each run once, then ``RUNS`` rounds in turn, the best
-    time of each counted (rounds in turn: a slow moment of a shared machine hits them all)."""
+    """The name of the fastest of ``runs``: each run once, then rounds in turn, the best time of each
+    counted: at least ``RUNS`` rounds, and more until they span ``MIN_SPAN_S`` (at most
+    ``MAX_ROUNDS``). Rounds in turn, so that a slow moment of a shared machine hits them all; over
+    a span, so that it cannot hit every run of one variant: in three rounds of a few hundred µs,
+    one stall of a few ms made the slowest-but-one variant of a MiniLM layer the choice, 1.8x
+    the fastest's time, in one first forward of three."""
     for run in runs.values():
         run()
     best = dict.fromkeys(runs, float("inf"))
-    for _ in range(RUNS):
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < RUNS or (rounds < MAX_ROUNDS and time.perf_counter() - start < MIN_SPAN_S):
         for name, run in runs.items():
-            start = time.perf_counter()
+            began = time.perf_counter()
             run()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], time.perf_counter() - began)
+        rounds += 1
     return min(best, key=best.__getitem__)
 
 
