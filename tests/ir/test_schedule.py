@@ -384,3 +384,13 @@ def test_a_jammed_row_loop_keeps_its_kind_and_leaves_rows_that_read_back_alone()
     assert "acc: float32[4, 64]" in jammed and "for n_j in [0, (N // 4)) parallel:" in jammed
     blocked = lower(kernel, LowerOptions(block=KBlock(None, 32)))
     assert jammed_rows(blocked, ACC, 256) == blocked
+
+
+def test_one_token_nm_reads_its_stored_values_contiguously():
+    """Flattening an N:M row's groups and slots into lanes folds ``(g // n) * n + g % n`` back into
+    ``g``: the stored values and coordinates are read as contiguous vectors, not gathered."""
+    prog = sd.compile(
+        "kernel lin(X: f32[M, K], W: f32[N, K] @ NM(2, 4)) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }"
+    )
+    one = L.func_str(prog.lin.instance().variants["rows_one"])
+    assert "W_vals[" in one and not any("%" in line for line in one.splitlines() if "W_vals[" in line)

@@ -105,3 +105,17 @@ def test_aot_builds_carry_the_choices_of_the_machine(tmp_path, measured, monkeyp
     args, expected = case(loaded, 40, "BSR(4, 1)")
     torch.testing.assert_close(loaded.linear(*args), expected)
     assert len(measured) == 1
+
+
+def test_a_stall_during_every_run_of_few_rounds_does_not_decide(monkeypatch):
+    """The rounds go on until they span ``MIN_SPAN_S``: a variant slowed by a stall of the machine
+    through its first rounds is still seen at its speed, and chosen."""
+    monkeypatch.setattr(tuning, "MIN_SPAN_S", 0.05)
+    started = tuning.time.perf_counter()
+    seconds = {"fast": 0.001, "slow": 0.002}
+
+    def run(name):
+        stalled = tuning.time.perf_counter() - started < 0.02  # the first rounds, all of them
+        tuning.time.sleep(seconds[name] * (4 if stalled and name == "fast" else 1))
+
+    assert tuning.fastest({n: lambda n=n: run(n) for n in seconds}) == "fast"
