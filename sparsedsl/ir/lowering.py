@@ -639,6 +639,7 @@ class _Nest(_Lowering):
         (``index_env``); the accumulator lives from ``alloc_depth`` on (gather: the first reduced
         level)."""
         self.coord_env: dict[int, L.Expr] = {}
+        self.coordinate_bounds: dict[str, int] = {}
         self.sorted_rows: tuple[str, str] | None = None
         self.nest: list[L.Stmt] = []
         self.position: L.Expr = L.const(0)
@@ -672,6 +673,8 @@ class _Nest(_Lowering):
                 cvar = L.Var(f"{name}_c")
                 self.nest.append(L.Let(cvar, coord))
                 coord = cvar
+                if isinstance(extent, L.Const):  # a validated structure's coordinates are below it
+                    self.coordinate_bounds[cvar.name] = extent.value
                 if l == 0 and lvl.sorted and not self.gather and self.level_idx[0] in self.acc_names:
                     self.sorted_rows = (name, cvar.name)  # the output rows a scatter sums into, in order
             self.coord_env[l] = coord
@@ -833,6 +836,7 @@ class _Nest(_Lowering):
             "token_extent": self.extents[token] if token else None,
             "dense_reduction": self.dense_red,
             "sparse_reduction": next((it.var.name for it in inner if isinstance(it, L.For)), None) if summed else None,
+            "coordinate_bounds": self.coordinate_bounds,
             "thread_major": _thread_major(
                 self.body if self.reduction else None, self.sparse, self.s_idx, self.red_idx, token
             ),

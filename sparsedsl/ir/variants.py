@@ -17,6 +17,7 @@ from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir import schedule as sched
 from sparsedsl.ir.buffer_names import ACC
 from sparsedsl.ir.lowering import KBlock, LowerOptions, lower
+from sparsedsl.ir.windows import permute_lanes, windowed
 
 SMALL_TILE = 16
 # K-blocking: the staged activations of one block of the sum, this many bytes, are what every row
@@ -109,18 +110,21 @@ def lower_blocked(kernel: K.Kernel, opts: LowerOptions) -> L.LoopFunc:
         return lower(kernel, opts)
 
 
-def _one_token(func: L.LoopFunc) -> L.LoopFunc:
+def _one_token(func: L.LoopFunc, vector_bits: int) -> L.LoopFunc:
     """A one-token variant with its sum over a row's stored values in vector lanes (or where a
     stored block holds several rows, ``BSR(4, 1)``, the rows in the lanes), the vectors summed in
     ``ONE_TOKEN_COPIES`` interleaved partial sums: without tokens to vectorise over, each add
-    would wait on the one before (``sched.vector_sums``, ``sched.interleaved_sums``)."""
+    would wait on the one before (``sched.vector_sums``, ``sched.interleaved_sums``). Where the
+    CPU has a variable permute (AVX2 on: ``windows.permute_lanes``), the activations of an N:M
+    row's lanes are read as one window and permuted (``ir/windows.py``) instead of gathered."""
     reduction = func.meta.get("sparse_reduction")
     if reduction is None:
         return func
     summed = sched.vector_sums(func, reduction, ONE_TOKEN_LANES)
     if summed is func:
         return sched.interleaved_sums(func, reduction, ONE_TOKEN_COPIES)
-    return sched.interleaved_sums(summed, sched.groups_of(reduction), ONE_TOKEN_COPIES)
+    summed = sched.interleaved_sums(summed, sched.groups_of(reduction), ONE_TOKEN_COPIES)
+    return windowed(summed, permute_lanes(vector_bits))
 
 
 def _few_tokens(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:
@@ -165,7 +169,8 @@ def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> d
                 continue
             few = sched.default(lower_blocked(kernel, replace(opts, tile=tile)))
             kind = "rows" if "rows" in few else next(iter(few))
-            variants[f"{kind}_{suffix}"] = _one_token(few[kind]) if tile == 1 else _few_tokens(kernel, few[kind])
+            narrow = few[kind]
+            variants[f"{kind}_{suffix}"] = _one_token(narrow, vector_bits) if tile == 1 else _few_tokens(kernel, narrow)
         variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}
     # after the default schedule, which marks parallel loops by name: a jammed loop keeps its kind
     return {k: _jammed(kernel, v, opts) for k, v in variants.items()}

@@ -25,6 +25,7 @@ from llvmlite import ir
 
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir import windows
 from sparsedsl.ir.transposes import shuffles, vector_transposes
 
 I1, I32, I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
@@ -87,7 +88,7 @@ DOT_INTRINSICS = {
 
 
 def provides(intrinsic: tuple, features: frozenset[str]) -> bool:
-    """Whether a CPU with ``features`` has a ``DOT_INTRINSICS`` entry's instruction."""
+    """Whether a CPU with ``features`` has a ``DOT_INTRINSICS`` or ``windows.PERMUTES`` entry's instruction."""
     return any(set(f.split("+")) <= features for f in intrinsic[1])
 
 
@@ -376,6 +377,8 @@ class Codegen:
                 return self._cast(self.expr(value, lane, vec), dtype, L.dtype_of(value))
             case L.Bin(op, x, y):
                 return self._bin(op, x, y, lane, vec)
+            case L.Call(windows.WINDOW):
+                return self._window(e, lane, vec)
             case L.Call(fname, args, dtype):
                 return self._call(fname, [self.expr(a, lane, vec) for a in args])
             case L.Select(c, t, o):
@@ -471,6 +474,28 @@ class Codegen:
         if name == "dot":
             return self._dot(args[0], args[1], args[2:])
         raise BackendError(f"llvm backend: no function '{name}'")
+
+    def _window(self, call: L.Call, lane: str | None, vec: ir.VectorType | None) -> ir.Value:
+        """A window read (``ir/windows.py``): in vector mode the window's vectors loaded whole, each
+        lane's element picked by a variable permute (``windows.PERMUTES``), the picks of the vectors
+        after the first taking over where a lane's offset reaches them; the plain read otherwise."""
+        plain, start, offset, width, _ = windows.window_parts(call)
+        permute = windows.PERMUTES.get((plain.buffer.dtype, vec.count)) if lane is not None else None
+        if permute is None or not provides(permute, self.features):
+            return self.expr(plain, lane, vec)
+        b, count = self.b, vec.count
+        i32s = ir.VectorType(I32, count)
+        picks = self._cast(self.expr(offset, lane, vec), "int32", L.dtype_of(offset))
+        vty = ir.VectorType(TYPES[plain.buffer.dtype], count)
+        first = b.bitcast(self._address(start.buffer, start.indices), vty.as_pointer())
+        fn = _declare(self.module, permute[0], ir.FunctionType(vty, [vty, i32s]))
+        result = None
+        for j in range(-(-width // count)):
+            chunk = b.load(b.gep(first, [ir.Constant(I64, j)]), align=BYTES[plain.buffer.dtype])
+            picked = b.call(fn, [chunk, picks])
+            reached = b.icmp_signed(">=", picks, ir.Constant(i32s, [j * count] * count))
+            result = picked if result is None else b.select(reached, picked, result)
+        return result
 
     def _int32s(self, like: ir.Value, value: int) -> ir.Constant:
         if isinstance(like.type, ir.VectorType):

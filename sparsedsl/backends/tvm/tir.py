@@ -10,6 +10,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
 from sparsedsl.ir import loop_ir as L
+from sparsedsl.ir import windows
 from sparsedsl.ir.schedule import cross_thread_sums
 from sparsedsl.ir.transposes import shuffles
 
@@ -62,6 +63,7 @@ class _Emitter:
     def __init__(self) -> None:
         self.vars: dict[str, tirx.Var] = {}
         self.bufs: dict[str, tirx.Buffer] = {}
+        self.vector: tuple[tirx.Var, L.Expr, int] | None = None  # the vectorised loop around: var, start, lanes
 
     def size(self, e: L.Expr):
         return self.expr(e)
@@ -78,6 +80,8 @@ class _Emitter:
                 return _BINARY[op](self.expr(a), self.expr(b))
             case L.Load(buf, idx):
                 return self.bufs[buf.name][tuple(self.expr(i) for i in _own(buf, idx))]
+            case L.Call(windows.WINDOW):
+                return self.window(e)
             case L.Call(func, args, _):
                 return _CALLS[func](*(self.expr(a) for a in args))
             case L.Cast(dtype, value):
@@ -94,14 +98,17 @@ class _Emitter:
             case L.For(var, start, extent, body, kind):
                 lo = self.expr(start)
                 hi = self.expr(L.add(start, extent))
-                saved = self.vars.get(var.name)
+                saved, outer = self.vars.get(var.name), self.vector
                 with _LOOPS[kind](lo, hi) as v:
                     IRBuilder.name(var.name, v)
                     self.vars[var.name] = v
+                    if kind is L.LoopKind.VECTORIZED and isinstance(extent, L.Const):
+                        self.vector = (v, start, extent.value)
                     if kind is L.LoopKind.THREAD_X:
                         self.thread_body(body, v)
                     else:
                         self.stmt(body)
+                self.vector = outer
                 if saved is not None:
                     self.vars[var.name] = saved
             case L.Store(buf, idx, L.Bin("+", L.Load(same, at), value), True) if same == buf and at == idx:
@@ -137,6 +144,30 @@ class _Emitter:
                 self.transpose(dst, dst_at, src, src_at)
             case _:
                 raise TypeError(s)
+
+    def window(self, call: L.Call) -> tirx.PrimExpr:
+        """A window read (``ir/windows.py``) in a vectorised loop of a permute's width: written per
+        lane, chunk ``j``'s element of the lane and a permute of it by the lane's offset, which TVM's
+        vectoriser turns into a contiguous load of the chunk and the permute of the whole vector;
+        the chunks after the first take over where a lane's offset reaches them. The plain read
+        elsewhere."""
+        plain, start, offset, width, dim = windows.window_parts(call)
+        dtype = plain.buffer.dtype
+        if self.vector is None or (dtype, self.vector[2]) not in windows.PERMUTES:
+            return self.expr(plain)
+        var, first, lanes = self.vector
+        intrinsic = windows.PERMUTES[dtype, lanes][0]
+        picks = tirx.Cast("int32", self.expr(offset))
+        result = None
+        for j in range(-(-width // lanes)):
+            at = list(start.indices)
+            at[dim] = L.add(at[dim], L.const(j * lanes))
+            element = tuple(self.expr(i) for i in at)
+            lane = var - self.expr(first)
+            chunk = self.bufs[plain.buffer.name][(*element[:dim], element[dim] + lane, *element[dim + 1 :])]
+            picked = tirx.call_llvm_pure_intrin(dtype, intrinsic, chunk, picks)
+            result = picked if result is None else tirx.Select(picks >= j * lanes, picked, result)
+        return result
 
     def run(self, at: tuple[L.Expr, ...], lanes: int) -> list[tirx.PrimExpr]:
         """The indices of ``lanes`` contiguous elements from ``at`` (a ramp in the last index)."""
