@@ -203,7 +203,17 @@ class Transpose:
     src_at: tuple[tuple[Expr, ...], ...]
 
 
-Stmt = For | Seq | Store | Let | Alloc | If | Tile | Transpose
+@dataclass(frozen=True)
+class Prefetch:
+    """A hint that ``buffer[indices]`` will be read soon: its cache line is fetched ahead (CPU
+    backends: ``prefetcht0``). Not a read: it never faults, and the passes that make it keep its
+    element inside the buffer anyway."""
+
+    buffer: Buffer
+    indices: tuple[Expr, ...]
+
+
+Stmt = For | Seq | Store | Let | Alloc | If | Tile | Transpose | Prefetch
 
 
 @dataclass(frozen=True)
@@ -370,6 +380,8 @@ def stmt_exprs(s: Stmt) -> list[Expr]:
             return [cond, *stmt_exprs(then)]
         case Transpose(_, dst_at, _, src_at):
             return [i for at in (*dst_at, *src_at) for i in at]
+        case Prefetch(_, idx):
+            return list(idx)
     return []
 
 
@@ -465,6 +477,8 @@ def stmt_lines(s: Stmt, indent: int = 0) -> list[str]:
             return [f"{pad}{target} = {source}"]
         case TileMma(c, c_tile, a, a_tile, b, b_tile):
             return [f"{pad}{_tile_str(c, c_tile)} += {_tile_str(a, a_tile)} @ {_tile_str(b, b_tile)}"]
+        case Prefetch(buf, idx):
+            return [f"{pad}prefetch {buf.name}[{', '.join(expr_str(i) for i in idx)}]"]
         case Transpose(dst, dst_at, src, src_at):
             n = len(src_at)
             runs = [f"{src.name}[{', '.join(expr_str(i) for i in at)} +: {n}]" for at in src_at]

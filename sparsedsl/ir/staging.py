@@ -30,7 +30,10 @@ from sparsedsl.ir.buffer_names import shared_copy
 from sparsedsl.ir.schedule import loops, map_buffer, rewrite_loops
 
 SHARED_BYTES = 48 * 1024  # static shared memory a CUDA block may declare
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int32": 4, "int64": 8}  # per element
+BYTES = {  # per element
+    **{"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int32": 4, "int64": 8},
+    **{"int16": 2, "uint16": 2, "int8": 1, "uint8": 1},
+}
 
 
 def _thread_loop(stmts: tuple[L.Stmt, ...]) -> L.For | None:

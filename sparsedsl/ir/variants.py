@@ -17,6 +17,7 @@ from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir import schedule as sched
 from sparsedsl.ir.buffer_names import ACC
 from sparsedsl.ir.lowering import KBlock, LowerOptions, lower
+from sparsedsl.ir.prefetch import prefetched
 from sparsedsl.ir.windows import permute_lanes, windowed
 
 SMALL_TILE = 16
@@ -24,7 +25,6 @@ SMALL_TILE = 16
 # rereads (from L1 and L2) instead of the whole tile; measured on znver3 (32 KiB L1) against 16, 32,
 # 64 and 96 KiB (docs/BENCHMARKS.md, "K-blocking"): 48 KiB was best or tied on every N:M shape
 L1_BLOCK_BYTES = 48 * 1024
-ONE_TOKEN_LANES = 8  # stored values a vector of partial sums takes at once (one token)
 ONE_TOKEN_COPIES = 4  # stored blocks summed at once, each into its own partial sums (one token)
 FEW_TOKEN_COPIES = 4  # stored values summed at once into their own vectors of partial sums (a few tokens)
 
@@ -110,21 +110,29 @@ def lower_blocked(kernel: K.Kernel, opts: LowerOptions) -> L.LoopFunc:
         return lower(kernel, opts)
 
 
+def one_token_lanes(vector_bits: int) -> int:
+    """Stored values a vector of partial sums takes at once (one token): a float32 register's
+    lanes, at least 8. AVX-512's 16 halve the permutes of an N:M row's windows: measured at one
+    token through 4096 x 4096, NM(1, 4) 0.37-0.39 -> 0.24 of ``F.linear`` (docs/BENCHMARKS.md)."""
+    return max(8, vector_bits // 32)
+
+
 def _one_token(func: L.LoopFunc, vector_bits: int) -> L.LoopFunc:
     """A one-token variant with its sum over a row's stored values in vector lanes (or where a
     stored block holds several rows, ``BSR(4, 1)``, the rows in the lanes), the vectors summed in
     ``ONE_TOKEN_COPIES`` interleaved partial sums: without tokens to vectorise over, each add
     would wait on the one before (``sched.vector_sums``, ``sched.interleaved_sums``). Where the
     CPU has a variable permute (AVX2 on: ``windows.permute_lanes``), the activations of an N:M
-    row's lanes are read as one window and permuted (``ir/windows.py``) instead of gathered."""
+    row's lanes are read as one window and permuted (``ir/windows.py``) instead of gathered; the
+    stored values and coordinates are fetched ahead (``ir/prefetch.py``)."""
     reduction = func.meta.get("sparse_reduction")
     if reduction is None:
         return func
-    summed = sched.vector_sums(func, reduction, ONE_TOKEN_LANES)
+    summed = sched.vector_sums(func, reduction, one_token_lanes(vector_bits))
     if summed is func:
         return sched.interleaved_sums(func, reduction, ONE_TOKEN_COPIES)
     summed = sched.interleaved_sums(summed, sched.groups_of(reduction), ONE_TOKEN_COPIES)
-    return windowed(summed, permute_lanes(vector_bits))
+    return prefetched(windowed(summed, permute_lanes(vector_bits)))
 
 
 def _few_tokens(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import sparsedsl as sd
+from sparsedsl.backends.llvm.jit import vector_bits
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.schedule import loops
+from sparsedsl.ir.variants import one_token_lanes
 from tests.strategies import prune_to_fit
 
 LINEAR = """
@@ -174,13 +176,15 @@ def test_decode_sized_calls_pick_a_small_tile_with_its_rows_in_parallel():
 
 @pytest.mark.parametrize("fmt", ["CSR", "NM(2, 4)", "ELL(3)"])
 def test_one_token_sums_its_stored_values_in_vector_lanes(fmt):
-    """One token: the row's stored values go 8 at a time into vector lanes of partial sums (a
-    scalar dependency chain otherwise), the leftover ones and the lanes then into the sum."""
+    """One token: the row's stored values go a register's lanes at a time (8 on AVX2, 16 on
+    AVX-512) into vector lanes of partial sums (a scalar dependency chain otherwise), the
+    leftover ones and the lanes then into the sum."""
     prog = sd.compile(
         f"kernel lin(X: f32[M, K], W: f32[N, K] @ {fmt}) -> (Y: f32[M, N]) {{ Y[m, n] = sum(k) X[m, k] * W[n, k] }}"
     )
     one = prog.lin.instance().variants["rows_one"]
-    lanes = [f for f in loops(one.body) if f.kind is L.LoopKind.VECTORIZED and f.extent == L.const(8)]
+    width = L.const(one_token_lanes(vector_bits()))
+    lanes = [f for f in loops(one.body) if f.kind is L.LoopKind.VECTORIZED and f.extent == width]
     assert lanes and "acc_v" in L.func_str(one)
     gen = torch.Generator().manual_seed(5)
     for k in (4, 12, 100):  # fewer stored values a row than lanes, and a leftover

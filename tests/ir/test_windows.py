@@ -72,3 +72,15 @@ def test_one_token_nm_matches_dense(fmt, backend, rows, groups, seed):
     w = prune_to_fit(torch.randn(rows, groups * m, generator=gen), prog.format(fmt), None)
     x = torch.randn(1, groups * m, generator=gen)
     torch.testing.assert_close(prog.lin(x, prog.pack(fmt, w)), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_streams_are_fetched_ahead_inside_their_buffers():
+    """The stored values and coordinates of a one-token kernel are prefetched ``AHEAD_BYTES``
+    ahead (ir/prefetch.py), the element clamped to the buffer's last; the built code has them."""
+    from sparsedsl.ir.prefetch import AHEAD_BYTES
+
+    text = L.func_str(one_token("CSR"))
+    assert "prefetch W_vals[min(" in text and "(W_vals_len - 1))]" in text
+    assert f"+ {AHEAD_BYTES // 4}), (W_vals_len - 1))" in text
+    for backend in ("tvm", "llvm"):
+        assert "prefetcht0" in sd.compile(SOURCE.format(fmt="CSR"), backend=backend).lin.source("asm", "CSR")

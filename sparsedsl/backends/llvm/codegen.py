@@ -597,6 +597,11 @@ class Codegen:
                     self._close_scope()
             case L.Transpose(dst, dst_at, src, src_at):
                 self._transpose(dst, dst_at, src, src_at)
+            case L.Prefetch(buf, idx):
+                i8p = ir.IntType(8).as_pointer()
+                fn = _declare(self.module, "llvm.prefetch.p0", ir.FunctionType(ir.VoidType(), [i8p, I32, I32, I32]))
+                read, keep, data = (ir.Constant(I32, v) for v in (0, 3, 1))  # a read, into every level, of data
+                self.b.call(fn, [self.b.bitcast(self._address(buf, idx), i8p), read, keep, data])
             case _:
                 raise BackendError(f"llvm backend: cannot generate {s}")
 

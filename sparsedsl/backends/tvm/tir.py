@@ -142,6 +142,10 @@ class _Emitter:
                 T.evaluate(T.tvm_mma_sync(acc, at, *args, acc, at))
             case L.Transpose(dst, dst_at, src, src_at):
                 self.transpose(dst, dst_at, src, src_at)
+            case L.Prefetch(buf, idx):  # a read, into every level, of data (LLVM's operands)
+                element = self.bufs[buf.name][tuple(self.expr(i) for i in idx)]
+                fetch = tirx.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(element), 0, 3, 1)
+                T.evaluate(fetch)
             case _:
                 raise TypeError(s)
 
