@@ -314,26 +314,29 @@ def substitute(s, name: str, value: L.Expr):
     return s
 
 
+def rewrite_loads(e: L.Expr, fn: Callable[[L.Load], L.Expr]) -> L.Expr:
+    """``e`` with every read replaced by ``fn`` of it (its indices rewritten first)."""
+    match e:
+        case L.Load(buf, idx):
+            return fn(L.Load(buf, tuple(rewrite_loads(i, fn) for i in idx)))
+        case L.Bin(op, a, b):
+            return L.Bin(op, rewrite_loads(a, fn), rewrite_loads(b, fn))
+        case L.Call(f, args, dt):
+            return L.Call(f, tuple(rewrite_loads(a, fn) for a in args), dt)
+        case L.Cast(dt, v):
+            return L.Cast(dt, rewrite_loads(v, fn))
+        case L.Select(c, t, o):
+            return L.Select(rewrite_loads(c, fn), rewrite_loads(t, fn), rewrite_loads(o, fn))
+    return e
+
+
 def map_buffer(s: L.Stmt, old: str, new: L.Buffer, index: Callable[[tuple], tuple]) -> L.Stmt:
     """Rewrite every access to buffer ``old`` as an access to ``new`` at ``index(indices)``; the
     declaration of ``old`` stays only when ``new`` is a local buffer (a parameter, or a buffer
     declared elsewhere, needs none)."""
 
     def expr(e):
-        match e:
-            case L.Load(buf, idx) if buf.name == old:
-                return L.Load(new, tuple(index(tuple(expr(i) for i in idx))))
-            case L.Load(buf, idx):
-                return L.Load(buf, tuple(expr(i) for i in idx))
-            case L.Bin(op, a, b):
-                return L.Bin(op, expr(a), expr(b))
-            case L.Call(f, args, dt):
-                return L.Call(f, tuple(expr(a) for a in args), dt)
-            case L.Cast(dt, v):
-                return L.Cast(dt, expr(v))
-            case L.Select(c, t, o):
-                return L.Select(expr(c), expr(t), expr(o))
-        return e
+        return rewrite_loads(e, lambda ld: L.Load(new, tuple(index(ld.indices))) if ld.buffer.name == old else ld)
 
     match s:
         case L.For(var, start, extent, body, kind):

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.schedule import rewrite_loops
+from sparsedsl.ir.schedule import rewrite_loads, rewrite_loops
 
 WINDOW = "window"
 # (element type, lanes) -> (LLVM's variable permute within one vector, the CPU features that provide it)
@@ -99,33 +99,18 @@ def _window(load: L.Load, lane: str, bounds: dict[str, int], local: set[str], pa
 
 
 def _reads_rewritten(s: L.Stmt, fn) -> L.Stmt:
-    """``s`` with every ``Load`` in its expressions replaced by ``fn(load)``."""
-
-    def expr(e: L.Expr) -> L.Expr:
-        match e:
-            case L.Load():
-                return fn(e)
-            case L.Bin(op, a, b):
-                return L.Bin(op, expr(a), expr(b))
-            case L.Call(f, args, dt):
-                return L.Call(f, tuple(expr(a) for a in args), dt)
-            case L.Cast(dt, v):
-                return L.Cast(dt, expr(v))
-            case L.Select(c, t, o):
-                return L.Select(expr(c), expr(t), expr(o))
-        return e
-
+    """``s`` with every read in its stored values and lets replaced by ``fn(load)``."""
     match s:
         case L.Seq(stmts):
             return L.Seq(tuple(_reads_rewritten(st, fn) for st in stmts))
-        case L.For():
-            return replace(s, body=_reads_rewritten(s.body, fn))
+        case L.For(body=body):
+            return replace(s, body=_reads_rewritten(body, fn))
+        case L.If(then=then):
+            return replace(s, then=_reads_rewritten(then, fn))
         case L.Store(_, _, value):
-            return replace(s, value=expr(value))
+            return replace(s, value=rewrite_loads(value, fn))
         case L.Let(var, value):
-            return L.Let(var, expr(value))
-        case L.If(cond, then):
-            return L.If(cond, _reads_rewritten(then, fn))
+            return L.Let(var, rewrite_loads(value, fn))
     return s
 
 
