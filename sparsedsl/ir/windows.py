@@ -59,10 +59,12 @@ def windowed(func: L.LoopFunc, lanes: tuple[int, ...]) -> L.LoopFunc:
     padded: dict[str, int] = {}
 
     def in_loop(loop: L.For) -> L.Stmt | None:
-        if loop.kind is not L.LoopKind.VECTORIZED or loop.extent not in [L.const(n) for n in lanes]:
+        extents = [L.const(n) for n in lanes]
+        if loop.kind is not L.LoopKind.VECTORIZED or loop.extent not in extents or loop.start != L.const(0):
             return None
         local = {b.name for b in L.allocs(func.body)}
-        body = _reads_rewritten(loop.body, lambda load: _window(load, loop.var.name, bounds, local, padded))
+        lane = (loop.var.name, loop.extent.value)
+        body = _reads_rewritten(loop.body, lambda load: _window(load, lane, bounds, local, padded))
         return None if body == loop.body else replace(loop, body=body)
 
     body = rewrite_loops(func.body, in_loop)
@@ -71,8 +73,12 @@ def windowed(func: L.LoopFunc, lanes: tuple[int, ...]) -> L.LoopFunc:
     return replace(func, body=_padded(body, padded))
 
 
-def _window(load: L.Load, lane: str, bounds: dict[str, int], local: set[str], padded: dict[str, int]) -> L.Expr:
-    """``load`` as a window read, if it is one (``windowed``); noting the padding it needs."""
+def _window(
+    load: L.Load, lane: tuple[str, int], bounds: dict[str, int], local: set[str], padded: dict[str, int]
+) -> L.Expr:
+    """``load`` as a window read, if it is one (``windowed``; ``lane``: the vector loop's variable,
+    from 0, and its extent, which the groups must have too: every lane's offset is then below
+    the width); noting the padding it needs."""
     buf = load.buffer
     if buf.name not in local:
         return load
@@ -89,10 +95,10 @@ def _window(load: L.Load, lane: str, bounds: dict[str, int], local: set[str], pa
         if bounds.get(c, m + 1) > m:
             continue
         match flat:
-            case L.Bin("+", L.Bin("*", group, L.Const(lanes)), L.Var(v)) if v == lane and lanes % n == 0:
-                width = lanes // n * m
+            case L.Bin("+", L.Bin("*", group, L.Const(per)), L.Var(v)) if (v, per) == lane and per % n == 0:
+                width = per // n * m
                 base = L.mul(group, L.const(width))
-                offset = L.add(L.mul(L.floordiv(L.Var(lane), L.const(n)), L.const(m)), L.Var(c))
+                offset = L.add(L.mul(L.floordiv(L.Var(v), L.const(n)), L.const(m)), L.Var(c))
                 padded[buf.name] = max(padded.get(buf.name, 0), width)
                 return window_call(load, dim, base, offset, width)
     return load

@@ -84,3 +84,24 @@ def test_one_token_streams_are_fetched_ahead_inside_their_buffers():
     assert f"+ {AHEAD_BYTES // 4}), (W_vals_len - 1))" in text
     for backend in ("tvm", "llvm"):
         assert "prefetcht0" in sd.compile(SOURCE.format(fmt="CSR"), backend=backend).lin.source("asm", "CSR")
+
+
+@pytest.mark.parametrize(("per_group", "windows"), [(16, 1), (8, 0)])
+def test_a_window_covers_every_lane_or_is_not_made(per_group, windows):
+    """Only groups as wide as the vector loop are windows: with 16 lanes over groups of 8 values,
+    lanes 8-15 would read past the width the group's window has."""
+    K, v, g = L.SizeVar("K"), L.Var("v"), L.Var("g")
+    x_t, crd = L.Buffer("X_t", "float32", (K, L.const(1))), L.Buffer("crd", "uint8", (K,))
+    flat = L.add(L.mul(g, L.const(per_group)), v)
+    read = L.load(x_t, L.add(L.mul(L.floordiv(flat, L.const(2)), L.const(4)), L.Var("c")), L.const(0))
+    acc = L.Buffer("acc", "float32", (L.const(16),))
+    lanes = L.For(
+        v,
+        L.const(0),
+        L.const(16),
+        L.seq(L.Let(L.Var("c"), L.Cast("int64", L.load(crd, flat))), L.Store(acc, (v,), read)),
+        L.LoopKind.VECTORIZED,
+    )
+    body = L.seq(L.Alloc(x_t), L.Alloc(acc), L.For(g, L.const(0), L.const(4), lanes))
+    func = L.LoopFunc("f", (crd,), body, {"coordinate_bounds": {"c": 4}})
+    assert L.func_str(windowed(func, (16,))).count(f"{WINDOW}(") == windows
