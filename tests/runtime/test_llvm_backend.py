@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import sparsedsl as sd
+from sparsedsl.backends import host
 from sparsedsl.cli import main as cli
 from sparsedsl.runtime import calls
 
@@ -99,11 +100,13 @@ def test_compile_model_llvm_backend():
 def test_the_few_token_variants_run_on_every_thread_and_gather(monkeypatch, set_threads):
     """A body that is not one parallel loop (the few-token variants: staging, rows and write-out
     each parallel) hands the call's thread count to each parallel loop in it; its vector loop over a
-    row's nonzeros gathers the activations (``masked.gather``) instead of running lane by lane."""
+    row's nonzeros reads the activations as one vector: an N:M row's as a window it permutes
+    (where the CPU has the permute: ir/windows.py), a CSR row's gathered (``masked.gather``),
+    instead of lane by lane."""
     set_threads(2)
     monkeypatch.setattr(calls, "PARALLEL_WORK", 1)
     prog = sd.compile(ROOT / "examples" / "linear.sdsl", backend="llvm")
-    # 76 stored values a row: 2 groups of 4 x 8 lanes, a leftover group of 8 and 4 values alone
+    # 76 stored values a row: whole groups of lanes, a leftover group and values alone
     w = prog.pack("NM(2, 4)", sd.prune(torch.randn(64, 152), "NM(2, 4)"))
     x, b = torch.randn(1, 152), torch.randn(64)
     inst = prog.linear.instance_for(w)
@@ -113,4 +116,9 @@ def test_the_few_token_variants_run_on_every_thread_and_gather(monkeypatch, set_
     kernel.cfunc = lambda *args: seen.append(args[-1]) or run(*args)
     torch.testing.assert_close(prog.linear(x, w, b), x @ w.to_dense().T + b)
     assert seen == [2]
-    assert "llvm.masked.gather" in inst.built.source("llvm")
+    permuted = "avx2" in host.present()
+    assert ("llvm.x86.avx" in inst.built.source("llvm")) == permuted
+    assert ("llvm.masked.gather" in inst.built.source("llvm")) != permuted
+    csr = prog.pack("CSR", sd.prune(torch.randn(64, 152), "CSR", 0.5))
+    torch.testing.assert_close(prog.linear(x, csr, b), x @ csr.to_dense().T + b)
+    assert "llvm.masked.gather" in prog.linear.instance_for(csr).built.source("llvm")
