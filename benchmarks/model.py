@@ -29,6 +29,7 @@ import sparsedsl as sd  # noqa: E402
 
 # isort: split
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -230,10 +231,17 @@ def deepsparse(s: Setup) -> dict:
         proc.send_signal(signal.SIGSTOP)  # its idle workers spin: stopped, they take no core from the other rows
         return times
 
-    def stop() -> None:
-        proc.send_signal(signal.SIGCONT)
-        proc.stdin.close()
+    def stop() -> None:  # also at exit, whatever ended the benchmark: no runner is left stopped
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
+    atexit.register(stop)
     run(2)
     return {
         "max_diff": diff,

@@ -21,17 +21,21 @@ AHEAD_BYTES = 4096  # how far ahead of its reads a stream is fetched
 
 def prefetched(func: L.LoopFunc) -> L.LoopFunc:
     """``func`` with a prefetch before each of its vector loops for every one-dimensional argument
-    buffer the loop reads: the element ``AHEAD_BYTES`` past the one its first lane reads, kept
-    inside the buffer (``min`` with its last element)."""
+    buffer the loop reads at a position known before it (not one a ``let`` in the loop gives): the
+    element ``AHEAD_BYTES`` past the one its first lane reads, kept inside the buffer (``min``
+    with its last element)."""
     params = {p.name for p in func.params if isinstance(p, L.Buffer) and len(p.shape) == 1}
 
     def before(loop: L.For) -> L.Stmt | None:
         if loop.kind is not L.LoopKind.VECTORIZED:
             return None
+        inner = [st.var.name for st in L.leaves(loop.body) if isinstance(st, L.Let)]
         fetches, seen = [], set()
         for load in L.loads(loop.body):
             buf = load.buffer
             if buf.name not in params or buf.name in seen or buf.dtype not in BYTES:
+                continue
+            if any(L.uses(load.indices[0], name) for name in inner):
                 continue
             seen.add(buf.name)
             first = substitute(load.indices[0], loop.var.name, loop.start)

@@ -80,7 +80,7 @@ def _window(
     from 0, and its extent, which the groups must have too: every lane's offset is then below
     the width); noting the padding it needs."""
     buf = load.buffer
-    if buf.name not in local:
+    if buf.name not in local or (buf.dtype, lane[1]) not in PERMUTES:  # no permute of these lanes
         return load
     for dim, index in enumerate(load.indices):
         if not all(d == L.const(1) for d in buf.shape[dim + 1 :]):

@@ -105,3 +105,20 @@ def test_a_window_covers_every_lane_or_is_not_made(per_group, windows):
     body = L.seq(L.Alloc(x_t), L.Alloc(acc), L.For(g, L.const(0), L.const(4), lanes))
     func = L.LoopFunc("f", (crd,), body, {"coordinate_bounds": {"c": 4}})
     assert L.func_str(windowed(func, (16,))).count(f"{WINDOW}(") == windows
+
+
+@pytest.mark.parametrize("backend", ["tvm", "llvm"])
+def test_no_prefetch_of_a_position_only_the_loop_knows(backend):
+    """A one-dimensional argument read at a stored value's coordinate (``s[k]``: a ``let`` of the
+    vector loop) is not prefetched before the loop, where that coordinate is unknown; the kernel
+    builds and gives the dense answer."""
+    source = (
+        "kernel lin(X: f32[M, K], W: f32[N, K] @ CSR, s: f32[K]) -> (Y: f32[M, N]) "
+        "{ Y[m, n] = sum(k) X[m, k] * W[n, k] * s[k] }"
+    )
+    prog = sd.compile(source, backend=backend)
+    assert "prefetch s[" not in L.func_str(prog.lin.instance().variants["rows_one"])
+    gen = torch.Generator().manual_seed(3)
+    w = prune_to_fit(torch.randn(20, 70, generator=gen), prog.format("CSR"), 0.6)
+    x, s = torch.randn(1, 70, generator=gen), torch.randn(70, generator=gen)
+    torch.testing.assert_close(prog.lin(x, prog.pack("CSR", w), s), (x * s) @ w.T, rtol=1e-5, atol=1e-5)
