@@ -265,18 +265,20 @@ def _map_loops(s: L.Stmt, ids: set[int], fn) -> L.Stmt:
     return s
 
 
-def _unflattened(e: L.Bin) -> L.Expr:
+def unflattened(e: L.Expr) -> L.Expr:
     """``e`` with a position rebuilt from a flat index folded back into it: ``(a + x // c) * c + x % c``
-    is ``a * c + x`` (and ``(x // c) * c + x % c`` is ``x``). Flattening a nest (``vector_sums``)
-    substitutes ``x // c`` and ``x % c`` for its two loop variables; unfolded, a position that is
-    contiguous in ``x`` would not look so to the vectorisers (a gather of the stored values)."""
+    (either order inside) is ``a * c + x``, and ``(x // c) * c + x % c`` is ``x``. Flattening a
+    nest (``vector_sums``) or splitting a fused loop substitutes ``x // c`` and ``x % c`` for two
+    loop variables; unfolded, a position that is contiguous in ``x`` would not look so to the
+    vectorisers (a gather of the stored values)."""
     match e:
         case L.Bin("+", L.Bin("*", outer, L.Const(c)), L.Bin("%", x, L.Const(c2))) if c == c2:
-            match outer:
-                case L.Bin("//", y, L.Const(c3)) if c3 == c and y == x:
-                    return x
-                case L.Bin("+", a, L.Bin("//", y, L.Const(c3))) if c3 == c and y == x:
-                    return L.add(L.mul(a, L.const(c, dtype=L.dtype_of(x))), x)
+            quotient = L.Bin("//", x, L.Const(c))
+            if outer == quotient:
+                return x
+            if isinstance(outer, L.Bin) and outer.op == "+" and quotient in (outer.a, outer.b):
+                other = outer.b if outer.a == quotient else outer.a
+                return L.add(L.mul(other, L.const(c, dtype=L.dtype_of(x))), x)
     return e
 
 
@@ -286,7 +288,7 @@ def substitute(s, name: str, value: L.Expr):
         case L.Var(n) if n == name:
             return value
         case L.Bin(op, a, b):
-            return _unflattened(L.Bin(op, substitute(a, name, value), substitute(b, name, value)))
+            return unflattened(L.Bin(op, substitute(a, name, value), substitute(b, name, value)))
         case L.Load(buf, idx):
             return L.Load(buf, tuple(substitute(i, name, value) for i in idx))
         case L.Call(f, args, dt):

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.schedule import rewrite_loads, rewrite_loops
+from sparsedsl.ir.schedule import rewrite_loads, rewrite_loops, rewrite_stores
 
 WINDOW = "window"
 # (element type, lanes) -> (LLVM's variable permute within one vector, the CPU features that provide it)
@@ -64,7 +64,10 @@ def windowed(func: L.LoopFunc, lanes: tuple[int, ...]) -> L.LoopFunc:
             return None
         local = {b.name for b in L.allocs(func.body)}
         lane = (loop.var.name, loop.extent.value)
-        body = _reads_rewritten(loop.body, lambda load: _window(load, lane, bounds, local, padded))
+        def windows_in(store: L.Store) -> L.Store:
+            return replace(store, value=rewrite_loads(store.value, lambda ld: _window(ld, lane, bounds, local, padded)))
+
+        body = rewrite_stores(loop.body, windows_in)
         return None if body == loop.body else replace(loop, body=body)
 
     body = rewrite_loops(func.body, in_loop)
@@ -102,22 +105,6 @@ def _window(
                 padded[buf.name] = max(padded.get(buf.name, 0), width)
                 return window_call(load, dim, base, offset, width)
     return load
-
-
-def _reads_rewritten(s: L.Stmt, fn) -> L.Stmt:
-    """``s`` with every read in its stored values and lets replaced by ``fn(load)``."""
-    match s:
-        case L.Seq(stmts):
-            return L.Seq(tuple(_reads_rewritten(st, fn) for st in stmts))
-        case L.For(body=body):
-            return replace(s, body=_reads_rewritten(body, fn))
-        case L.If(then=then):
-            return replace(s, then=_reads_rewritten(then, fn))
-        case L.Store(_, _, value):
-            return replace(s, value=rewrite_loads(value, fn))
-        case L.Let(var, value):
-            return L.Let(var, rewrite_loads(value, fn))
-    return s
 
 
 def _padded(s: L.Stmt, padded: dict[str, int]) -> L.Stmt:

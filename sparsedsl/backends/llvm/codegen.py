@@ -26,6 +26,8 @@ from llvmlite import ir
 from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir import windows
+from sparsedsl.ir.schedule import unflattened
+from sparsedsl.ir.staging import BYTES
 from sparsedsl.ir.transposes import shuffles, vector_transposes
 
 I1, I32, I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
@@ -58,17 +60,6 @@ TYPES = {
 }
 FLOATS = ("float32", "float64", "float16", "bfloat16")
 UNSIGNED = ("uint8", "uint16")
-BYTES = {
-    "float32": 4,
-    "float64": 8,
-    "float16": 2,
-    "bfloat16": 2,
-    "int32": 4,
-    "int64": 8,
-    "int8": 1,
-    "uint8": 1,
-    "uint16": 2,
-}
 VECTOR_STORES = (*FLOATS, "int32", "int8", "uint8")  # what vectorised loops store (values, accumulators)
 STACK_LIMIT = 1 << 14  # bytes: larger constant buffers and symbolic ones go to the heap
 # (operands, products per lane, lanes) -> (intrinsic, the features any one of which provides it,
@@ -149,29 +140,16 @@ def size_names(func: L.LoopFunc) -> list[str]:
 
 def _unit_stride(e, name: str) -> bool:
     """Whether ``e`` is ``invariant + name`` (so consecutive lanes are consecutive elements), also
-    written as ``(invariant + x // c) * c + x % c`` with ``x`` unit-stride (a fused loop's split)."""
+    written as ``(invariant + x // c) * c + x % c`` with ``x`` unit-stride (a fused loop's split,
+    ``schedule.unflattened``)."""
     if isinstance(e, L.Var) and e.name == name:
         return True
     if isinstance(e, L.Bin) and e.op == "+":
-        return (
-            (_unit_stride(e.a, name) and not L.uses(e.b, name))
-            or (_unit_stride(e.b, name) and not L.uses(e.a, name))
-            or _recombined(e.a, e.b, name)
-        )
-    return False
-
-
-def _recombined(scaled: L.Expr, rest: L.Expr, name: str) -> bool:
-    """Whether ``scaled + rest`` is ``(invariant + x // c) * c + x % c``, which is ``invariant * c + x``
-    for any integer ``x`` (so unit-stride when ``x`` is)."""
-    match scaled, rest:
-        case L.Bin("*", inner, L.Const(c)), L.Bin("%", x, L.Const(c2)) if c == c2:
-            quotient = L.Bin("//", x, L.Const(c))
-            if inner == quotient:
-                return _unit_stride(x, name)
-            if isinstance(inner, L.Bin) and inner.op == "+" and quotient in (inner.a, inner.b):
-                other = inner.b if inner.a == quotient else inner.a
-                return not L.uses(other, name) and _unit_stride(x, name)
+        folded = unflattened(e)
+        if folded is not e:
+            return _unit_stride(folded, name)
+        a, b = e.a, e.b
+        return (_unit_stride(a, name) and not L.uses(b, name)) or (_unit_stride(b, name) and not L.uses(a, name))
     return False
 
 
