@@ -371,7 +371,7 @@ def load(directory: str | os.PathLike) -> Program:
         if list(variants) != entry["variants"]:
             raise AotError(f"{lib}: its variants {entry['variants']} differ from this compiler's {list(variants)}")
         built = _load_library(backend, lib, image, list(variants.values()), program.target)
-        compiled.instances[(fmt, index_dtypes)] = Instance(variants, built)
+        compiled.instances[(fmt, index_dtypes)] = Instance(variants, built, backend)
     program.aot = ops.nn_program(program).aot = root  # a kernel the build lacks is an error, never compiled
     program.rules = [Rule(**r) for r in manifest["rules"]]
     program.attention_rules = [AttentionRule(**a) for a in manifest["attention"]]

@@ -48,17 +48,19 @@ BACKENDS = ("tvm", "llvm")
 @dataclass
 class Instance:
     """A kernel lowered and built for one format of its sparse input: one or more scheduled
-    variants (same arguments), compiled into one module; ``pick`` chooses per call."""
+    variants (same arguments), compiled into one module by ``backend``; ``pick`` chooses per call."""
 
     variants: dict[str, L.LoopFunc]
     built: object
+    backend: str
     plans: list[tuple[str, str | None]] = field(default_factory=list)
 
     @property
     def code(self) -> str:
-        """A digest of the variants' code: what a measured choice between them is kept under."""
+        """A digest of the variants' code and backend: what a measured choice between them is kept
+        under (the same loop IR compiles to different code, and relative speeds, per backend)."""
         if "code" not in self.__dict__:
-            self.__dict__["code"] = key_of(*(L.func_str(v) for v in self.variants.values()))
+            self.__dict__["code"] = key_of(self.backend, *(L.func_str(v) for v in self.variants.values()))
         return self.__dict__["code"]
 
     @property
@@ -196,7 +198,9 @@ class CompiledKernel:
             )
         if key not in self.instances:
             variants = self.lowered(fmt, index_dtypes)
-            self.instances[key] = Instance(variants, self.program.backend_build(list(variants.values())))
+            self.instances[key] = Instance(
+                variants, self.program.backend_build(list(variants.values())), self.program.backend
+            )
         return self.instances[key]
 
     def instance_for(self, weight: SparseTensor | None) -> Instance:

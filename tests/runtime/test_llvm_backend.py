@@ -122,3 +122,18 @@ def test_the_few_token_variants_run_on_every_thread_and_gather(monkeypatch, set_
     csr = prog.pack("CSR", sd.prune(torch.randn(64, 152), "CSR", 0.5))
     torch.testing.assert_close(prog.linear(x, csr, b), x @ csr.to_dense().T + b)
     assert "llvm.masked.gather" in prog.linear.instance_for(csr).built.source("llvm")
+
+
+def test_local_buffers_start_on_a_cache_line():
+    """Staged tiles and partial sums start on a 64-byte line (heap: ``aligned_alloc``; stack:
+    ``align 64``): a 16-token row of a staged tile is one line, not two. With malloc's 16-byte
+    alignment the few-token N:M kernel took 1.5x TVM's time (docs/BENCHMARKS.md)."""
+    prog = sd.compile(ROOT / "examples" / "linear.sdsl", backend="llvm")
+    w = prog.pack("NM(2, 4)", sd.prune(torch.randn(64, 152), "NM(2, 4)"))
+    x, b = torch.randn(3, 152), torch.randn(64)
+    torch.testing.assert_close(prog.linear(x, w, b), x @ w.to_dense().T + b)
+    code = prog.linear.instance_for(w).built.source("llvm")
+    assert "@\"malloc\"" not in code
+    assert '@"aligned_alloc"(i64 64,' in code
+    allocas = [line for line in code.splitlines() if " = alloca [" in line]
+    assert allocas and all(line.endswith("align 64") for line in allocas)

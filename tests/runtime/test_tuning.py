@@ -57,6 +57,18 @@ def test_measured_once_per_bucket_and_remembered_across_processes(tmp_path, meas
     assert len(measured) == 2
 
 
+def test_each_backend_measures_its_own_choice(tmp_path, measured):
+    """The same variants' loop IR compiles to different code per backend, with different relative
+    speeds: a choice one backend measured is not taken by the other."""
+    for backend in ("tvm", "llvm", "tvm"):
+        prog = sd.compile(EXAMPLE, backend=backend, cache_dir=tmp_path)
+        args, expected = case(prog, 40)
+        torch.testing.assert_close(prog.linear(*args), expected)
+    assert len(measured) == 2
+    (file,) = choice_files(tmp_path)
+    assert len(json.loads(file.read_text())) == 2
+
+
 @pytest.mark.parametrize("backend", ["tvm", "llvm"])
 def test_every_variant_a_choice_may_name_gives_the_dense_answer(tmp_path, backend, monkeypatch):
     monkeypatch.setattr(tuning, "MEASURED_WORK", 1)
