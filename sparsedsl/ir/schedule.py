@@ -797,7 +797,8 @@ def default(func: L.LoopFunc) -> dict[str, L.LoopFunc]:
 def pick(variants: dict[str, L.LoopFunc], tokens: int | None, threads: int) -> str:
     """The variant of ``default`` to run for a call with ``tokens`` tokens: the smallest token tile
     that holds them (up to the largest tile), then parallel ``tiles`` if there are enough of them
-    for every thread, else ``rows``."""
+    for every thread, else ``rows``; never one only a measurement picks (``measured_only``)."""
+    variants = {name: f for name, f in variants.items() if not f.meta.get("measured_only")}
     if len(variants) == 1 or tokens is None:
         return next(iter(variants))
     tiles = sorted({f.meta.get("tile", 1) for f in variants.values()})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import partial
 
 from sparsedsl.errors import ScheduleError
 from sparsedsl.ir import kernel_ir as K
@@ -148,6 +149,14 @@ def _few_tokens(kernel: K.Kernel, func: L.LoopFunc) -> L.LoopFunc:
     return sched.interleaved_sums(func, reduction, FEW_TOKEN_COPIES)
 
 
+def _measured_only(func: L.LoopFunc) -> L.LoopFunc:
+    """A variant that only a measurement picks (``sched.pick``'s rule never does): half the token
+    tile, its tiles in parallel, which wins where the whole tile's staged activations ([K, tile])
+    and results ([N, tile]) outgrow the caches: measured with 64 tokens a tile, 1536 x 384 at 1024
+    tokens 3.3 -> 1.3 ms, 384 x 384 and 384 x 1536 within 10% (docs/BENCHMARKS.md)."""
+    return replace(func, meta={**func.meta, "measured_only": True})
+
+
 def _jammed(kernel: K.Kernel, func: L.LoopFunc, opts: LowerOptions) -> L.LoopFunc:
     """A row-wise kernel with its rows of a dense product (attention's scores, one key a row)
     summed several at a time into the registers (``sched.jammed_rows``)."""
@@ -169,16 +178,21 @@ def cpu(kernel: K.Kernel, opts: LowerOptions, directives, vector_bits: int) -> d
         func = lower_blocked(kernel, opts)
     variants = sched.default(func)
     if func.meta.get("token") and not tiled:
+        # half the tile, its tiles in parallel, for a measured choice (``_measured_only``);
         # decode-sized calls: a 16-token tile for a few tokens, a 1-token tile for one (a big
         # tile wastes most of its work); one tile has only its rows to share out. A tile no
         # narrower than the default's (BSR(4, 1) on AVX2 already tiles 16) would compile it again
-        for suffix, tile in (("small", SMALL_TILE), ("one", 1)):
-            if tile >= opts.tile:
+        narrower = (
+            ("half", opts.tile // 2, "tiles", _measured_only),
+            ("small", SMALL_TILE, "rows", partial(_few_tokens, kernel)),
+            ("one", 1, "rows", partial(_one_token, vector_bits=vector_bits)),
+        )
+        for suffix, tile, wanted, finish in narrower:
+            if tile >= opts.tile or (suffix == "half" and tile <= SMALL_TILE):
                 continue
             few = sched.default(lower_blocked(kernel, replace(opts, tile=tile)))
-            kind = "rows" if "rows" in few else next(iter(few))
-            narrow = few[kind]
-            variants[f"{kind}_{suffix}"] = _one_token(narrow, vector_bits) if tile == 1 else _few_tokens(kernel, narrow)
+            kind = wanted if wanted in few else next(iter(few))
+            variants[f"{kind}_{suffix}"] = finish(few[kind])
         variants = {k: replace(v, name=f"{kernel.name}_{k}") for k, v in variants.items()}
     # after the default schedule, which marks parallel loops by name: a jammed loop keeps its kind
     return {k: _jammed(kernel, v, opts) for k, v in variants.items()}

@@ -120,6 +120,9 @@ def test_the_default_tile_fits_the_accumulators_in_registers(fmt):
     assert ("rows_small" in variants) == (tile > 16)  # a 16-token default tile is not compiled twice
     if tile > 16:
         assert variants["rows_small"].meta["tile"] == 16
+    assert ("tiles_half" in variants) == (tile > 32)  # nor is a half tile of 16 or less
+    if tile > 32:
+        assert variants["tiles_half"].meta["tile"] == tile // 2 and variants["tiles_half"].meta["measured_only"]
 
 
 def test_split_and_reorder_rewrite_loops():
@@ -167,8 +170,10 @@ def test_decode_sized_calls_pick_a_small_tile_with_its_rows_in_parallel():
         "kernel lin(X: f32[M, K], W: f32[N, K] @ CSR) -> (Y: f32[M, N]) { Y[m, n] = sum(k) X[m, k] * W[n, k] }"
     )
     variants = prog.lin.instance().variants
-    chosen = {tokens: pick(variants, tokens, 2) for tokens in (1, 8, 16, 17, 65, 500)}
-    assert chosen == {1: "rows_one", 8: "rows_small", 16: "rows_small", 17: "rows", 65: "tiles", 500: "tiles"}
+    assert "tiles_half" in variants  # only a measurement picks it (runtime/tuning.py)
+    chosen = {tokens: pick(variants, tokens, 2) for tokens in (1, 8, 16, 17, 33, 65, 500)}
+    small, one = "rows_small", "rows_one"
+    assert chosen == {1: one, 8: small, 16: small, 17: "rows", 33: "rows", 65: "tiles", 500: "tiles"}
     for name in set(chosen.values()):
         parallel = [f.var.name for f in loops(variants[name].body) if f.kind is L.LoopKind.PARALLEL]
         assert parallel and (name == "tiles") == (parallel == ["m_o"]), (name, parallel)

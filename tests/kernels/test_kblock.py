@@ -99,11 +99,11 @@ def test_the_blocked_sum_spans_blocks_and_carries_its_partial_sums_in_the_output
 
 
 def test_the_default_blocks_affine_levels_only():
-    """The default blocks N:M's sum in L1-sized blocks at 64 and 16 tokens (not at one token, whose
+    """The default blocks N:M's sum in L1-sized blocks at 64, 32 and 16 tokens (not at one token, whose
     activations are one column); CSR's compressed level is left unblocked."""
     prog = sd.compile(KERNELS.replace("@ NM(2, 4)", "@ CSR", 1), backend="llvm")
     nm = prog.kernels["bias_gelu"].instance_for(prog.pack("NM(2, 4)", torch.zeros(8, 8))).variants
-    assert {name for name, f in nm.items() if "k_o_b" in func_str(f)} == {"tiles", "rows", "rows_small"}
+    assert {name for name, f in nm.items() if "k_o_b" in func_str(f)} == {"tiles", "rows", "tiles_half", "rows_small"}
     csr = prog.kernels["bias_gelu"].instance_for(prog.pack("CSR", torch.eye(8))).variants
     assert not any("_b in" in func_str(f) for f in csr.values())
 
