@@ -9,6 +9,7 @@ process-wide state of the runtime, and exists only because torch's op schemas de
 
 from __future__ import annotations
 
+import operator
 import uuid
 from functools import cache
 from importlib import resources
@@ -71,9 +72,22 @@ def _default_owner(target: str, backend: str) -> Program:
     return Program(check(Source("", "<none>")), target, backend)
 
 
+_WEIGHT = "_sparsedsl_op_weight"  # the attribute of a values tensor holding the op's last weight of it
+
+
 def weight(key: str, fmt: str, shape: list[int], structure: list[torch.Tensor], values: torch.Tensor) -> SparseTensor:
-    """The weight an op's arguments describe, in a format of the registered program ``key``."""
-    return SparseTensor.from_structure(_PROGRAMS[key].format(fmt), tuple(shape), structure, values)
+    """The weight an op's arguments describe, in a format of the registered program ``key``: the
+    one made for the same arguments last time, while they are the same tensors (a compiled
+    model's op gets its module's tensors at every call; making it anew cost ~10 µs a call, and
+    the kernel call still checks the structure's stamp)."""
+    described = (key, fmt, tuple(shape))
+    kept = getattr(values, _WEIGHT, None)
+    same = kept is not None and kept[0] == described and len(kept[2]) == len(structure)
+    if same and all(map(operator.is_, structure, kept[2])):
+        return kept[1]
+    made = SparseTensor.from_structure(_PROGRAMS[key].format(fmt), described[2], structure, values)
+    setattr(values, _WEIGHT, (described, made, tuple(structure)))
+    return made
 
 
 def run_linear(

@@ -149,3 +149,27 @@ def test_wrong_input_width_names_the_layer_shape():
     layer = sd.SparseLinear.from_linear(nn.Linear(32, 8), "CSR", 0.5)
     with pytest.raises(sd.ArgumentError, match="32 features in the last dimension, got shape \\(4, 31\\)"):
         layer(torch.randn(4, 31))
+
+
+def test_the_op_reuses_its_weight_and_still_checks_a_structure_written_in_place():
+    """``sparsedsl::linear`` makes the weight its arguments describe once while they are the same
+    tensors; an index buffer written in place afterwards is still checked before the kernel runs."""
+    from sparsedsl.runtime import ops
+
+    layer = sd.SparseLinear.from_linear(nn.Linear(16, 12), "CSR", sparsity=0.5)
+    described = (layer.key, layer.format, [12, 16], layer.structure(), layer.values)
+    assert ops.weight(*described) is ops.weight(*described)
+    x = torch.randn(3, 16)
+
+    def op():
+        bias = layer.bias if layer.kernel_takes_bias else None
+        y = torch.ops.sparsedsl.linear(
+            x, layer.structure(), layer.values, [12, 16], layer.key, layer.format, layer.kernel, bias, None
+        )
+        return y if layer.kernel_takes_bias else y + layer.bias
+
+    with torch.no_grad():
+        torch.testing.assert_close(op(), layer.to_dense()(x))
+        layer.structure()[-1][0] = 200  # a column index outside the 16 columns
+        with pytest.raises(sd.PackError):
+            op()
