@@ -20,7 +20,7 @@ from sparsedsl.errors import Source
 from sparsedsl.frontend.check import check
 from sparsedsl.ir.formats import Format
 from sparsedsl.runtime.program import Program
-from sparsedsl.runtime.sparse_tensor import SparseTensor, stamp, unchanged
+from sparsedsl.runtime.sparse_tensor import SparseTensor, Transient, stamp, unchanged
 
 _PROGRAMS: dict[str, Program] = {}
 _DIFFERENTIABLE: set[tuple[str, str]] = set()  # (program key, kernel) computing exactly x W^T [+ b]
@@ -86,7 +86,7 @@ def weight(key: str, fmt: str, shape: list[int], structure: list[torch.Tensor], 
     if same and all(map(operator.is_, structure, kept[2])):
         return kept[1]
     made = SparseTensor.from_structure(_PROGRAMS[key].format(fmt), described[2], structure, values)
-    setattr(values, _WEIGHT, (described, made, tuple(structure)))
+    setattr(values, _WEIGHT, Transient((described, made, tuple(structure))))
     return made
 
 
@@ -167,7 +167,7 @@ def stored_positions(fmt: Format, shape: list[int], structure: list[torch.Tensor
     row, col = fmt.indices(named, tuple(shape))
     positions = (row * shape[1] + col).to(structure[0].device if structure else "cpu")
     if structure:
-        setattr(structure[0], POSITIONS, (stamp(fmt, tuple(shape), named), positions))
+        setattr(structure[0], POSITIONS, Transient((stamp(fmt, tuple(shape), named), positions)))
     return positions
 
 

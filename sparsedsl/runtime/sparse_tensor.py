@@ -25,6 +25,22 @@ STAMP = "_sparsedsl_validated"  # the attribute of a values tensor holding its b
 KERNEL_INTEGERS = (torch.int8, torch.uint8, torch.int32)  # the integer types of kernel outputs
 
 
+def _forgotten() -> None:
+    return None
+
+
+class Transient(tuple):
+    """A tuple kept on a tensor for this process only (a validation stamp, a cache): pickled,
+    ``torch.save``d or deep-copied with the tensor, it becomes None, so the copy is checked again.
+    Its weak references and compiled objects could not be pickled: ``torch.save(model)`` failed
+    once a model had run."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return _forgotten, ()
+
+
 def stamp(fmt: Format, shape: tuple[int, ...], buffers: dict[str, torch.Tensor]) -> tuple:
     """What identifies a structure: the format, the shape, the values' length, dtype and device
     if ``buffers`` hold values (not the values themselves: they do not decide where a kernel
@@ -101,7 +117,7 @@ class SparseTensor:
         if untracked:
             with torch.inference_mode(False):
                 self.buffers = {**self.buffers, **{k: self.buffers[k].clone() for k in untracked}}
-        setattr(self.values, STAMP, stamp(self.format, self.shape, self.buffers))
+        setattr(self.values, STAMP, Transient(stamp(self.format, self.shape, self.buffers)))
 
     @classmethod
     def pack(cls, fmt: Format, dense: torch.Tensor) -> SparseTensor:

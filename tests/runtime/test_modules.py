@@ -173,3 +173,23 @@ def test_the_op_reuses_its_weight_and_still_checks_a_structure_written_in_place(
         layer.structure()[-1][0] = 200  # a column index outside the 16 columns
         with pytest.raises(sd.PackError):
             op()
+
+
+def test_a_model_that_has_run_saves_whole_and_its_copy_is_checked_again():
+    """``torch.save(model)`` after forwards (eager, backward, torch.compile): the validation stamps
+    and caches kept on its tensors are saved as nothing, so the loaded copy checks its structure
+    again (a corrupted index is still an error)."""
+    import io
+
+    model = nn.Sequential(sd.SparseLinear.from_linear(nn.Linear(16, 12), "CSR", sparsity=0.5))
+    x = torch.randn(3, 16, requires_grad=True)
+    model(x).sum().backward()
+    torch.compile(model)(x)
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    torch.testing.assert_close(loaded(x), model(x))
+    loaded[0].structure()[-1][0] = 200  # a column index outside the 16 columns
+    with pytest.raises(sd.PackError):
+        loaded(x)
