@@ -195,12 +195,20 @@ class Transpose:
     """A square block copied transposed, in vector shuffles (CPU backends; ``ir/transposes.py``
     makes them): ``dst[dst_at[c] with lane r added to its last index] = src[src_at[r] with lane c
     added to its last index]`` for every ``r``, ``c`` below ``len(src_at)``. Each ``src_at[r]`` and
-    ``dst_at[c]`` starts a run of contiguous elements, every one of them in bounds."""
+    ``dst_at[c]`` starts a run of contiguous elements, every one of them in bounds. ``convert``,
+    if any, is what is stored of each element: an expression of ``element(src.dtype)`` (the
+    source element) and constants, such as a float tile rounded and saturated into int8."""
 
     dst: Buffer
     dst_at: tuple[tuple[Expr, ...], ...]
     src: Buffer
     src_at: tuple[tuple[Expr, ...], ...]
+    convert: Expr | None = None
+
+
+def element(dtype: str) -> Var:
+    """The source element in a ``Transpose``'s ``convert`` (no loop or scalar has this name)."""
+    return Var("@element", dtype)
 
 
 @dataclass(frozen=True)
@@ -378,8 +386,8 @@ def stmt_exprs(s: Stmt) -> list[Expr]:
             return [value]
         case If(cond, then):
             return [cond, *stmt_exprs(then)]
-        case Transpose(_, dst_at, _, src_at):
-            return [i for at in (*dst_at, *src_at) for i in at]
+        case Transpose(_, dst_at, _, src_at, convert):
+            return [i for at in (*dst_at, *src_at) for i in at] + ([convert] if convert is not None else [])
         case Prefetch(_, idx):
             return list(idx)
     return []
@@ -479,11 +487,13 @@ def stmt_lines(s: Stmt, indent: int = 0) -> list[str]:
             return [f"{pad}{_tile_str(c, c_tile)} += {_tile_str(a, a_tile)} @ {_tile_str(b, b_tile)}"]
         case Prefetch(buf, idx):
             return [f"{pad}prefetch {buf.name}[{', '.join(expr_str(i) for i in idx)}]"]
-        case Transpose(dst, dst_at, src, src_at):
+        case Transpose(dst, dst_at, src, src_at, convert):
             n = len(src_at)
             runs = [f"{src.name}[{', '.join(expr_str(i) for i in at)} +: {n}]" for at in src_at]
+            each = f" as {expr_str(convert)}" if convert is not None else ""
             return [
-                f"{pad}{dst.name}[{', '.join(expr_str(i) for i in dst_at[0])} +: {n}]... = transpose({', '.join(runs)})"
+                f"{pad}{dst.name}[{', '.join(expr_str(i) for i in dst_at[0])} +: {n}]... = "
+                f"transpose({', '.join(runs)}){each}"
             ]
     raise TypeError(s)
 

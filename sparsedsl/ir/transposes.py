@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from sparsedsl.ir import loop_ir as L
-from sparsedsl.ir.schedule import substitute, used_names
+from sparsedsl.ir.schedule import rewrite_loads, substitute, used_names
 
 LANES = 8
 _WIDE = ("float32", "int32")  # 8 lanes fill a 256-bit vector
@@ -97,6 +97,23 @@ def _whole(conjunct: L.Expr, names: tuple[str, str], last: dict[str, L.Expr]) ->
     return None
 
 
+def _conversion(store: L.Store) -> L.Expr | bool | None:
+    """What a copy's store makes of the element it reads: True for the element itself (a plain
+    copy, the same type), an expression of ``L.element`` for a function of it alone (a float tile
+    rounded and saturated into an int8 output: ``int8(max(min(round_even(x), 127), -128))``), None
+    for anything else (another read, a loop variable, a scalar)."""
+    value = store.value
+    if isinstance(value, L.Load):
+        return True if value.buffer.dtype == store.buffer.dtype else None
+    loads = {e for e in L.subexprs(value) if isinstance(e, L.Load)}
+    if len(loads) != 1:
+        return None
+    x = L.element(next(iter(loads)).buffer.dtype)
+    convert = rewrite_loads(value, lambda _: x)
+    others = [e for e in L.subexprs(convert) if isinstance(e, L.Var | L.SizeVar | L.Load) and e != x]
+    return None if others else convert
+
+
 def _blocked(outer: L.For, taken: set[str]) -> L.Stmt | None:
     """The nest ``for a: for b: [if cond:] D[...] = S[...]`` copying a transposed 32-bit tile, in
     8 x 8 blocks (None when ``outer`` is not such a nest)."""
@@ -115,10 +132,13 @@ def _blocked(outer: L.For, taken: set[str]) -> L.Stmt | None:
     body, cond = inner.body, None
     if isinstance(body, L.If):
         body, cond = body.then, body.cond
-    if not (isinstance(body, L.Store) and isinstance(body.value, L.Load)) or body.atomic:
+    if not isinstance(body, L.Store) or body.atomic:
         return None
-    store, load = body, body.value
-    if store.buffer.dtype not in _WIDE or load.buffer.dtype != store.buffer.dtype or load.buffer == store.buffer:
+    store, convert = body, _conversion(body)
+    if convert is None:
+        return None
+    load = store.value if convert is True else next(e for e in L.subexprs(store.value) if isinstance(e, L.Load))
+    if load.buffer.dtype not in _WIDE or load.buffer == store.buffer:
         return None  # (a copy within one buffer: the block's loads before its stores would change it)
     names = (outer.var.name, inner.var.name)
     src_v, dst_v = _along(load.indices, names), _along(store.indices, names)
@@ -143,6 +163,7 @@ def _blocked(outer: L.For, taken: set[str]) -> L.Stmt | None:
         tuple(at(store.indices, src_v, c, dst_v) for c in range(LANES)),
         load.buffer,
         tuple(at(load.indices, dst_v, r, src_v) for r in range(LANES)),
+        None if convert is True else convert,
     )
     body_of_block: L.Stmt = transpose
     if wholes:

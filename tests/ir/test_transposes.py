@@ -40,3 +40,22 @@ def test_blocks_whole_and_partial_give_the_dense_answer(backend, n, k, m):
     w = sd.prune(torch.randn(n, k), prog.format("BSR(4, 1)"), 0.5)
     x, b = torch.randn(m, k), torch.randn(n)
     torch.testing.assert_close(prog.linear(x, prog.pack("BSR(4, 1)", w), b), x @ w.T + b, rtol=1e-4, atol=1e-4)
+
+
+QUANTIZE = """
+kernel quantize(X: f32[M, K], inv_scale: f32[M]) -> (Q: i8[M, K]) {
+    Q[m, k] = X[m, k] * inv_scale[m]
+}
+"""
+
+
+@pytest.mark.parametrize("backend", ["tvm", "llvm"])
+@pytest.mark.parametrize(("m", "k"), [(8, 8), (13, 20), (70, 129)])
+def test_a_transpose_into_int8_rounds_and_saturates_each_element(backend, m, k):
+    prog = sd.compile(QUANTIZE, backend=backend)
+    funcs = [vector_transposes(f) for f in prog.quantize.lowered(None).values()]
+    assert any(isinstance(s, L.Transpose) and s.convert is not None for f in funcs for s in L.leaves(f.body))
+    torch.manual_seed(m * k)
+    x, inv = torch.randn(m, k), torch.rand(m) * 200
+    reference = torch.clamp(torch.round(x * inv[:, None]), -128, 127).to(torch.int8)
+    assert torch.equal(prog.quantize(x, inv), reference)

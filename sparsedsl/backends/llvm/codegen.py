@@ -576,8 +576,8 @@ class Codegen:
                     self.scopes.append(_Scope())
                     self.stmt(then)
                     self._close_scope()
-            case L.Transpose(dst, dst_at, src, src_at):
-                self._transpose(dst, dst_at, src, src_at)
+            case L.Transpose(dst, dst_at, src, src_at, convert):
+                self._transpose(dst, dst_at, src, src_at, convert)
             case L.Prefetch(buf, idx):
                 i8p = ir.IntType(8).as_pointer()
                 fn = _declare(self.module, "llvm.prefetch.p0", ir.FunctionType(ir.VoidType(), [i8p, I32, I32, I32]))
@@ -586,8 +586,9 @@ class Codegen:
             case _:
                 raise BackendError(f"llvm backend: cannot generate {s}")
 
-    def _transpose(self, dst: L.Buffer, dst_at, src: L.Buffer, src_at) -> None:
-        """``L.Transpose``: vector loads, the shuffles of ``transposes.shuffles``, vector stores."""
+    def _transpose(self, dst: L.Buffer, dst_at, src: L.Buffer, src_at, convert: L.Expr | None) -> None:
+        """``L.Transpose``: vector loads, the shuffles of ``transposes.shuffles``, ``convert`` of
+        each vector (the element bound to it), vector stores."""
         lanes = len(src_at)
         vector = ir.VectorType(TYPES[src.dtype], lanes).as_pointer()
         values = {
@@ -597,8 +598,15 @@ class Codegen:
         for out, first, second, picks in shuffles():
             mask = ir.Constant(ir.VectorType(I32, lanes), list(picks))
             values[out] = self.b.shuffle_vector(values[first], values[second], mask)
+        stored = ir.VectorType(TYPES[dst.dtype], lanes).as_pointer()
         for c, at in enumerate(dst_at):
-            self.b.store(values[f"o{c}"], self.b.bitcast(self._address(dst, at), vector), align=BYTES[dst.dtype])
+            value = values[f"o{c}"]
+            if convert is not None:
+                self.memo = {}  # the same expression nodes, another element bound
+                self.scopes.append(_Scope({L.element(src.dtype).name: value}))
+                value = self.expr(convert)
+                self.scopes.pop()
+            self.b.store(value, self.b.bitcast(self._address(dst, at), stored), align=BYTES[dst.dtype])
 
     def _close_scope(self) -> None:
         scope = self.scopes.pop()

@@ -85,7 +85,9 @@ class _Emitter:
             case L.Call(func, args, _):
                 return _CALLS[func](*(self.expr(a) for a in args))
             case L.Cast(dtype, value):
-                return tirx.Cast(dtype, self.expr(value))
+                v = self.expr(value)
+                lanes = v.ty.dtype.lanes  # a transposed block's converted vectors (``transpose``)
+                return tirx.Cast(dtype if lanes == 1 else f"{dtype}x{lanes}", v)
             case L.Select(c, t, o):
                 return tirx.Select(self.expr(c), self.expr(t), self.expr(o))
         raise TypeError(e)
@@ -140,8 +142,8 @@ class _Emitter:
                 acc, at = self.bufs[c.name].data, self.tile(c, c_tile)
                 args = (self.bufs[a.name].data, self.tile(a, a_tile), self.bufs[b.name].data, self.tile(b, b_tile))
                 T.evaluate(T.tvm_mma_sync(acc, at, *args, acc, at))
-            case L.Transpose(dst, dst_at, src, src_at):
-                self.transpose(dst, dst_at, src, src_at)
+            case L.Transpose(dst, dst_at, src, src_at, convert):
+                self.transpose(dst, dst_at, src, src_at, convert)
             case L.Prefetch(buf, idx):  # a read, into every level, of data (LLVM's operands)
                 element = self.bufs[buf.name][tuple(self.expr(i) for i in idx)]
                 fetch = tirx.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(element), 0, 3, 1)
@@ -177,8 +179,9 @@ class _Emitter:
         """The indices of ``lanes`` contiguous elements from ``at`` (a ramp in the last index)."""
         return [*(self.expr(i) for i in at[:-1]), tirx.Ramp(self.expr(at[-1]), tirx.const(1, "int64"), lanes)]
 
-    def transpose(self, dst: L.Buffer, dst_at, src: L.Buffer, src_at) -> None:
-        """``L.Transpose``: vector loads, the shuffles of ``transposes.shuffles``, vector stores."""
+    def transpose(self, dst: L.Buffer, dst_at, src: L.Buffer, src_at, convert: L.Expr | None) -> None:
+        """``L.Transpose``: vector loads, the shuffles of ``transposes.shuffles``, ``convert`` of
+        each vector (the element bound to it), vector stores."""
         lanes = len(src_at)
         values = {
             f"r{r}": T.Bind(tirx.BufferLoad(self.bufs[src.name], self.run(at, lanes))) for r, at in enumerate(src_at)
@@ -186,8 +189,14 @@ class _Emitter:
         for out, first, second, picks in shuffles():
             picked = [tirx.const(i, "int32") for i in picks]
             values[out] = T.Bind(tirx.Shuffle([values[first], values[second]], picked))
+        element = L.element(src.dtype).name
         for c, at in enumerate(dst_at):
-            T.buffer_store(self.bufs[dst.name], values[f"o{c}"], self.run(at, lanes))
+            value = values[f"o{c}"]
+            if convert is not None:
+                self.vars[element] = value
+                value = self.expr(convert)
+                del self.vars[element]
+            T.buffer_store(self.bufs[dst.name], value, self.run(at, lanes))
 
     def span(self, buf: L.Buffer, access: str, offset: L.Expr, ld: L.Expr) -> tirx.PrimExpr:
         """A pointer to the 16 x 16 block of ``buf`` at ``offset`` (rows ``ld`` apart), with the
