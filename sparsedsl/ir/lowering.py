@@ -40,6 +40,7 @@ from sparsedsl.ir.buffer_names import ACC, ROW_OUT, ROW_SUM, batch_copy, stored_
 from sparsedsl.ir.formats import Format
 
 ACC_DTYPE = "float32"
+POINTWISE_LANES = 16  # a pointwise kernel's vector: one AVX-512 register of f32, two of AVX2
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ def lower(kernel: K.Kernel, opts: LowerOptions = LowerOptions()) -> L.LoopFunc:
     """The loop-IR function of a kernel whose sparse input has a concrete format."""
     if kernel.batch:
         return _batched(kernel, lower(kernel.unbatched(), opts))
+    if _pointwise(kernel, opts):
+        return _Pointwise(kernel, opts).function()
     if not kernel.rowwise:
         return _Nest(kernel, opts).function()
     if opts.block is not None and not (kernel.product_first and not _masked(kernel)):
@@ -413,6 +416,46 @@ class _Rows(_Lowering):
         tiles = L.For(L.Var(f"{token}_o"), L.const(0), L.ceildiv(self.extents[token], tile), L.seq(*body))
         func = L.LoopFunc(self.kernel.name, self.params, tiles)
         func.meta.update(_rows_meta(self, "rows", ["w_o", f"{token}_o"]))
+        return func
+
+
+class _Pointwise(_Lowering):
+    """A statement without a sum over dense inputs only (``Q[m, k] = X[m, k] * s[m]``): one pass
+    over the output in its own order, the first index's rows in parallel and the last index in
+    vectors of ``POINTWISE_LANES`` (its tail in a scalar loop), every input read in place: no tile
+    to stage and none to write back, which a copy-sized kernel would spend most of its time on."""
+
+    def __init__(self, kernel: K.Kernel, opts: LowerOptions):
+        super().__init__(kernel, opts, _statement_extents(kernel), None)
+        integer = kernel.output.dtype in K.INTEGERS and _sum_dtype(kernel, kernel.value) == "int32"
+        self.out_dtype = "int32" if integer else ACC_DTYPE
+
+    def function(self) -> L.LoopFunc:
+        kernel = self.kernel
+        *outer, last = kernel.indices
+        out = self.buffers[kernel.output.name]
+        lanes, extent = L.const(POINTWISE_LANES), self.extents[last]
+
+        def store(position: L.Expr) -> L.Stmt:
+            env: dict[str, L.Expr] = {i: L.Var(i) for i in outer}
+            env[last] = position
+            value = self.expr(kernel.value, env, L.const(0), [], clamp=False)
+            return L.Store(out, tuple(env[i] for i in kernel.indices), _cast(value, out.dtype))
+
+        whole = L.mul(L.floordiv(extent, lanes), lanes)
+        o, i = L.Var(f"{last}_o"), L.Var(f"{last}_i")
+        vectors = L.For(
+            o,
+            L.const(0),
+            L.floordiv(extent, lanes),
+            L.For(i, L.const(0), lanes, store(L.add(L.mul(o, lanes), i)), L.LoopKind.VECTORIZED),
+        )
+        tail = L.For(L.Var(last), whole, L.sub(extent, whole), store(L.Var(last)))
+        body: L.Stmt = L.seq(vectors, tail)
+        for index in reversed(outer):
+            body = L.For(L.Var(index), L.const(0), self.extents[index], body)
+        func = L.LoopFunc(kernel.name, self.params, body)
+        func.meta.update(mode="pointwise", parallel=[outer[0] if outer else o.name], thread_major=())
         return func
 
 
@@ -921,6 +964,12 @@ def _statement_extents(kernel: K.Kernel) -> dict[str, L.Expr]:
             for idx, dim in zip(a.indices, kernel.param(a.tensor).shape):
                 extents.setdefault(idx, _sym(dim))
     return extents
+
+
+def _pointwise(kernel: K.Kernel, opts: LowerOptions) -> bool:
+    """Whether a kernel is one statement over dense inputs without a sum (``_Pointwise``), on a CPU."""
+    dense = kernel.sparse_input is None and not kernel.output.sparse
+    return dense and not opts.gpu and not kernel.rowwise and K.split_reduction(kernel.value)[0] is None
 
 
 def _masked(kernel: K.Kernel) -> bool:

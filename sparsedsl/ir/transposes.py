@@ -99,19 +99,31 @@ def _whole(conjunct: L.Expr, names: tuple[str, str], last: dict[str, L.Expr]) ->
 
 def _conversion(store: L.Store) -> L.Expr | bool | None:
     """What a copy's store makes of the element it reads: True for the element itself (a plain
-    copy, the same type), an expression of ``L.element`` for a function of it alone (a float tile
-    rounded and saturated into an int8 output: ``int8(max(min(round_even(x), 127), -128))``), None
-    for anything else (another read, a loop variable, a scalar)."""
+    copy, the same type), an expression of ``L.element`` for its conversion to the output's type
+    (a float tile rounded and saturated into an int8 output: ``int8(max(min(round_even(x), 127),
+    -128))``: casts, rounding, clamps and constants only), None for anything else (an epilogue
+    applied on the way out, another read, a loop variable)."""
     value = store.value
     if isinstance(value, L.Load):
         return True if value.buffer.dtype == store.buffer.dtype else None
     loads = {e for e in L.subexprs(value) if isinstance(e, L.Load)}
-    if len(loads) != 1:
+    if len(loads) != 1 or not isinstance(value, L.Cast):
         return None
     x = L.element(next(iter(loads)).buffer.dtype)
     convert = rewrite_loads(value, lambda _: x)
-    others = [e for e in L.subexprs(convert) if isinstance(e, L.Var | L.SizeVar | L.Load) and e != x]
-    return None if others else convert
+    return convert if all(_converts(e) or e == x for e in L.subexprs(convert)) else None
+
+
+def _converts(e: L.Expr) -> bool:
+    """Whether ``e`` is a node of a type conversion (``lowering._cast``'s)."""
+    match e:
+        case L.Cast() | L.Const():
+            return True
+        case L.Bin(op):
+            return op in ("min", "max")
+        case L.Call(func):
+            return func == "round_even"
+    return False
 
 
 def _blocked(outer: L.For, taken: set[str]) -> L.Stmt | None:

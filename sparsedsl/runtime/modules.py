@@ -17,6 +17,20 @@ from sparsedsl.runtime.sparse_tensor import SparseTensor
 _LINEAR = K.KSum(("k",), K.KBin("*", K.KAccess("X", ("m", "k")), K.KAccess("W", ("n", "k"))))
 
 
+def kept_weight(layer: nn.Module, values: torch.Tensor, structure: list[torch.Tensor]) -> SparseTensor:
+    """A linear layer's ``[out_features, in_features]`` weight in its ``format`` as a SparseTensor
+    of these tensors, made once and kept on the layer while they are the same tensors (a module's
+    ``load_state_dict`` or ``to`` replaces them, and the next call makes and checks a new one)."""
+    tensors = (values, *structure)
+    kept, of = layer.__dict__.get("_sparse", (None, ()))
+    if kept is not None and len(tensors) == len(of) and all(map(operator.is_, tensors, of)):
+        return kept
+    fmt = layer.program.format(layer.format)
+    kept = SparseTensor.from_structure(fmt, (layer.out_features, layer.in_features), structure, values)
+    layer.__dict__["_sparse"] = (kept, tensors)
+    return kept
+
+
 def _is_linear(kernel: K.Kernel) -> tuple[bool, bool]:
     """(computes X W^T [+ b] exactly, takes a bias): only such kernels get gradients."""
     names = [p.name for p in kernel.inputs]
@@ -139,14 +153,7 @@ class SparseLinear(nn.Module):
     def sparse_weight(self) -> SparseTensor:
         """The weight as a SparseTensor sharing this module's tensors; the same one while they are
         the same tensors (a call then finds its checks done: runtime/calls.py)."""
-        tensors = (self._parameters["values"], *self._buffers.values())  # the values, then structure()'s
-        kept, of = self.__dict__.get("_sparse", (None, ()))
-        if kept is not None and len(tensors) == len(of) and all(map(operator.is_, tensors, of)):
-            return kept
-        fmt = self.program.format(self.format)
-        kept = SparseTensor.from_structure(fmt, (self.out_features, self.in_features), list(tensors[1:]), tensors[0])
-        self.__dict__["_sparse"] = (kept, tensors)
-        return kept
+        return kept_weight(self, self._parameters["values"], list(self._buffers.values()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):

@@ -23,7 +23,7 @@ from torch import nn
 from sparsedsl.errors import ArgumentError, PackError
 from sparsedsl.frontend.check import QUANTIZED_ACTIVATIONS, QUANTIZED_DTYPES
 from sparsedsl.runtime import ops
-from sparsedsl.runtime.modules import SparseLinear, incoming_weight
+from sparsedsl.runtime.modules import SparseLinear, incoming_weight, kept_weight
 from sparsedsl.runtime.program import Program
 from sparsedsl.runtime.prune import Gram, prune
 from sparsedsl.runtime.sparse_tensor import SparseTensor
@@ -148,9 +148,9 @@ class QuantizedSparseLinear(nn.Module):
         return [buf for name, buf in self._buffers.items() if name.startswith("structure_")]
 
     def sparse_weight(self) -> SparseTensor:
-        """The stored weight (int8 or bf16 values) as a SparseTensor sharing this module's tensors."""
-        fmt = self.program.format(self.format)
-        return SparseTensor.from_structure(fmt, (self.out_features, self.in_features), self.structure(), self.values)
+        """The stored weight (int8 or bf16 values) as a SparseTensor sharing this module's tensors
+        (kept while they are the same: ``modules.kept_weight``)."""
+        return kept_weight(self, self.values, self.structure())
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(xq, sx)``, ``x ~= xq * sx[:, None]``: each row (token) of a 2-d input to int8 by its

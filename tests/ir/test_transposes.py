@@ -42,20 +42,23 @@ def test_blocks_whole_and_partial_give_the_dense_answer(backend, n, k, m):
     torch.testing.assert_close(prog.linear(x, prog.pack("BSR(4, 1)", w), b), x @ w.T + b, rtol=1e-4, atol=1e-4)
 
 
-QUANTIZE = """
-kernel quantize(X: f32[M, K], inv_scale: f32[M]) -> (Q: i8[M, K]) {
-    Q[m, k] = X[m, k] * inv_scale[m]
+
+QUANTIZED_OUTPUT = """
+kernel linear_q(X: f32[M, K], W: f32[N, K] @ BSR(4, 1), b: f32[N], inv_scale: f32) -> (Q: i8[M, N]) {
+    Q[m, n] = (sum(k) X[m, k] * W[n, k] + b[n]) * inv_scale
 }
 """
 
 
 @pytest.mark.parametrize("backend", ["tvm", "llvm"])
-@pytest.mark.parametrize(("m", "k"), [(8, 8), (13, 20), (70, 129)])
-def test_a_transpose_into_int8_rounds_and_saturates_each_element(backend, m, k):
-    prog = sd.compile(QUANTIZE, backend=backend)
-    funcs = [vector_transposes(f) for f in prog.quantize.lowered(None).values()]
+@pytest.mark.parametrize(("n", "k", "m"), [(8, 8, 8), (12, 20, 13), (64, 129, 70)])
+def test_a_write_out_into_int8_rounds_and_saturates_each_element(backend, n, k, m):
+    prog = sd.compile(QUANTIZED_OUTPUT, backend=backend)
+    funcs = [vector_transposes(f) for f in prog.linear_q.lowered(None).values()]
     assert any(isinstance(s, L.Transpose) and s.convert is not None for f in funcs for s in L.leaves(f.body))
-    torch.manual_seed(m * k)
-    x, inv = torch.randn(m, k), torch.rand(m) * 200
-    reference = torch.clamp(torch.round(x * inv[:, None]), -128, 127).to(torch.int8)
-    assert torch.equal(prog.quantize(x, inv), reference)
+    gen = torch.Generator().manual_seed(n * k + m)
+    # small integers: every sum exact in f32, so halves are ties (to even) on both sides
+    w = sd.prune(torch.randint(-3, 4, (n, k), generator=gen).float(), prog.format("BSR(4, 1)"), 0.5)
+    x, b = torch.randint(-3, 4, (m, k), generator=gen).float(), torch.randint(-9, 10, (n,), generator=gen).float()
+    reference = torch.clamp(torch.round((x @ w.T + b) * 0.5), -128, 127).to(torch.int8)
+    assert torch.equal(prog.linear_q(x, prog.pack("BSR(4, 1)", w), b, 0.5), reference)

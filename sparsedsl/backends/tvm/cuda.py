@@ -12,7 +12,7 @@ from sparsedsl.ir.gpu import launch_dims
 
 def generate(funcs: list[L.LoopFunc], arch: str) -> tuple[str, str]:
     """The CUDA C of GPU-mapped loop functions for ``arch``, and their TIR (for ``emit``)."""
-    prims = {f.name: to_tir(f) for f in funcs}
+    prims = {f.name: to_tir(f, llvm=False) for f in funcs}
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     config = {
         # TVM's storage rewrite would let the accumulator spill reuse the staged tile's shared

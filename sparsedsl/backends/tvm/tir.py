@@ -50,9 +50,15 @@ def _exp2i(n):
     return tirx.reinterpret("float32", bits)
 
 
+def _nearbyint_llvm(x):
+    """LLVM's nearbyint (to nearest, ties to even) called directly: TVM's vectoriser widens it,
+    where it leaves ``tirx.nearbyint`` scalar and LLVM then gathers and scatters the loop's data."""
+    return tirx.call_llvm_pure_intrin(x.ty.dtype, "llvm.nearbyint", x)
+
+
 _CALLS = {
     "floor": tirx.floor,
-    "round_even": tirx.nearbyint,  # LLVM's nearbyint: to nearest, ties to even
+    "round_even": tirx.nearbyint,  # to nearest, ties to even (CUDA's rintf)
     "exp2i": _exp2i,
     "sqrt": tirx.sqrt,
     "abs": tirx.abs,
@@ -60,7 +66,8 @@ _CALLS = {
 
 
 class _Emitter:
-    def __init__(self) -> None:
+    def __init__(self, llvm: bool) -> None:
+        self.calls = {**_CALLS, "round_even": _nearbyint_llvm} if llvm else _CALLS
         self.vars: dict[str, tirx.Var] = {}
         self.bufs: dict[str, tirx.Buffer] = {}
         self.vector: tuple[tirx.Var, L.Expr, int] | None = None  # the vectorised loop around: var, start, lanes
@@ -83,7 +90,7 @@ class _Emitter:
             case L.Call(windows.WINDOW):
                 return self.window(e)
             case L.Call(func, args, _):
-                return _CALLS[func](*(self.expr(a) for a in args))
+                return self.calls[func](*(self.expr(a) for a in args))
             case L.Cast(dtype, value):
                 v = self.expr(value)
                 lanes = v.ty.dtype.lanes  # a transposed block's converted vectors (``transpose``)
@@ -247,9 +254,10 @@ def _elements(buf: tirx.Buffer) -> list[tuple[int, ...]]:
     return list(itertools.product(*(range(int(d)) for d in buf.shape)))
 
 
-def to_tir(func: L.LoopFunc) -> tirx.PrimFunc:
-    """The tirx PrimFunc of a loop-IR function; argument order is ``func.params``."""
-    em = _Emitter()
+def to_tir(func: L.LoopFunc, llvm: bool = True) -> tirx.PrimFunc:
+    """The tirx PrimFunc of a loop-IR function; argument order is ``func.params``. ``llvm``: it is
+    built by TVM's LLVM backend (a CPU), which may call LLVM's intrinsics."""
+    em = _Emitter(llvm)
     with IRBuilder() as ib, T.prim_func():
         T.func_name(func.name)
         T.func_attr({"tirx.noalias": True, "global_symbol": func.name})
