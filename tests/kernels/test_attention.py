@@ -19,8 +19,9 @@ from sparsedsl.runtime.attention import attention
 from sparsedsl.runtime.ops import nn_program
 from tests.kernels.test_differential import BACKENDS, _close
 from tests.models import padded_tiny_bert
+from tests.strategies import fuzz_examples
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=fuzz_examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

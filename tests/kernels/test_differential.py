@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 
 import sparsedsl as sd
-from tests.strategies import FORMATS, prune_to_fit, sparse_case
+from tests.strategies import FORMATS, fuzz_examples, prune_to_fit, sparse_case
 
 HERE = Path(__file__).parent
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=fuzz_examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 BACKENDS = ["tvm", "llvm"]
@@ -45,7 +45,7 @@ REFERENCES = {
 
 
 @pytest.mark.parametrize("kernel", sorted(REFERENCES))
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # x 5 kernels
+@settings(max_examples=fuzz_examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])  # x 5 kernels
 @given(case=sparse_case())
 def test_linear_epilogues(prog, kernel, case):
     fmt, n, k, m, sparsity, seed = case

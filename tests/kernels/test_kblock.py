@@ -35,7 +35,7 @@ kernel layernorm(X: f32[M, K], W: f32[N, K] @ NM(2, 4), b: f32[N], gamma: f32[N]
 # accumulator) and a dense level over k / 4: the levels whose positions are affine in k. Blocks of
 # 8 or 24 values of k: K up to 64 spans up to 8 blocks.
 BLOCKABLE = [("NM(2, 4)", 1, 4), ("NM(1, 4)", 1, 4), ("NM(2, 8)", 1, 8), ("VNM", 4, 4), ("DENSE4", 1, 4)]
-SETTINGS = settings(max_examples=fuzz_examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=fuzz_examples(6), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _schedules(size: int, tile: int | None) -> str:

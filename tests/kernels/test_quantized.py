@@ -20,7 +20,7 @@ from sparsedsl.backends import host
 from sparsedsl.backends.llvm.codegen import generate
 from sparsedsl.ir import dot_products
 from sparsedsl.runtime.ops import nn_program
-from tests.strategies import FORMATS, prune_to_fit, sparse_case
+from tests.strategies import FORMATS, fuzz_examples, prune_to_fit, sparse_case
 
 SOURCE = """
 format VNM = (i, j) -> (i / 4: dense, j / 4: dense, j % 4: nm(2, 4), i % 4: dense)
@@ -50,7 +50,7 @@ kernel blinear(X: bf16[M, K], W: bf16[N, K] @ CSR, b: f32[N]) -> (Y: f32[M, N]) 
     Y[m, n] = sum(k) X[m, k] * W[n, k] + b[n]
 }
 """
-SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=fuzz_examples(8), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module", params=["tvm", "llvm"])

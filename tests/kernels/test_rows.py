@@ -16,10 +16,10 @@ from sparsedsl.errors import BackendError
 from sparsedsl.ir import loop_ir as L
 from sparsedsl.ir.lowering import LowerOptions, lower
 from tests.kernels.test_differential import BACKENDS, _case, _close
-from tests.strategies import sparse_case
+from tests.strategies import fuzz_examples, sparse_case
 
 HERE = Path(__file__).parent
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=fuzz_examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

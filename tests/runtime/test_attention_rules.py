@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import sparsedsl as sd
 from sparsedsl.runtime import attention as module
 from sparsedsl.runtime.attention import BlockPattern
+from tests.strategies import fuzz_examples
 
 transformers = pytest.importorskip("transformers")
 
@@ -94,7 +95,7 @@ def test_a_window_reaching_every_key_is_dense_attention(calls):
     assert (row.kernel, row.pattern, row.density, row.tokens) == ("block_attention", "BSR(16, 16) window 512", 1, 512)
 
 
-SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=fuzz_examples(8), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
