@@ -427,8 +427,7 @@ class _Pointwise(_Lowering):
 
     def __init__(self, kernel: K.Kernel, opts: LowerOptions):
         super().__init__(kernel, opts, _statement_extents(kernel), None)
-        integer = kernel.output.dtype in K.INTEGERS and _sum_dtype(kernel, kernel.value) == "int32"
-        self.out_dtype = "int32" if integer else ACC_DTYPE
+        self.out_dtype = _epilogue_dtype(kernel)
 
     def function(self) -> L.LoopFunc:
         kernel = self.kernel
@@ -442,20 +441,17 @@ class _Pointwise(_Lowering):
             value = self.expr(kernel.value, env, L.const(0), [], clamp=False)
             return L.Store(out, tuple(env[i] for i in kernel.indices), _cast(value, out.dtype))
 
-        whole = L.mul(L.floordiv(extent, lanes), lanes)
+        count = L.floordiv(extent, lanes)
+        whole = L.mul(count, lanes)
         o, i = L.Var(f"{last}_o"), L.Var(f"{last}_i")
-        vectors = L.For(
-            o,
-            L.const(0),
-            L.floordiv(extent, lanes),
-            L.For(i, L.const(0), lanes, store(L.add(L.mul(o, lanes), i)), L.LoopKind.VECTORIZED),
-        )
+        vector = L.For(i, L.const(0), lanes, store(L.add(L.mul(o, lanes), i)), L.LoopKind.VECTORIZED)
+        vectors = L.For(o, L.const(0), count, vector)
         tail = L.For(L.Var(last), whole, L.sub(extent, whole), store(L.Var(last)))
         body: L.Stmt = L.seq(vectors, tail)
         for index in reversed(outer):
             body = L.For(L.Var(index), L.const(0), self.extents[index], body)
         func = L.LoopFunc(kernel.name, self.params, body)
-        func.meta.update(mode="pointwise", parallel=[outer[0] if outer else o.name], thread_major=())
+        func.meta.update(mode="pointwise", parallel=[outer[0] if outer else o.name])
         return func
 
 
@@ -599,9 +595,7 @@ class _Nest(_Lowering):
         self.dense_red = [i for i in self.red_idx if i not in self.s_idx]
         super().__init__(kernel, opts, extents, self.dense_free[0] if self.dense_free else None)
         self.sum_dtype = _sum_dtype(kernel, self.body)
-        # an integer statement stays in int32; a float value stored to an integer output is rounded
-        integer = kernel.output.dtype in K.INTEGERS and _sum_dtype(kernel, kernel.value) == "int32"
-        self.out_dtype = "int32" if integer else ACC_DTYPE
+        self.out_dtype = _epilogue_dtype(kernel)
 
         self.fmt: Format | None = sparse.format if sparse else None
         levels = self.fmt.levels if self.fmt else ()
@@ -1011,6 +1005,13 @@ def _rows_meta(lowering: _Lowering, mode: str, parallel: list[str]) -> dict:
         "sparse_reduction": None,
         "thread_major": (),
     }
+
+
+def _epilogue_dtype(kernel: K.Kernel) -> str:
+    """What a statement's value is computed in: int32 when it is an integer output of integers
+    only, else float32 (a float value stored to an integer output is rounded: ``_cast``)."""
+    integer = kernel.output.dtype in K.INTEGERS and _sum_dtype(kernel, kernel.value) == "int32"
+    return "int32" if integer else ACC_DTYPE
 
 
 def _sum_dtype(kernel: K.Kernel, body: K.KExpr) -> str:

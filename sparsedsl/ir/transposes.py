@@ -97,21 +97,22 @@ def _whole(conjunct: L.Expr, names: tuple[str, str], last: dict[str, L.Expr]) ->
     return None
 
 
-def _conversion(store: L.Store) -> L.Expr | bool | None:
-    """What a copy's store makes of the element it reads: True for the element itself (a plain
-    copy, the same type), an expression of ``L.element`` for its conversion to the output's type
-    (a float tile rounded and saturated into an int8 output: ``int8(max(min(round_even(x), 127),
-    -128))``: casts, rounding, clamps and constants only), None for anything else (an epilogue
-    applied on the way out, another read, a loop variable)."""
+def _conversion(store: L.Store) -> tuple[L.Load, L.Expr | None] | None:
+    """The element a copy's store reads and what it makes of it: None for the element itself (a
+    plain copy, the same type), or an expression of ``L.element`` converting it to the output's
+    type (a float tile rounded and saturated into an int8 output: ``int8(max(min(round_even(x),
+    127), -128))``: casts, rounding, clamps and constants only). None for any other store (an
+    epilogue applied on the way out, another read, a loop variable)."""
     value = store.value
     if isinstance(value, L.Load):
-        return True if value.buffer.dtype == store.buffer.dtype else None
+        return (value, None) if value.buffer.dtype == store.buffer.dtype else None
     loads = {e for e in L.subexprs(value) if isinstance(e, L.Load)}
     if len(loads) != 1 or not isinstance(value, L.Cast):
         return None
-    x = L.element(next(iter(loads)).buffer.dtype)
+    (load,) = loads
+    x = L.element(load.buffer.dtype)
     convert = rewrite_loads(value, lambda _: x)
-    return convert if all(_converts(e) or e == x for e in L.subexprs(convert)) else None
+    return (load, convert) if all(_converts(e) or e == x for e in L.subexprs(convert)) else None
 
 
 def _converts(e: L.Expr) -> bool:
@@ -146,10 +147,10 @@ def _blocked(outer: L.For, taken: set[str]) -> L.Stmt | None:
         body, cond = body.then, body.cond
     if not isinstance(body, L.Store) or body.atomic:
         return None
-    store, convert = body, _conversion(body)
-    if convert is None:
+    store, read = body, _conversion(body)
+    if read is None:
         return None
-    load = store.value if convert is True else next(e for e in L.subexprs(store.value) if isinstance(e, L.Load))
+    load, convert = read
     if load.buffer.dtype not in _WIDE or load.buffer == store.buffer:
         return None  # (a copy within one buffer: the block's loads before its stores would change it)
     names = (outer.var.name, inner.var.name)
@@ -175,7 +176,7 @@ def _blocked(outer: L.For, taken: set[str]) -> L.Stmt | None:
         tuple(at(store.indices, src_v, c, dst_v) for c in range(LANES)),
         load.buffer,
         tuple(at(load.indices, dst_v, r, src_v) for r in range(LANES)),
-        None if convert is True else convert,
+        convert,
     )
     body_of_block: L.Stmt = transpose
     if wholes:
