@@ -161,7 +161,7 @@ def _attention_to_build(program: Program, nn: Program) -> dict[str, list[Format 
                 raise SdslSemanticError(f'attention rule "{rule.pattern}" {problem}', rule.span, source)
             fmt = program.checked.format(rule.format) if rule.format else None
             for name in kernels_for(fmt is not None):
-                try:  # built here, where an error is the rule's; the build below finds them built
+                try:  # lowered here, where an error is the rule's; the build below compiles them
                     for index_dtypes in index_type_choices(fmt) if fmt is not None else ():
                         nn.kernels[name].instance(fmt, index_dtypes)
                 except SdslError as err:
@@ -370,7 +370,8 @@ def load(directory: str | os.PathLike) -> Program:
         variants = compiled.lowered(fmt, index_dtypes)
         if list(variants) != entry["variants"]:
             raise AotError(f"{lib}: its variants {entry['variants']} differ from this compiler's {list(variants)}")
-        built = _load_library(backend, lib, image, list(variants.values()), program.target)
+        funcs = list(variants.values())
+        built = program.variant_builds(funcs, _load_library(backend, lib, image, funcs, program.target))
         compiled.instances[(fmt, index_dtypes)] = Instance(variants, built, backend)
     program.aot = ops.nn_program(program).aot = root  # a kernel the build lacks is an error, never compiled
     program.rules = [Rule(**r) for r in manifest["rules"]]

@@ -29,6 +29,7 @@ from sparsedsl.ir.lowering import LowerOptions, lower
 from sparsedsl.runtime import tuning
 from sparsedsl.runtime.calls import BoundCall, BoundCalls, signature, threads_for
 from sparsedsl.runtime.sparse_tensor import STAMP, SparseTensor
+from sparsedsl.runtime.variant_builds import VariantBuilds
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -198,9 +199,8 @@ class CompiledKernel:
             )
         if key not in self.instances:
             variants = self.lowered(fmt, index_dtypes)
-            self.instances[key] = Instance(
-                variants, self.program.backend_build(list(variants.values())), self.program.backend
-            )
+            built = self.program.variant_builds(list(variants.values()))
+            self.instances[key] = Instance(variants, built, self.program.backend)
         return self.instances[key]
 
     def instance_for(self, weight: SparseTensor | None) -> Instance:
@@ -276,6 +276,7 @@ class CompiledKernel:
         name = self.program.choices.get(choice)
         if name in names:
             return inst.built.prepare(name, example)
+        inst.built.require(names)  # the variants timed, compiled together
         prepared = {n: inst.built.prepare(n, example) for n in names}
         name = tuning.fastest({n: partial(run, example, threads) for n, run in prepared.items()})
         self.program.choices.put(choice, name)
@@ -483,6 +484,14 @@ class Program:
     def schedule_directives(self, kernel: str):
         decl = self.checked.schedules.get((kernel, self.target))
         return decl.directives if decl else ()
+
+    def variant_builds(self, funcs: list[L.LoopFunc], whole=None):
+        """A kernel's compiled variants: a CPU kernel's each compiled when a call first needs it
+        (runtime/variant_builds.py), a CUDA kernel's one now; ``whole``: all of them already
+        built (an ahead-of-time library)."""
+        if self.target == "cuda":
+            return whole if whole is not None else self.backend_build(funcs)
+        return VariantBuilds(funcs, self.backend_build, whole)
 
     def backend_build(self, funcs: list[L.LoopFunc]):
         if self.target == "cuda":
