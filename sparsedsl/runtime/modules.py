@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import nn
 
@@ -19,16 +17,11 @@ _LINEAR = K.KSum(("k",), K.KBin("*", K.KAccess("X", ("m", "k")), K.KAccess("W", 
 
 def kept_weight(layer: nn.Module, values: torch.Tensor, structure: list[torch.Tensor]) -> SparseTensor:
     """A linear layer's ``[out_features, in_features]`` weight in its ``format`` as a SparseTensor
-    of these tensors, made once and kept on the layer while they are the same tensors (a module's
-    ``load_state_dict`` or ``to`` replaces them, and the next call makes and checks a new one)."""
-    tensors = (values, *structure)
-    kept, of = layer.__dict__.get("_sparse", (None, ()))
-    if kept is not None and len(tensors) == len(of) and all(map(operator.is_, tensors, of)):
-        return kept
-    fmt = layer.program.format(layer.format)
-    kept = SparseTensor.from_structure(fmt, (layer.out_features, layer.in_features), structure, values)
-    layer.__dict__["_sparse"] = (kept, tensors)
-    return kept
+    of these tensors: the one the layer's op keeps on ``values`` while they are the same tensors
+    (``ops.weight``; a module's ``load_state_dict`` or ``to`` replaces them, and the next call
+    makes and checks a new one)."""
+    shape = [layer.out_features, layer.in_features]
+    return ops.weight(ops.register(layer.program), layer.format, shape, structure, values)
 
 
 def _is_linear(kernel: K.Kernel) -> tuple[bool, bool]:

@@ -76,10 +76,10 @@ _WEIGHT = "_sparsedsl_op_weight"  # the attribute of a values tensor holding the
 
 
 def weight(key: str, fmt: str, shape: list[int], structure: list[torch.Tensor], values: torch.Tensor) -> SparseTensor:
-    """The weight an op's arguments describe, in a format of the registered program ``key``: the
-    one made for the same arguments last time, while they are the same tensors (a compiled
-    model's op gets its module's tensors at every call; making it anew cost ~10 µs a call, and
-    the kernel call still checks the structure's stamp)."""
+    """The weight an op's arguments (or a layer's tensors) describe, in a format of the registered
+    program ``key``: the one made for the same arguments last time, while they are the same
+    tensors (a compiled model's op gets its module's tensors at every call; making it anew cost
+    ~10 µs a call, and the kernel call still checks the structure's stamp)."""
     described = (key, fmt, tuple(shape))
     kept = getattr(values, _WEIGHT, None)
     same = kept is not None and kept[0] == described and len(kept[2]) == len(structure)
