@@ -26,6 +26,7 @@ class VariantBuilds:
         self.funcs = {f.name: f for f in funcs}
         self.build = build
         self.modules: dict[str, object] = dict.fromkeys(self.funcs, whole) if whole is not None else {}
+        self.complete = whole  # the module of every variant, once there is one
         self.functions = _Functions(self)
 
     def require(self, names: Sequence[str]) -> None:
@@ -45,13 +46,18 @@ class VariantBuilds:
         return self.module(name).prepare(name, example)
 
     def whole(self):
-        """One module of every variant: the one already built if there is one, else built now."""
-        modules = {id(m): m for m in self.modules.values()}
-        if len(self.modules) == len(self.funcs) and len(modules) == 1:
-            return next(iter(modules.values()))
-        whole = self.build(list(self.funcs.values()))
-        self.modules = dict.fromkeys(self.funcs, whole)
-        return whole
+        """One module of every variant: the one already built if there is one, else built now.
+        The modules built before stay where they are: calls prepared on them hold their code's
+        addresses, which live only as long as the module (an llvm engine frees its code)."""
+        if self.complete is None:
+            modules = {id(m): m for m in self.modules.values()}
+            if len(self.modules) == len(self.funcs) and len(modules) == 1:
+                self.complete = next(iter(modules.values()))
+            else:
+                self.complete = self.build(list(self.funcs.values()))
+            for name in self.funcs:
+                self.modules.setdefault(name, self.complete)
+        return self.complete
 
     def source(self, stage: str) -> str:
         """The generated code of every variant at ``stage`` (the backend's stages)."""

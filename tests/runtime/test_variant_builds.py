@@ -4,6 +4,7 @@ build or the whole source every variant in one library."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,8 @@ def test_the_whole_source_and_an_export_hold_every_variant(compiled, tmp_path):
     assert all(name in source for name in names)
     inst.built.export(tmp_path / "kernels.so")
     assert builds[-1] == names and len(builds) == 2  # the whole module built once, then reused
+    gc.collect()  # the first call's module, on which its bound call was prepared, must still be there
+    torch.testing.assert_close(prog.linear(x, W, b), x @ w.T + b)
 
 
 def test_a_library_of_every_variant_is_never_built_again():
