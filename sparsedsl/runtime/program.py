@@ -200,7 +200,8 @@ class CompiledKernel:
         if key not in self.instances:
             variants = self.lowered(fmt, index_dtypes)
             built = self.program.variant_builds(list(variants.values()))
-            self.instances[key] = Instance(variants, built, self.program.backend)
+            # where another thread made this instance meanwhile, its (calls may be prepared on it)
+            return self.instances.setdefault(key, Instance(variants, built, self.program.backend))
         return self.instances[key]
 
     def instance_for(self, weight: SparseTensor | None) -> Instance:

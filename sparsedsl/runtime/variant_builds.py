@@ -30,11 +30,14 @@ class VariantBuilds:
         self.functions = _Functions(self)
 
     def require(self, names: Sequence[str]) -> None:
-        """Compile, in one module, those of the variants ``names`` not compiled yet."""
+        """Compile, in one module, those of the variants ``names`` not compiled yet. A module once
+        stored stays: where two threads compiled the same variant at once, the second keeps the
+        first's (calls may be prepared on it already) and drops its own before any use."""
         missing = [name for name in names if name not in self.modules]
         if missing:
             module = self.build([self.funcs[name] for name in missing])
-            self.modules.update(dict.fromkeys(missing, module))
+            for name in missing:
+                self.modules.setdefault(name, module)
 
     def module(self, name: str):
         """The backend module holding variant ``name``, compiled now if no call needed it yet."""

@@ -5,6 +5,7 @@ build or the whole source every variant in one library."""
 from __future__ import annotations
 
 import gc
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,42 @@ def test_a_library_of_every_variant_is_never_built_again():
     funcs = [type("F", (), {"name": n})() for n in ("a", "b")]
     builds = VariantBuilds(funcs, calls.append, whole=whole)
     assert builds.module("a") is whole and builds.whole() is whole and calls == []
+
+
+def test_two_threads_compiling_one_variant_keep_the_first_module(monkeypatch):
+    """Threads A and B meet the same variant first at once; B's build ends after A has run on
+    its own: A's bound call must still find its code (llvm frees code with its engine)."""
+    monkeypatch.setattr(tuning, "MEASURED_WORK", 1 << 40)
+    prog = sd.compile(EXAMPLE, backend="llvm", cache_dir=None)
+    x_a, x_b, w, b = torch.randn(2, 64), torch.randn(3, 64), *case(prog, 1)[1:]
+    W = prog.pack("CSR", w)
+    inst = prog.linear.instance_for(W)
+    assert inst.function_name({"M": 2}, 2) == inst.function_name({"M": 3}, 2)
+    b_building, a_done = threading.Event(), threading.Event()
+    build = inst.built.build
+
+    def ordered(funcs):
+        if threading.current_thread().name == "B":
+            b_building.set()
+            a_done.wait(60)
+        return build(funcs)
+
+    inst.built.build = ordered
+    results = {}
+
+    def run(name, x):
+        if name == "A":
+            b_building.wait(60)
+        results[name] = prog.linear(x, W, b)
+        if name == "A":
+            a_done.set()
+
+    threads = [threading.Thread(target=run, args=(n, x), name=n) for n, x in (("B", x_b), ("A", x_a))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc.collect()
+    for name, x in (("A", x_a), ("B", x_b)):
+        torch.testing.assert_close(results[name], x @ w.T + b)
+        torch.testing.assert_close(prog.linear(x, W, b), x @ w.T + b)

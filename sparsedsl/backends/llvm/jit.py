@@ -63,10 +63,12 @@ def vector_bits() -> int:
 
 @dataclass
 class Kernel:
-    """A JIT-compiled function with the calling convention of ``codegen``."""
+    """A JIT-compiled function with the calling convention of ``codegen``; ``owner`` holds its code
+    (the engine, or the loaded library), kept alive by every call prepared on it."""
 
     func: L.LoopFunc
     address: int
+    owner: object = None
 
     def __post_init__(self):
         argtypes = [ctypes.c_void_p if isinstance(p, L.Buffer) else _CTYPES[p.dtype] for p in self.func.params]
@@ -89,9 +91,9 @@ class Kernel:
         # one parallel loop on top: no more threads than its iterations; a serial body forks each
         # parallel loop in it (staging, rows, write-out) on the call's threads
         most = self._iterations(values) if self.parallel else None
-        cfunc = self.cfunc
+        cfunc, owner = self.cfunc, self.owner
 
-        def call(args: Sequence, threads: int) -> None:
+        def call(args: Sequence, threads: int, owner=owner) -> None:  # the code lives while the call does
             cargs = [a.data_ptr() if buffer else a for a, buffer in zip(args, buffers)]
             cfunc(*cargs, *sizes, threads if most is None else min(threads, most))
 
@@ -188,14 +190,14 @@ def build(funcs: list[L.LoopFunc]) -> Built:
         engine = optimized_engine(text)
     except RuntimeError as err:
         raise BackendError(f"LLVM rejected kernel '{funcs[0].name}': {err}") from None
-    functions = {f.name: Kernel(f, engine.get_function_address(f.name)) for f in funcs}
+    functions = {f.name: Kernel(f, engine.get_function_address(f.name), engine) for f in funcs}
     return Built(functions, text, engine)
 
 
 def load_library(path: Path, funcs: list[L.LoopFunc]) -> Built:
     """Kernels from a shared library written by ``Built.export``."""
     lib = ctypes.CDLL(str(path))
-    functions = {f.name: Kernel(f, ctypes.cast(getattr(lib, f.name), ctypes.c_void_p).value) for f in funcs}
+    functions = {f.name: Kernel(f, ctypes.cast(getattr(lib, f.name), ctypes.c_void_p).value, lib) for f in funcs}
     return Built(functions, "", lib, Path(path))
 
 
