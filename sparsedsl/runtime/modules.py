@@ -21,7 +21,7 @@ def kept_weight(layer: nn.Module, values: torch.Tensor, structure: list[torch.Te
     (``ops.weight``; a module's ``load_state_dict`` or ``to`` replaces them, and the next call
     makes and checks a new one)."""
     shape = [layer.out_features, layer.in_features]
-    return ops.weight(ops.register(layer.program), layer.format, shape, structure, values)
+    return ops.weight(layer.key, layer.format, shape, structure, values)
 
 
 def _is_linear(kernel: K.Kernel) -> tuple[bool, bool]:

@@ -26,7 +26,7 @@ class VariantBuilds:
         self.funcs = {f.name: f for f in funcs}
         self.build = build
         self.modules: dict[str, object] = dict.fromkeys(self.funcs, whole) if whole is not None else {}
-        self.complete = whole  # the module of every variant, once there is one
+        self.complete = whole  # a module of every variant, once one was built
         self.functions = _Functions(self)
 
     def require(self, names: Sequence[str]) -> None:
@@ -36,6 +36,8 @@ class VariantBuilds:
         missing = [name for name in names if name not in self.modules]
         if missing:
             module = self.build([self.funcs[name] for name in missing])
+            if len(missing) == len(self.funcs):
+                self.complete = module
             for name in missing:
                 self.modules.setdefault(name, module)
 
@@ -49,15 +51,11 @@ class VariantBuilds:
         return self.module(name).prepare(name, example)
 
     def whole(self):
-        """One module of every variant: the one already built if there is one, else built now.
+        """One module of every variant: the one a measurement or an AOT library made, else built now.
         The modules built before stay where they are: calls prepared on them hold their code's
         addresses, which live only as long as the module (an llvm engine frees its code)."""
         if self.complete is None:
-            modules = {id(m): m for m in self.modules.values()}
-            if len(self.modules) == len(self.funcs) and len(modules) == 1:
-                self.complete = next(iter(modules.values()))
-            else:
-                self.complete = self.build(list(self.funcs.values()))
+            self.complete = self.build(list(self.funcs.values()))
             for name in self.funcs:
                 self.modules.setdefault(name, self.complete)
         return self.complete
